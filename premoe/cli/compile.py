@@ -1,0 +1,4 @@
+"""`premoe compile`."""
+from premoe.cli import not_built
+
+command = not_built("compile")

@@ -1,0 +1,4 @@
+"""`premoe demo`."""
+from premoe.cli import not_built
+
+command = not_built("demo")

@@ -1,0 +1,4 @@
+"""`premoe report`."""
+from premoe.cli import not_built
+
+command = not_built("report")

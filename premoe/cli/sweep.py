@@ -1,0 +1,4 @@
+"""`premoe sweep`."""
+from premoe.cli import not_built
+
+command = not_built("sweep")

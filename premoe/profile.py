@@ -1,0 +1,236 @@
+"""Per-domain expert-utility profiles: the artefact that profiling writes and planning reads.
+
+A profile directory holds::
+
+    profile.json          manifest: format, model identity, MoE layers, scorers, data, parameters, timing
+    scores.safetensors    "<domain>/<scorer>" (layers, experts) float64 sums of token scores,
+                          "<domain>/routed" (layers, experts) routed-token counts
+
+Sums and token counts (not means) are stored so profiles of the same model
+merge exactly and a generalist is the token-weighted mean over all domains'
+tokens (DESIGN.md §2, eq. 11).
+
+Example::
+
+    profile = profile_model("testbed", parse_sources(["testbed"]), max_tokens=16384)
+    profile.save("profiles/testbed")
+    profile.utility("python", "peu")      # (layers, experts)
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from premoe import __version__
+from premoe.capture import DomainStats, RouterCapture
+from premoe.data import Source, token_windows
+from premoe.errors import CheckpointError, InputError, MissingFileError, OutputExistsError
+from premoe.scores import DEFAULT_SCORERS, PRESETS, ScorerSpec, parse_scorer
+
+FORMAT = "premoe-profile/1"
+
+
+@dataclass
+class ProfileParams:
+    """How the calibration tokens were collected."""
+
+    max_tokens: int = 32768  # per domain
+    seq_len: int = 256  # tokens per window
+    batch_size: int = 8  # windows per forward pass
+    generate: int = 0  # tokens the model appends to each window before profiling (0: text only)
+    device: str = "cpu"
+
+
+@dataclass
+class Profile:
+    model: dict  # identity: name, path, model_type, config_hash
+    family: str
+    moe_layers: list[int]  # decoder layer index of each row of the score tensors
+    num_experts: int
+    top_k: int
+    scorers: dict[str, dict]  # name -> {"kind", "params", "per_routed_token"}
+    domains: dict[str, DomainStats]
+    params: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)  # domain -> origin
+    timing: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ queries
+
+    def check_domain(self, domain: str) -> DomainStats:
+        if domain not in self.domains:
+            raise InputError(f"domain {domain!r} is not in this profile; it has {', '.join(self.domains)}")
+        return self.domains[domain]
+
+    def check_scorer(self, scorer: str) -> dict:
+        if scorer not in self.scorers:
+            raise InputError(f"scorer {scorer!r} was not collected in this profile; it has {', '.join(self.scorers)}. "
+                             f"Profile again with --scorers {scorer}")
+        return self.scorers[scorer]
+
+    def utility(self, domain: str, scorer: str) -> torch.Tensor:
+        """Mean token utility (layers, experts) of one domain."""
+        return self.generalist_utility(scorer, [domain])
+
+    def generalist_utility(self, scorer: str, domains: Sequence[str] | None = None,
+                           weighting: str = "tokens") -> torch.Tensor:
+        """Utility over several domains (layers, experts).
+
+        ``tokens``: Σ_d sums_d / Σ_d tokens_d, every calibration token counts
+        once (eq. 11). ``balanced``: the plain mean of the per-domain utilities.
+        """
+        info = self.check_scorer(scorer)
+        names = list(domains or self.domains)
+        stats = [self.check_domain(d) for d in names]
+        if weighting == "balanced":
+            return torch.stack([self._mean(s, scorer, info) for s in stats]).mean(0)
+        if weighting != "tokens":
+            raise InputError(f"weighting must be 'tokens' or 'balanced', got {weighting!r}")
+        total = stats[0]
+        for s in stats[1:]:
+            total = total.merge(s)
+        return self._mean(total, scorer, info)
+
+    @staticmethod
+    def _mean(stats: DomainStats, scorer: str, info: dict) -> torch.Tensor:
+        denominator = stats.routed.clamp(min=1) if info["per_routed_token"] else max(stats.tokens, 1)
+        return stats.sums[scorer] / denominator
+
+    def coverage(self, domain: str, scorer: str = "router_mass", mass: float = 0.9) -> list[int]:
+        """Per layer, how many experts cover ``mass`` of the domain's utility (by that scorer)."""
+        utility = self.utility(domain, scorer).clamp(min=0)  # (layers, experts)
+        ordered = utility.sort(dim=1, descending=True).values
+        share = ordered.cumsum(1) / ordered.sum(1, keepdim=True).clamp(min=1e-30)
+        return [int((row < mass - 1e-9).sum()) + 1 for row in share]
+
+    # ------------------------------------------------------------------ merge
+
+    def merge(self, other: "Profile") -> "Profile":
+        """Union of two profiles of the same model; a domain in both has its sums added."""
+        if other.model["config_hash"] != self.model["config_hash"]:
+            raise InputError(f"cannot merge profiles of different models ({self.model['name']} vs {other.model['name']})")
+        if set(other.scorers) != set(self.scorers):
+            raise InputError(f"cannot merge profiles with different scorers: {sorted(self.scorers)} vs {sorted(other.scorers)}")
+        domains = dict(self.domains)
+        for name, stats in other.domains.items():
+            domains[name] = domains[name].merge(stats) if name in domains else stats
+        return Profile(self.model, self.family, self.moe_layers, self.num_experts, self.top_k, self.scorers, domains,
+                       self.params, {**self.data, **other.data}, {"merged": [self.timing, other.timing]})
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, out: str | Path, force: bool = False) -> Path:
+        from safetensors.torch import save_file
+
+        out = Path(out)
+        if out.exists() and not force:
+            raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+        tensors = {}
+        for domain, stats in self.domains.items():
+            for name, total in stats.sums.items():
+                tensors[f"{domain}/{name}"] = total.contiguous()
+            tensors[f"{domain}/routed"] = stats.routed.contiguous()
+        manifest = {
+            "format": FORMAT, "premoe_version": __version__, "model": self.model, "family": self.family,
+            "moe_layers": self.moe_layers, "num_experts": self.num_experts, "top_k": self.top_k,
+            "scorers": self.scorers, "domains": {d: {"tokens": s.tokens} for d, s in self.domains.items()},
+            "params": self.params, "data": self.data, "timing": self.timing,
+        }
+        return _write_dir(out, lambda tmp: (save_file(tensors, str(tmp / "scores.safetensors")),
+                                            (tmp / "profile.json").write_text(json.dumps(manifest, indent=2) + "\n")))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profile":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        manifest_path = path / "profile.json"
+        if not manifest_path.exists():
+            raise MissingFileError(f"{manifest_path} not found; make a profile with `premoe profile MODEL --data ... --out {path}`")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != FORMAT:
+            raise CheckpointError(f"{path} has format {manifest.get('format')!r}; this premoe reads {FORMAT}")
+        tensors = load_file(str(path / "scores.safetensors"))
+        domains = {
+            d: DomainStats(info["tokens"], {n: tensors[f"{d}/{n}"] for n in manifest["scorers"]}, tensors[f"{d}/routed"])
+            for d, info in manifest["domains"].items()
+        }
+        return cls(manifest["model"], manifest["family"], manifest["moe_layers"], manifest["num_experts"],
+                   manifest["top_k"], manifest["scorers"], domains, manifest["params"], manifest["data"], manifest["timing"])
+
+
+def _write_dir(out: Path, write) -> Path:
+    """Write a directory atomically: into a temp sibling, then rename over ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def resolve_scorers(names: Sequence[str] | None) -> list[ScorerSpec]:
+    specs = [parse_scorer(n) for n in (names or DEFAULT_SCORERS)]
+    seen = [s.name for s in specs]
+    if len(set(seen)) != len(seen):
+        raise InputError(f"scorer names repeat: {seen}")
+    return specs
+
+
+def profile_model(model: str | Path, sources: Sequence[Source], scorers: Sequence[str] | None = None,
+                  params: ProfileParams | None = None, progress: bool = True, loaded=None) -> Profile:
+    """Run each domain's calibration text through the model and sum every scorer's token scores.
+
+    ``loaded`` is an optional ``(model, tokenizer)`` pair already in memory.
+    """
+    from tqdm import tqdm
+
+    from premoe.adapters import get_adapter
+    from premoe.modeling import load_model, load_tokenizer, model_identity
+
+    params = params or ProfileParams()
+    specs = resolve_scorers(scorers)
+    identity = model_identity(model)
+    net, tokenizer = loaded or (load_model(model, params.device), load_tokenizer(model))
+    adapter = get_adapter(net.config)
+    started = time.time()
+    domains: dict[str, DomainStats] = {}
+    with RouterCapture(net, adapter, specs) as capture:
+        for source in sources:
+            windows = token_windows(source.texts, tokenizer, params.seq_len - params.generate, params.max_tokens)
+            bar = tqdm(total=windows.shape[0], desc=f"profile {source.name}", unit="win", disable=not progress, leave=False)
+            for start in range(0, windows.shape[0], params.batch_size):
+                batch = windows[start : start + params.batch_size].to(params.device)  # (batch, seq)
+                if params.generate:
+                    batch = _continue(net, batch, params.generate, tokenizer)
+                capture.run(batch)
+                bar.update(batch.shape[0])
+            bar.close()
+            domains[source.name] = capture.reset()
+    layers = capture.layers
+    return Profile(
+        model=identity, family=adapter.name, moe_layers=[l.index for l in layers], num_experts=layers[0].num_experts,
+        top_k=adapter.top_k(net.config),
+        scorers={s.name: {"kind": s.kind, "params": dict(s.params), "per_routed_token": s.per_routed_token} for s in specs},
+        domains=domains, params=vars(params).copy(), data={s.name: s.origin for s in sources},
+        timing={"seconds": round(time.time() - started, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    )
+
+
+@torch.no_grad()
+def _continue(model, batch: torch.Tensor, tokens: int, tokenizer) -> torch.Tensor:
+    """Append the model's own greedy continuation (the paper: query-only profiles make pruned models loop)."""
+    out = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), max_new_tokens=tokens,
+                         min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return out  # (batch, seq + tokens)
