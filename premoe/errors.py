@@ -33,3 +33,7 @@ class PlanError(PremoeError, ValueError):
 
 class OutputExistsError(PremoeError, FileExistsError):
     """The output path exists and ``--force`` was not given."""
+
+
+class DiskSpaceError(PremoeError, OSError):
+    """The output would not fit on its file system; checked before anything is written."""

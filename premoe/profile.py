@@ -234,3 +234,17 @@ def _continue(model, batch: torch.Tensor, tokens: int, tokenizer) -> torch.Tenso
     out = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), max_new_tokens=tokens,
                          min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return out  # (batch, seq + tokens)
+
+
+def summary(profile: Profile, scorer: str = "router_mass") -> dict:
+    """What `premoe profile show` prints: tokens, 90% coverage per layer, top-M overlap between domains."""
+    m = max(profile.top_k, profile.num_experts // 4)
+    top = {d: [set(row.topk(m).indices.tolist()) for row in profile.utility(d, scorer)] for d in profile.domains}
+    overlap = {a: {b: round(sum(len(x & y) / len(x | y) for x, y in zip(top[a], top[b])) / len(top[a]), 4)
+                   for b in profile.domains} for a in profile.domains}
+    return {
+        "model": profile.model, "family": profile.family, "moe_layers": profile.moe_layers,
+        "num_experts": profile.num_experts, "top_k": profile.top_k, "scorer": scorer, "overlap_m": m,
+        "domains": {d: {"tokens": s.tokens, "coverage90": profile.coverage(d, scorer)} for d, s in profile.domains.items()},
+        "overlap": overlap,
+    }

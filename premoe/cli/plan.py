@@ -1,0 +1,65 @@
+"""`premoe plan`: choose the experts to keep, and show what that costs before anything is written."""
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("plan")
+@click.argument("profile", type=click.Path())
+@click.option("--keep", type=float, help="Fraction of routed experts kept per layer, e.g. 0.5.")
+@click.option("--experts", type=int, help="M, experts kept per layer.")
+@click.option("--budget-gb", type=float, help="Checkpoint size budget in GB; M is derived from real tensor sizes.")
+@click.option("--domain", help="Make a specialist for this profiled domain.")
+@click.option("--generalist", is_flag=True, help="Make one generalist over --domains (default: all).")
+@click.option("--domains", help="Comma-separated domains for --generalist.")
+@click.option("--weighting", type=click.Choice(["tokens", "balanced"]), default="tokens", show_default=True,
+              help="Generalist: every calibration token counts once (tokens) or every domain equally.")
+@click.option("--scorer", default="peu", show_default=True, help="Which profiled scorer ranks the experts.")
+@click.option("--ranking", type=click.Choice(["local", "global"]), default="local", show_default=True,
+              help="local: top M per layer; global: top L*M (layer, expert) pairs overall.")
+@click.option("--out", type=click.Path(), help="Plan JSON to write (omit with --dry-run).")
+@click.option("--dry-run", "--explain", "dry_run", is_flag=True, help="Print the plan and sizes; write nothing.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def command(profile, keep, experts, budget_gb, domain, generalist, domains, weighting, scorer, ranking, out,
+            dry_run, force, as_json) -> None:
+    """Turn PROFILE into a plan: which experts each MoE layer keeps.
+
+    \b
+    premoe plan prof/ --keep 0.5 --domain python --out python-50.json
+    premoe plan prof/ --experts 8 --generalist --domains python,math --explain
+    premoe plan prof/ --budget-gb 0.02 --generalist --ranking global --out g.json
+    """
+    from pathlib import Path
+
+    from premoe.adapters import get_adapter
+    from premoe.checkpoint import size_breakdown
+    from premoe.errors import InputError
+    from premoe.modeling import read_config, resolve_model_path
+    from premoe.plan import PlanRequest, explain, make_plan
+    from premoe.profile import Profile
+
+    if bool(domain) == generalist:
+        raise InputError("choose one target: --domain NAME (specialist) or --generalist [--domains a,b]")
+    if not out and not dry_run:
+        raise InputError("give --out PLAN.json, or --dry-run to only print the plan")
+    loaded = Profile.load(profile)
+    request = PlanRequest(keep=keep, experts=experts, budget_gb=budget_gb, domain=domain,
+                          domains=domains.split(",") if domains else None, weighting=weighting, scorer=scorer,
+                          ranking=ranking)
+    plan = make_plan(loaded, request, profile_path=str(profile))
+    sizes = None
+    model_dir = Path(plan.model["path"])
+    if model_dir.exists():
+        sizes = size_breakdown(resolve_model_path(model_dir), get_adapter(read_config(model_dir)), plan.num_experts)
+    if as_json:
+        click.echo(json.dumps({**plan.__dict__, "size_before": sizes and sizes.total_bytes,
+                               "size_after": sizes and sizes.bytes_with({l: len(v) for l, v in plan.padded().kept.items()})},
+                              indent=1, default=str))
+    else:
+        click.echo(explain(plan, sizes))
+    if not dry_run:
+        plan.save(out, force=force)
+        click.echo(f"wrote {out}", err=True)
