@@ -15,9 +15,10 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -95,12 +96,26 @@ class RouterCapture:
         """One forward pass; padding tokens (mask 0) are not counted."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        with self.batch(attention_mask):
+            try:
+                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            except _StopForward:
+                pass
+
+    @contextlib.contextmanager
+    def batch(self, attention_mask: torch.Tensor) -> Iterator[None]:
+        """Count one batch's unpadded tokens and let the hooks skip its padding while the caller runs the model.
+
+        :meth:`run` wraps a whole forward pass in it; streaming wraps one
+        decoder layer at a time (premoe.streaming), e.g.::
+
+            with capture.batch(torch.ones(4, 256)):
+                hidden = decoder_layer(hidden, **layer_kwargs)
+        """
         self._token_mask = attention_mask.reshape(-1).bool()  # (batch * seq,)
         self.stats.tokens += int(self._token_mask.sum())
         try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _StopForward:
-            pass
+            yield
         finally:
             self._token_mask = None
 

@@ -20,17 +20,18 @@ import torch
 import torch.nn.functional as F
 
 
-def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, *, normalized: bool = False) -> torch.Tensor:
     """Negative log-likelihood of each target token, in nats: shape of ``targets``.
 
     ``logits[..., t, :]`` must already be aligned with ``targets[..., t]``
     (shift before calling: ``token_nll(logits[:, :-1], ids[:, 1:])``).
-    Computed in fp32 whatever the logits' dtype.
+    Computed in fp32 whatever the logits' dtype. ``normalized=True`` says
+    the input already is log-probabilities (skips a ``log_softmax`` pass).
     """
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not align with targets {tuple(targets.shape)}; "
                          "expected logits of shape targets.shape + (vocab,)")
-    log_probs = F.log_softmax(logits.float(), dim=-1)  # (..., vocab)
+    log_probs = logits.float() if normalized else F.log_softmax(logits.float(), dim=-1)  # (..., vocab)
     return -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (...)
 
 
@@ -61,16 +62,18 @@ def mean_and_se(values: torch.Tensor | Sequence[float]) -> tuple[float, float]:
     return float(x.mean()), float(x.std(unbiased=True) / math.sqrt(x.numel()))
 
 
-def kl_divergence(reference: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+def kl_divergence(reference: torch.Tensor, model: torch.Tensor, *, normalized: bool = False) -> torch.Tensor:
     """KL(reference ‖ model) per position, in nats: shape ``(...)`` for inputs ``(..., vocab)``.
 
     Both inputs are logits or log-probabilities (each is normalised with
-    ``log_softmax``, which leaves log-probabilities unchanged). This is the
-    information lost when the model's next-token distribution replaces the
-    reference's; it is 0 exactly when they agree.
+    ``log_softmax``, which leaves log-probabilities unchanged);
+    ``normalized=True`` says both already are log-probabilities and skips
+    those two passes (most of the cost). This is the information lost when
+    the model's next-token distribution replaces the reference's; it is 0
+    exactly when they agree.
     """
     if reference.shape != model.shape:
         raise ValueError(f"reference {tuple(reference.shape)} and model {tuple(model.shape)} shapes differ")
-    ref = F.log_softmax(reference.float(), dim=-1)  # (..., vocab)
-    out = F.log_softmax(model.float(), dim=-1)  # (..., vocab)
+    ref = reference.float() if normalized else F.log_softmax(reference.float(), dim=-1)  # (..., vocab)
+    out = model.float() if normalized else F.log_softmax(model.float(), dim=-1)  # (..., vocab)
     return (ref.exp() * (ref - out)).sum(-1).clamp(min=0)  # (...)

@@ -13,7 +13,11 @@ def resolve_model_path(model: str | Path) -> Path:
     if str(model) == "testbed":
         from premoe import testbed
 
-        return testbed.path()
+        path = testbed.path()
+        if not (path / "config.json").exists():
+            raise MissingFileError(f"the testbed model is missing from {path}; reinstall premoe, or train and ship it "
+                                   "with `premoe testbed train` and `premoe testbed ship`")
+        return path
     path = Path(model)
     if not path.is_dir():
         raise MissingFileError(f"model directory {path} does not exist; pass a local checkpoint directory or 'testbed'")
@@ -47,12 +51,13 @@ def model_identity(model: str | Path) -> dict:
 def load_model(model: str | Path, device: str = "cpu"):
     """Load a checkpoint in fp32 (bf16 matmuls are 5-20x slower on AVX2 CPUs), in eval mode."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(model)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # SafetensorError: a truncated shard
         raise CheckpointError(f"could not load the checkpoint in {path}: {str(e).splitlines()[0]}") from e
     return loaded.to(device).eval()
 

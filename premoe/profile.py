@@ -19,8 +19,6 @@ Example::
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,7 @@ from premoe import __version__
 from premoe.capture import DomainStats, RouterCapture
 from premoe.data import Source, token_windows
 from premoe.errors import CheckpointError, InputError, MissingFileError, OutputExistsError
+from premoe.fileio import write_dir as _write_dir  # noqa: F401  (also imported from here by store, compile)
 from premoe.scores import DEFAULT_SCORERS, PRESETS, ScorerSpec, parse_scorer
 
 FORMAT = "premoe-profile/1"
@@ -165,27 +164,24 @@ class Profile:
                    manifest["top_k"], manifest["scorers"], domains, manifest["params"], manifest["data"], manifest["timing"])
 
 
-def _write_dir(out: Path, write) -> Path:
-    """Write a directory atomically: into a temp sibling, then rename over ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
 def resolve_scorers(names: Sequence[str] | None) -> list[ScorerSpec]:
     specs = [parse_scorer(n) for n in (names or DEFAULT_SCORERS)]
     seen = [s.name for s in specs]
     if len(set(seen)) != len(seen):
         raise InputError(f"scorer names repeat: {seen}")
     return specs
+
+
+def check_sources(sources: Sequence[Source]) -> None:
+    """Refuse no data, a domain given twice, or a domain without text, before any weight is loaded."""
+    if not sources:
+        raise InputError("no calibration data; pass --data NAME=PATH (or --data testbed for the shipped domains)")
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise InputError(f"domain names repeat: {names}; give each data source its own NAME")
+    for source in sources:
+        if not any(t.strip() for t in source.texts):
+            raise InputError(f"data {source.name!r} ({source.origin}) contains no text")
 
 
 def profile_model(model: str | Path, sources: Sequence[Source], scorers: Sequence[str] | None = None,
@@ -200,6 +196,7 @@ def profile_model(model: str | Path, sources: Sequence[Source], scorers: Sequenc
     from premoe.modeling import load_model, load_tokenizer, model_identity
 
     params = params or ProfileParams()
+    check_sources(sources)
     specs = resolve_scorers(scorers)
     identity = model_identity(model)
     net, tokenizer = loaded or (load_model(model, params.device), load_tokenizer(model))
@@ -218,13 +215,24 @@ def profile_model(model: str | Path, sources: Sequence[Source], scorers: Sequenc
                 bar.update(batch.shape[0])
             bar.close()
             domains[source.name] = capture.reset()
-    layers = capture.layers
+    return assemble_profile(identity, adapter, net.config, capture.layers, specs, domains, params, sources, started)
+
+
+def assemble_profile(identity: dict, adapter, config, layers: Sequence, specs: Sequence[ScorerSpec],
+                     domains: dict[str, DomainStats], params: ProfileParams, sources: Sequence[Source],
+                     started: float, **timing) -> Profile:
+    """The :class:`Profile` of a finished calibration run, in memory or streamed (premoe.streaming).
+
+    ``layers`` are the captured :class:`~premoe.adapters.MoELayer` s in row
+    order; ``timing`` adds entries such as ``mode="streaming"``.
+    """
     return Profile(
         model=identity, family=adapter.name, moe_layers=[l.index for l in layers], num_experts=layers[0].num_experts,
-        top_k=adapter.top_k(net.config),
+        top_k=adapter.top_k(config),
         scorers={s.name: {"kind": s.kind, "params": dict(s.params), "per_routed_token": s.per_routed_token} for s in specs},
         domains=domains, params=vars(params).copy(), data={s.name: s.origin for s in sources},
-        timing={"seconds": round(time.time() - started, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        timing={"seconds": round(time.time() - started, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **timing},
     )
 
 

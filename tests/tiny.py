@@ -3,6 +3,10 @@
 Each entry builds a transformers config small enough to run in milliseconds
 (hidden 32, a handful of experts) and saves it with a tiny byte-level BPE
 tokenizer, so the saved directory is a real Hugging Face checkpoint.
+``FAMILIES`` has one entry per registered adapter; ``GENERIC`` holds real
+transformers families premoe serves only through its generic fallback.
+Dimensions are chosen so that in an MoE layer only per-expert tensors have as
+many rows as there are experts (tests use that to find them on disk).
 """
 from __future__ import annotations
 
@@ -62,15 +66,16 @@ def config_olmoe(**overrides):
                           "norm_topk_prob": False, **overrides})
 
 
-MLA = dict(head_dim=None, num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
+MLA = dict(num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
            v_head_dim=16)  # DeepSeek multi-head latent attention, tiny
+NO_HEAD_DIM = {k: v for k, v in COMMON.items() if k != "head_dim"}  # MLA configs derive head_dim themselves
 
 
 def config_deepseek_v3(**overrides):
     from transformers import DeepseekV3Config
 
     # 3 layers, the first dense; 2 groups of 4 experts, 1 group chosen per token, 1 shared expert
-    return DeepseekV3Config(**{**COMMON, **MLA, "num_hidden_layers": 3, "intermediate_size": 64,
+    return DeepseekV3Config(**{**NO_HEAD_DIM, **MLA, "num_hidden_layers": 3, "intermediate_size": 64,
                                "moe_intermediate_size": 16, "n_routed_experts": 8, "num_experts_per_tok": 2,
                                "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1, "n_shared_experts": 1,
                                "norm_topk_prob": True, "routed_scaling_factor": 2.5, **overrides})
@@ -80,7 +85,7 @@ def config_deepseek_v2(**overrides):
     from transformers import DeepseekV2Config
 
     # softmax over all experts, group-limited greedy: 2 groups of 4, 1 chosen per token
-    return DeepseekV2Config(**{**COMMON, **MLA, "num_hidden_layers": 3, "intermediate_size": 64,
+    return DeepseekV2Config(**{**NO_HEAD_DIM, **MLA, "num_hidden_layers": 3, "intermediate_size": 64,
                                "moe_intermediate_size": 16, "n_routed_experts": 8, "num_experts_per_tok": 2,
                                "n_group": 2, "topk_group": 1, "topk_method": "group_limited_greedy",
                                "first_k_dense_replace": 1, "n_shared_experts": 1, **overrides})
@@ -216,11 +221,15 @@ def build(family: str, seed: int = 0, **overrides):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(FAMILIES[family](**overrides), dtype=torch.float32)
+    factory = FAMILIES.get(family) or GENERIC[family]
+    model = AutoModelForCausalLM.from_config(factory(**overrides), dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():  # default init is tiny: spread the router logits out
             if p.dim() >= 2:
                 p.normal_(0, 0.2)
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:  # router / correction biases too
+            if name.endswith("bias") and t.is_floating_point():
+                t.normal_(0, 0.1)
     return model.eval()
 
 
@@ -229,3 +238,60 @@ def save(family: str, path: Path, seed: int = 0, dtype=torch.float32, **override
     model.to(dtype).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def _factory(config_class: str, base: dict = COMMON, **fields):
+    """A config factory: ``config_class(**base, **fields, **overrides)``."""
+    def factory(**overrides):
+        import transformers
+
+        return getattr(transformers, config_class)(**{**base, **fields, **overrides})
+
+    factory.__name__ = f"config_{config_class}"
+    return factory
+
+
+MOE8 = dict(intermediate_size=64, moe_intermediate_size=16, num_experts_per_tok=2)
+GROUPED8 = dict(MOE8, num_hidden_layers=3, n_routed_experts=8, n_group=2, topk_group=1, first_k_dense_replace=1,
+                n_shared_experts=1, norm_topk_prob=True)  # DeepSeek-V3-style: 2 groups of 4, first layer dense
+GROUPED8_ALL_MOE = {k: v for k, v in GROUPED8.items() if k != "first_k_dense_replace"}  # no dense layers
+
+FAMILIES.update({
+    "solar_open": _factory("SolarOpenConfig", **GROUPED8_ALL_MOE),
+    "exaone_moe": _factory("ExaoneMoeConfig", **MOE8, num_experts=8, num_hidden_layers=3, first_k_dense_replace=1,
+                           num_shared_experts=1, n_group=2, topk_group=1),
+    "glm4_moe_lite": _factory("Glm4MoeLiteConfig", NO_HEAD_DIM, **MLA, **GROUPED8),
+    "qwen3_5_moe_text": _factory("Qwen3_5MoeTextConfig", **MOE8, num_experts=8, shared_expert_intermediate_size=32,
+                                 layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                                 linear_num_value_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+                                 linear_conv_kernel_dim=2),
+    "afmoe": _factory("AfmoeConfig", **MOE8, num_experts=8, num_hidden_layers=3, num_dense_layers=1,
+                      num_shared_experts=1),
+    "lfm2_moe": _factory("Lfm2MoeConfig", **MOE8, num_experts=8, num_hidden_layers=3, num_dense_layers=1,
+                         layer_types=["conv", "full_attention", "conv"]),
+    "deepseek_v32": _factory("DeepseekV32Config", NO_HEAD_DIM, **{**MLA, "q_lora_rank": 16}, **GROUPED8,
+                             index_topk=4, index_head_dim=16, index_n_heads=2),
+    "hy_v3": _factory("HYV3Config", **MOE8, num_experts=8, num_shared_experts=1),
+    "mimo_v2_flash": _factory("MiMoV2FlashConfig", **GROUPED8_ALL_MOE, v_head_dim=16),
+    "kolibri1": _factory("Kolibri1Config", moe_intermediate_size=16, num_experts_per_tok=2, num_experts=8,
+                         shared_expert_intermediate_size=32),
+    "kimi_linear": _factory("KimiLinearConfig", NO_HEAD_DIM, **MLA, intermediate_size=64, moe_intermediate_size=16,
+                            num_experts=8, num_experts_per_token=2, num_expert_group=2, topk_group=1,
+                            num_shared_experts=1, moe_renormalize=True, layer_types=["linear_attention",
+                                                                                     "full_attention"],
+                            mlp_layer_types=["sparse", "sparse"], linear_num_heads=2, linear_head_dim=16),
+    "jamba": _factory("JambaConfig", intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                      expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2,
+                      attn_layer_offset=1),  # layer 0: Mamba + dense MLP, layer 1: attention + MoE
+    "granitemoehybrid": _factory("GraniteMoeHybridConfig", intermediate_size=16, num_local_experts=8,
+                                 num_experts_per_tok=2, shared_intermediate_size=32,
+                                 layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=16,
+                                 mamba_d_state=8, mamba_chunk_size=8),
+})
+
+# families with no adapter of their own: the generic fallback reads their layout off the model
+GENERIC = {
+    "mellum": _factory("MellumConfig", **MOE8, num_experts=8),
+    "cohere2_moe": _factory("Cohere2MoeConfig", **MOE8, num_experts=8),
+    "laguna": _factory("LagunaConfig", **MOE8, num_experts=8, shared_expert_intermediate_size=32),
+}

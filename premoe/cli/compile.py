@@ -1,4 +1,32 @@
-"""`premoe compile`."""
-from premoe.cli import not_built
+"""`premoe compile`: write the pruned checkpoint by streaming surgery on the safetensors shards."""
+from __future__ import annotations
 
-command = not_built("compile")
+import json
+
+import click
+
+
+@click.command("compile")
+@click.argument("model")
+@click.argument("plan", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Directory of the compiled checkpoint.")
+@click.option("--export", type=click.Choice(["auto", "padded", "compact"]), default="auto", show_default=True,
+              help="Plans with different counts per layer: padded (vanilla-loadable, the auto choice) or compact "
+                   "(real counts; load with premoe.compile.load_compact).")
+@click.option("--dry-run", is_flag=True, help="Print what would be written, sizes and disk needed; write nothing.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def command(model, plan, out, export, dry_run, force, as_json) -> None:
+    """Compile MODEL down to the experts PLAN keeps.
+
+    \b
+    premoe compile testbed python-50.json --out python-50/ --dry-run
+    premoe compile testbed python-50.json --out python-50/
+    premoe compile testbed global.json --out global/ --export compact
+    """
+    from premoe.compile import compile_checkpoint
+    from premoe.plan import Plan
+
+    report = compile_checkpoint(model, Plan.load(plan), out, force=force, export=export, dry_run=dry_run,
+                                progress=not as_json)
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.summary())

@@ -1,0 +1,203 @@
+"""Serving costs of task-adaptive expert retrieval, each against its physical reference.
+
+Run (from the repository root)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_serve.py --store stores/testbed --json bench/results/serve.json
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_serve.py --quick          # tiny random model, seconds
+
+The resident model is an :class:`~premoe.bank.ExpertBank` holding M experts
+per layer; every comparison alternates its two sides within one run, round
+by round, and reports the per-round ratios' median:
+
+1. **retrieval vs a forward pass**: the retriever's layer-1 pattern (runs up
+   to the first MoE router, through the full router copy) against the
+   resident model's full forward on the same T tokens. Goal: ≤ 1/L + a little
+   (L decoder layers).
+2. **swap vs plain reads**: ``bank.swap`` to the next stored domain's
+   experts against ``os.pread`` of exactly the byte ranges that swap reads
+   (``bank.byte_ranges``), both from the page cache. Goal: ≤ 1.5x. The swap
+   also converts dtype (bf16 on disk -> fp32 resident) and moves kept
+   experts between slots; the reads do neither.
+3. **server requests/s**: sequential OpenAI completions against the real
+   HTTP server (uvicorn in a thread): prompts cycling through the domains
+   (a swap on most requests), prompts from one domain (retrieval, no swap),
+   and the same resident model served fixed (no retrieval, no swap).
+
+Prints peak RSS (ru_maxrss) of this process at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import threading
+import time
+
+import torch
+
+import taer_setup
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    taer_setup.add_arguments(parser)
+    parser.add_argument("--tokens", type=int, default=256, help="request tokens for the retrieval comparison")
+    parser.add_argument("--rounds", type=int, default=20, help="alternating rounds per comparison")
+    parser.add_argument("--requests", type=int, default=12, help="requests per server mode per round")
+    parser.add_argument("--max-tokens", type=int, default=16, help="generated tokens per request")
+    parser.add_argument("--json", type=str, help="write the results here")
+    args = parser.parse_args()
+    if args.quick:
+        args.tokens, args.rounds, args.requests, args.max_tokens = 32, 10, 6, 4
+
+    s = taer_setup.setup(args)
+    from premoe.bank import ExpertBank
+    from premoe.modeling import load_tokenizer
+    from premoe.retrieval import Retriever
+
+    store = s.store
+    bank = ExpertBank(s.model, store.kept(store.domains[0], s.experts))
+    tokenizer = load_tokenizer(s.model)
+    retriever = Retriever(bank.model, bank.adapter, store, tokenizer, router=bank.full_router)
+    results = {"model": str(s.model), "experts": s.experts, "layers": bank.model.config.num_hidden_layers,
+               "retrieval": retrieval_cost(bank, retriever, s, args),
+               "swap": swap_cost(bank, store, s.experts, args.rounds),
+               "server": server_throughput(bank, retriever, tokenizer, s, args)}
+    results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+@torch.no_grad()
+def retrieval_cost(bank, retriever, s, args) -> dict:
+    """Median over rounds of (retrieval time / full forward time) on the same T tokens."""
+    from premoe.data import token_windows
+
+    ids = token_windows(s.test[0].texts, retriever.tokenizer, args.tokens, args.tokens)[:1]  # (1, T)
+    ratios, retrieve_s, forward_s = [], [], []
+    for round_ in range(args.rounds + 1):
+        times = {}
+        for side in (("retrieve", "forward") if round_ % 2 else ("forward", "retrieve")):
+            start = time.perf_counter()
+            if side == "retrieve":
+                retriever.pattern(ids)
+            else:
+                bank.model(input_ids=ids, use_cache=False)
+            times[side] = time.perf_counter() - start
+        if round_:  # round 0 warms up
+            ratios.append(times["retrieve"] / times["forward"])
+            retrieve_s.append(times["retrieve"])
+            forward_s.append(times["forward"])
+    layers = bank.model.config.num_hidden_layers
+    return {"tokens": int(ids.shape[1]), "ratio_median": round(statistics.median(ratios), 4),
+            "goal": f"<= 1/L = {1 / layers:.4f} + small", "retrieve_ms_median": round(1e3 * statistics.median(retrieve_s), 3),
+            "forward_ms_median": round(1e3 * statistics.median(forward_s), 3)}
+
+
+def swap_cost(bank, store, experts: int, rounds: int) -> dict:
+    """Median over swaps of (swap time / plain pread time of the same byte ranges)."""
+    targets = [store.kept(d, experts) for d in store.domains]
+    shards = {shard for target in targets for shard, _, _ in bank.byte_ranges(target)}
+    files = {shard: os.open(bank.path / shard, os.O_RDONLY) for shard in shards}
+    ratios, swaps, reads, sizes = [], [], [], []
+    try:
+        for round_ in range(rounds + 1):
+            target = targets[(round_ + 1) % len(targets)]
+            ranges = bank.byte_ranges(target)
+            times = {}
+            for side in (("swap", "read") if round_ % 2 else ("read", "swap")):
+                start = time.perf_counter()
+                if side == "read":
+                    for shard, offset, length in ranges:
+                        os.pread(files[shard], length, offset)
+                else:
+                    report = bank.swap(target)
+                times[side] = time.perf_counter() - start
+            if round_ and report.bytes:
+                ratios.append(times["swap"] / times["read"])
+                swaps.append(times["swap"])
+                reads.append(times["read"])
+                sizes.append(report.bytes)
+    finally:
+        for fd in files.values():
+            os.close(fd)
+    if not ratios:
+        return {"note": "every stored domain keeps the same experts: no swap read anything"}
+    return {"swaps": len(ratios), "bytes_median": int(statistics.median(sizes)),
+            "ratio_median": round(statistics.median(ratios), 3), "goal": "<= 1.5",
+            "swap_ms_median": round(1e3 * statistics.median(swaps), 3),
+            "read_ms_median": round(1e3 * statistics.median(reads), 3),
+            "swap_mb_per_s": round(statistics.median(sizes) / statistics.median(swaps) / 1e6, 1)}
+
+
+def server_throughput(bank, retriever, tokenizer, s, args) -> dict:
+    """Requests/s of the HTTP server: cycling domains (swaps), one domain (no swaps), fixed (no retrieval)."""
+    import httpx
+
+    from premoe.data import token_windows
+    from premoe.serve import Engine, ServeLimits
+
+    limits = ServeLimits(max_prompt_tokens=4096, max_tokens=args.max_tokens, max_queue=4, retrieval_tokens=256)
+    prompt_tokens = 64
+    prompts = {src.name: [tokenizer.decode(w) for w in token_windows(src.texts, tokenizer, prompt_tokens,
+                                                                       prompt_tokens * args.requests)]
+               for src in s.test}
+    names = list(prompts)
+    cycling, same = [], []
+    for i in range(args.requests):  # request i: domain i mod D (a different domain each time), or always the first
+        domain = names[i % len(names)]
+        cycling.append(prompts[domain][(i // len(names)) % len(prompts[domain])])
+        same.append(prompts[names[0]][i % len(prompts[names[0]])])
+    engines = {"cycling": Engine(bank.model, tokenizer, "bench", limits, bank, retriever, s.experts),
+               "same": Engine(bank.model, tokenizer, "bench", limits, bank, retriever, s.experts),
+               "fixed": Engine(bank.model, tokenizer, "bench", limits)}
+    servers = {name: _start(engine) for name, engine in engines.items()}
+    work = {"cycling": cycling, "same": same, "fixed": same}
+    seconds = {name: [] for name in engines}
+    swapped = {name: 0 for name in engines}
+    try:
+        for round_ in range(max(2, args.rounds // 4) + 1):
+            order = list(engines) if round_ % 2 else list(reversed(engines))
+            for name in order:
+                with httpx.Client(base_url=servers[name][0], timeout=300) as client:
+                    start = time.perf_counter()
+                    for prompt in work[name]:
+                        body = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": args.max_tokens,
+                                                                    "min_tokens": args.max_tokens}).json()
+                        swapped[name] += int(body["premoe"]["swapped"]["experts"] > 0) if round_ else 0
+                    if round_:  # round 0 warms up
+                        seconds[name].append(time.perf_counter() - start)
+    finally:
+        for _, server, thread in servers.values():
+            server.should_exit = True
+            thread.join(timeout=10)
+    rate = {name: round(args.requests / statistics.median(values), 3) for name, values in seconds.items()}
+    return {"requests_per_round": args.requests, "max_tokens": args.max_tokens, "requests_per_s": rate,
+            "swapping_requests": swapped, "cycling_vs_fixed": round(rate["cycling"] / rate["fixed"], 3),
+            "same_vs_fixed": round(rate["same"] / rate["fixed"], 3)}
+
+
+def _start(engine):
+    """(base url, server, thread) of uvicorn serving ``engine`` on a free localhost port."""
+    import uvicorn
+
+    from premoe.serve import create_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    return f"http://127.0.0.1:{port}", server, thread
+
+
+if __name__ == "__main__":
+    main()

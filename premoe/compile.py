@@ -1,0 +1,512 @@
+"""Compile a plan into a smaller checkpoint by streaming surgery on the safetensors shards.
+
+A safetensors file is an 8-byte header length, a JSON header, then raw bytes.
+Pruning experts only ever drops whole tensors (per-expert keys) or whole rows
+of dim 0 (fused experts, router weights and biases) — and a row of dim 0 is a
+contiguous byte range. So compiling copies byte ranges from each input shard
+into an output shard with a new header: no tensor is deserialised, memory
+stays at one copy buffer whatever the model size, every dtype (FP8 and its
+scales included) is preserved bit for bit, and the speed is that of copying
+the kept bytes (``bench/bench_compile.py``).
+
+Plan → check → write (STYLE.md §6):
+
+1. :func:`plan_writes` lists every output tensor (source key and shard, rows
+   kept, new key and shape, bytes) and the new config; ``--dry-run`` prints it;
+2. checks, before anything is written: the plan belongs to this model, counts
+   respect top-k and groups, every MoE layer on disk is covered, the output
+   fits on its disk;
+3. shard by shard into a temp dir beside ``out`` (same shard split), then the
+   other files, the index and ``config.json`` last, then one rename.
+
+Example::
+
+    plan = Plan.load("python-50.json")
+    report = compile_checkpoint("testbed", plan, "python-50/")
+    print(report.summary())
+    model = AutoModelForCausalLM.from_pretrained("python-50/")   # a vanilla checkpoint
+"""
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from premoe import __version__
+from premoe.checkpoint import DTYPE_BYTES, INDEX, read_header, shard_files, tensors
+from premoe.errors import CheckpointError, DiskSpaceError, InputError, OutputExistsError, PlanError
+from premoe.plan import Plan
+
+FORMAT = "premoe-compiled/1"
+EXPORTS = ("auto", "padded", "compact")
+# Files that hold weights in another format: copying them would ship the unpruned model.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+_WEIGHT_INDEXES = (INDEX, "pytorch_model.bin.index.json")
+_CHUNK = 64 << 20  # bytes per copy call; also the read buffer where in-kernel copies are unavailable
+
+
+@dataclass(frozen=True)
+class TensorWrite:
+    """One tensor of the output checkpoint and where its bytes come from."""
+
+    key: str  # key in the output (per-expert keys renumbered)
+    source: str  # key in the input
+    shard: str  # shard file name, the same in input and output
+    dtype: str  # safetensors dtype, unchanged
+    shape: tuple[int, ...]  # output shape
+    rows: tuple[int, ...] | None  # experts kept along `axis` (original indices); None: the whole tensor
+    span: tuple[int, int]  # byte range of the source tensor in its shard's data section
+    source_shape: tuple[int, ...] = ()
+    axis: int = 0  # the (non-negative) axis that indexes experts, when sliced
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        """Source byte ranges to copy, in output order; adjacent ranges merged.
+
+        Slicing along ``axis`` keeps, for every index of the axes before it,
+        the kept experts' contiguous blocks of the axes after it; for the usual
+        axis 0 that is one block per kept expert.
+        """
+        begin, end = self.span
+        if self.rows is None:
+            return [(begin, end)]
+        outer = math.prod(self.source_shape[: self.axis])
+        count = self.source_shape[self.axis]
+        block = (end - begin) // (outer * count)  # bytes of one expert's slice for one outer index
+        ranges: list[tuple[int, int]] = []
+        for o in range(outer):
+            for r in self.rows:
+                start = begin + (o * count + r) * block
+                if ranges and ranges[-1][1] == start:
+                    ranges[-1] = (ranges[-1][0], start + block)
+                else:
+                    ranges.append((start, start + block))
+        return ranges
+
+    @property
+    def nbytes(self) -> int:
+        return sum(end - begin for begin, end in self.ranges)
+
+
+@dataclass
+class WritePlan:
+    """Everything a compile will write, computed before writing: what ``--dry-run`` shows."""
+
+    model_path: Path
+    out: Path
+    family: str
+    export: str  # "uniform", "padded" (a global plan padded to its largest layer) or "compact"
+    num_experts: int  # per layer in the original
+    kept: dict[int, list[int]]  # decoder layer -> original experts the output holds, ascending
+    writes: list[TensorWrite]
+    dropped: list[str]  # source keys not written
+    bytes_before: int  # tensor bytes of the input
+    data_start: dict[str, int]  # shard -> byte offset of its data section
+    shard_metadata: dict[str, dict]  # shard -> its "__metadata__"
+    indexed: bool  # the input has model.safetensors.index.json (so does the output)
+    config: dict  # the output config.json
+    files: list[str]  # other files copied unchanged (tokenizer, generation config, ...)
+    skipped: list[str]  # entries not copied: other weight formats, directories
+    free_bytes: int  # free space on the output's file system
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(w.nbytes for w in self.writes)
+
+    @property
+    def largest_tensor(self) -> int:
+        return max((w.nbytes for w in self.writes), default=0)
+
+    def shards(self) -> dict[str, list[TensorWrite]]:
+        """Output shards and their tensors, in the input's shard order."""
+        grouped: dict[str, list[TensorWrite]] = {}
+        for write in self.writes:
+            grouped.setdefault(write.shard, []).append(write)
+        return grouped
+
+    def describe(self) -> str:
+        """The dry-run report: kept experts, tensors, sizes before/after, memory and disk needed."""
+        from premoe.plan import _ranges
+
+        sliced = sum(w.rows is not None for w in self.writes)
+        lines = [f"compile {self.model_path} ({self.family}) -> {self.out}  [export: {self.export}]"]
+        for layer, experts in self.kept.items():
+            lines.append(f"  layer {layer:>3}: keep {len(experts):>3}/{self.num_experts}  {_ranges(experts)}"
+                         f"  -> experts 0..{len(experts) - 1}")
+        lines += [
+            f"  tensors: {len(self.writes)} written ({sliced} sliced by rows), {len(self.dropped)} dropped, "
+            f"in {len(self.shards())} shard(s)",
+            f"  size: {_size(self.bytes_before)} -> {_size(self.bytes_after)} "
+            f"({self.bytes_after / max(self.bytes_before, 1):.1%})",
+            f"  memory needed: one {_CHUNK >> 20} MiB copy buffer at most (byte-range copies; the largest tensor, "
+            f"{_size(self.largest_tensor)}, is never loaded)",
+            f"  disk: needs {_size(self.bytes_after)} beside {self.out}, {_size(self.free_bytes)} free",
+            f"  other files copied: {', '.join(self.files) or 'none'}",
+        ]
+        lines += [f"  not copied: {s}" for s in self.skipped]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {
+            "model": str(self.model_path), "out": str(self.out), "family": self.family, "export": self.export,
+            "num_experts": self.num_experts, "kept": {str(k): v for k, v in self.kept.items()},
+            "bytes_before": self.bytes_before, "bytes_after": self.bytes_after, "largest_tensor": self.largest_tensor,
+            "tensors_written": len(self.writes), "tensors_sliced": sum(w.rows is not None for w in self.writes),
+            "tensors_dropped": len(self.dropped), "shards": sorted(self.shards()), "files": self.files,
+            "skipped": self.skipped, "free_bytes": self.free_bytes, "notes": self.notes,
+        }
+
+
+@dataclass
+class CompileReport:
+    """What a compile did (or, for a dry run, would do)."""
+
+    plan: WritePlan
+    written: bool  # False for a dry run
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        if not self.written:
+            return self.plan.describe() + "\n  dry run: nothing written"
+        rate = self.plan.bytes_after / max(self.seconds, 1e-9)
+        return (f"wrote {self.plan.out}: {_size(self.plan.bytes_before)} -> {_size(self.plan.bytes_after)} "
+                f"({self.plan.bytes_after / max(self.plan.bytes_before, 1):.1%}), export {self.plan.export}, "
+                f"{len(self.plan.writes)} tensors in {self.seconds:.1f} s ({rate / 1e6:.0f} MB/s)"
+                + "".join(f"\n  note: {n}" for n in self.plan.notes))
+
+    def to_json(self) -> dict:
+        return {**self.plan.to_json(), "written": self.written, "seconds": round(self.seconds, 3)}
+
+
+# --------------------------------------------------------------------------- plan + check
+
+
+def compile_checkpoint(model: str | Path, plan: Plan, out: str | Path, *, force: bool = False, export: str = "auto",
+                       dry_run: bool = False, progress: bool = True) -> CompileReport:
+    """Write ``out``: the checkpoint of ``model`` holding only the experts ``plan`` keeps.
+
+    ``export`` matters for plans with different counts per layer (global
+    ranking): ``padded`` (the default for ``auto``) tops every layer up to the
+    largest count with its next-best experts, so any loader reads it;
+    ``compact`` writes the real counts and needs :func:`load_compact`.
+
+    >>> print(compile_checkpoint("testbed", Plan.load("python-50.json"), "python-50/").summary())
+    wrote python-50: 62.01 MB -> 36.28 MB (58.5%), export uniform, 219 tensors in 0.1 s (480 MB/s)
+    """
+    write_plan = plan_writes(model, plan, out, force=force, export=export)
+    if dry_run:
+        return CompileReport(write_plan, written=False)
+    started = time.time()
+    write_checkpoint(write_plan, progress=progress)
+    return CompileReport(write_plan, written=True, seconds=time.time() - started)
+
+
+def plan_writes(model: str | Path, plan: Plan, out: str | Path, *, force: bool = False,
+                export: str = "auto") -> WritePlan:
+    """Every check and every output tensor of a compile, without writing anything."""
+    from premoe.adapters import get_adapter
+    from premoe.modeling import model_identity, read_config, resolve_model_path
+
+    path = resolve_model_path(model)
+    out = Path(out)
+    if out.resolve() == path.resolve():
+        raise InputError(f"--out {out} is the model directory itself; write the compiled checkpoint elsewhere")
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+    identity = model_identity(model)
+    plan.check_model(identity)
+    config = read_config(path)
+    adapter = get_adapter(config)
+    export, kept = _export_kept(plan, export)
+    if plan.num_experts != adapter.num_experts(config):
+        raise PlanError(f"the plan is for {plan.num_experts} experts per layer, {path} has {adapter.num_experts(config)}")
+    adapter.check_kept(config, kept)  # distinct, ≥ top-k, the same count in every routing group
+    infos = tensors(path)  # raises on missing / truncated shards
+    writes, dropped = _tensor_writes(infos, adapter, kept, plan.num_experts)
+    headers = {shard: read_header(path / shard) for shard in shard_files(path)}
+    files, skipped = _other_files(path, set(headers))
+    new_config = _new_config(config, adapter, plan, kept, export, identity)
+    notes = list(plan.notes)
+    if export == "compact":
+        notes.append("compact export: layers hold different expert counts; load it with premoe.compile.load_compact "
+                     "(from_pretrained and vLLM expect one count per config)")
+    write_plan = WritePlan(
+        model_path=path, out=out, family=adapter.name, export=export, num_experts=plan.num_experts, kept=kept,
+        writes=writes, dropped=dropped, bytes_before=sum(i.nbytes for i in infos.values()),
+        data_start={s: start for s, (_, start) in headers.items()},
+        shard_metadata={s: header.get("__metadata__") or {} for s, (header, _) in headers.items()},
+        indexed=(path / INDEX).exists(), config=new_config, files=files, skipped=skipped,
+        free_bytes=shutil.disk_usage(_existing_parent(out)).free, notes=notes,
+    )
+    needed = write_plan.bytes_after + sum((path / f).stat().st_size for f in files)
+    if needed > write_plan.free_bytes:
+        raise DiskSpaceError(f"the compiled checkpoint needs {_size(needed)} but {_existing_parent(out)} has "
+                             f"{_size(write_plan.free_bytes)} free; free some space or pass --out on another disk")
+    return write_plan
+
+
+def _export_kept(plan: Plan, export: str) -> tuple[str, dict[int, list[int]]]:
+    """Which experts the output holds: the plan's, or padded to one count per layer."""
+    if export not in EXPORTS:
+        raise InputError(f"--export must be one of {', '.join(EXPORTS)}, got {export!r}")
+    if plan.uniform:
+        return "uniform", {layer: sorted(v) for layer, v in plan.kept.items()}
+    if export == "compact":
+        return "compact", {layer: sorted(v) for layer, v in plan.kept.items()}
+    return "padded", plan.padded().kept
+
+
+def _tensor_writes(infos: dict, adapter, kept: dict[int, list[int]],
+                   num_experts: int) -> tuple[list[TensorWrite], list[str]]:
+    """Map every input tensor to its output (kept, renamed, sliced by rows) or to the dropped list."""
+    writes: list[TensorWrite] = []
+    dropped: list[str] = []
+    renumber = {layer: {e: i for i, e in enumerate(experts)} for layer, experts in kept.items()}
+    seen_experts: dict[int, set[int]] = {layer: set() for layer in kept}
+    routers: set[int] = set()  # layers with tensors sliced along experts (router, fused experts)
+    for info in sorted(infos.values(), key=lambda i: (i.shard, i.key)):
+        kind = adapter.classify_key(info.key)
+        if kind is None:
+            writes.append(TensorWrite(info.key, info.key, info.shard, info.dtype, info.shape, None, info.offsets))
+            continue
+        what, layer, expert = kind
+        if layer not in kept:
+            raise CheckpointError(f"tensor {info.key} belongs to MoE layer {layer}, which the plan does not cover "
+                                  f"(it covers {sorted(kept)}); was the plan made for this checkpoint?")
+        if what == "expert":
+            seen_experts[layer].add(expert)
+            if expert not in renumber[layer]:
+                dropped.append(info.key)
+                continue
+            new_key = adapter.rename_expert_key(info.key, expert, renumber[layer][expert])
+            writes.append(TensorWrite(new_key, info.key, info.shard, info.dtype, info.shape, None, info.offsets))
+            continue
+        axis = adapter.expert_axis(info.shape)
+        if not info.shape or info.shape[axis] != num_experts:
+            raise CheckpointError(f"tensor {info.key} has shape {list(info.shape)}; expected {num_experts} experts "
+                                  f"on axis {axis} for a router or fused-experts tensor")
+        rows = tuple(kept[layer])
+        shape = (*info.shape[:axis], len(rows), *info.shape[axis + 1 :])
+        writes.append(TensorWrite(info.key, info.key, info.shard, info.dtype, shape, rows, info.offsets, info.shape,
+                                  axis))
+        routers.add(layer)
+    for layer, found in seen_experts.items():
+        if layer not in routers:
+            raise CheckpointError(f"no router tensor of MoE layer {layer} found in the checkpoint; the "
+                                  f"{adapter.name} adapter's on-disk names do not match these shards")
+        if found and found != set(range(num_experts)):  # per-expert layout: every expert must be there
+            absent = sorted(set(range(num_experts)) - found)
+            raise CheckpointError(f"layer {layer}: the checkpoint's expert tensors cover experts {sorted(found)[:4]}..., "
+                                  f"not 0..{num_experts - 1} (missing {absent[:8]}); it is incomplete or not this model")
+    return writes, dropped
+
+
+def _new_config(config: dict, adapter, plan: Plan, kept: dict[int, list[int]], export: str, source: dict) -> dict:
+    """config.json of the output: expert counts rewritten, plus a ``premoe`` block saying what was kept."""
+    counts = {layer: len(v) for layer, v in kept.items()}
+    new = dict(config)
+    for key, value in adapter.config_updates(config, max(counts.values())).items():
+        new[key] = {**new[key], **value} if isinstance(value, dict) else value  # nested: text_config
+    new["premoe"] = {
+        "format": FORMAT,
+        "premoe_version": __version__,
+        "source": source,
+        "num_experts_original": plan.num_experts,
+        "export": export,
+        "experts_per_layer": {str(layer): n for layer, n in counts.items()},
+        "kept_experts": {str(layer): v for layer, v in kept.items()},
+        "plan_kept_experts": {str(layer): sorted(v) for layer, v in plan.kept.items()},
+        "target": plan.target,
+        "scorer": plan.request.get("scorer"),
+        "request": plan.request,
+        "profile": plan.profile,
+    }
+    return new
+
+
+def _other_files(path: Path, shards: set[str]) -> tuple[list[str], list[str]]:
+    """Top-level non-weight files to copy (tokenizer, generation config, ...) and what is left behind."""
+    files, skipped = [], []
+    for entry in sorted(path.iterdir()):
+        if entry.name in shards or entry.name in ("config.json", INDEX):
+            continue
+        if entry.is_dir():
+            skipped.append(f"{entry.name}/ (directory)")
+        elif entry.name.endswith(_WEIGHT_SUFFIXES) or entry.name in _WEIGHT_INDEXES:
+            skipped.append(f"{entry.name} (weights outside the safetensors index would not be pruned)")
+        else:
+            files.append(entry.name)
+    return files, skipped
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _size(nbytes: int) -> str:
+    """Bytes for people: '1.23 GB', '456.00 kB'."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
+# --------------------------------------------------------------------------- write
+
+
+def write_checkpoint(plan: WritePlan, progress: bool = True) -> Path:
+    """Carry out a :class:`WritePlan`: shards, other files, index, config.json, then one rename."""
+    from tqdm import tqdm
+
+    from premoe.fileio import write_dir
+
+    def write(tmp: Path) -> None:
+        with tqdm(total=plan.bytes_after, unit="B", unit_scale=True, desc="compile", disable=not progress) as bar:
+            for shard, writes in plan.shards().items():
+                _write_shard(plan.model_path / shard, plan.data_start[shard], writes, tmp / shard,
+                             plan.shard_metadata[shard], bar.update)
+        for name in plan.files:
+            shutil.copy2(plan.model_path / name, tmp / name)
+        if plan.indexed:
+            _write_index(plan, tmp / INDEX)
+        (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
+
+    return write_dir(plan.out, write)
+
+
+def _write_index(plan: WritePlan, file: Path) -> None:
+    source = json.loads((plan.model_path / INDEX).read_text())
+    metadata = {**source.get("metadata", {}), "total_size": plan.bytes_after}
+    weight_map = {w.key: w.shard for w in sorted(plan.writes, key=lambda w: w.key)}
+    file.write_text(json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def _write_shard(source: Path, data_start: int, writes: list[TensorWrite], dest: Path, metadata: dict,
+                 advance: Callable[[int], object]) -> None:
+    """One output shard: a fresh header, then every kept byte range copied from the source shard.
+
+    Tensors keep their source order within each dtype width, widest first (as
+    safetensors lays them out), so every tensor stays aligned to its element
+    size and the kept bytes of neighbouring tensors merge into long copies.
+    """
+    ordered = sorted(writes, key=lambda w: (-DTYPE_BYTES.get(w.dtype, 1), w.span[0]))
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    ranges: list[tuple[int, int]] = []
+    for w in ordered:
+        header[w.key] = {"dtype": w.dtype, "shape": list(w.shape), "data_offsets": [offset, offset + w.nbytes]}
+        offset += w.nbytes
+        for begin, end in w.ranges:
+            if ranges and ranges[-1][1] == begin:
+                ranges[-1] = (ranges[-1][0], end)
+            else:
+                ranges.append((begin, end))
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data section starts 8-byte aligned
+    with open(source, "rb") as src, open(dest, "wb") as dst:
+        dst.write(struct.pack("<Q", len(raw)) + raw)
+        dst.flush()
+        for begin, end in ranges:
+            _copy_range(src.fileno(), dst.fileno(), data_start + begin, end - begin, source, advance)
+
+
+def _copy_range(src: int, dst: int, offset: int, count: int, name: Path, advance: Callable[[int], object]) -> None:
+    """Append ``count`` bytes at ``offset`` of ``src`` to ``dst``: in the kernel where it can, else via a buffer."""
+    while count:
+        try:
+            n = os.copy_file_range(src, dst, min(count, _CHUNK), offset)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            n = _buffered_copy(src, dst, offset, min(count, _CHUNK))
+        if n == 0:
+            raise CheckpointError(f"{name} ended at byte {offset} while copying; the shard is truncated")
+        offset += n
+        count -= n
+        advance(n)
+
+
+def _buffered_copy(src: int, dst: int, offset: int, count: int) -> int:
+    data = memoryview(os.pread(src, count, offset))
+    written = 0
+    while written < len(data):
+        written += os.write(dst, data[written:])
+    return written
+
+
+# --------------------------------------------------------------------------- compact loading
+
+
+def compiled_info(path: str | Path) -> dict:
+    """The ``premoe`` block of a compiled checkpoint's config.json (kept experts, source, export)."""
+    from premoe.modeling import read_config
+
+    info = read_config(path).get("premoe")
+    if not info:
+        raise CheckpointError(f"{path}/config.json has no 'premoe' block; it was not written by `premoe compile`")
+    return info
+
+
+def kept_experts(path: str | Path) -> dict[int, list[int]]:
+    """Decoder layer -> original indices of the experts a compiled checkpoint holds."""
+    return {int(layer): v for layer, v in compiled_info(path)["kept_experts"].items()}
+
+
+def load_compact(path: str | Path, dtype=None):
+    """Load a ``--export compact`` checkpoint, whose layers hold different expert counts.
+
+    Vanilla loaders read one expert count from config.json (the largest, here).
+    This pads every smaller layer to it in memory — copies of its expert 0,
+    zero router rows — lets transformers build and convert the model as
+    usual, then prunes each layer to its real count with
+    :func:`premoe.adapters.base.prune_in_memory`, so the padding never routes.
+    Peak memory is the model at the largest count.
+
+    >>> model = load_compact("python-global/")      # fp32, eval mode
+    """
+    import torch
+    from safetensors.torch import load_file
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+
+    from premoe.adapters import get_adapter
+    from premoe.adapters.base import prune_in_memory
+    from premoe.modeling import resolve_model_path
+
+    path = resolve_model_path(path)
+    counts = {int(layer): n for layer, n in compiled_info(path)["experts_per_layer"].items()}
+    config = AutoConfig.from_pretrained(path)
+    adapter = get_adapter(config)
+    largest = max(counts.values())
+    state: dict[str, torch.Tensor] = {}
+    for shard in shard_files(path):
+        state.update(load_file(str(path / shard)))
+    for key in list(state):
+        kind = adapter.classify_key(key)
+        if kind is None or counts[kind[1]] == largest:
+            continue
+        what, layer, expert = kind
+        if what == "expert" and expert == 0:
+            for e in range(counts[layer], largest):
+                state[adapter.rename_expert_key(key, 0, e)] = state[key]
+        elif what == "rows":
+            rows = state[key]  # experts along one axis
+            axis = adapter.expert_axis(rows.shape)
+            pad = list(rows.shape)
+            pad[axis] = largest - counts[layer]
+            state[key] = torch.cat([rows, rows.new_zeros(pad)], dim=axis)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype or torch.float32)
+    prune_in_memory(model, adapter, {layer: list(range(n)) for layer, n in counts.items()})
+    return model.eval()

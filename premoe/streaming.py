@@ -1,0 +1,375 @@
+"""Profile a checkpoint larger than memory, one decoder layer at a time.
+
+The model is built as a skeleton whose parameters live on the ``meta``
+device (no memory). Every calibration window goes through the embeddings
+first; then, for each decoder layer in turn, only that layer's tensors are
+read from the safetensors shards (in fp32, through transformers' own key
+conversion, e.g. per-expert keys fused into ``experts.gate_up_proj``), the
+hidden states of *all* windows run through it with a
+:class:`~premoe.capture.RouterCapture` on its router, and the layer goes back
+to ``meta``. Peak memory is about one layer's fp32 weights plus the hidden
+states, which move to a scratch file when they would not fit beside it.
+
+What each decoder layer receives besides the hidden states (attention masks,
+rotary position embeddings, position ids) is recorded from the model's own
+forward pass with the layers replaced by recorders, so no family's mask or
+rotary code is copied here, and families whose layers get different masks
+(sliding-window layers) are handled by the model itself.
+
+The result equals :func:`premoe.profile.profile_model` on the same tokens
+(fp32) to rounding. Example::
+
+    profile = profile_streaming("big-moe/", parse_sources(["code=code.jsonl"]), ["peu", "frequency"],
+                                ProfileParams(max_tokens=8192), workdir="/scratch")
+    profile.save("profiles/big-moe")
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from premoe import checkpoint
+from premoe.capture import DomainStats, RouterCapture
+from premoe.data import Source, token_windows
+from premoe.errors import CheckpointError, InputError, UnsupportedModelError
+from premoe.profile import Profile, ProfileParams, assemble_profile, check_sources, resolve_scorers
+
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # decoder layer index in a tensor name
+_CHUNK = 1 << 30  # bytes per pread/pwrite call (Linux moves at most ~2 GiB per call)
+_SYNC_LOAD = "HF_DEACTIVATE_ASYNC_LOAD"  # read by transformers' convert_and_load_state_dict_in_model
+_MMAP_THRESHOLD = 1 << 20  # bytes: larger allocations get their own mapping, returned to the OS when freed
+
+
+@dataclass
+class _Batch:
+    """One forward batch of calibration windows and what the model's forward passes each layer for it."""
+
+    domain: str
+    start: int  # first row of this batch in the hidden-state store
+    shape: tuple[int, int]  # (windows, seq)
+    layer_inputs: list[tuple[tuple, dict]]  # per decoder layer: (extra positional args, keyword args)
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@torch.no_grad()
+def profile_streaming(model: str | Path, sources: Sequence[Source], scorers: Sequence[str] | None = None,
+                      params: ProfileParams | None = None, workdir: str | Path | None = None, progress: bool = True,
+                      memory_budget: int | None = None) -> Profile:
+    """Profile ``model`` reading one decoder layer at a time from its shards (see module docstring).
+
+    ``workdir`` holds the scratch file of hidden states when they exceed
+    ``memory_budget`` bytes (default: the largest decoder layer's fp32 size,
+    so the hidden states never cost more than the layer itself; 0 forces the
+    file). Text only: ``params.generate`` needs the whole model in memory.
+    """
+    from tqdm import tqdm
+    from transformers import AutoConfig
+
+    from premoe.adapters import get_adapter
+    from premoe.modeling import load_tokenizer, model_identity, resolve_model_path
+
+    params = params or ProfileParams()
+    _return_freed_memory()
+    if params.generate:
+        raise InputError("generating continuations needs the whole model in memory; profile without --stream, "
+                         "or set --generate 0")
+    check_sources(sources)
+    specs = resolve_scorers(scorers)
+    path = resolve_model_path(model)
+    identity = model_identity(model)
+    stored = checkpoint.tensors(path)
+    config = AutoConfig.from_pretrained(path)
+    net = _skeleton(config)
+    adapter = get_adapter(config, net)
+    moe = {layer.index: layer for layer in adapter.moe_layers(net)}
+    if not moe:
+        raise UnsupportedModelError(f"{path} has no MoE layers premoe can find; is it a Mixture-of-Experts model?")
+    layers_name, layers = _decoder_layers(net, next(iter(moe.values())))
+    loader = _Loader(net, path, stored, len(layers), params.device)
+    started = time.time()
+
+    tokenizer = load_tokenizer(model)
+    windows = {s.name: token_windows(s.texts, tokenizer, params.seq_len, params.max_tokens) for s in sources}
+    rows = sum(w.numel() for w in windows.values())
+    budget = max(map(loader.layer_bytes, range(len(layers)))) if memory_budget is None else memory_budget
+    with _HiddenStore(rows, config.hidden_size, budget, workdir) as store:
+        with loader.loaded(loader.prelude_keys(), net.get_input_embeddings(), "the input embeddings"):
+            batches = _embed(net, layers, windows, params, store)
+        per_layer: dict[str, list[DomainStats]] = {s.name: [] for s in sources}
+        bar = tqdm(total=len(layers) * rows, desc="profile (streaming)", unit="tok", unit_scale=True,
+                   disable=not progress, leave=False)
+        for index, layer in enumerate(layers):
+            with loader.loaded(loader.layer_keys(index), layer, f"decoder layer {index}"):
+                capture = RouterCapture(net, adapter, specs, layers=[index]) if index in moe else None
+                with capture or contextlib.nullcontext():
+                    for batch, last_of_domain in _with_domain_ends(batches):
+                        _run_layer(layer, index, batch, store, capture, params.device)
+                        bar.update(batch.rows)
+                        if capture and last_of_domain:
+                            per_layer[batch.domain].append(capture.reset())
+        bar.close()
+    domains = {name: _stack_layers(rows_) for name, rows_ in per_layer.items()}
+    return assemble_profile(identity, adapter, config, list(moe.values()), specs, domains, params, sources, started,
+                            mode="streaming", hidden_states="file" if store.path else "memory")
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def _skeleton(config) -> nn.Module:
+    """The model with every parameter on ``meta``; buffers (rotary frequencies) are real, they are computed, not stored."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        net = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return net.eval()
+
+
+def _return_freed_memory() -> None:
+    """On glibc, give every allocation of 1 MiB or more its own mapping, so freed weights leave the process at once.
+
+    By default glibc raises this threshold up to 32 MiB as large blocks are
+    freed; per-expert tensors then land in malloc's heap, and one layer's
+    freed tensors sit as holes beside the next layer's (measured: peak
+    +0.4x a layer). This is process-wide and stays set; elsewhere a no-op.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, _MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _decoder_layers(net: nn.Module, moe_layer) -> tuple[str, nn.ModuleList]:
+    """The decoder-layer list, found from a router's name, e.g. ``model.layers.3.mlp.gate`` -> ``model.layers``."""
+    name = moe_layer.router_name[: moe_layer.router_name.index(f"layers.{moe_layer.index}.")] + "layers"
+    layers = net.get_submodule(name)
+    if not isinstance(layers, nn.ModuleList):
+        raise UnsupportedModelError(f"{name} of {type(net).__name__} is not a list of decoder layers; "
+                                    "streaming needs the usual transformers layout")
+    return name, layers
+
+
+class _Loader:
+    """Loads subsets of checkpoint tensors into the skeleton and sends them back to ``meta``."""
+
+    def __init__(self, net: nn.Module, path: Path, stored: dict[str, checkpoint.TensorInfo], num_layers: int,
+                 device: str):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        self.net, self.path, self.stored, self.device = net, path, stored, device
+        self.weight_mapping = get_model_conversion_mapping(net)  # the family's on-disk -> in-memory key rules
+        self.by_layer: dict[int | None, list[str]] = {}  # decoder layer (None: outside the layers) -> keys
+        for key in stored:
+            match = _LAYER_KEY.search(key)
+            self.by_layer.setdefault(int(match.group(1)) if match else None, []).append(key)
+        missing = sorted(set(range(num_layers)) - set(self.by_layer))
+        if missing:
+            raise CheckpointError(f"{path} holds no tensor of decoder layer {missing[0]} ({len(missing)} layers "
+                                  "missing); the checkpoint is incomplete")
+
+    def layer_keys(self, index: int) -> list[str]:
+        return self.by_layer[index]
+
+    def layer_bytes(self, index: int) -> int:
+        """fp32 bytes of decoder layer ``index``."""
+        return sum(4 * torch.Size(self.stored[k].shape).numel() for k in self.by_layer[index])
+
+    def prelude_keys(self) -> list[str]:
+        """Tensors outside the decoder layers, except the output head (the profile never needs logits)."""
+        head = self.net.get_output_embeddings()
+        head_name = next((n for n, m in self.net.named_modules() if m is head), None)
+        return [k for k in self.by_layer.get(None, []) if not (head_name and k.startswith(head_name + "."))]
+
+    @contextlib.contextmanager
+    def loaded(self, keys: list[str], module: nn.Module, what: str) -> Iterator[None]:
+        """Tensors ``keys`` materialised in fp32 for the duration of the block; ``module`` must be complete."""
+        before = {n for n, p in self.net.named_parameters() if p.is_meta}
+        try:
+            self._load(keys)
+            missing = [n for n, p in module.named_parameters() if p.is_meta]
+            if missing:
+                raise CheckpointError(f"{self.path} lacks tensor {missing[0]} of {what} ({len(missing)} missing); "
+                                      "the checkpoint is incomplete")
+            yield
+        finally:
+            for name, p in list(self.net.named_parameters()):
+                if name in before and not p.is_meta:  # back to meta: frees the weights
+                    owner, _, attr = name.rpartition(".")
+                    setattr(self.net.get_submodule(owner), attr, nn.Parameter(p.to("meta"), requires_grad=False))
+
+    def _load(self, keys: list[str]) -> None:
+        from safetensors import safe_open
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+        from transformers.utils import logging as hf_logging
+
+        config = LoadStateDictConfig(dtype=torch.float32, weight_mapping=self.weight_mapping,
+                                     device_map={"": self.device})
+        shards = sorted({self.stored[k].shard for k in keys})
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # transformers shows one bar per call
+        # one tensor at a time: with transformers' reader threads every tensor of the layer is read at once
+        # and held beside the converted (fused) copies, ~2.7x the layer at peak instead of ~1.6x
+        sync = os.environ.get(_SYNC_LOAD)
+        os.environ[_SYNC_LOAD] = "1"
+        try:
+            with contextlib.ExitStack() as stack:
+                state = {}
+                for shard in shards:  # pread, not mmap: mapped pages would count as this process's memory
+                    f = stack.enter_context(safe_open(str(self.path / shard), framework="pt", backend="pread"))
+                    state.update({k: f.get_slice(k) for k in keys if self.stored[k].shard == shard})
+                info, _ = convert_and_load_state_dict_in_model(self.net, state, config)
+        finally:
+            if sync is None:
+                os.environ.pop(_SYNC_LOAD, None)
+            else:
+                os.environ[_SYNC_LOAD] = sync
+            if bars:
+                hf_logging.enable_progress_bar()
+        if info.mismatched_keys:
+            name, got, expected = sorted(info.mismatched_keys)[0]
+            raise CheckpointError(f"{self.path}: tensor {name} has shape {tuple(got)}, the config expects "
+                                  f"{tuple(expected)}; config.json and the weights disagree")
+        if info.conversion_errors:
+            raise CheckpointError(f"{self.path}: could not convert {', '.join(sorted(info.conversion_errors))}")
+
+
+# --------------------------------------------------------------------------- the passes
+
+
+class _InputsRecorded(Exception):
+    """Ends the recording forward pass after the last decoder layer's inputs."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer: keeps what the model's forward passes it, returns the hidden states unchanged."""
+
+    def __init__(self, last: bool, inputs: list, embedded: list):
+        super().__init__()
+        self.last, self.inputs, self.embedded = last, inputs, embedded
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not self.embedded:
+            self.embedded.append(hidden_states)  # the first layer's input: the embeddings
+        self.inputs.append((args, kwargs))
+        if self.last:
+            raise _InputsRecorded
+        return hidden_states
+
+
+def _embed(net: nn.Module, layers: nn.ModuleList, windows: dict[str, torch.Tensor], params: ProfileParams,
+           store: "_HiddenStore") -> list[_Batch]:
+    """Run every window through the embeddings into ``store`` and record each layer's other inputs."""
+    originals = list(layers)
+    batches, start = [], 0
+    try:
+        for domain, domain_windows in windows.items():
+            for first in range(0, domain_windows.shape[0], params.batch_size):
+                input_ids = domain_windows[first : first + params.batch_size].to(params.device)  # (batch, seq)
+                inputs, embedded = [], []
+                for i in range(len(layers)):
+                    layers[i] = _Recorder(i == len(layers) - 1, inputs, embedded)
+                with contextlib.suppress(_InputsRecorded):
+                    net(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
+                store.write(start, embedded[0].reshape(input_ids.numel(), -1))  # (batch * seq, hidden)
+                batches.append(_Batch(domain, start, tuple(input_ids.shape), inputs))
+                start += input_ids.numel()
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    return batches
+
+
+def _run_layer(layer: nn.Module, index: int, batch: _Batch, store: "_HiddenStore", capture: RouterCapture | None,
+               device: str) -> None:
+    """Hidden states of one batch through one decoder layer, in place in the store."""
+    hidden = store.read(batch.start, batch.rows).to(device).view(*batch.shape, -1)  # (batch, seq, hidden)
+    args, kwargs = batch.layer_inputs[index]
+    with capture.batch(torch.ones(batch.shape)) if capture else contextlib.nullcontext():
+        out = layer(hidden, *args, **kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    store.write(batch.start, out.reshape(batch.rows, -1))
+
+
+def _with_domain_ends(batches: list[_Batch]) -> Iterator[tuple[_Batch, bool]]:
+    for i, batch in enumerate(batches):
+        yield batch, i == len(batches) - 1 or batches[i + 1].domain != batch.domain
+
+
+def _stack_layers(rows: list[DomainStats]) -> DomainStats:
+    """One domain's per-layer stats (each (1, experts)) as one (moe_layers, experts) DomainStats."""
+    tokens = {r.tokens for r in rows}
+    if len(tokens) != 1:
+        raise RuntimeError(f"layers saw different token counts {sorted(tokens)}")  # a bug, not a user error
+    return DomainStats(tokens.pop(), {n: torch.cat([r.sums[n] for r in rows]) for n in rows[0].sums},
+                       torch.cat([r.routed for r in rows]))
+
+
+# --------------------------------------------------------------------------- hidden states
+
+
+class _HiddenStore:
+    """Hidden states of every calibration token between two layers: (rows, width) fp32, in memory or in a file.
+
+    The file is read and written with pread/pwrite rather than mapped, so its
+    pages stay in the page cache and never count as this process's memory.
+    """
+
+    def __init__(self, rows: int, width: int, budget: int, workdir: str | Path | None):
+        self.rows, self.width = rows, width
+        self.path: Path | None = None
+        if 4 * rows * width <= budget:
+            self.memory = torch.empty(rows, width)  # (tokens, hidden)
+            return
+        if workdir is not None:
+            Path(workdir).mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="premoe-hidden-", suffix=".f32", dir=workdir)
+        self.fd, self.path = fd, Path(name)
+        os.ftruncate(fd, 4 * rows * width)
+
+    def __enter__(self) -> "_HiddenStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.path is not None:
+            os.close(self.fd)
+            self.path.unlink(missing_ok=True)
+
+    def read(self, start: int, count: int) -> torch.Tensor:
+        if self.path is None:
+            return self.memory[start : start + count]
+        out = torch.empty(count, self.width)  # (count, hidden)
+        view, offset = memoryview(out.numpy()).cast("B"), 4 * start * self.width
+        done = 0
+        while done < len(view):
+            got = os.preadv(self.fd, [view[done : done + _CHUNK]], offset + done)
+            if got <= 0:
+                raise CheckpointError(f"scratch file {self.path} is shorter than expected")
+            done += got
+        return out
+
+    def write(self, start: int, values: torch.Tensor) -> None:
+        values = values.detach().float().cpu()
+        if self.path is None:
+            self.memory[start : start + values.shape[0]] = values
+            return
+        view, offset = memoryview(values.contiguous().numpy()).cast("B"), 4 * start * self.width
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done : done + _CHUNK], offset + done)

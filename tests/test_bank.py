@@ -1,0 +1,122 @@
+"""Expert bank: a swap leaves the resident model exactly the pruned specialist, reading only new experts."""
+import pytest
+import torch
+
+import tiny
+from premoe.adapters import get_adapter, prune_in_memory
+from premoe.bank import ExpertBank, _in_place_order
+from premoe.errors import InputError, PlanError
+from premoe.modeling import load_model
+
+IDS = torch.randint(1, tiny.VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def random_kept(model, seed: int) -> dict[int, list[int]]:
+    """Routable random kept sets: half the experts per layer, or 2 per group for grouped routers."""
+    adapter = get_adapter(model.config)
+    layers = adapter.moe_layers(model)
+    experts, top_k = layers[0].num_experts, adapter.top_k(model.config)
+    n_group = adapter.groups(model.config)[0]
+    gen = torch.Generator().manual_seed(seed)
+    if n_group > 1:
+        size = experts // n_group
+        return {l.index: sorted(g * size + i for g in range(n_group)
+                                for i in torch.randperm(size, generator=gen)[:2].tolist()) for l in layers}
+    return {l.index: sorted(torch.randperm(experts, generator=gen)[: max(top_k, experts // 2)].tolist())
+            for l in layers}
+
+
+@torch.no_grad()
+def pruned_logits(path, kept) -> torch.Tensor:
+    model = load_model(path)
+    return prune_in_memory(model, get_adapter(model.config), kept)(IDS).logits
+
+
+@pytest.mark.parametrize("family", list(tiny.FAMILIES))
+def test_swap_equals_the_pruned_specialist(family, tmp_path):
+    path = tiny.save(family, tmp_path / family)
+    first, second = random_kept(load_model(path), 1), random_kept(load_model(path), 2)
+    bank = ExpertBank(path, first)
+    with torch.no_grad():
+        assert torch.allclose(bank.model(IDS).logits, pruned_logits(path, first), rtol=0, atol=1e-5)
+        bank.swap(second)
+        assert torch.allclose(bank.model(IDS).logits, pruned_logits(path, second), rtol=0, atol=1e-5)
+        bank.swap(first)  # and back
+        assert torch.allclose(bank.model(IDS).logits, pruned_logits(path, first), rtol=0, atol=1e-5)
+
+
+def test_swap_reads_only_the_experts_that_differ(tiny_qwen3):
+    bank = ExpertBank(tiny_qwen3, {0: [0, 1, 2, 3], 1: [4, 5, 6, 7]})
+    target = {0: [1, 2, 3, 6], 1: [0, 4, 5, 7]}  # one new expert per layer; the others move slots
+    planned = sum(length for _, _, length, _ in bank.byte_ranges(target))
+    report = bank.swap(target)
+    assert report.experts == 2 and report.moved == 3 + 2
+    assert report.bytes == bank.expert_bytes(0, 6) + bank.expert_bytes(1, 0) == planned
+    # expert 6: gate + up + down of (16 x 32) fp32 each, plus its router row of 32 floats
+    assert bank.expert_bytes(0, 6) == 3 * 16 * 32 * 4 + 32 * 4
+    assert bank.kept == target
+    again = bank.swap(target)
+    assert (again.experts, again.bytes, again.moved) == (0, 0, 0)
+    assert bank.totals.experts == 2 and bank.totals.bytes == report.bytes
+
+
+def test_a_failed_swap_is_repaired_by_the_next(tiny_qwen3, monkeypatch):
+    start, target = {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}, {0: [4, 5, 6, 7], 1: [4, 5, 6, 7]}
+    bank = ExpertBank(tiny_qwen3, start)
+    real_load = bank._load
+    calls = []
+
+    def failing_load(layer, expert, slot):
+        calls.append(expert)
+        if len(calls) == 2:
+            raise OSError("disk went away")
+        return real_load(layer, expert, slot)
+
+    monkeypatch.setattr(bank, "_load", failing_load)
+    with pytest.raises(OSError):
+        bank.swap(target)
+    monkeypatch.setattr(bank, "_load", real_load)
+    bank.swap(target)
+    with torch.no_grad():
+        assert torch.allclose(bank.model(IDS).logits, pruned_logits(tiny_qwen3, target), rtol=0, atol=1e-5)
+
+
+def test_bad_kept_sets_are_refused(tiny_qwen3):
+    bank = ExpertBank(tiny_qwen3, {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]})
+    with pytest.raises(PlanError, match="one number of experts"):
+        bank.swap({0: [0, 1, 2], 1: [0, 1, 2]})
+    with pytest.raises(InputError, match="MoE layers \\[1\\]"):
+        bank.swap({0: [0, 1, 2, 3]})
+    with pytest.raises(PlanError, match="distinct indices"):
+        bank.swap({0: [0, 1, 2, 9], 1: [0, 1, 2, 3]})
+    with pytest.raises(PlanError, match="one number of experts"):
+        ExpertBank(tiny_qwen3, {0: [0, 1, 2, 3], 1: [0, 1, 2]})
+    assert bank.kept == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}  # nothing was touched
+
+
+def test_swap_to_a_stored_domain_equals_its_compiled_specialist(tiny_qwen3, tmp_path):
+    import domains
+    from premoe.compile import compile_checkpoint
+    from premoe.plan import PlanRequest, make_plan
+
+    profile, store = domains.make_store(tiny_qwen3)
+    bank = ExpertBank(tiny_qwen3, store.kept("code", 4))
+    for domain in ("de", "bible", "code"):
+        compiled = tmp_path / domain
+        compile_checkpoint(tiny_qwen3, make_plan(profile, PlanRequest(experts=4, domain=domain)), compiled,
+                           progress=False)
+        bank.swap(store.kept(domain, 4))
+        with torch.no_grad():
+            assert torch.allclose(bank.model(IDS).logits, load_model(compiled)(IDS).logits, rtol=0, atol=1e-5)
+
+
+def test_in_place_move_order_never_overwrites_a_pending_expert():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        old = sorted(torch.randperm(12, generator=gen)[:6].tolist())
+        new = sorted(torch.randperm(12, generator=gen)[:6].tolist())
+        slots, slot_of = list(old), {e: i for i, e in enumerate(old)}
+        moves = [(slot_of[e], i) for i, e in enumerate(new) if e in slot_of and slot_of[e] != i]
+        for source, dest in _in_place_order(moves):
+            slots[dest] = slots[source]
+        assert [s for s, e in zip(slots, new) if e in slot_of] == [e for e in new if e in slot_of], (old, new)

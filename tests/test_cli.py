@@ -1,0 +1,41 @@
+"""The command line: help, placeholders, one-line errors."""
+import subprocess
+import sys
+
+import pytest
+
+from premoe.cli import COMMANDS
+
+
+def premoe(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from premoe.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_command():
+    result = premoe("--help")
+    assert result.returncode == 0
+    for verb in ("profile", "plan", "compile", "verify", "eval", "store", "serve", "demo", "testbed"):
+        assert verb in COMMANDS
+        assert f"\n  {verb} " in result.stdout
+
+
+@pytest.mark.parametrize("verb", list(COMMANDS))
+def test_each_command_has_help(verb):
+    result = premoe(verb, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage:" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["profile", "/nonexistent/model", "--data", "testbed", "--out", "/tmp/premoe-never"], "does not exist"),
+    (["profile", "testbed", "--data", "klingon", "--out", "/tmp/premoe-never"], "unknown data 'klingon'"),
+    (["testbed", "corpus", "--out", "/tmp/premoe-never", "--domains", "klingon"], "unknown domain klingon"),
+    (["plan", "/nonexistent/profile", "--keep", "0.5", "--domain", "x", "--dry-run"], "profile.json not found"),
+])
+def test_bad_input_is_one_line_and_nonzero(args, message):
+    result = premoe(*args)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr

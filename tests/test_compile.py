@@ -1,0 +1,249 @@
+"""Compile: the checkpoint a plain from_pretrained reads back is the forced-routing original, for every family."""
+import json
+import shutil
+import subprocess
+import sys
+from collections import namedtuple
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import tiny
+from checkpoints import forced_difference, save_family, spread_plan
+from premoe.compile import compile_checkpoint, compiled_info, kept_experts, load_compact
+from premoe.errors import (CheckpointError, DiskSpaceError, InputError, MissingFileError, OutputExistsError,
+                           PlanError)
+from premoe.plan import Plan
+
+TOL = 1e-5
+
+
+def load(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    return save_family("qwen3_moe", tmp_path_factory.mktemp("src") / "qwen3_moe")
+
+
+def assert_nothing_written(out):
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.tmp-*")), "a temp dir was left behind"
+
+
+@pytest.mark.parametrize("family", list(tiny.FAMILIES))
+def test_compiled_checkpoint_is_the_forced_routing_original(family, tmp_path):
+    path, model, adapter = save_family(family, tmp_path / "src")
+    plan = spread_plan(path, model, adapter)
+    report = compile_checkpoint(path, plan, tmp_path / "out", progress=False)
+    compiled = load(tmp_path / "out")
+    forced, full = forced_difference(compiled, model, adapter, plan.kept)
+    assert forced <= TOL
+    assert full > 1e-3, "pruning changed nothing: the comparison could not fail"
+    m = len(next(iter(plan.kept.values())))
+    assert report.plan.export == "uniform" and report.plan.bytes_after < report.plan.bytes_before
+    assert adapter.num_experts(compiled.config) == m
+    assert {l.index: l.num_experts for l in adapter.moe_layers(compiled)} == {l: m for l in plan.kept}
+    assert kept_experts(tmp_path / "out") == plan.kept
+
+
+def test_grouped_routing_needs_the_same_count_per_group(tmp_path):
+    path, model, adapter = save_family("deepseek_v3", tmp_path / "src")
+    uneven = spread_plan(path, model, adapter, kept={l: [0, 1, 2, 5] for l in spread_plan(path, model, adapter).kept})
+    with pytest.raises(PlanError, match="group"):
+        compile_checkpoint(path, uneven, tmp_path / "out", progress=False)
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_shared_experts_stay(tmp_path):
+    path, model, adapter = save_family("qwen2_moe", tmp_path / "src")
+    compile_checkpoint(path, spread_plan(path, model, adapter), tmp_path / "out", progress=False)
+    shared = {k for k in load_file(str(path / "model.safetensors")) if "shared_expert" in k}
+    assert shared and shared <= set(load_file(str(tmp_path / "out" / "model.safetensors")))
+
+
+def test_quantisation_scales_follow_their_expert_and_dtypes_are_kept(qwen3, tmp_path):
+    path, model, adapter = qwen3
+    src = tmp_path / "src"
+    shutil.copytree(path, src)
+    tensors = load_file(str(src / "model.safetensors"))
+    for e in range(8):  # FP8-style checkpoint: per-expert scales and an 8-bit weight
+        tensors[f"model.layers.0.mlp.experts.{e}.down_proj.weight_scale_inv"] = torch.full((2, 2), float(e))
+        tensors[f"model.layers.0.mlp.experts.{e}.fp8_probe"] = torch.full((3,), e / 8).to(torch.float8_e4m3fn)
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    plan = spread_plan(src, model, adapter)
+    compile_checkpoint(src, plan, tmp_path / "out", progress=False)
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for new, old in enumerate(plan.kept[0]):
+        assert torch.equal(out[f"model.layers.0.mlp.experts.{new}.down_proj.weight_scale_inv"], torch.full((2, 2), float(old)))
+        probe = out[f"model.layers.0.mlp.experts.{new}.fp8_probe"]
+        assert probe.dtype == torch.float8_e4m3fn
+        assert torch.equal(probe.view(torch.uint8), tensors[f"model.layers.0.mlp.experts.{old}.fp8_probe"].view(torch.uint8))
+    assert sum("weight_scale_inv" in k for k in out) == len(plan.kept[0])
+
+
+def test_bf16_bytes_are_copied_exactly_and_rows_sliced(tmp_path):
+    path, model, adapter = save_family("gpt_oss", tmp_path / "src", dtype=torch.bfloat16)  # fused on disk
+    plan = spread_plan(path, model, adapter)
+    compile_checkpoint(path, plan, tmp_path / "out", progress=False)
+    source, out = load_file(str(path / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(out) == set(source)
+    for key, tensor in out.items():
+        assert tensor.dtype == source[key].dtype == torch.bfloat16
+        kind = adapter.classify_key(key)
+        expected = source[key][plan.kept[kind[1]]] if kind else source[key]
+        assert torch.equal(tensor, expected), key
+    forced, _ = forced_difference(load(tmp_path / "out"), model, adapter, plan.kept)
+    assert forced <= TOL
+
+
+def test_sharded_checkpoint_keeps_its_split_and_index(tmp_path):
+    path, model, adapter = save_family("qwen3_moe", tmp_path / "src", max_shard_size="40KB")
+    shards = sorted(p.name for p in path.glob("*.safetensors"))
+    assert len(shards) > 2
+    plan = spread_plan(path, model, adapter)
+    compile_checkpoint(path, plan, tmp_path / "out", progress=False)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    written = {}
+    for shard in sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")):
+        assert shard in shards
+        with safe_open(tmp_path / "out" / shard, "pt") as f:
+            written.update({k: shard for k in f.keys()})
+            total = sum(f.get_tensor(k).numel() * 4 for k in f.keys())
+            index["metadata"]["total_size"] -= total
+    assert index["weight_map"] == written and index["metadata"]["total_size"] == 0
+    assert forced_difference(load(tmp_path / "out"), model, adapter, plan.kept)[0] <= TOL
+
+
+def global_plan(path, model, adapter) -> Plan:
+    plan = spread_plan(path, model, adapter, kept={0: [0, 3, 5], 1: [1, 2, 4, 6, 7]})
+    plan.order = {0: [3, 0, 5, 7, 1, 2, 4, 6], 1: [2, 1, 4, 6, 7, 0, 3, 5]}
+    return plan
+
+
+def test_global_plan_exports_padded_by_default(qwen3, tmp_path):
+    path, model, adapter = qwen3
+    report = compile_checkpoint(path, global_plan(path, model, adapter), tmp_path / "out", progress=False)
+    assert report.plan.export == "padded"
+    assert kept_experts(tmp_path / "out") == {0: [0, 1, 3, 5, 7], 1: [1, 2, 4, 6, 7]}
+    assert forced_difference(load(tmp_path / "out"), model, adapter, kept_experts(tmp_path / "out"))[0] <= TOL
+
+
+def test_global_plan_exported_compact(qwen3, tmp_path):
+    path, model, adapter = qwen3
+    plan = global_plan(path, model, adapter)
+    report = compile_checkpoint(path, plan, tmp_path / "out", export="compact", progress=False)
+    assert report.plan.export == "compact"
+    info = compiled_info(tmp_path / "out")
+    assert info["experts_per_layer"] == {"0": 3, "1": 5} and adapter.num_experts(report.plan.config) == 5
+    with pytest.raises(RuntimeError, match="mismatch"):  # vanilla loaders read one count: the loader is needed
+        load(tmp_path / "out")
+    compact = load_compact(tmp_path / "out")
+    assert {l.index: l.num_experts for l in adapter.moe_layers(compact)} == {0: 3, 1: 5}
+    assert forced_difference(compact, model, adapter, plan.kept)[0] <= TOL
+
+
+def test_profile_plan_compile(qwen3, tmp_path):
+    from premoe.data import Source
+    from premoe.plan import PlanRequest, make_plan
+    from premoe.profile import ProfileParams, profile_model
+
+    path, model, adapter = qwen3
+    profile = profile_model(path, [Source("text", [tiny.TEXT], "tiny")], ["peu"],
+                            ProfileParams(max_tokens=256, seq_len=64), progress=False)
+    plan = make_plan(profile, PlanRequest(keep=0.5, domain="text"))
+    compile_checkpoint(path, plan, tmp_path / "out", progress=False)
+    assert forced_difference(load(tmp_path / "out"), model, adapter, plan.kept)[0] <= TOL
+    assert compiled_info(tmp_path / "out")["target"] == "specialist:text"
+
+
+def test_dry_run_writes_nothing(qwen3, tmp_path):
+    path, model, adapter = qwen3
+    report = compile_checkpoint(path, spread_plan(path, model, adapter), tmp_path / "out", dry_run=True)
+    assert not report.written and list(tmp_path.iterdir()) == []
+    text = report.summary()
+    assert "layer   0: keep   4/8" in text and "size:" in text and "nothing written" in text
+    assert json.loads(json.dumps(report.to_json()))["tensors_dropped"] == 2 * 4 * 3
+
+
+def test_other_files_copied_other_weights_not(qwen3, tmp_path):
+    path, model, adapter = qwen3
+    src = tmp_path / "src"
+    shutil.copytree(path, src)
+    (src / "README.md").write_text("card")
+    (src / "pytorch_model.bin").write_bytes(b"old weights")
+    (src / "original").mkdir()
+    report = compile_checkpoint(src, spread_plan(src, model, adapter), tmp_path / "out", progress=False)
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"README.md", "tokenizer.json", "generation_config.json", "config.json"} <= names
+    assert not {"pytorch_model.bin", "original"} & names
+    assert len(report.plan.skipped) == 2
+
+
+def test_bad_plans_are_refused(qwen3, tmp_path):
+    path, model, adapter = qwen3
+    out = tmp_path / "out"
+    other = spread_plan(path, model, adapter)
+    other.model = {**other.model, "config_hash": "0" * 16, "name": "another"}
+    with pytest.raises(PlanError, match="made for another"):
+        compile_checkpoint(path, other, out, progress=False)
+    with pytest.raises(PlanError, match="top-k"):
+        compile_checkpoint(path, spread_plan(path, model, adapter, kept={0: [1], 1: [2]}), out, progress=False)
+    with pytest.raises(InputError, match="model directory itself"):
+        compile_checkpoint(path, spread_plan(path, model, adapter), path, force=True, progress=False)
+    assert_nothing_written(out)
+
+
+def test_broken_checkpoints_are_refused(tmp_path):
+    path, model, adapter = save_family("qwen3_moe", tmp_path / "src", max_shard_size="40KB")
+    plan, out = spread_plan(path, model, adapter), tmp_path / "out"
+    shards = sorted(path.glob("*.safetensors"))
+    data = shards[0].read_bytes()
+    shards[0].write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        compile_checkpoint(path, plan, out, progress=False)
+    shards[0].write_bytes(data[:8] + b"{not json" + data[17:])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        compile_checkpoint(path, plan, out, progress=False)
+    shards[0].unlink()
+    with pytest.raises(MissingFileError, match="missing"):
+        compile_checkpoint(path, plan, out, progress=False)
+    assert_nothing_written(out)
+
+
+def test_no_disk_space_and_existing_output(qwen3, tmp_path, monkeypatch):
+    path, model, adapter = qwen3
+    plan, out = spread_plan(path, model, adapter), tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr("premoe.compile.shutil.disk_usage", lambda p: namedtuple("Usage", "total used free")(1, 1, 1000))
+        with pytest.raises(DiskSpaceError, match="needs .* free"):
+            compile_checkpoint(path, plan, out, progress=False)
+    assert_nothing_written(out)
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="--force"):
+        compile_checkpoint(path, plan, out, progress=False)
+    assert (out / "keep.txt").exists()
+    compile_checkpoint(path, plan, out, force=True, progress=False)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_cli_compile(qwen3, tmp_path):
+    from premoe.cli.compile import command
+
+    path, model, adapter = qwen3
+    spread_plan(path, model, adapter).save(tmp_path / "plan.json")
+    result = CliRunner().invoke(command, [str(path), str(tmp_path / "plan.json"), "--out", str(tmp_path / "out"),
+                                          "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["written"] is True
+    again = subprocess.run([sys.executable, "-c", "from premoe.cli import main; main()", "compile", str(path),
+                            str(tmp_path / "plan.json"), "--out", str(tmp_path / "out")],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "already exists; pass --force" in again.stderr
+    assert again.stderr.strip().count("\n") == 0

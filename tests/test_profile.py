@@ -1,0 +1,152 @@
+"""Profiles: round trip, merge = profiling the union, generalist weighting, coverage, and input errors."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import tiny
+from premoe.capture import DomainStats
+from premoe.data import Source
+from premoe.errors import CheckpointError, InputError, MissingFileError, OutputExistsError, UnsupportedModelError
+from premoe.profile import Profile, ProfileParams, profile_model
+
+PARAMS = ProfileParams(max_tokens=160, seq_len=32, batch_size=2)
+SCORERS = ["peu", "tcess", "frequency", "router_mass", "reap"]
+A = Source("code", [tiny.TEXT[:700]], "code.txt")
+B = Source("bible", [tiny.TEXT[700:1500]], "bible.txt")
+
+
+@pytest.fixture(scope="module")
+def both(tiny_qwen3) -> Profile:
+    return profile_model(tiny_qwen3, [A, B], SCORERS, PARAMS, progress=False)
+
+
+def assert_same_stats(x: DomainStats, y: DomainStats) -> None:
+    assert x.tokens == y.tokens
+    assert torch.equal(x.routed, y.routed)
+    assert x.sums.keys() == y.sums.keys()
+    for name in x.sums:
+        assert torch.allclose(x.sums[name], y.sums[name], rtol=1e-12, atol=1e-9), name
+
+
+def test_round_trip(both, tmp_path):
+    out = both.save(tmp_path / "prof")
+    loaded = Profile.load(out)
+    for field in ("model", "family", "moe_layers", "num_experts", "top_k", "scorers", "params", "data", "timing"):
+        assert getattr(loaded, field) == getattr(both, field), field
+    assert loaded.domains.keys() == both.domains.keys()
+    for domain in both.domains:
+        assert_same_stats(loaded.domains[domain], both.domains[domain])
+    assert torch.equal(loaded.utility("code", "peu"), both.utility("code", "peu"))
+    with pytest.raises(OutputExistsError, match="--force"):
+        both.save(out)
+    both.save(out, force=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left behind
+
+
+def test_load_errors(both, tmp_path):
+    with pytest.raises(MissingFileError, match="premoe profile"):
+        Profile.load(tmp_path / "nothing")
+    out = both.save(tmp_path / "prof")
+    manifest = json.loads((out / "profile.json").read_text())
+    (out / "profile.json").write_text(json.dumps({**manifest, "format": "premoe-profile/99"}))
+    with pytest.raises(CheckpointError, match="premoe-profile/99"):
+        Profile.load(out)
+
+
+def test_merge_of_two_profiles_equals_profiling_the_union(both, tiny_qwen3):
+    merged = profile_model(tiny_qwen3, [A], SCORERS, PARAMS, progress=False).merge(
+        profile_model(tiny_qwen3, [B], SCORERS, PARAMS, progress=False))
+    assert list(merged.domains) == ["code", "bible"]
+    for domain in both.domains:
+        assert_same_stats(merged.domains[domain], both.domains[domain])
+    assert merged.data == both.data
+    twice = both.merge(both)  # the same domain in both: sums and tokens add
+    assert twice.domains["code"].tokens == 2 * both.domains["code"].tokens
+    assert torch.allclose(twice.utility("code", "peu"), both.utility("code", "peu"))
+
+
+def test_merge_refuses_other_models_and_scorers(both):
+    other_model = Profile({**both.model, "config_hash": "other", "name": "other"}, both.family, both.moe_layers,
+                          both.num_experts, both.top_k, both.scorers, both.domains)
+    with pytest.raises(InputError, match="different models"):
+        both.merge(other_model)
+    fewer = Profile(both.model, both.family, both.moe_layers, both.num_experts, both.top_k,
+                    {"peu": both.scorers["peu"]}, both.domains)
+    with pytest.raises(InputError, match="different scorers"):
+        both.merge(fewer)
+
+
+def toy() -> Profile:
+    """Two domains, one layer, two experts: a puts everything on expert 0 (10 tokens), b on expert 1 (30 tokens)."""
+    stats = {
+        "a": DomainStats(10, {"router_mass": torch.tensor([[10.0, 0.0]], dtype=torch.float64),
+                              "reap": torch.tensor([[6.0, 0.0]], dtype=torch.float64)},
+                         torch.tensor([[10.0, 0.0]], dtype=torch.float64)),
+        "b": DomainStats(30, {"router_mass": torch.tensor([[0.0, 30.0]], dtype=torch.float64),
+                              "reap": torch.tensor([[2.0, 9.0]], dtype=torch.float64)},
+                         torch.tensor([[2.0, 30.0]], dtype=torch.float64)),
+    }
+    scorers = {"router_mass": {"kind": "router_mass", "params": {}, "per_routed_token": False},
+               "reap": {"kind": "reap", "params": {}, "per_routed_token": True}}
+    return Profile({"name": "toy", "path": "-", "model_type": None, "config_hash": "h"}, "Toy", [0], 2, 1, scorers, stats)
+
+
+def test_generalist_token_weighted_vs_balanced():
+    profile = toy()
+    tokens = profile.generalist_utility("router_mass")  # (10 + 0, 0 + 30) / 40
+    assert torch.allclose(tokens, torch.tensor([[0.25, 0.75]], dtype=torch.float64))
+    balanced = profile.generalist_utility("router_mass", weighting="balanced")  # mean of (1, 0) and (0, 1)
+    assert torch.allclose(balanced, torch.tensor([[0.5, 0.5]], dtype=torch.float64))
+    # per-routed-token scorers divide by the tokens routed to each expert: (6 + 2) / 12, 9 / 30
+    assert torch.allclose(profile.generalist_utility("reap"), torch.tensor([[8 / 12, 9 / 30]], dtype=torch.float64))
+    assert torch.allclose(profile.utility("b", "reap"), torch.tensor([[1.0, 0.3]], dtype=torch.float64))
+    assert torch.allclose(profile.generalist_utility("router_mass", ["a"]), profile.utility("a", "router_mass"))
+    with pytest.raises(InputError, match="'tokens' or 'balanced'"):
+        profile.generalist_utility("router_mass", weighting="median")
+    with pytest.raises(InputError, match="not in this profile"):
+        profile.utility("c", "router_mass")
+    with pytest.raises(InputError, match="--scorers peu"):
+        profile.utility("a", "peu")
+
+
+def test_coverage_counts_experts_up_to_the_mass():
+    stats = DomainStats(1, {"router_mass": torch.tensor([[0.05, 0.5, 0.15, 0.3], [0.25, 0.25, 0.25, 0.25]],
+                                                          dtype=torch.float64)}, torch.zeros(2, 4))
+    profile = Profile({"name": "t", "path": "-", "model_type": None, "config_hash": "h"}, "T", [0, 1], 4, 1,
+                      {"router_mass": {"kind": "router_mass", "params": {}, "per_routed_token": False}}, {"d": stats})
+    assert profile.coverage("d", mass=0.9) == [3, 4]  # 0.5 + 0.3 + 0.15 = 0.95; uniform needs 3.6 -> 4
+    assert profile.coverage("d", mass=0.8) == [2, 4]  # exactly 0.8 with two experts counts as covered
+    assert profile.coverage("d", mass=0.5) == [1, 2]
+
+
+def test_empty_data_is_refused_before_loading(tmp_path):
+    missing_model = tmp_path / "not-a-model"
+    with pytest.raises(InputError, match="no calibration data"):
+        profile_model(missing_model, [], SCORERS, PARAMS, progress=False)
+    with pytest.raises(InputError, match="contains no text"):
+        profile_model(missing_model, [Source("blank", ["  \n"], "blank.txt")], SCORERS, PARAMS, progress=False)
+    with pytest.raises(InputError, match="names repeat"):
+        profile_model(missing_model, [A, A], SCORERS, PARAMS, progress=False)
+
+
+def test_a_model_without_experts_is_refused(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**{k: v for k, v in tiny.COMMON.items()}, intermediate_size=64)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "llama")
+    tiny.tiny_tokenizer().save_pretrained(tmp_path / "llama")
+    with pytest.raises(UnsupportedModelError):
+        profile_model(tmp_path / "llama", [A], SCORERS, PARAMS, progress=False)
+
+
+def test_a_corrupt_checkpoint_is_refused(tiny_qwen3, tmp_path):
+    broken = shutil.copytree(tiny_qwen3, tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a download cut short
+    with pytest.raises(CheckpointError):
+        profile_model(broken, [A], SCORERS, PARAMS, progress=False)
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json"):
+        profile_model(broken, [A], SCORERS, PARAMS, progress=False)

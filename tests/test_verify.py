@@ -1,0 +1,85 @@
+"""Verify: a compiled checkpoint passes against its forced-routing original, and a wrong one fails."""
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+import tiny
+from checkpoints import save_family, spread_plan
+from premoe.compile import compile_checkpoint
+from premoe.data import Source
+from premoe.errors import InputError
+from premoe.verify import verify
+
+TEXT = [Source("text", [tiny.TEXT], "tiny")]
+
+
+def compiled(family, tmp_path, **kwargs):
+    path, model, adapter = save_family(family, tmp_path / "src")
+    plan = kwargs.pop("plan", None) or spread_plan(path, model, adapter)
+    compile_checkpoint(path, plan, tmp_path / "out", progress=False, **kwargs)
+    return path, tmp_path / "out", adapter, model
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "deepseek_v3"])
+def test_compiled_checkpoint_passes(family, tmp_path):
+    path, out, adapter, model = compiled(family, tmp_path)
+    report = verify(path, out, TEXT, max_tokens=256, seq_len=32, progress=False)
+    assert report.passed and report.max_abs_diff <= 1e-5
+    check = report.domains[0]
+    assert check.tokens == check.windows * 31 > 0
+    assert math.isfinite(check.ppl_original) and math.isfinite(check.ppl_compiled)
+    assert check.kl > 0 and check.max_abs_diff_full > 1e-3  # pruning changed the model; the metrics see it
+    assert report.gate_changes == adapter.gate_changes_when_pruned(model.config)
+    assert ("without top-k renormalisation" in report.summary()) == report.gate_changes
+    assert "PASS" in report.summary()
+    assert json.loads(json.dumps(report.to_json()))["passed"] is True
+
+
+def test_gate_change_is_reported_for_qwen2_moe(tmp_path):
+    path, out, adapter, model = compiled("qwen2_moe", tmp_path)
+    assert adapter.gate_changes_when_pruned(model.config)  # the family this test is about
+    report = verify(path, out, TEXT, max_tokens=128, seq_len=32, progress=False)
+    assert report.gate_changes and report.notes
+
+
+def test_wrong_checkpoint_fails(tmp_path):
+    path, out, adapter, model = compiled("qwen3_moe", tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    config["premoe"]["kept_experts"]["1"] = [e for e in range(8) if e not in config["premoe"]["kept_experts"]["1"]]
+    (out / "config.json").write_text(json.dumps(config))  # claims other experts than the shards hold
+    report = verify(path, out, TEXT, max_tokens=128, seq_len=32, progress=False)
+    assert not report.passed and "FAIL" in report.summary()
+
+
+def test_compact_export_verifies(tmp_path):
+    path, model, adapter = save_family("qwen3_moe", tmp_path / "src")
+    plan = spread_plan(path, model, adapter, kept={0: [0, 3, 5], 1: [1, 2, 4, 6, 7]})
+    compile_checkpoint(path, plan, tmp_path / "out", export="compact", progress=False)
+    report = verify(path, tmp_path / "out", TEXT, max_tokens=128, seq_len=32, progress=False)
+    assert report.passed and report.export == "compact" and report.experts_per_layer == {0: 3, 1: 5}
+
+
+def test_refuses_another_original_or_no_data(tmp_path):
+    path, out, adapter, model = compiled("qwen3_moe", tmp_path)
+    other, _, _ = save_family("mixtral", tmp_path / "other")
+    with pytest.raises(InputError, match="compiled from"):
+        verify(other, out, TEXT, progress=False)
+    with pytest.raises(InputError, match="pass --data"):
+        verify(path, out, progress=False)
+
+
+def test_cli_verify(tmp_path):
+    from premoe.cli.verify import command
+
+    path, out, adapter, model = compiled("qwen3_moe", tmp_path)
+    text = tmp_path / "text.txt"
+    text.write_text(tiny.TEXT)
+    args = [str(path), str(out), "--data", f"text={text}", "--max-tokens", "128", "--seq-len", "32"]
+    result = CliRunner().invoke(command, [*args, "--json", "-"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["passed"] is True
+    result = CliRunner().invoke(command, [*args, "--tolerance", "-1", "--json", str(tmp_path / "v.json")])
+    assert result.exit_code == 1 and "FAIL" in result.output
+    assert json.loads((tmp_path / "v.json").read_text())["passed"] is False
