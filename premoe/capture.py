@@ -112,8 +112,9 @@ class RouterCapture:
             with capture.batch(torch.ones(4, 256)):
                 hidden = decoder_layer(hidden, **layer_kwargs)
         """
-        self._token_mask = attention_mask.reshape(-1).bool()  # (batch * seq,)
-        self.stats.tokens += int(self._token_mask.sum())
+        mask = attention_mask.reshape(-1).bool()  # (batch * seq,)
+        self.stats.tokens += int(mask.sum())
+        self._token_mask = None if mask.all() else mask  # without padding the hooks skip the indexing
         try:
             yield
         finally:
@@ -132,7 +133,7 @@ class RouterCapture:
         batch = RouterBatch(logits, self.adapter.gate_probs(logits), selected, layer=layer.index)
         if self.need_outputs and hidden is not None:
             batch.expert_norms = self._expert_norms(layer, hidden, selected)
-        self.stats.routed[position] += torch.zeros_like(logits, dtype=torch.float64).scatter_(1, selected, 1.0).sum(0)
+        self.stats.routed[position] += torch.bincount(selected.reshape(-1), minlength=layer.num_experts)
         for scorer in self.scorers:
             self.stats.sums[scorer.name][position] += scorer(batch).sum(0)
         if self.stop_after_last and position == len(self.layers) - 1:

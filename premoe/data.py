@@ -120,7 +120,10 @@ def token_windows(texts: list[str], tokenizer, seq_len: int, max_tokens: int | N
     shorter than one window becomes a single shorter window.
     """
     eos = tokenizer.eos_token or ""
-    ids = tokenizer(eos.join(texts) + eos, add_special_tokens=False)["input_ids"]
+    text = eos.join(texts) + eos
+    if max_tokens is not None:  # no tokenizer makes a token of more than ~32 characters: skip the rest unread
+        text = text[: max(max_tokens, 2) * 32]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # long on purpose
     if max_tokens is not None:
         ids = ids[: max(max_tokens, 2)]
     if len(ids) < seq_len:

@@ -100,7 +100,8 @@ class Evaluator:
         self.adapter = get_adapter(model.config)
         self.seq_len, self.batch_size, self.device, self.progress = seq_len, batch_size, device, progress
         max_tokens = max_windows * seq_len if max_windows else None
-        self.windows = {s.name: token_windows(s.texts, tokenizer, seq_len, max_tokens) for s in sources}  # (windows, seq)
+        # domain -> (windows, seq) token ids
+        self.windows = {s.name: token_windows(s.texts, tokenizer, seq_len, max_tokens) for s in sources}
         for domain, windows in self.windows.items():
             if windows.shape[1] < 2:
                 raise InputError(f"data {domain!r} has fewer than 2 tokens; it cannot be evaluated")
@@ -116,7 +117,8 @@ class Evaluator:
         names = list(domains or self.windows)
         unknown = [d for d in names if d not in self.windows]
         if unknown:
-            raise InputError(f"no evaluation data for {', '.join(unknown)}; this evaluator has {', '.join(self.windows)}")
+            raise InputError(f"no evaluation data for {', '.join(unknown)}; "
+                             f"this evaluator has {', '.join(self.windows)}")
         kept = None if kept is None else {int(l): sorted(int(e) for e in v) for l, v in kept.items()}
         trivial_kl = kept is None and self.reference is None  # the reference is this very model
         started = time.time()
@@ -132,7 +134,9 @@ class Evaluator:
                     logits = self.model(input_ids=batch).logits[:, :-1]  # (batch, seq-1, vocab)
                 log_probs = torch.log_softmax(logits.float(), dim=-1)  # (batch, seq-1, vocab)
                 nll.append(token_nll(log_probs, batch[:, 1:], normalized=True).mean(1))  # (batch,)
-                if kl and not trivial_kl:
+                if trivial_kl:  # these are the reference log-probs: keep them for the plans evaluated next
+                    self._remember((domain, start), log_probs)
+                elif kl:
                     reference = self._reference(domain, start, batch)  # (batch, seq-1, vocab) log-probs
                     kls.append(kl_divergence(reference, log_probs, normalized=True).mean(1))  # (batch,)
                 bar.update(batch.shape[0])
@@ -149,11 +153,14 @@ class Evaluator:
             return self._cache[key]
         model = self.reference if self.reference is not None else self.model
         log_probs = torch.log_softmax(model(input_ids=batch).logits[:, :-1].float(), dim=-1)  # (batch, seq-1, vocab)
+        self._remember(key, log_probs)
+        return log_probs
+
+    def _remember(self, key: tuple[str, int], log_probs: torch.Tensor) -> None:
         size = log_probs.numel() * log_probs.element_size()
-        if size <= self._cache_left:
+        if key not in self._cache and size <= self._cache_left:
             self._cache[key] = log_probs
             self._cache_left -= size
-        return log_probs
 
 
 def _domain_eval(domain: str, window_nll: torch.Tensor, window_kl: torch.Tensor | None, predicted: int,
@@ -217,6 +224,6 @@ def run_lm_eval(model: str | Path, tasks: Sequence[str], *, plan: Plan | None = 
     wrapped = HFLM(pretrained=net, tokenizer=tokenizer, batch_size=batch_size, device=str(net.device))
     restriction = get_adapter(net.config).restrict_routing(net, plan.kept) if plan else contextlib.nullcontext()
     with restriction:
-        out = lm_eval.simple_evaluate(model=wrapped, tasks=list(tasks), limit=limit,
-                                      task_manager=TaskManager(include_path=str(include_path) if include_path else None))
+        tasks_found = TaskManager(include_path=str(include_path) if include_path else None)
+        out = lm_eval.simple_evaluate(model=wrapped, tasks=list(tasks), limit=limit, task_manager=tasks_found)
     return out["results"]

@@ -50,7 +50,7 @@ class Figure:
 @dataclass
 class Report:
     title: str
-    blocks: list = field(default_factory=list)  # ("h2" | "p" | "pre", text), Table or Figure
+    blocks: list = field(default_factory=list)  # ("h2" | "p", text), Table or Figure
 
     def add(self, *blocks) -> None:
         self.blocks.extend(blocks)
@@ -136,8 +136,13 @@ def _cell(delta: Delta | None) -> str:
     return "—" if delta is None else str(delta)
 
 
+def _ppl(value: float) -> str:
+    """Four significant digits: 66.12, 3.142, 8.975e+05."""
+    return f"{value:.4g}"
+
+
 def _ppl_cell(result: dict | None, delta: Delta | None) -> str:
-    return "—" if result is None else f"{result['ppl']:.2f} ({delta})"
+    return "—" if result is None else f"{_ppl(result['ppl'])} ({delta})"
 
 
 def _keep_label(keep: float, experts: int) -> str:
@@ -157,7 +162,8 @@ def build_report(data: dict) -> Report:
                      f"{info['num_experts']} experts, top-{info['top_k']}. Profile {data['profile']} "
                      f"({', '.join(f'{d}: {t} tokens' for d, t in info['domains'].items())}). Evaluation: "
                      f"{res.config['max_windows'] or 'all'} windows × {res.config['seq_len']} tokens per domain "
-                     f"({', '.join(f'{d}: {o}' for d, o in data['eval_data'].items())}). Default scorer: {res.default}."),
+                     f"({', '.join(f'{d}: {o}' for d, o in data['eval_data'].items())}). "
+                     f"Default scorer: {res.default}."),
                ("p", "Δ is the change in perplexity vs the full model on the same windows, ± one standard error of "
                      "the paired per-window difference. Plans are applied by masking the router (dropped experts "
                      "get −inf logits), which is how the compiled checkpoint routes."))
@@ -175,8 +181,9 @@ def build_report(data: dict) -> Report:
     errors = res.errors()
     if errors:
         report.add(("h2", "Rows not computed"), *(("p", f"— : {e}") for e in errors))
-    report.add(("h2", "Parameters"), ("pre", json.dumps({k: data[k] for k in ("config", "calib_data", "premoe_version",
-                                                                              "created") if k in data}, indent=1)))
+    params = {**data["config"], "calib_data": data.get("calib_data"), "premoe_version": data.get("premoe_version"),
+              "created": data.get("created")}
+    report.add(("h2", "Parameters"), Table(["parameter", "value"], [[k, json.dumps(v)] for k, v in params.items()]))
     return report
 
 
@@ -196,14 +203,16 @@ def _goals(report: Report, res: Results) -> None:
     if rows:
         verdicts = {r[2] for r in rows}
         outcome = "fail" if "fail" in verdicts else "incomplete (rows missing)" if "—" in verdicts else "pass"
-        report.add(Table(["domain", f"specialist Δ ({res.default})", f"within {GOAL_MAX_DELTA:g}%", "generalist Δ"], rows,
+        header = ["domain", f"specialist Δ ({res.default})", f"within {GOAL_MAX_DELTA:g}%", "generalist Δ"]
+        report.add(Table(header, rows,
                          f"At {GOAL_KEEP:.0%} of experts kept, the default scorer's specialist stays within "
                          f"{GOAL_MAX_DELTA:g}% of the full model's perplexity on every domain: {outcome}."))
     else:
         report.add(("p", f"Keep ratio {GOAL_KEEP} was not swept: the {GOAL_MAX_DELTA:g}% goal is not checked."))
     verdict = _default_vs_baselines(res, GOAL_BASELINE_KEEP)
     if verdict is None:
-        report.add(("p", f"Keep ratio {GOAL_BASELINE_KEEP} or the baselines were not swept: the baseline goal is not checked."))
+        report.add(("p", f"Keep ratio {GOAL_BASELINE_KEEP} or the baselines were not swept: "
+                         "the baseline goal is not checked."))
         return
     table, summary = verdict
     report.add(Table(["baseline", "mean specialist Δ vs full", f"{res.default} − baseline (nats)", "in SEs"], table,
@@ -243,7 +252,7 @@ def _default_vs_baselines(res: Results, keep: float) -> tuple[list[list[str]], s
 
 
 def _baseline_table(report: Report, res: Results) -> None:
-    rows = [[d, f"{r['ppl']:.3f}", f"[{r['ppl_low']:.3f}, {r['ppl_high']:.3f}]", str(r["windows"])]
+    rows = [[d, _ppl(r["ppl"]), f"[{_ppl(r['ppl_low'])}, {_ppl(r['ppl_high'])}]", str(r["windows"])]
             for d, r in res.full.items() if r]
     report.add(("h2", "Full model"), Table(["domain", "perplexity", "± SE interval", "windows"], rows))
 
@@ -261,7 +270,7 @@ def _study_tables(report: Report, res: Results, study: str, title: str) -> None:
             for keep in keeps:
                 params = dict(target=_target(study, d), scorer=scorer, keep=keep, eval=d)
                 cells.append(_ppl_cell(res.result(**params), res.delta(**params)))
-            label = (f"{d} (full {full['ppl']:.2f})" if full else d) if i == 0 else ""
+            label = (f"{d} (full {_ppl(full['ppl'])})" if full else d) if i == 0 else ""
             rows.append([label, scorer, *cells])
     report.add(Table(header, rows, "Perplexity (Δ vs full ± SE) per domain, scorer and fraction of experts kept."))
     mean_rows, kl_rows = [], []
@@ -319,8 +328,9 @@ def _keep_plot(res: Results, study: str, domains: list[str]) -> Figure:
             points = [(k, r) for k, r in points if r]
             if not points:
                 continue
-            ax.errorbar([k for k, _ in points], [r["ppl"] for _, r in points],
-                        yerr=[[r["ppl"] - r["ppl_low"] for _, r in points], [r["ppl_high"] - r["ppl"] for _, r in points]],
+            below = [r["ppl"] - r["ppl_low"] for _, r in points]
+            above = [r["ppl_high"] - r["ppl"] for _, r in points]
+            ax.errorbar([k for k, _ in points], [r["ppl"] for _, r in points], yerr=[below, above],
                         marker="o", markersize=3, capsize=2, linewidth=1.2, label=scorer,
                         zorder=3 if scorer == res.default else 2)
         if full:
@@ -330,9 +340,10 @@ def _keep_plot(res: Results, study: str, domains: list[str]) -> Figure:
         ax.set_ylabel("perplexity")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"{study}: perplexity vs experts kept", y=1.0)
+    fig.suptitle(f"{study}: perplexity vs experts kept")
     fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=len(labels), fontsize=8)
     return Figure(f"{study}_ppl_vs_keep", _png(fig), f"{study.capitalize()} perplexity vs fraction of experts kept, "
                                                      "one line per scorer (bars: ± SE; dashed: full model).")
 
@@ -370,18 +381,17 @@ def _ranking(report: Report, res: Results) -> None:
     keeps = res.config["keep"]
     rows = []
     for d in res.plan_domains:
-        cells = []
-        for keep in keeps:
-            local, global_ = (res.delta(target=f"specialist:{d}", scorer=res.default, keep=keep, ranking=r, eval=d)
-                              for r in ("local", "global"))
-            cells.append(f"{_cell(local)} / {_cell(global_)}")
-        rows.append([d, *cells])
+        for ranking in ("local", "global"):
+            cells = [_cell(res.delta(target=f"specialist:{d}", scorer=res.default, keep=keep, ranking=ranking, eval=d))
+                     for keep in keeps]
+            rows.append([d if ranking == "local" else "", ranking, *cells])
     if not rows:
         return
     experts = res.data["profile_info"]["num_experts"]
     report.add(("h2", f"Local vs global ranking ({res.default} specialists)"),
-               Table(["domain"] + [_keep_label(k, experts) for k in keeps], rows,
-                     "Δ perplexity, local (top M per layer) / global (top L·M pairs over all layers)."))
+               Table(["domain", "ranking"] + [_keep_label(k, experts) for k in keeps], rows,
+                     "Δ perplexity; local: top M experts in every layer; global: top L·M (layer, expert) pairs by "
+                     "each layer's utility share, at least top-k per layer."))
 
 
 def _coverage(report: Report, res: Results) -> None:
@@ -465,8 +475,8 @@ def _generate(report: Report, res: Results) -> None:
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; line-height: 1.45; }
 table { border-collapse: collapse; margin: 0.6em 0 0.3em; font-size: 13px; }
+div.scroll { overflow-x: auto; }
 p.caption { color: #555; font-size: 12px; margin: 0 0 1.6em; }
-pre { background: #f6f8fa; padding: 0.8em; font-size: 12px; overflow-x: auto; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; white-space: nowrap; }
 th { background: #f0f2f5; }
 td:first-child, th:first-child, td:nth-child(2) { text-align: left; }
@@ -491,7 +501,7 @@ def render_html(report: Report) -> str:
             head = "".join(f"<th>{esc(h)}</th>" for h in block.header)
             body = "".join("<tr>" + "".join(f"<td class='{_cell_class(c)}'>{esc(c)}</td>" for c in row) + "</tr>"
                            for row in block.rows)
-            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+            parts.append(f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
                          f"<p class='caption'>{esc(block.caption)}</p>")
         elif isinstance(block, Figure):
             data = base64.b64encode(block.png).decode()
@@ -518,8 +528,6 @@ def render_markdown(report: Report) -> str:
             lines += ([f"", f"*{block.caption}*"] if block.caption else []) + [""]
         elif isinstance(block, Figure):
             lines += [f"![{block.caption}]({block.name}.png)", "", f"*{block.caption}*", ""]
-        elif block[0] == "pre":
-            lines += ["```json", block[1], "```", ""]
         else:
             tag, text = block
             lines += [("## " if tag == "h2" else "") + text, ""]

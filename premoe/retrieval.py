@@ -74,7 +74,8 @@ class Retriever:
     pruned model (the expert bank) has only M router rows, so the bank keeps
     a copy of the full router and retrieval routes through it. Everything
     before the first router is unaffected by pruning, so the pattern is the
-    one the full model would give.
+    one the full model would give. One request at a time (the server holds
+    its model lock): the capture's sums are reused between calls.
     """
 
     def __init__(self, model: nn.Module, adapter: MoEAdapter, store: Store, tokenizer,
@@ -92,6 +93,8 @@ class Retriever:
             raise InputError(f"the first router has {width} experts but the store's patterns have "
                              f"{store.profile.num_experts}; pass the unpruned router (router=...)")
         self.first = first
+        with self._full_router():  # hooks the router that will run: the full one when substituted
+            self.capture = RouterCapture(model, adapter, [self.spec], layers=[first.index], stop_after_last=True)
 
     def tokenize(self, text: str, tokens: int | None = None) -> torch.Tensor:
         """(1, seq) ids of ``text``, cut to its first ``tokens`` tokens when given."""
@@ -105,10 +108,10 @@ class Retriever:
     @torch.no_grad()
     def pattern(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Layer-1 pattern (experts,) of one request (1, seq): the scorer's token scores averaged."""
-        with self._full_router(), RouterCapture(self.model, self.adapter, [self.spec], layers=[self.first.index],
-                                                stop_after_last=True) as capture:
-            capture.run(input_ids.reshape(1, -1))
-        return Profile._mean(capture.stats, self.spec.name, self.info)[0]  # (experts,)
+        self.capture.reset()
+        with self._full_router(), self.capture:
+            self.capture.run(input_ids.reshape(1, -1))
+        return Profile._mean(self.capture.stats, self.spec.name, self.info)[0]  # (experts,)
 
     def pattern_distances(self, windows: torch.Tensor, metric: str | None = None) -> torch.Tensor:
         """(windows, domains) distances of each window's own pattern to every stored domain."""

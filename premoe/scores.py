@@ -37,6 +37,18 @@ class RouterBatch:
     selected: torch.Tensor  # (tokens, top_k) indices the model routed to
     expert_norms: torch.Tensor | None = None  # (tokens, top_k) ‖f_e(x)‖ of each selected expert
     layer: int = 0  # decoder layer index (for the seeded random scorer)
+    _top: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def top(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` largest logits and their experts, each (tokens, k), largest first.
+
+        One top-k serves every scorer of the batch (tcess, tcess_top1 and peu
+        slice the same one): top-k is most of a hook's cost on CPU.
+        """
+        if self._top is None or self._top[0].shape[1] < k:
+            self._top = self.logits.topk(k, dim=-1)  # sorted: the first j columns are the top-j
+        values, indices = self._top
+        return values[:, :k], indices[:, :k]
 
 
 @dataclass(frozen=True)
@@ -88,7 +100,7 @@ def peu(batch: RouterBatch, *, candidates: int, threshold: float, transform: str
         raise ValueError(f"candidates must be in 1..{experts}, got {candidates}")
     if transform not in TRANSFORMS:
         raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
-    top, idx = batch.logits.topk(candidates, dim=-1)  # (tokens, Ka)
+    top, idx = batch.top(candidates)  # (tokens, Ka)
     local = top.softmax(dim=-1)  # (tokens, Ka)
     confident = local >= threshold
     if transform == "logit":
@@ -98,7 +110,7 @@ def peu(batch: RouterBatch, *, candidates: int, threshold: float, transform: str
     elif transform == "gate":
         value = batch.gate_probs.gather(1, idx)
     else:  # shifted_logit: margin over the best expert outside the candidates
-        outside = batch.logits.topk(candidates + 1, dim=-1).values[:, -1:] if candidates < experts else top[:, -1:]
+        outside = batch.top(candidates + 1)[0][:, -1:] if candidates < experts else top[:, -1:]
         value = top - outside
     out = torch.zeros(tokens, experts, dtype=torch.float64)
     out.scatter_(1, idx, torch.where(confident, value, torch.zeros_like(value)).double())

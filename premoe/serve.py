@@ -55,7 +55,7 @@ class Job:
     """One generation request, validated."""
 
     input_ids: torch.Tensor  # (1, prompt tokens)
-    retrieval_text: str  # what retrieval matches: the prompt, or the chat messages' text
+    retrieval_text: str  # what retrieval matches: the prompt, or the latest user message of a chat
     max_tokens: int
     min_tokens: int = 0  # generate at least this many (vLLM's extension; benchmarks use it for equal work)
     temperature: float = 0.0  # 0: greedy
@@ -99,15 +99,13 @@ class Engine:
         self.lock = threading.Lock()  # held over retrieve + swap + generate
         self.slots = threading.BoundedSemaphore(self.limits.max_queue)
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
-        self._kept: dict[str, dict[int, list[int]]] = {}
+        self._kept: dict[str, dict[int, list[int]]] = {}  # target -> its experts at M (make_plan, cached)
         self._metrics_lock = threading.Lock()
         self.metrics: dict[str, float] = dict.fromkeys(
             ["requests", "errors", "rejected", "retrievals", "fallbacks", "swaps", "swap_experts", "swap_bytes",
              "swap_seconds", "retrieval_seconds", "prompt_tokens", "completion_tokens", "in_flight"], 0)
-        self.domains: dict[str, int] = {}
-        if bank is not None:
-            self._kept[retriever.store.domains[0]] = dict(bank.kept)
-            self.current = retriever.store.domains[0]
+        self.domains: dict[str, int] = {}  # requests served per domain
+        self.current = retriever.store.domains[0] if retriever else self.fixed.get("domain")  # resident experts
 
     @classmethod
     def retrieval(cls, model: str | Path, store: str | Path, experts: int, limits: ServeLimits | None = None,
@@ -271,7 +269,8 @@ def parse_job(engine: Engine, body: dict, chat: bool) -> Job:
         messages = [_message(m) for m in messages]
         prompt = render_chat(engine.tokenizer, messages)
         ids = engine.tokenizer(prompt, add_special_tokens=not getattr(engine.tokenizer, "chat_template", None))
-        retrieval_text = "\n".join(m["content"] for m in messages).strip() or prompt
+        users = [m["content"] for m in messages if m["role"] == "user" and m["content"].strip()]
+        retrieval_text = users[-1] if users else prompt  # the latest user turn says what the task is now
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -336,7 +335,7 @@ def create_app(engine: Engine):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": engine.name, "domain": getattr(engine, "current", None),
+        return {"status": "ok", "model": engine.name, "domain": engine.current,
                 "in_flight": engine.metrics["in_flight"]}
 
     @app.get("/metrics")

@@ -125,7 +125,8 @@ class Store:
         info = profile.check_scorer(self.scorer)
         if info != self.profile.scorers[self.scorer]:
             raise InputError(f"scorer {self.scorer!r} has parameters {info['params']} in the profile but "
-                             f"{self.profile.scorers[self.scorer]['params']} in the store; profile with the same scorer")
+                             f"{self.profile.scorers[self.scorer]['params']} in the store; "
+                             "profile with the same scorer")
         clashes = sorted(set(profile.domains) & set(self.profile.domains))
         if clashes:
             raise InputError(f"domain {', '.join(clashes)} is already in the store; rename it in the new profile")
@@ -186,7 +187,8 @@ def _one_scorer(profile: Profile, scorer: str) -> Profile:
     domains = {d: DomainStats(s.tokens, {scorer: s.sums[scorer]}, s.routed) for d, s in profile.domains.items()}
     for name in domains:
         if name == GENERALIST or "/" in name:
-            raise InputError(f"domain name {name!r} cannot be stored: '{GENERALIST}' is reserved and '/' is not allowed")
+            raise InputError(f"domain name {name!r} cannot be stored: '{GENERALIST}' is reserved and '/' is "
+                             "not allowed")
     return Profile(profile.model, profile.family, profile.moe_layers, profile.num_experts, profile.top_k,
                    {scorer: info}, domains, profile.params, profile.data, profile.timing)
 

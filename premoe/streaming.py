@@ -7,14 +7,17 @@ read from the safetensors shards (in fp32, through transformers' own key
 conversion, e.g. per-expert keys fused into ``experts.gate_up_proj``), the
 hidden states of *all* windows run through it with a
 :class:`~premoe.capture.RouterCapture` on its router, and the layer goes back
-to ``meta``. Peak memory is about one layer's fp32 weights plus the hidden
-states, which move to a scratch file when they would not fit beside it.
+to ``meta``. Peak memory is about 1.7 times one layer's fp32 weights
+(transformers' key conversion briefly holds stacked copies of the experts)
+plus the hidden states, which move to a scratch file when they would not fit
+beside the layer (bench/bench_profile.py stream measures this).
 
 What each decoder layer receives besides the hidden states (attention masks,
 rotary position embeddings, position ids) is recorded from the model's own
 forward pass with the layers replaced by recorders, so no family's mask or
 rotary code is copied here, and families whose layers get different masks
-(sliding-window layers) are handled by the model itself.
+(sliding-window layers) are handled by the model itself. These inputs stay
+in memory, one copy per distinct window shape.
 
 The result equals :func:`premoe.profile.profile_model` on the same tokens
 (fp32) to rounding. Example::
@@ -47,6 +50,7 @@ _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # decoder layer index in a 
 _CHUNK = 1 << 30  # bytes per pread/pwrite call (Linux moves at most ~2 GiB per call)
 _SYNC_LOAD = "HF_DEACTIVATE_ASYNC_LOAD"  # read by transformers' convert_and_load_state_dict_in_model
 _MMAP_THRESHOLD = 1 << 20  # bytes: larger allocations get their own mapping, returned to the OS when freed
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 
 
 @dataclass
@@ -81,7 +85,6 @@ def profile_streaming(model: str | Path, sources: Sequence[Source], scorers: Seq
     from premoe.modeling import load_tokenizer, model_identity, resolve_model_path
 
     params = params or ProfileParams()
-    _return_freed_memory()
     if params.generate:
         raise InputError("generating continuations needs the whole model in memory; profile without --stream, "
                          "or set --generate 0")
@@ -96,8 +99,9 @@ def profile_streaming(model: str | Path, sources: Sequence[Source], scorers: Seq
     moe = {layer.index: layer for layer in adapter.moe_layers(net)}
     if not moe:
         raise UnsupportedModelError(f"{path} has no MoE layers premoe can find; is it a Mixture-of-Experts model?")
-    layers_name, layers = _decoder_layers(net, next(iter(moe.values())))
+    layers = _decoder_layers(net, next(iter(moe.values())))
     loader = _Loader(net, path, stored, len(layers), params.device)
+    _return_freed_memory()
     started = time.time()
 
     tokenizer = load_tokenizer(model)
@@ -150,19 +154,19 @@ def _return_freed_memory() -> None:
 
     try:
         libc = ctypes.CDLL(None)
-        libc.mallopt(-3, _MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
     except (OSError, AttributeError):
         pass
 
 
-def _decoder_layers(net: nn.Module, moe_layer) -> tuple[str, nn.ModuleList]:
+def _decoder_layers(net: nn.Module, moe_layer) -> nn.ModuleList:
     """The decoder-layer list, found from a router's name, e.g. ``model.layers.3.mlp.gate`` -> ``model.layers``."""
     name = moe_layer.router_name[: moe_layer.router_name.index(f"layers.{moe_layer.index}.")] + "layers"
     layers = net.get_submodule(name)
     if not isinstance(layers, nn.ModuleList):
         raise UnsupportedModelError(f"{name} of {type(net).__name__} is not a list of decoder layers; "
                                     "streaming needs the usual transformers layout")
-    return name, layers
+    return layers
 
 
 class _Loader:
@@ -288,6 +292,8 @@ def _embed(net: nn.Module, layers: nn.ModuleList, windows: dict[str, torch.Tenso
                 with contextlib.suppress(_InputsRecorded):
                     net(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
                 store.write(start, embedded[0].reshape(input_ids.numel(), -1))  # (batch * seq, hidden)
+                if batches:  # equal windows get equal masks and rotary tables: keep one copy, not one per batch
+                    inputs = [old if _same(old, new) else new for old, new in zip(batches[-1].layer_inputs, inputs)]
                 batches.append(_Batch(domain, start, tuple(input_ids.shape), inputs))
                 start += input_ids.numel()
     finally:
@@ -296,14 +302,25 @@ def _embed(net: nn.Module, layers: nn.ModuleList, windows: dict[str, torch.Tenso
     return batches
 
 
+def _same(a, b) -> bool:
+    """Whether two recorded layer inputs (nested tuples / dicts of tensors and plain values) are equal."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and torch.equal(a, b))
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or (isinstance(a, (bool, int, float, str)) and type(a) is type(b) and a == b)
+
+
 def _run_layer(layer: nn.Module, index: int, batch: _Batch, store: "_HiddenStore", capture: RouterCapture | None,
                device: str) -> None:
     """Hidden states of one batch through one decoder layer, in place in the store."""
     hidden = store.read(batch.start, batch.rows).to(device).view(*batch.shape, -1)  # (batch, seq, hidden)
     args, kwargs = batch.layer_inputs[index]
     with capture.batch(torch.ones(batch.shape)) if capture else contextlib.nullcontext():
-        out = layer(hidden, *args, **kwargs)
-    out = out[0] if isinstance(out, tuple) else out
+        out = layer(hidden, *args, **kwargs)  # (batch, seq, hidden)
     store.write(batch.start, out.reshape(batch.rows, -1))
 
 
@@ -332,7 +349,7 @@ class _HiddenStore:
     """
 
     def __init__(self, rows: int, width: int, budget: int, workdir: str | Path | None):
-        self.rows, self.width = rows, width
+        self.width = width
         self.path: Path | None = None
         if 4 * rows * width <= budget:
             self.memory = torch.empty(rows, width)  # (tokens, hidden)

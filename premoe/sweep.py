@@ -105,7 +105,8 @@ def row_specs(config: SweepConfig, plan_domains: Sequence[str], eval_domains: Se
             add("cross", target=f"specialist:{d}", scorer=config.default_scorer, keep=config.cross_keep, eval=other)
         for keep in config.keep:
             for ranking in ("local", "global"):
-                add("ranking", target=f"specialist:{d}", scorer=config.default_scorer, keep=keep, ranking=ranking, eval=d)
+                add("ranking", target=f"specialist:{d}", scorer=config.default_scorer, keep=keep, ranking=ranking,
+                    eval=d)
     studies = [(f"calib:{n}", "calibration", [config.default_scorer]) for n in config.calib_tokens]
     studies += [("grid", "peu_grid", config.grid_scorers())] if config.peu_grid else []
     if config.generate:
@@ -149,12 +150,14 @@ def run_sweep(model: str | Path, profile: str | Path, out: str | Path, config: S
     calib_specs = list(calib_data or calib_specs_of(main))
     evaluator = Evaluator(net, tokenizer, eval_sources, seq_len=config.seq_len, max_windows=config.max_windows,
                           batch_size=config.batch_size, cache_gb=config.cache_gb, name=str(model))
-    context = {"model": identity["config_hash"], "main_profile": fingerprint(main), "calib": calib_specs,
-               "seq_len": config.seq_len, "max_windows": config.max_windows, "kl": config.kl}
+    context = {"model": identity["config_hash"], "main_profile": fingerprint(main), "seq_len": config.seq_len,
+               "max_windows": config.max_windows, "kl": config.kl}
     origins = {s.name: s.origin for s in eval_sources}
     rows = row_specs(config, list(main.domains), list(origins))
-    for row in rows:
-        row.key = _hash({"row": row.params, "context": context, "eval_data": origins[row.params["eval"]]})
+    for row in rows:  # the key holds everything that fixes the row's numbers (batch size does not)
+        calib = calib_specs if row.params["profile"] != "main" else None  # study profiles re-read this text
+        row.key = _hash({"row": row.params, "context": context, "eval_data": origins[row.params["eval"]],
+                         "calib": calib})
 
     cache_path = out / "rows.jsonl"
     cache = read_cache(cache_path)
@@ -169,22 +172,28 @@ def run_sweep(model: str | Path, profile: str | Path, out: str | Path, config: S
             sink.write(json.dumps(record) + "\n")
             sink.flush()
             cache[row.key] = record
-    results = {
-        "format": FORMAT, "premoe_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": identity, "profile": str(profile), "config": asdict(config),
-        "eval_data": origins, "calib_data": calib_specs, "scorer_kinds": {n: i["kind"] for n, i in main.scorers.items()},
-        "profile_info": {"domains": {d: s.tokens for d, s in main.domains.items()}, "num_experts": main.num_experts,
-                         "top_k": main.top_k, "moe_layers": main.moe_layers, "params": main.params},
-        "grid_scorers": config.grid_scorers() if config.peu_grid else [],
-        "coverage": {s: {d: main.coverage(d, s) for d in main.domains}
-                     for s in dict.fromkeys([config.default_scorer, "router_mass"]) if s in main.scorers},
-        "computed": len(todo),
-        "rows": [{**cache[row.key], "studies": row.studies} for row in rows],
-    }
+    results = _results(identity, profile, main, config, origins, calib_specs, rows, cache, computed=len(todo))
     tmp = out / ".results.json.tmp"
     tmp.write_text(json.dumps(results) + "\n")
     tmp.replace(out / "results.json")
     return results
+
+
+def _results(identity: dict, profile_path, main: Profile, config: SweepConfig, origins: dict, calib_specs: list[str],
+             rows: list[Row], cache: dict, computed: int) -> dict:
+    """Everything the report needs, with the parameters that made it: the content of results.json."""
+    return {
+        "format": FORMAT, "premoe_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": identity, "profile": str(profile_path), "config": asdict(config), "eval_data": origins,
+        "calib_data": calib_specs, "scorer_kinds": {n: i["kind"] for n, i in main.scorers.items()},
+        "profile_info": {"domains": {d: s.tokens for d, s in main.domains.items()}, "num_experts": main.num_experts,
+                         "top_k": main.top_k, "moe_layers": main.moe_layers, "params": main.params},
+        "grid_scorers": config.grid_scorers() if config.peu_grid else [],
+        "coverage": {s: {d: main.coverage(d, s) for d in main.domains}  # experts holding 90% of utility per layer
+                     for s in dict.fromkeys([config.default_scorer, "router_mass"]) if s in main.scorers},
+        "computed": computed,
+        "rows": [{**cache[row.key], "studies": row.studies} for row in rows],
+    }
 
 
 def _compute(params: dict, profiles: "_ProfileSource", evaluator, config: SweepConfig) -> dict:

@@ -97,11 +97,11 @@ def verify(original: str | Path, compiled: str | Path, data: Sequence[str] | Seq
         raise InputError(f"{compiled} was compiled from {info['source']['name']} (config {info['source']['config_hash']}), "
                          f"not from {original}; verify it against its own original")
     kept = kept_experts(compiled)
+    tokenizer = load_tokenizer(compiled)
+    sources = _sources(data, original, tokenizer)  # before loading models: a missing --data fails fast
     net = load_compact(compiled) if info["export"] == "compact" else load_model(compiled)
     reference = load_model(original)
     adapter = get_adapter(reference.config)
-    tokenizer = load_tokenizer(compiled)
-    sources = _sources(data, original, tokenizer)
     checks = [_check_source(source, net, reference, adapter, kept, tokenizer, seq_len, max_tokens, batch_size,
                             progress) for source in sources]
     gate_changes = adapter.gate_changes_when_pruned(reference.config)

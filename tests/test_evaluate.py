@@ -78,6 +78,10 @@ def test_reference_cache_budget_does_not_change_results(model, sources):
     a, b = cached.evaluate(KEPT), uncached.evaluate(KEPT)
     assert not uncached._cache and cached._cache
     assert a.domains["prose"].kl == pytest.approx(b.domains["prose"].kl, rel=1e-6)
+    seeded = Evaluator(model, tiny.tiny_tokenizer(), sources, seq_len=SEQ, max_windows=4, batch_size=2)
+    seeded.evaluate()  # the full model's log-probs are the reference: cached without another pass
+    assert len(seeded._cache) == len(cached._cache)
+    assert seeded.evaluate(KEPT).domains["prose"].kl == pytest.approx(a.domains["prose"].kl, rel=1e-6)
 
 
 def _prune_in_memory(model, kept):

@@ -97,7 +97,8 @@ def test_tables_hold_ppl_delta_and_missing_rows():
     assert specialists.header == ["domain", "scorer", "0.5 (16/32)", "0.25 (8/32)"]
     python_peu = specialists.rows[0]
     assert python_peu[0].startswith("python (full ") and python_peu[1] == "peu"
-    assert re.fullmatch(r"\d+\.\d\d \(\+2\.00% ± \d+\.\d\d\)", python_peu[2])
+    ppl = math.exp(sum(FULL) / 4 + math.log(1.02) + sum(NOISE) / 4)
+    assert python_peu[2] == f"{ppl:.4g} (+2.00% ± 0.09)"  # SE: exp(Δ) · stdev(NOISE) / √4
     generalist = [b for b in report.blocks if isinstance(b, Table) and b.header[:2] == ["domain", "scorer"]][1]
     assert all(cell == "—" for row in generalist.rows for cell in row[2:])  # no generalist rows computed
     html = render_html(report)
@@ -134,7 +135,7 @@ def test_report_files_render(tmp_path):
 def test_renderers_escape_and_cover_every_block():
     from premoe.report import Report
 
-    report = Report("a <b>", [("h2", "x & y"), ("p", "1 < 2"), ("pre", "{}"), Table(["a|b"], [["pass"]], "cap"),
+    report = Report("a <b>", [("h2", "x & y"), ("p", "1 < 2"), Table(["a|b"], [["pass"]], "cap"),
                               Figure("f", b"\x89PNG", "fig")])
     html = render_html(report)
     assert "a &lt;b&gt;" in html and "x &amp; y" in html and "<td class='pass'>pass</td>" in html

@@ -16,13 +16,18 @@ CODE = domains.texts("code", 5000, 1)[0][:120]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_qwen3, tmp_path_factory):
+def built(tiny_qwen3, tmp_path_factory):
+    """(profile, store directory) of the three synthetic domains."""
+    profile, store = domains.make_store(tiny_qwen3)
+    return profile, store.save(tmp_path_factory.mktemp("serve") / "store")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_qwen3, built):
     """(base url, engine) of a retrieval server over the three synthetic domains, M = 4."""
     import uvicorn
 
-    _, store = domains.make_store(tiny_qwen3)
-    store.save(tmp_path_factory.mktemp("serve") / "store")
-    engine = Engine.retrieval(tiny_qwen3, tmp_path_factory.getbasetemp() / "serve0" / "store", 4, LIMITS, name="tiny")
+    engine = Engine.retrieval(tiny_qwen3, built[1], 4, LIMITS, name="tiny")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -160,15 +165,22 @@ def test_burst_is_served_or_refused_cleanly(server, http):
     assert "premoe_rejected_total" in metrics and "premoe_swap_bytes_total" in metrics
 
 
-def test_fixed_mode_serves_a_compiled_checkpoint(tiny_qwen3):
+def test_fixed_mode_serves_a_compiled_checkpoint(tiny_qwen3, built, tmp_path):
     from fastapi.testclient import TestClient
 
-    engine = Engine.fixed_model(tiny_qwen3, LIMITS)
+    from premoe.compile import compile_checkpoint
+    from premoe.plan import PlanRequest, make_plan
+
+    plan = make_plan(built[0], PlanRequest(experts=4, domain="de"))
+    compile_checkpoint(tiny_qwen3, plan, tmp_path / "de-4", progress=False)
+    engine = Engine.fixed_model(tmp_path / "de-4", LIMITS)
     with TestClient(create_app(engine)) as client:
+        assert client.get("/health").json()["domain"] == "specialist:de"
         result = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                           "max_tokens": 3}).json()
-    assert result["premoe"]["domain"] == "fixed" and result["premoe"]["swapped"]["experts"] == 0
-    assert result["model"] == tiny_qwen3.name
+    assert result["model"] == "de-4" and result["premoe"]["domain"] == "specialist:de"
+    assert result["premoe"]["experts"] == {str(l): e for l, e in plan.kept.items()}
+    assert result["premoe"]["swapped"]["experts"] == 0
 
 
 def test_cli_checks_its_options(tiny_qwen3):
@@ -181,3 +193,19 @@ def test_cli_checks_its_options(tiny_qwen3):
         CliRunner().invoke(command, [str(tiny_qwen3), "--store", "somewhere"], catch_exceptions=False)
     with pytest.raises(InputError, match="--store"):
         CliRunner().invoke(command, [str(tiny_qwen3), "--experts", "4"], catch_exceptions=False)
+
+
+def test_chat_rendering_uses_the_models_template_when_it_has_one():
+    import copy
+
+    import tiny
+    from premoe.serve import render_chat
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    plain = copy.deepcopy(tiny.tiny_tokenizer())
+    plain.chat_template = None
+    assert render_chat(plain, messages) == "system: be brief\nuser: hi\nassistant:"
+    templated = copy.deepcopy(plain)
+    templated.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    assert render_chat(templated, messages) == "<system>be brief<user>hi<assistant>"

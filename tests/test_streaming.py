@@ -32,7 +32,7 @@ def assert_same(streamed: Profile, in_memory: Profile) -> None:
 def check_family(family: str, path, scorers, tmp_path) -> None:
     tiny.save(family, path)
     reference = profile_model(path, SOURCES, scorers, PARAMS, progress=False)
-    in_memory = profile_streaming(path, SOURCES, scorers, PARAMS, progress=False)
+    in_memory = profile_streaming(path, SOURCES, scorers, PARAMS, progress=False, memory_budget=1 << 30)
     assert in_memory.timing["hidden_states"] == "memory"
     assert_same(in_memory, reference)
     on_disk = profile_streaming(path, SOURCES, scorers, PARAMS, workdir=tmp_path / "scratch", progress=False,
@@ -55,6 +55,14 @@ def test_equals_in_memory_across_families(family, tmp_path):
 @pytest.mark.parametrize("family", sorted(set(tiny.FAMILIES) - set(QUICK)))
 def test_equals_in_memory_every_family(family, tmp_path):
     check_family(family, tmp_path / "model", None, tmp_path)
+
+
+def test_hidden_states_stay_in_memory_when_smaller_than_a_layer(tiny_qwen3):
+    small = ProfileParams(max_tokens=8, seq_len=8)  # 2 x 8 tokens x 32 x 4 bytes = 2 KB, far below a layer
+    assert profile_streaming(tiny_qwen3, SOURCES, ["peu"], small, progress=False).timing["hidden_states"] == "memory"
+    large = ProfileParams(max_tokens=4000, seq_len=32)  # 4000 tokens x 32 x 4 bytes = 512 KB > the ~60 KB layer
+    assert profile_streaming(tiny_qwen3, [Source("a", [tiny.TEXT * 30], "a")], ["peu"], large,
+                             progress=False).timing["hidden_states"] == "file"
 
 
 def test_loaded_layers_go_back_to_meta(tiny_qwen3):

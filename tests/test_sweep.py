@@ -167,3 +167,10 @@ def test_cli_sweep_json(setup, tmp_path):
     assert summary["computed"] == summary["rows"] > 0 and summary["errors"] == 0
     again = json.loads(CliRunner().invoke(cli, args).stdout)
     assert again["cached"] == again["rows"] and again["computed"] == 0
+
+
+def test_cli_scorer_lists_keep_parenthesised_specs_whole():
+    from premoe.cli.sweep import _names
+
+    assert _names("peu, peu(candidates=2,threshold=0.55,transform=logit),random") == [
+        "peu", "peu(candidates=2,threshold=0.55,transform=logit)", "random"]

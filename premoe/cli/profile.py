@@ -38,10 +38,13 @@ def command() -> None:
 @click.option("--generate", default=0, show_default=True,
               help="Let the model continue each window by N tokens and profile prompt + its output.")
 @click.option("--stream", is_flag=True, help="Load one decoder layer at a time (checkpoints larger than memory).")
+@click.option("--workdir", default=None, type=click.Path(file_okay=False),
+              help="With --stream: where hidden states go when they outgrow memory (default: the temp dir).")
 @click.option("--device", default="cpu", show_default=True, help="Torch device, e.g. cuda:0.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def run(model, data, out, scorers, max_tokens, seq_len, batch_size, generate, stream, device, force, as_json) -> None:
+def run(model, data, out, scorers, max_tokens, seq_len, batch_size, generate, stream, workdir, device, force,
+        as_json) -> None:
     """Profile MODEL on each --data domain and write a profile directory."""
     from pathlib import Path
 
@@ -59,7 +62,7 @@ def run(model, data, out, scorers, max_tokens, seq_len, batch_size, generate, st
     if stream:
         from premoe.streaming import profile_streaming
 
-        profile = profile_streaming(model, sources, names, params)
+        profile = profile_streaming(model, sources, names, params, workdir=workdir)
     else:
         profile = profile_model(model, sources, names, params)
     profile.save(out, force=force)

@@ -59,7 +59,8 @@ def add(store_path, profile_path, held_out) -> None:
     store = Store.load(store_path).add_domain(Profile.load(profile_path))
     if held_out:
         model = store.model["path"]
-        params = CalibrationParams(**{k: v for k, v in store.calibration.items() if k in CalibrationParams.__dataclass_fields__})
+        fields = CalibrationParams.__dataclass_fields__
+        params = CalibrationParams(**{k: v for k, v in store.calibration.items() if k in fields})
         calibrate_threshold(store, model, _held_out(model, held_out), params)
     elif store.threshold:
         click.echo("note: the fallback threshold was kept; pass --held-out to recalibrate it with the new domain",
@@ -90,7 +91,8 @@ def query(store_path, text, model, tokens, metric, as_json) -> None:
         click.echo(json.dumps(hit.as_dict(), indent=2))
         return
     threshold = store.threshold.get(metric)
-    verdict = f"fallback to generalist (nearest {hit.nearest} is beyond {threshold:.4g})" if hit.fallback else hit.domain
+    verdict = (f"fallback to generalist (nearest {hit.nearest} is beyond {threshold:.4g})" if hit.fallback
+               else hit.domain)
     click.echo(f"{verdict}  [{metric} over {hit.tokens} tokens, {hit.seconds * 1000:.1f} ms]")
     for name, distance in sorted(hit.distances.items(), key=lambda kv: kv[1]):
         click.echo(f"  {name:<14} {distance:.6g}")

@@ -12,10 +12,8 @@ import math
 import shutil
 from pathlib import Path
 
-import torch
-
 from premoe import testbed
-from premoe.data import read_texts, token_windows
+from premoe.data import read_texts
 
 SEQ_LEN = 256
 SHIPPED_SPLITS = ("calib", "val", "test")
@@ -23,31 +21,27 @@ MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_
                "generation_config.json", "training.json", "loss.png")
 
 
-@torch.no_grad()
-def split_perplexity(model, tokenizer, corpus: Path, domain: str, split: str, windows: int) -> float:
-    """exp(mean next-token NLL) over the first ``windows`` windows of one split."""
-    from premoe.metrics import token_nll
+def split_sources(corpus: Path, domains: list[str], split: str) -> list:
+    from premoe.data import Source
 
-    ids = token_windows(read_texts(corpus / domain / f"{split}.jsonl.gz"), tokenizer, SEQ_LEN, None)[:windows]
-    total, count = 0.0, 0
-    for start in range(0, ids.shape[0], 8):
-        batch = ids[start : start + 8]  # (batch, seq)
-        nll = token_nll(model(input_ids=batch).logits, batch)  # (batch, seq - 1)
-        total, count = total + float(nll.sum()), count + nll.numel()
-    return math.exp(total / count)
+    return [Source(d, read_texts(corpus / d / f"{split}.jsonl.gz"), f"{corpus}/{d}/{split}") for d in domains]
 
 
 def measure(model_name: str | Path, corpus: Path, windows: int) -> dict:
-    from premoe.data import Source
+    from premoe.evaluate import Evaluator
     from premoe.modeling import load_model, load_tokenizer
     from premoe.profile import ProfileParams, profile_model
 
     model, tokenizer = load_model(model_name), load_tokenizer(model_name)
     manifest = json.loads((corpus / "manifest.json").read_text())
     trained = [d for d, info in manifest["domains"].items() if info["trained"]]
-    perplexity = {d: {s: round(split_perplexity(model, tokenizer, corpus, d, s, windows), 3) for s in ("val", "test")}
-                  for d in trained}
-    sources = [Source(d, read_texts(corpus / d / "calib.jsonl.gz"), f"{corpus}/{d}/calib") for d in trained]
+    perplexity: dict[str, dict[str, float]] = {d: {} for d in trained}
+    for split in ("val", "test"):
+        result = Evaluator(model, tokenizer, split_sources(corpus, trained, split), seq_len=SEQ_LEN,
+                           max_windows=windows).evaluate(kl=False)
+        for d in trained:
+            perplexity[d][split] = round(result.domains[d].ppl, 3)
+    sources = split_sources(corpus, trained, "calib")
     profile = profile_model(model_name, sources, ["router_mass"], ProfileParams(max_tokens=16384), loaded=(model, tokenizer))
     coverage = {d: profile.coverage(d, "router_mass", 0.9) for d in trained}
     return {"windows": windows, "seq_len": SEQ_LEN, "perplexity": perplexity, "coverage90": coverage,

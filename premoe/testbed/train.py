@@ -267,6 +267,9 @@ def export(model, tokenizer, cfg: TrainConfig, history: dict, work: Path, out: P
     model.config.output_router_logits = False  # plain inference does not need the aux loss
     model.to(torch.bfloat16).save_pretrained(tmp)
     model.to(torch.float32)
+    config = json.loads((tmp / "config.json").read_text())
+    config["num_experts"] = config["num_local_experts"]  # transformers 4.x and vLLM read this name
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(tmp)
     GenerationConfig(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                      pad_token_id=tokenizer.eos_token_id, do_sample=False, max_new_tokens=64).save_pretrained(tmp)
