@@ -66,10 +66,10 @@ def run_demo(config: DemoConfig, force: bool = False) -> dict:
     profile.save(out / "profile")
 
     _step(f"2/5 planning a {config.specialist} specialist and a generalist at {config.keep:.0%} of the experts")
-    plans = {
-        f"{config.specialist}-{config.keep:.0%}": make_plan(profile, PlanRequest(keep=config.keep, domain=config.specialist, scorer=config.scorer), str(out / "profile")),
-        f"generalist-{config.keep:.0%}": make_plan(profile, PlanRequest(keep=config.keep, scorer=config.scorer), str(out / "profile")),
-    }
+    percent = round(config.keep * 100)
+    requests = {f"{config.specialist}-{percent}": PlanRequest(keep=config.keep, domain=config.specialist, scorer=config.scorer),
+                f"generalist-{percent}": PlanRequest(keep=config.keep, scorer=config.scorer)}
+    plans = {name: make_plan(profile, request, str(out / "profile")) for name, request in requests.items()}
 
     _step("3/5 compiling and verifying (plain from_pretrained vs the forced-routing original)")
     verified = {}

@@ -25,3 +25,28 @@ def write_dir(out: Path, write: Callable[[Path], object]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def save_artefact(out: str | Path, manifest_name: str, manifest: dict, tensors_name: str | None = None,
+                  tensors: dict | None = None, force: bool = False) -> Path:
+    """Write a versioned artefact directory (a JSON manifest + optional safetensors) atomically.
+
+    Profiles, stores and the like share this one writer: refuse to overwrite
+    without ``force``, fill a temp dir, rename.
+    """
+    import json
+
+    from premoe.errors import OutputExistsError
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+
+    def write(tmp: Path) -> None:
+        if tensors_name is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in (tensors or {}).items()}, str(tmp / tensors_name))
+        (tmp / manifest_name).write_text(json.dumps(manifest, indent=2) + "\n")
+
+    return write_dir(out, write)

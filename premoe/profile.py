@@ -29,9 +29,9 @@ import torch
 from premoe import __version__
 from premoe.capture import DomainStats, RouterCapture
 from premoe.data import Source, token_windows
-from premoe.errors import CheckpointError, InputError, MissingFileError, OutputExistsError
-from premoe.fileio import write_dir as _write_dir  # noqa: F401  (also imported from here by store, compile)
-from premoe.scores import DEFAULT_SCORERS, PRESETS, ScorerSpec, parse_scorer
+from premoe.errors import CheckpointError, InputError, MissingFileError
+from premoe.fileio import save_artefact
+from premoe.scores import DEFAULT_SCORERS, ScorerSpec, parse_scorer
 
 FORMAT = "premoe-profile/1"
 
@@ -125,24 +125,18 @@ class Profile:
     # ------------------------------------------------------------------ files
 
     def save(self, out: str | Path, force: bool = False) -> Path:
-        from safetensors.torch import save_file
-
-        out = Path(out)
-        if out.exists() and not force:
-            raise OutputExistsError(f"{out} already exists; pass --force to replace it")
         tensors = {}
         for domain, stats in self.domains.items():
             for name, total in stats.sums.items():
-                tensors[f"{domain}/{name}"] = total.contiguous()
-            tensors[f"{domain}/routed"] = stats.routed.contiguous()
+                tensors[f"{domain}/{name}"] = total
+            tensors[f"{domain}/routed"] = stats.routed
         manifest = {
             "format": FORMAT, "premoe_version": __version__, "model": self.model, "family": self.family,
             "moe_layers": self.moe_layers, "num_experts": self.num_experts, "top_k": self.top_k,
             "scorers": self.scorers, "domains": {d: {"tokens": s.tokens} for d, s in self.domains.items()},
             "params": self.params, "data": self.data, "timing": self.timing,
         }
-        return _write_dir(out, lambda tmp: (save_file(tensors, str(tmp / "scores.safetensors")),
-                                            (tmp / "profile.json").write_text(json.dumps(manifest, indent=2) + "\n")))
+        return save_artefact(out, "profile.json", manifest, "scores.safetensors", tensors, force=force)
 
     @classmethod
     def load(cls, path: str | Path) -> "Profile":

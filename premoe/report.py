@@ -525,7 +525,7 @@ def render_markdown(report: Report) -> str:
             lines += ["| " + " | ".join(map(cell, block.header)) + " |",
                       "|" + "|".join("---" for _ in block.header) + "|"]
             lines += ["| " + " | ".join(map(cell, row)) + " |" for row in block.rows]
-            lines += ([f"", f"*{block.caption}*"] if block.caption else []) + [""]
+            lines += (["", f"*{block.caption}*"] if block.caption else []) + [""]
         elif isinstance(block, Figure):
             lines += [f"![{block.caption}]({block.name}.png)", "", f"*{block.caption}*", ""]
         else:

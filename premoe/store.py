@@ -37,8 +37,9 @@ import torch
 from premoe import __version__
 from premoe.capture import DomainStats
 from premoe.data import Source
-from premoe.errors import CheckpointError, InputError, MissingFileError, OutputExistsError
-from premoe.profile import Profile, _write_dir
+from premoe.errors import CheckpointError, InputError, MissingFileError
+from premoe.fileio import save_artefact
+from premoe.profile import Profile
 
 FORMAT = "premoe-store/1"
 GENERALIST = "generalist"
@@ -136,11 +137,6 @@ class Store:
     # ------------------------------------------------------------------ files
 
     def save(self, out: str | Path, force: bool = False) -> Path:
-        from safetensors.torch import save_file
-
-        out = Path(out)
-        if out.exists() and not force:
-            raise OutputExistsError(f"{out} already exists; pass --force to replace it")
         tensors = {}
         for target in [*self.domains, GENERALIST]:
             tensors[f"{target}/pattern"] = self.pattern(target).contiguous()
@@ -156,8 +152,7 @@ class Store:
             "domains": {d: {"tokens": s.tokens, "origin": p.data.get(d, "")} for d, s in p.domains.items()},
             "threshold": self.threshold, "calibration": self.calibration, "profile_params": p.params,
         }
-        return _write_dir(out, lambda tmp: (save_file(tensors, str(tmp / "patterns.safetensors")),
-                                            (tmp / "store.json").write_text(json.dumps(manifest, indent=2) + "\n")))
+        return save_artefact(out, "store.json", manifest, "patterns.safetensors", tensors, force=force)
 
     @classmethod
     def load(cls, path: str | Path) -> "Store":

@@ -1,7 +1,6 @@
 """The shipped corpus splits: disjoint by document, as the manifest says."""
 import json
 
-import pytest
 
 from premoe import testbed
 from premoe.testbed.corpus import DOMAINS, Caps, Domain, read_jsonl_gz, split_documents

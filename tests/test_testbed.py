@@ -1,7 +1,6 @@
 """The shipped testbed: loads like any HF checkpoint and its card's perplexities are real."""
 import json
 
-import pytest
 
 from premoe import testbed
 

@@ -85,7 +85,7 @@ def generic_adapter(config, model: nn.Module | None = None) -> MoEAdapter:
     warnings.warn(
         f"premoe has no adapter for model_type {model_type!r}; using the common MoE layout with guessed config keys: "
         f"expert count {count_keys[0]!r}, top-k {top_k_key!r}, scoring {adapter.scoring!r}"
-        + (f", groups ('n_group', 'topk_group')" if grouped else "")
+        + (", groups ('n_group', 'topk_group')" if grouped else "")
         + (f", correction bias {correction!r}" if correction else "")
         + ". Check the result with `premoe verify`; add an adapter in premoe/adapters/families.py to silence this",
         stacklevel=3,

@@ -21,15 +21,14 @@ import html
 import json
 import random
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 from premoe.errors import InputError, OutputExistsError, PremoeError
+from premoe.fileio import write_dir
 
 SPLITS = ("train", "calib", "val", "test")
 MAX_DOC_CHARS = 48_000  # long files are cut so one document cannot dominate a split
@@ -273,10 +272,9 @@ def build_corpus(out: Path, domains: list[str] | None = None, caps: Caps | None 
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists; pass --force to replace it")
     versions = ensure_packages([p for n in names for p in DOMAINS[n].packages])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # same filesystem: rename is atomic
     manifest: dict = {"format": "premoe-corpus/1", "domains": {}, "caps": {s: getattr(caps, s) for s in SPLITS}}
-    try:
+
+    def write(tmp: Path) -> None:
         for name in names:
             domain = DOMAINS[name]
             print(f"premoe: building domain {name} ...", file=sys.stderr)
@@ -294,10 +292,6 @@ def build_corpus(out: Path, domains: list[str] | None = None, caps: Caps | None 
                 info["splits"][split] = {"documents": len(records), "bytes": sum(len(r["text"].encode()) for r in records)}
             manifest["domains"][name] = info
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir(out, write)
     return manifest

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from premoe.errors import InputError, MissingFileError
-from premoe.testbed.corpus import DOMAINS, read_jsonl_gz
+from premoe.testbed.corpus import read_jsonl_gz
 
 EOS = "<|endoftext|>"
 
@@ -195,7 +195,7 @@ def plot_history(history: dict, out: Path) -> None:
 def train(corpus: Path, work: Path, out: Path, cfg: TrainConfig, force: bool = False) -> Path:
     """Train (or resume) and export a bf16 Hugging Face checkpoint to ``out``."""
     from tqdm import tqdm
-    from transformers import AutoTokenizer, GenerationConfig, Qwen3MoeForCausalLM
+    from transformers import AutoTokenizer, Qwen3MoeForCausalLM
 
     corpus, work, out = Path(corpus), Path(work), Path(out)
     if not (corpus / "manifest.json").exists():
