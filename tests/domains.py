@@ -30,8 +30,8 @@ def make_store(model_dir: Path, loaded=None):
     from premoe.store import CalibrationParams, build_store
 
     loaded = loaded or (load_model(model_dir), load_tokenizer(model_dir))
-    profile = profile_model(model_dir, sources(0), ["peu", "frequency"], ProfileParams(max_tokens=1024, seq_len=64),
+    profile = profile_model(model_dir, sources(0), ["router_mass", "peu", "frequency"], ProfileParams(max_tokens=1024, seq_len=64),
                             progress=False, loaded=loaded)
-    store = build_store(model_dir, profile, "peu", sources(1000, 4), CalibrationParams(tokens=32, windows=16),
+    store = build_store(model_dir, profile, "router_mass", sources(1000, 4), CalibrationParams(tokens=32, windows=16),
                         loaded=loaded)
     return profile, store

@@ -115,7 +115,7 @@ def test_swap_to_a_stored_domain_equals_its_compiled_specialist(tiny_qwen3, tmp_
     bank = ExpertBank(tiny_qwen3, store.kept("code", 4))
     for domain in ("de", "bible", "code"):
         compiled = tmp_path / domain
-        compile_checkpoint(tiny_qwen3, make_plan(profile, PlanRequest(experts=4, domain=domain)), compiled,
+        compile_checkpoint(tiny_qwen3, make_plan(profile, PlanRequest(experts=4, domain=domain, scorer=store.scorer)), compiled,
                            progress=False)
         bank.swap(store.kept(domain, 4))
         with torch.no_grad():

@@ -70,9 +70,9 @@ def retriever(tiny_qwen3):
 
 def test_pattern_is_the_first_layers_scorer_mean(retriever):
     ids = retriever.tokenize(domains.texts("code", 2000, 1)[0], tokens=40)
-    with RouterCapture(retriever.model, retriever.adapter, [PRESETS["peu"]]) as capture:
+    with RouterCapture(retriever.model, retriever.adapter, [PRESETS["router_mass"]]) as capture:
         capture.run(ids)
-    expected = capture.stats.sums["peu"][0] / capture.stats.tokens  # full forward, all layers
+    expected = capture.stats.sums["router_mass"][0] / capture.stats.tokens  # full forward, all layers
     assert torch.allclose(retriever.pattern(ids), expected, rtol=0, atol=1e-12)
 
 

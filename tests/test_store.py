@@ -24,19 +24,19 @@ def test_patterns_and_rankings_come_from_the_profile(built):
     profile, store = built
     assert store.domains == list(domains.DOMAINS)
     for domain in domains.DOMAINS:
-        utility = profile.utility(domain, "peu")  # (layers, experts)
+        utility = profile.utility(domain, "router_mass")  # (layers, experts)
         assert torch.equal(store.pattern(domain), utility[0])
         ranking = store.ranking(domain)
         assert sorted(ranking[1].tolist()) == list(range(profile.num_experts))  # a permutation
         assert torch.all(utility.gather(1, ranking).diff(dim=1) <= 0)  # best first
-    assert torch.equal(store.pattern(GENERALIST), profile.generalist_utility("peu")[0])
+    assert torch.equal(store.pattern(GENERALIST), profile.generalist_utility("router_mass")[0])
 
 
 def test_kept_is_the_plans_choice(built):
     profile, store = built
     for domain in domains.DOMAINS:
-        assert store.kept(domain, 4) == make_plan(profile, PlanRequest(experts=4, domain=domain)).kept
-    assert store.kept(GENERALIST, 4) == make_plan(profile, PlanRequest(experts=4)).kept
+        assert store.kept(domain, 4) == make_plan(profile, PlanRequest(experts=4, domain=domain, scorer="router_mass")).kept
+    assert store.kept(GENERALIST, 4) == make_plan(profile, PlanRequest(experts=4, scorer="router_mass")).kept
 
 
 def test_threshold_is_calibrated_above_own_domain_distances(built):
@@ -51,7 +51,7 @@ def test_round_trip(built, tmp_path):
     _, store = built
     store.save(tmp_path / "store")
     manifest = json.loads((tmp_path / "store" / "store.json").read_text())
-    assert manifest["format"] == FORMAT and manifest["scorer"] == "peu"
+    assert manifest["format"] == FORMAT and manifest["scorer"] == "router_mass"
     assert manifest["model"]["config_hash"] == store.model["config_hash"]
     again = Store.load(tmp_path / "store")
     assert again.domains == store.domains and again.threshold == store.threshold

@@ -21,7 +21,8 @@ def command() -> None:
 @click.argument("model")
 @click.option("--profile", "profile_path", required=True, type=click.Path(), help="Profile of MODEL's domains.")
 @click.option("--out", required=True, type=click.Path(), help="Store directory to write.")
-@click.option("--scorer", default="peu", show_default=True, help="Profiled scorer the patterns come from.")
+@click.option("--scorer", default="router_mass", show_default=True,
+              help="Profiled scorer the patterns and rankings come from (dense patterns retrieve best).")
 @click.option("--held-out", "held_out", multiple=True,
               help="Held-out text per domain (NAME=PATH or testbed names; testbed defaults to the val split) "
                    "to calibrate the fallback threshold. Without it retrieval never falls back.")
