@@ -50,3 +50,24 @@ def save_artefact(out: str | Path, manifest_name: str, manifest: dict, tensors_n
         (tmp / manifest_name).write_text(json.dumps(manifest, indent=2) + "\n")
 
     return write_dir(out, write)
+
+
+def load_artefact(path: str | Path, manifest_name: str, format: str, tensors_name: str, make_hint: str) -> tuple[dict, dict]:
+    """Read what :func:`save_artefact` wrote: ``(manifest, tensors)``, checking the format version.
+
+    ``make_hint`` is the command that makes this artefact, for the error when it is missing.
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    from premoe.errors import CheckpointError, MissingFileError
+
+    path = Path(path)
+    manifest_path = path / manifest_name
+    if not manifest_path.exists():
+        raise MissingFileError(f"{manifest_path} not found; make it with `{make_hint}`")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != format:
+        raise CheckpointError(f"{path} has format {manifest.get('format')!r}; this premoe reads {format}")
+    return manifest, load_file(str(path / tensors_name))

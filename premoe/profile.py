@@ -18,7 +18,6 @@ Example::
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,8 @@ import torch
 from premoe import __version__
 from premoe.capture import DomainStats, RouterCapture
 from premoe.data import Source, token_windows
-from premoe.errors import CheckpointError, InputError, MissingFileError
-from premoe.fileio import save_artefact
+from premoe.errors import InputError
+from premoe.fileio import load_artefact, save_artefact
 from premoe.scores import DEFAULT_SCORERS, ScorerSpec, parse_scorer
 
 FORMAT = "premoe-profile/1"
@@ -140,16 +139,8 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | Path) -> "Profile":
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        manifest_path = path / "profile.json"
-        if not manifest_path.exists():
-            raise MissingFileError(f"{manifest_path} not found; make a profile with `premoe profile MODEL --data ... --out {path}`")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != FORMAT:
-            raise CheckpointError(f"{path} has format {manifest.get('format')!r}; this premoe reads {FORMAT}")
-        tensors = load_file(str(path / "scores.safetensors"))
+        manifest, tensors = load_artefact(path, "profile.json", FORMAT, "scores.safetensors",
+                                          f"premoe profile MODEL --data ... --out {path}")
         domains = {
             d: DomainStats(info["tokens"], {n: tensors[f"{d}/{n}"] for n in manifest["scorers"]}, tensors[f"{d}/routed"])
             for d, info in manifest["domains"].items()

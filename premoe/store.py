@@ -27,7 +27,6 @@ Example::
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -37,8 +36,8 @@ import torch
 from premoe import __version__
 from premoe.capture import DomainStats
 from premoe.data import Source
-from premoe.errors import CheckpointError, InputError, MissingFileError
-from premoe.fileio import save_artefact
+from premoe.errors import InputError
+from premoe.fileio import load_artefact, save_artefact
 from premoe.profile import Profile
 
 FORMAT = "premoe-store/1"
@@ -156,17 +155,8 @@ class Store:
 
     @classmethod
     def load(cls, path: str | Path) -> "Store":
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        manifest_path = path / "store.json"
-        if not manifest_path.exists():
-            raise MissingFileError(f"{manifest_path} not found; build a store with "
-                                   f"`premoe store build MODEL --profile P --out {path}`")
-        m = json.loads(manifest_path.read_text())
-        if m.get("format") != FORMAT:
-            raise CheckpointError(f"{path} has format {m.get('format')!r}; this premoe reads {FORMAT}")
-        tensors = load_file(str(path / "patterns.safetensors"))
+        m, tensors = load_artefact(path, "store.json", FORMAT, "patterns.safetensors",
+                                   f"premoe store build MODEL --profile P --out {path}")
         scorer = m["scorer"]
         domains = {d: DomainStats(info["tokens"], {scorer: tensors[f"{d}/sums"]}, tensors[f"{d}/routed"])
                    for d, info in m["domains"].items()}
