@@ -165,10 +165,16 @@ def test_cli_eval_json_with_plan(tiny_qwen3, tmp_path):
     text = tmp_path / "code.txt"
     text.write_text(tiny.TEXT)
     plan_path = _plan_for(tiny_qwen3, KEPT).save(tmp_path / "plan.json")
-    args = ["eval", str(tiny_qwen3), "--data", f"code={text}", "--seq-len", str(SEQ), "--max-windows", "2", "--json"]
+    out = tmp_path / "eval.json"
+    args = ["eval", str(tiny_qwen3), "--data", f"code={text}", "--seq-len", str(SEQ), "--max-windows", "2",
+            "--json", str(out)]
     result = CliRunner().invoke(cli, args + ["--plan", str(plan_path)])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
+    data = json.loads(out.read_text())
+    assert "specialist:code" in result.stdout  # the table is still printed
+    stdout_only = CliRunner().invoke(cli, args[:-1] + ["-", "--plan", str(plan_path)])
+    again = json.loads(stdout_only.stdout)
+    assert [r["domains"] for r in again["results"]] == [r["domains"] for r in data["results"]]
     assert [r["label"] for r in data["results"]] == ["full", "specialist:code"]
     full, pruned = (r["domains"]["code"] for r in data["results"])
     assert full["kl"] == 0.0 and pruned["kl"] > 0 and full["windows"] == 2

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -23,15 +24,15 @@ import click
 @click.option("--lm-eval-limit", type=int, help="Examples per lm-eval task (quick checks).")
 @click.option("--lm-eval-include", type=click.Path(exists=True, file_okay=False),
               help="Directory of extra lm-eval task YAMLs (e.g. local data via dataset_path: json, for offline use).")
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--json", "json_out", type=click.Path(), help="Also write the results as JSON to this file ('-': stdout only).")
 def command(model, plans, data, reference, seq_len, max_windows, batch_size, no_kl, lm_eval_tasks, lm_eval_limit,
-            lm_eval_include, as_json) -> None:
+            lm_eval_include, json_out) -> None:
     """Evaluate MODEL (and each --plan applied to it) on every --data domain.
 
     \b
     premoe eval testbed --plan python-50.json
     premoe eval python-50/ --data python --reference testbed
-    premoe eval ckpt/ --data code=held_out.jsonl --plan code-25.json --json
+    premoe eval ckpt/ --data code=held_out.jsonl --plan code-25.json --json eval.json
     premoe eval testbed --plan python-50.json --lm-eval hellaswag,arc_easy --lm-eval-limit 200
     premoe eval testbed --plan python-50.json --lm-eval mytask --lm-eval-include tasks/
     """
@@ -62,12 +63,15 @@ def command(model, plans, data, reference, seq_len, max_windows, batch_size, no_
     sources = parse_sources(list(data), tokenizer=tokenizer, split="test")
     evaluator = Evaluator(net, tokenizer, sources, reference=load_model(reference) if reference else None,
                           seq_len=seq_len, max_windows=max_windows or None, batch_size=batch_size, name=model,
-                          progress=not as_json)
+                          progress=json_out != "-")
     results = [evaluator.evaluate(kl=not no_kl)]
     results += [evaluator.evaluate(plan.kept, kl=not no_kl, label=plan.target) for plan in loaded_plans]
-    if as_json:
-        click.echo(json.dumps({"model": identity, "results": [r.to_dict() for r in results]}, indent=1))
-        return
+    if json_out:
+        text = json.dumps({"model": identity, "results": [r.to_dict() for r in results]}, indent=1)
+        if json_out == "-":
+            click.echo(text)
+            return
+        Path(json_out).write_text(text + "\n")
     full = results[0]
     for result in results:
         click.echo(result.table())

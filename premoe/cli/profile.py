@@ -66,18 +66,20 @@ def run(model, data, out, scorers, max_tokens, seq_len, batch_size, generate, st
     else:
         profile = profile_model(model, sources, names, params)
     profile.save(out, force=force)
-    _print_summary(Profile.load(out), out, as_json)
+    saved = Profile.load(out)
+    _print_summary(saved, out, as_json, _coverage_scorer(saved))
 
 
 @command.command("show")
 @click.argument("path", type=click.Path())
-@click.option("--scorer", default="router_mass", show_default=True, help="Scorer for the coverage counts.")
+@click.option("--scorer", default=None, help="Scorer for the coverage counts (default: router_mass if profiled, else the first).")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def show(path, scorer, as_json) -> None:
     """Summarise a profile: tokens, experts covering 90% of utility per layer, overlap between domains."""
     from premoe.profile import Profile
 
-    _print_summary(Profile.load(path), path, as_json, scorer)
+    profile = Profile.load(path)
+    _print_summary(profile, path, as_json, scorer or _coverage_scorer(profile))
 
 
 @command.command("merge")
@@ -95,7 +97,12 @@ def merge(paths, out, force) -> None:
     click.echo(f"merged {len(paths)} profiles into {out}: domains {', '.join(merged.domains)}")
 
 
-def _print_summary(profile, path, as_json: bool, scorer: str = "router_mass") -> None:
+def _coverage_scorer(profile) -> str:
+    """router_mass (the routing mass itself) when it was profiled, else the first scorer."""
+    return "router_mass" if "router_mass" in profile.scorers else next(iter(profile.scorers))
+
+
+def _print_summary(profile, path, as_json: bool, scorer: str) -> None:
     from premoe.profile import summary
 
     info = summary(profile, scorer)
