@@ -215,8 +215,8 @@ def _goals(report: Report, res: Results) -> None:
                          "the baseline goal is not checked."))
         return
     table, summary = verdict
-    report.add(Table(["baseline", "mean specialist Δ vs full", f"{res.default} − baseline (nats)", "in SEs"], table,
-                     summary))
+    report.add(Table(["baseline", "mean specialist Δ vs full", f"{res.default} − baseline (nats)", "in SEs",
+                      f"domains {res.default} is better"], table, summary))
 
 
 def _default_vs_baselines(res: Results, keep: float) -> tuple[list[list[str]], str] | None:
@@ -234,15 +234,21 @@ def _default_vs_baselines(res: Results, keep: float) -> tuple[list[list[str]], s
         if not all(theirs.values()):
             continue
         vs_full = mean_delta([paired_delta(theirs[d], res.full[d]) for d in res.plan_domains])
-        diff = mean_delta([paired_delta(own[d], theirs[d]) for d in res.plan_domains])
-        scored.append((vs_full.nll, baseline, diff))
+        per_domain = [paired_delta(own[d], theirs[d]) for d in res.plan_domains]
+        diff = mean_delta(per_domain)
+        won = sum(delta.nll < 0 for delta in per_domain)
+        scored.append((vs_full.nll, baseline, diff, won))
         table.append([baseline, str(vs_full), f"{diff.nll:+.4f} ± {diff.se:.4f}",
-                      f"{diff.nll / diff.se:+.1f}" if diff.se else "—"])
+                      f"{diff.nll / diff.se:+.1f}" if diff.se else "—", f"{won}/{len(per_domain)}"])
     if not scored:
         return None
-    _, best, diff = min(scored)
+    _, best, diff, won = min(scored)
+    domains = len(res.plan_domains)
+    most = won > domains / 2
     if diff.nll < -diff.se:
-        outcome = f"pass: {res.default} beats it by {-diff.nll:.4f} nats, {-diff.nll / max(diff.se, 1e-12):.1f} SE"
+        outcome = (f"{'pass' if most else 'fail'}: {res.default} beats it by {-diff.nll:.4f} nats, "
+                   f"{-diff.nll / max(diff.se, 1e-12):.1f} SE, and is better on {won} of {domains} domains"
+                   + ("" if most else " (not most)"))
     elif diff.nll <= diff.se:
         outcome = f"fail: within one SE of it ({diff.nll:+.4f} ± {diff.se:.4f} nats)"
     else:

@@ -81,6 +81,16 @@ def test_goal_checks_pass():
     baseline = _table(report, "peu − baseline (nats)")
     assert [row[0] for row in baseline.rows] == ["frequency", "random"]
     assert "best baseline (frequency): pass: peu beats it by 0.1000 nats" in baseline.caption
+    assert "better on 2 of 2 domains" in baseline.caption and baseline.rows[0][-1] == "2/2"
+
+
+def test_baseline_goal_needs_most_domains():
+    shifts = _shifts()
+    shifts[("bible", "peu", 0.25)] = 0.21  # peu loses bible narrowly, wins python by a lot: the mean still favours it
+    shifts[("python", "peu", 0.25)] = 0.0
+    baseline = _table(build_report(synthetic(shifts)), "peu − baseline (nats)")
+    assert baseline.rows[0][-1] == "1/2"
+    assert "fail: peu beats it by" in baseline.caption and "(not most)" in baseline.caption
 
 
 def test_goal_checks_fail():
