@@ -32,9 +32,7 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
-import threading
 import time
 
 import torch
@@ -151,7 +149,7 @@ def server_throughput(bank, retriever, tokenizer, s, args) -> dict:
     import httpx
 
     from premoe.data import token_windows
-    from premoe.serve import Engine, ServeLimits
+    from premoe.serve import Engine, ServeLimits, start_in_thread
 
     limits = ServeLimits(max_prompt_tokens=4096, max_tokens=args.max_tokens, max_queue=4, retrieval_tokens=256)
     prompt_tokens = 64
@@ -167,7 +165,7 @@ def server_throughput(bank, retriever, tokenizer, s, args) -> dict:
     engines = {"cycling": Engine(bank.model, tokenizer, "bench", limits, bank, retriever, s.experts),
                "same": Engine(bank.model, tokenizer, "bench", limits, bank, retriever, s.experts),
                "fixed": Engine(bank.model, tokenizer, "bench", limits)}
-    servers = {name: _start(engine) for name, engine in engines.items()}
+    servers = {name: start_in_thread(engine) for name, engine in engines.items()}
     work = {"cycling": cycling, "same": same, "fixed": same}
     seconds = {name: [] for name in engines}
     swapped = {name: 0 for name in engines}
@@ -191,23 +189,6 @@ def server_throughput(bank, retriever, tokenizer, s, args) -> dict:
     return {"requests_per_round": args.requests, "max_tokens": args.max_tokens, "requests_per_s": rate,
             "swapping_requests": swapped, "cycling_vs_fixed": round(rate["cycling"] / rate["fixed"], 3),
             "same_vs_fixed": round(rate["same"] / rate["fixed"], 3)}
-
-
-def _start(engine):
-    """(base url, server, thread) of uvicorn serving ``engine`` on a free localhost port."""
-    import uvicorn
-
-    from premoe.serve import create_app
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    return f"http://127.0.0.1:{port}", server, thread
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ class Plan:
 # --------------------------------------------------------------------------- choosing
 
 
-def experts_for(profile: Profile, request: PlanRequest, model_config: dict | None = None) -> int:
+def experts_for(profile: Profile, request: PlanRequest) -> int:
     """M from exactly one of --keep / --experts / --budget-gb."""
     given = [x is not None for x in (request.keep, request.experts, request.budget_gb)]
     if sum(given) != 1:

@@ -449,3 +449,29 @@ def _stream(engine: Engine, job: Job, chat: bool, ident: str):
 
     threading.Thread(target=work, name=f"premoe-{ident}", daemon=True).start()
     return events_out()
+
+
+def start_in_thread(engine: Engine, host: str = "127.0.0.1", timeout: float = 20.0):
+    """Serve ``engine`` with uvicorn in a daemon thread on a free port: ``(base url, server, thread)``.
+
+    For tests and benchmarks that drive the real HTTP stack in-process; stop
+    it with ``server.should_exit = True`` and ``thread.join()``.
+    """
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + timeout
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError(f"the server did not start on {host}:{port} within {timeout} s")
+        time.sleep(0.02)
+    return f"http://{host}:{port}", server, thread

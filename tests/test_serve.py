@@ -1,6 +1,5 @@
 """The HTTP server, driven by real clients (httpx, openai) against uvicorn on a free localhost port."""
 import json
-import socket
 import threading
 import time
 
@@ -9,7 +8,7 @@ import pytest
 from openai import OpenAI
 
 import domains
-from premoe.serve import Engine, ServeLimits, create_app
+from premoe.serve import Engine, ServeLimits, create_app, start_in_thread
 
 LIMITS = ServeLimits(max_prompt_tokens=128, max_tokens=8, max_queue=2, retrieval_tokens=64)
 CODE = domains.texts("code", 5000, 1)[0][:120]
@@ -25,19 +24,9 @@ def built(tiny_qwen3, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tiny_qwen3, built):
     """(base url, engine) of a retrieval server over the three synthetic domains, M = 4."""
-    import uvicorn
-
     engine = Engine.retrieval(tiny_qwen3, built[1], 4, LIMITS, name="tiny")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=app.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not app.started and time.time() < deadline:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", engine
+    url, app, thread = start_in_thread(engine)
+    yield url, engine
     app.should_exit = True
     thread.join(timeout=10)
 
