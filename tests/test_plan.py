@@ -266,7 +266,6 @@ def test_mutated_plan_files_load_cleanly_or_fail_cleanly(tmp_path, mutations):
 # --------------------------------------------------------------------------- the profile carries the architecture
 
 
-@pytest.mark.slow
 def test_a_grouped_model_keeps_its_groups_after_its_directory_is_gone(tmp_path):
     model = tiny.save("deepseek_v3", tmp_path / "dsv3")  # 2 groups of 4 experts
     profile = profile_model(model, [Source("code", [tiny.TEXT[:600]], "x")], ["router_mass"],
