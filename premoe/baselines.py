@@ -170,6 +170,6 @@ def _feed(layer, ports: Sequence[Port], module: nn.Module, args, output) -> None
 
 
 def _expert_output(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
-    """Expert ``e``'s SwiGLU output (tokens, hidden) from fused ``gate_up_proj`` (E, 2I, H) and ``down_proj`` (E, H, I)."""
+    """Expert ``e``'s SwiGLU output (tokens, hidden) from ``gate_up_proj`` (E, 2I, H) and ``down_proj`` (E, H, I)."""
     gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)  # (tokens, I) each
     return F.linear(experts.act_fn(gate) * up, experts.down_proj[e])  # (tokens, hidden)

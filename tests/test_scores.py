@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from premoe.errors import InputError
-from premoe.scores import PRESETS, RouterBatch, ScorerSpec, candidate_experts, ean, frequency, parse_scorer, peu, \
-    random_scores, reap, router_mass
+from premoe.scores import DEFAULT_SCORERS, PRESETS, RouterBatch, ScorerSpec, candidate_experts, ean, frequency, \
+    parse_scorer, peu, random_scores, reap, router_mass
 
 # two tokens, four experts; no ties among the top two logits of either token
 LOGITS = torch.tensor([[2.0, 1.0, 0.0, -1.0],
@@ -152,7 +152,7 @@ def test_ean_names_follow_the_official_observer():
     assert not PRESETS["ean_sum"].per_routed_token and PRESETS["ean_sum"].needs_expert_outputs
     norms = torch.tensor([[2.0, 3.0], [4.0, 5.0]])
     assert torch.equal(PRESETS["ean_sum"](batch(norms=norms)), PRESETS["ean_mean"](batch(norms=norms)))
-    assert {"reap_softmax", "ean_sum", "ean_mean"} <= set(__import__("premoe.scores").scores.DEFAULT_SCORERS)
+    assert {"reap_softmax", "ean_sum", "ean_mean"} <= set(DEFAULT_SCORERS)
 
 
 # a sigmoid router with a correction bias: expert 3 has the lowest logit but a bias that puts it first
