@@ -194,6 +194,9 @@ class Profile:
             raise CheckpointError(f"{path} is not a readable premoe profile ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''}); profile the model again") from e
         _check_manifest(manifest, path)
+        for info in manifest["scorers"].values():  # older profiles' "reap" used the all-experts probability
+            if info["kind"] == "reap" and "renormalise" not in info["params"]:
+                info["params"] = {"renormalise": False}
         layers, experts = len(manifest["moe_layers"]), manifest["num_experts"]
         domains = {
             d: DomainStats(info["tokens"], {n: _tensor(tensors, f"{d}/{n}", (layers, experts), path)

@@ -215,16 +215,18 @@ def _norms(batch: RouterBatch) -> torch.Tensor:
     return batch.expert_norms.double()  # (tokens, top_k)
 
 
-def reap(batch: RouterBatch, *, renormalise: bool | None = None) -> torch.Tensor:
+def reap(batch: RouterBatch, *, renormalise: bool | str = "model") -> torch.Tensor:
     """REAP (Cerebras): gate_e(x) · ‖f_e(x)‖ at the routed experts; the profile averages it over routed tokens.
 
     The gate is renormalised over the selected top-k when ``renormalise`` is
-    true, or (``None``) when the model itself renormalises: official REAP's
+    true, or (``"model"``) when the model itself renormalises: official REAP's
     default. ``renormalise=False`` is REAP's earlier all-experts weight.
     """
+    if renormalise not in (True, False, "model"):
+        raise ValueError(f"renormalise must be true, false or model, got {renormalise!r}")
     norms = _norms(batch)
     gate = batch.gate_probs.gather(1, batch.selected).double()  # (tokens, top_k)
-    if batch.renormalises if renormalise is None else renormalise:
+    if batch.renormalises if renormalise == "model" else renormalise:
         # as official REAP: divide by the selected weights' sum, floor at float32 eps
         gate = (gate / gate.sum(dim=-1, keepdim=True)).clamp(min=torch.finfo(torch.float32).eps)
     return _routed(batch, gate * norms)
@@ -258,7 +260,9 @@ PRESETS: dict[str, ScorerSpec] = {
     "tcess_top1": ScorerSpec("peu", (("candidates", 1), ("threshold", 0.0), ("transform", "logit")), "tcess_top1"),
     "frequency": ScorerSpec("frequency"),
     "router_mass": ScorerSpec("router_mass"),
-    "reap": ScorerSpec("reap"),  # renormalised where the model renormalises (official REAP's default)
+    # renormalised where the model renormalises (official REAP's default); the parameter is recorded so a profile
+    # made before it (whose "reap" was the all-experts weight, params {}) is told apart on load
+    "reap": ScorerSpec("reap", (("renormalise", "model"),), "reap"),
     "reap_softmax": ScorerSpec("reap", (("renormalise", False),), "reap_softmax"),  # REAP before 2026-03-11
     "ean_sum": ScorerSpec("ean_sum"),  # official ean_sum
     "ean_mean": ScorerSpec("ean", (), "ean_mean"),  # official ean_mean

@@ -171,11 +171,14 @@ def test_an_old_profile_without_architecture_still_loads(both, tmp_path):
     out = both.save(tmp_path / "prof")
     manifest = json.loads((out / "profile.json").read_text())
     del manifest["architecture"]
+    manifest["scorers"]["reap"]["params"] = {}  # how profiles recorded REAP before it was renormalised
     (out / "profile.json").write_text(json.dumps(manifest))
     old = Profile.load(out)
     assert old.architecture == {}
     assert old.groups == (1, 1)  # read once from the model directory, which still exists
     assert old.architecture["sizes"] == both.architecture["sizes"]
+    assert both.scorers["reap"]["params"] == {"renormalise": "model"}
+    assert old.scorers["reap"]["params"] == {"renormalise": False}  # told apart from today's reap
 
 
 def test_generated_tokens_are_scored(tiny_qwen3):
