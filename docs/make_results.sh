@@ -15,7 +15,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 
 # 2. specialists, generalist, cross-domain, local vs global, PEU grid, calibration size, query vs query+output
 premoe sweep testbed --profile "$runs/prof" --out "$runs/sweep" --max-windows "$windows" --cache-gb 8 \
-    --scorers peu,tcess,tcess_top1,frequency,router_mass,reap,ean,random \
+    --scorers peu,tcess,tcess_top1,frequency,router_mass,reap,reap_softmax,ean_sum,ean_mean,random \
     --peu-grid --study-keep 0.25 --calib-tokens 1024,4096 --generate 32
 
 # 3. the report: docs/results.md + plots (docs/results/*.png)

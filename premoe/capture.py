@@ -66,6 +66,7 @@ class RouterCapture:
         if not self.layers:
             raise ValueError(f"no MoE layer among {layers}; the model's MoE layers are {[l.index for l in all_layers]}")
         self.top_k = adapter.top_k(model.config)
+        self.renormalises = adapter.renormalises_top_k(model.config)
         self.stop_after_last = stop_after_last
         self.need_outputs = any(s.needs_expert_outputs for s in self.scorers)
         self._token_mask: torch.Tensor | None = None
@@ -130,7 +131,9 @@ class RouterCapture:
             keep = self._token_mask
             logits, selected = logits[keep], selected[keep]
             hidden = hidden[keep] if hidden is not None else None
-        batch = RouterBatch(logits, self.adapter.gate_probs(logits), selected, layer=layer.index)
+        batch = RouterBatch(logits, self.adapter.gate_probs(logits), selected, layer=layer.index,
+                            correction_bias=self._correction_bias(layer),
+                            bias_added_to=self.adapter.correction_bias_added_to, renormalises=self.renormalises)
         if self.need_outputs and hidden is not None:
             batch.expert_norms = self._expert_norms(layer, hidden, selected)
         self.stats.routed[position] += torch.bincount(selected.reshape(-1), minlength=layer.num_experts)
@@ -138,6 +141,13 @@ class RouterCapture:
             self.stats.sums[scorer.name][position] += scorer(batch).sum(0)
         if self.stop_after_last and position == len(self.layers) - 1:
             raise _StopForward
+
+    def _correction_bias(self, layer: MoELayer) -> torch.Tensor | None:
+        """(experts,) the layer's choice-only bias as the router sees it now (restrict_routing masks it in place)."""
+        bias = self.adapter.correction_bias_of(layer)
+        if bias is None:
+            return None
+        return bias.detach().float().reshape(-1)  # (experts,); Ernie stores it (1, experts)
 
     def _expert_norms(self, layer: MoELayer, hidden: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
         """‖f_e(x)‖ for every (token, selected expert): REAP and EAN need it."""

@@ -134,7 +134,7 @@ class WritePlan:
 
     def describe(self) -> str:
         """The dry-run report: kept experts, tensors, sizes before/after, memory and disk needed."""
-        from premoe.plan import _ranges
+        from premoe.plan import format_ranges as _ranges
 
         sliced = sum(w.rows is not None for w in self.writes)
         lines = [f"compile {self.model_path} ({self.family}) -> {self.out}  [export: {self.export}]"]

@@ -183,13 +183,14 @@ def evaluate(model: str | Path, sources: Sequence[Source], *, plan: Plan | str |
 
     >>> evaluate("testbed", parse_sources(["python:test"]), plan="python-50.json").domains["python"].ppl
     """
+    from premoe.adapters import get_adapter
     from premoe.modeling import load_model, load_tokenizer, model_identity
 
     net, tokenizer = loaded or (load_model(model), load_tokenizer(model))
     if plan is not None and not isinstance(plan, Plan):
         plan = Plan.load(plan)
-    if plan is not None:
-        plan.check_model(model_identity(model))
+    if plan is not None:  # validate_plan: the model's layers, indices in range, ≥ top-k, groups
+        plan.check_model(model_identity(model), [l.index for l in get_adapter(net.config).moe_layers(net)])
     ref = load_model(reference) if reference is not None else None
     evaluator = Evaluator(net, tokenizer, sources, reference=ref, seq_len=seq_len, max_windows=max_windows,
                           batch_size=batch_size, name=str(model), progress=progress)
@@ -216,10 +217,11 @@ def run_lm_eval(model: str | Path, tasks: Sequence[str], *, plan: Plan | None = 
                          "install it with: pip install 'premoe[eval]'") from e
     from premoe.modeling import load_model, load_tokenizer, model_identity
 
+    from premoe.adapters import get_adapter
+
     net, tokenizer = loaded or (load_model(model), load_tokenizer(model))
     if plan is not None:
-        plan.check_model(model_identity(model))
-    from premoe.adapters import get_adapter
+        plan.check_model(model_identity(model), [l.index for l in get_adapter(net.config).moe_layers(net)])
 
     wrapped = HFLM(pretrained=net, tokenizer=tokenizer, batch_size=batch_size, device=str(net.device))
     restriction = get_adapter(net.config).restrict_routing(net, plan.kept) if plan else contextlib.nullcontext()

@@ -79,31 +79,140 @@ class Plan:
         data["order"] = {str(k): v for k, v in self.order.items()}
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        tmp.replace(out)
+        try:
+            tmp.write_text(json.dumps(data, indent=1) + "\n")
+            tmp.replace(out)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write (full disk) leaves nothing behind
         return out
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
+        """Read a plan file, refusing (one PlanError line) JSON of the wrong shape or types, or an invalid plan."""
         path = Path(path)
         if not path.exists():
             raise MissingFileError(f"plan {path} does not exist; make one with `premoe plan PROFILE ... --out {path}`")
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise InputError(f"{path} is not a premoe plan (invalid JSON: {e.msg})") from e
-        if data.pop("format", None) != FORMAT:
-            raise InputError(f"{path} is not a premoe plan (expected format {FORMAT})")
+            raise PlanError(f"{path} is not a premoe plan (invalid JSON: {e.msg})") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise PlanError(f"{path} is not a readable premoe plan ({type(e).__name__}); "
+                            f"make one with `premoe plan PROFILE ... --out {path}`") from e
+        if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
+            raise PlanError(f"{path} is not a premoe plan (expected a JSON object with format {FORMAT})")
         data.pop("premoe_version", None)
-        data["kept"] = {int(k): v for k, v in data["kept"].items()}
-        data["order"] = {int(k): v for k, v in data["order"].items()}
-        return cls(**data)
+        plan = cls(**_plan_fields(data, path))
+        try:
+            validate_plan(plan, plan.num_experts, plan.top_k)
+        except PlanError as e:
+            raise PlanError(f"{path}: {e}") from None
+        return plan
 
-    def check_model(self, identity: dict) -> None:
-        """Refuse to apply a plan to another model."""
+    def check_model(self, identity: dict, moe_layers: Sequence[int] | None = None) -> None:
+        """Refuse to apply a plan to another model, or one its architecture cannot route (:func:`validate_plan`).
+
+        The model's constraints are read from its config.json (``identity["path"]``);
+        ``moe_layers`` (the loaded model's MoE layers) adds the layer check.
+        """
         if identity["config_hash"] != self.model["config_hash"]:
             raise PlanError(f"this plan was made for {self.model['name']} (config {self.model['config_hash']}), "
                             f"not {identity['name']} (config {identity['config_hash']}); profile and plan this model")
+        from premoe.adapters import get_adapter
+        from premoe.modeling import read_config
+
+        config = read_config(identity["path"])  # a dict: adapters read dicts and configs alike
+        adapter = get_adapter(config)
+        validate_plan(self, adapter.num_experts(config), adapter.top_k(config), adapter.groups(config), moe_layers)
+
+
+_FIELD_TYPES = {"model": dict, "family": str, "num_experts": int, "top_k": int, "moe_layers": list, "kept": dict,
+                "order": dict, "request": dict, "target": str, "utility_kept": dict, "notes": list, "profile": str}
+_OPTIONAL = {"notes": [], "profile": ""}
+
+
+def _plan_fields(data: dict, path: Path) -> dict:
+    """The JSON object's fields, typed as :class:`Plan` holds them, or one PlanError naming the first bad one."""
+    unknown = sorted(set(data) - set(_FIELD_TYPES))
+    if unknown:
+        raise PlanError(f"{path}: unknown plan field(s) {', '.join(map(repr, unknown))}; is it from a newer premoe?")
+    fields = {**_OPTIONAL, **data}
+    for key, kind in _FIELD_TYPES.items():
+        value = fields.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise PlanError(f"{path}: field {key!r} must be a JSON {kind.__name__}, got {type(value).__name__}; "
+                            "make the plan again with `premoe plan`")
+    if not all(isinstance(fields["model"].get(k), str) for k in ("name", "config_hash")):
+        raise PlanError(f"{path}: field 'model' must hold string 'name' and 'config_hash'")
+    for key in ("kept", "order"):
+        table = {}
+        for layer, experts in fields[key].items():
+            if not (isinstance(layer, str) and layer.isdigit() and isinstance(experts, list)
+                    and all(_is_int(e) for e in experts)):
+                raise PlanError(f"{path}: {key}[{layer!r}] must map a layer index to a list of expert indices")
+            table[int(layer)] = experts
+        fields[key] = table
+    if not all(_is_int(l) for l in fields["moe_layers"]):
+        raise PlanError(f"{path}: 'moe_layers' must be a list of layer indices")
+    if not all(isinstance(fields["request"].get(k), str) for k in ("scorer", "ranking")):
+        raise PlanError(f"{path}: 'request' must hold string 'scorer' and 'ranking'")
+    if not all(isinstance(n, str) for n in fields["notes"]):
+        raise PlanError(f"{path}: 'notes' must be a list of strings")
+    return fields
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate_plan(plan: Plan, num_experts: int, top_k: int, groups: tuple[int, int] = (1, 1),
+                  moe_layers: Sequence[int] | None = None) -> None:
+    """The one check of a plan against a model, used wherever a plan is used (load, make, compile, eval, store, serve).
+
+    Refuses, naming the layer and the fix: a plan for another expert count or
+    top-k; layers other than the model's MoE layers (``moe_layers``, when
+    given) or than the plan's own ``moe_layers``; an empty layer, an index
+    negative or out of range (−1 would silently mean the last expert),
+    duplicates, fewer experts than top-k, an uneven keep across routing
+    ``groups`` (n_group, topk_group); an ``order`` that is not a permutation of
+    every expert, for each kept layer.
+    """
+    if plan.num_experts != num_experts or plan.top_k != top_k:
+        raise PlanError(f"the plan is for {plan.num_experts} experts per layer with top-k {plan.top_k}; the model has "
+                        f"{num_experts} with top-k {top_k}; make a plan from a profile of this model")
+    layers = sorted(plan.kept)
+    if layers != sorted(plan.moe_layers) or sorted(plan.order) != layers:
+        raise PlanError(f"the plan keeps experts in layers {layers}, orders layers {sorted(plan.order)} and lists "
+                        f"MoE layers {sorted(plan.moe_layers)}; these must agree (make the plan again)")
+    if moe_layers is not None and layers != sorted(moe_layers):
+        raise PlanError(f"the plan covers layers {layers} but the model's MoE layers are {sorted(moe_layers)}; "
+                        "make a plan from a profile of this model")
+    for layer in layers:
+        kept = plan.kept[layer]
+        if not kept:
+            raise PlanError(f"layer {layer} keeps no experts; every MoE layer needs ≥ top-k = {top_k}")
+        bad = [e for e in kept if not 0 <= e < num_experts]
+        if bad:
+            raise PlanError(f"layer {layer}: expert indices {bad} are outside 0..{num_experts - 1}")
+        if len(set(kept)) != len(kept):
+            raise PlanError(f"layer {layer} lists an expert twice: {kept}")
+        if len(kept) < top_k:
+            raise PlanError(f"layer {layer} keeps {len(kept)} experts, fewer than top-k = {top_k}; keep ≥ {top_k}")
+        if sorted(plan.order[layer]) != list(range(num_experts)):
+            raise PlanError(f"layer {layer}: order must list every expert 0..{num_experts - 1} once")
+        _check_groups(layer, kept, num_experts, top_k, groups)
+
+
+def _check_groups(layer: int, kept: Sequence[int], num_experts: int, top_k: int, groups: tuple[int, int]) -> None:
+    n_group, topk_group = groups
+    if n_group <= 1:
+        return
+    size = num_experts // n_group
+    per_group = [sum(1 for e in kept if e // size == g) for g in range(n_group)]
+    if len(set(per_group)) != 1 or per_group[0] < 2 or top_k > topk_group * per_group[0]:
+        raise PlanError(f"layer {layer} keeps {per_group} experts per group; grouped routing needs the same number in "
+                        f"each of the {n_group} groups, at least 2, and top-k {top_k} ≤ topk_group {topk_group} × "
+                        "that number")
 
 
 # --------------------------------------------------------------------------- choosing
@@ -125,12 +234,12 @@ def experts_for(profile: Profile, request: PlanRequest) -> int:
 
 
 def _experts_for_budget(profile: Profile, budget_gb: float) -> int:
-    from premoe.adapters import get_adapter
-    from premoe.checkpoint import size_breakdown
-    from premoe.modeling import read_config, resolve_model_path
-
-    path = resolve_model_path(profile.model["path"])
-    sizes = size_breakdown(path, get_adapter(read_config(path)), profile.num_experts)
+    if not math.isfinite(budget_gb) or budget_gb <= 0:
+        raise InputError(f"--budget-gb must be a positive number, got {budget_gb}")
+    sizes = profile.sizes()
+    if sizes is None:
+        raise InputError("this profile records no checkpoint sizes (the model was not on disk when profiled); "
+                         "use --keep or --experts, or profile the model from its directory")
     budget = budget_gb * 1e9
     per_m = sum(sizes.expert_bytes.values())  # bytes added by one more expert in every layer
     m = math.floor((budget - sizes.base_bytes) / per_m) if per_m else 0
@@ -165,13 +274,9 @@ def check_experts(m: int, profile: Profile, groups: tuple[int, int]) -> None:
 
 
 def make_plan(profile: Profile, request: PlanRequest, profile_path: str = "") -> Plan:
-    """Rank experts by utility and keep the best, respecting the architecture."""
-    from premoe.adapters import get_adapter
-    from premoe.modeling import read_config
-
-    config = read_config(profile.model["path"]) if Path(profile.model["path"]).exists() else {"model_type": None}
-    adapter = get_adapter(config) if config.get("model_type") else None
-    groups = adapter.groups(_AttrDict(config)) if adapter else (1, 1)
+    """Rank experts by utility and keep the best, respecting the architecture the profile recorded."""
+    arch = profile.require_architecture()
+    groups = profile.groups
     m = experts_for(profile, request)
     check_experts(m, profile, groups)
     if request.domain and request.domains:
@@ -195,20 +300,15 @@ def make_plan(profile: Profile, request: PlanRequest, profile_path: str = "") ->
     notes = []
     if m % 4:
         notes.append(f"M = {m} is not a multiple of 4; serving kernels (vLLM fused MoE) run best with multiples of 4")
-    if adapter and adapter.gate_changes_when_pruned(_AttrDict(config)):
-        notes.append(f"{adapter.name} routes with a softmax over all experts without top-k renormalisation: "
+    if arch.get("gate_changes_when_pruned"):
+        notes.append(f"{profile.family} routes with a softmax over all experts without top-k renormalisation: "
                      "after pruning the kept experts' gate weights grow (the compiled model renormalises over "
                      "the kept experts only)")
     share = {d: _utility_share(profile.utility(d, request.scorer), kept, profile.moe_layers) for d in profile.domains}
-    return Plan(profile.model, profile.family, profile.num_experts, profile.top_k, profile.moe_layers, kept, order,
+    plan = Plan(profile.model, profile.family, profile.num_experts, profile.top_k, profile.moe_layers, kept, order,
                 asdict(request), target, share, notes, profile_path)
-
-
-class _AttrDict(dict):
-    """A config.json dict that answers attribute lookups like a transformers config."""
-
-    def __getattr__(self, name):
-        return self.get(name)
+    validate_plan(plan, profile.num_experts, profile.top_k, groups, profile.moe_layers)
+    return plan
 
 
 def _top_in_groups(row: torch.Tensor, m: int, n_group: int) -> list[int]:
@@ -259,7 +359,7 @@ def explain(plan: Plan, sizes=None) -> str:
     lines = [f"plan for {plan.model['name']} ({plan.family}): {plan.target}, scorer {plan.request['scorer']}, "
              f"{plan.request['ranking']} ranking"]
     for layer, experts in plan.kept.items():
-        lines.append(f"  layer {layer:>3}: keep {len(experts):>3}/{plan.num_experts}  {_ranges(experts)}")
+        lines.append(f"  layer {layer:>3}: keep {len(experts):>3}/{plan.num_experts}  {format_ranges(experts)}")
     if sizes is not None:
         before = sizes.total_bytes
         after = sizes.bytes_with({l: len(v) for l, v in plan.padded().kept.items()})
@@ -269,8 +369,12 @@ def explain(plan: Plan, sizes=None) -> str:
     return "\n".join(lines)
 
 
-def _ranges(values: list[int]) -> str:
-    """[0,1,2,5,6] -> '0-2,5-6'."""
+def format_ranges(values: Sequence[int]) -> str:
+    """Sorted indices as ranges, for reading a plan.
+
+    >>> format_ranges([0, 1, 2, 5, 6, 9])
+    '0-2,5-6,9'
+    """
     out, start = [], None
     for i, v in enumerate(values):
         if start is None:

@@ -2,7 +2,9 @@
 
 A profile directory holds::
 
-    profile.json          manifest: format, model identity, MoE layers, scorers, data, parameters, timing
+    profile.json          manifest: format, model identity, MoE layers, scorers, data, parameters, timing,
+                          and the architecture facts planning needs (top-k, routing groups, renormalisation,
+                          scoring function, checkpoint bytes per expert), so a plan never re-reads the model
     scores.safetensors    "<domain>/<scorer>" (layers, experts) float64 sums of token scores,
                           "<domain>/routed" (layers, experts) routed-token counts
 
@@ -28,9 +30,9 @@ import torch
 from premoe import __version__
 from premoe.capture import DomainStats, RouterCapture
 from premoe.data import Source, token_windows
-from premoe.errors import InputError
+from premoe.errors import CheckpointError, InputError, MissingFileError, PremoeError
 from premoe.fileio import load_artefact, save_artefact
-from premoe.scores import DEFAULT_SCORERS, ScorerSpec, parse_scorer
+from premoe.scores import DEFAULT_SCORERS, SCORERS, ScorerSpec, parse_scorer
 
 FORMAT = "premoe-profile/1"
 
@@ -58,6 +60,7 @@ class Profile:
     params: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)  # domain -> origin
     timing: dict = field(default_factory=dict)
+    architecture: dict = field(default_factory=dict)  # what plan needs (architecture_of); {} in profiles before it
 
     # ------------------------------------------------------------------ queries
 
@@ -87,16 +90,17 @@ class Profile:
         names = list(domains or self.domains)
         stats = [self.check_domain(d) for d in names]
         if weighting == "balanced":
-            return torch.stack([self._mean(s, scorer, info) for s in stats]).mean(0)
+            return torch.stack([self.mean_utility(s, scorer, info) for s in stats]).mean(0)
         if weighting != "tokens":
             raise InputError(f"weighting must be 'tokens' or 'balanced', got {weighting!r}")
         total = stats[0]
         for s in stats[1:]:
             total = total.merge(s)
-        return self._mean(total, scorer, info)
+        return self.mean_utility(total, scorer, info)
 
     @staticmethod
-    def _mean(stats: DomainStats, scorer: str, info: dict) -> torch.Tensor:
+    def mean_utility(stats: DomainStats, scorer: str, info: dict) -> torch.Tensor:
+        """Utility (layers, experts) from sums: per routed token (REAP, EAN mean) or per token (the rest)."""
         denominator = stats.routed.clamp(min=1) if info["per_routed_token"] else max(stats.tokens, 1)
         return stats.sums[scorer] / denominator
 
@@ -106,6 +110,44 @@ class Profile:
         ordered = utility.sort(dim=1, descending=True).values
         share = ordered.cumsum(1) / ordered.sum(1, keepdim=True).clamp(min=1e-30)
         return [int((row < mass - 1e-9).sum()) + 1 for row in share]
+
+    # ------------------------------------------------------------------ architecture
+
+    @property
+    def groups(self) -> tuple[int, int]:
+        """(n_group, topk_group) of the profiled model's router; (1, 1) when ungrouped."""
+        arch = self.require_architecture()
+        return int(arch["n_group"]), int(arch["topk_group"])
+
+    def require_architecture(self) -> dict:
+        """The recorded architecture; for a profile made before premoe recorded it, read from the model once.
+
+        Refuses (rather than planning without groups) when neither is available.
+        """
+        if self.architecture:
+            return self.architecture
+        from premoe.modeling import read_config
+
+        if not Path(self.model.get("path", "")).is_dir():
+            raise InputError(f"this profile (of {self.model.get('name')}) predates premoe recording the model's "
+                             f"routing constraints, and the model directory {self.model.get('path')} is gone; "
+                             "profile the model again")
+        from premoe.adapters import get_adapter
+
+        config = read_config(self.model["path"])
+        self.architecture = architecture_of(get_adapter(config), config, Path(self.model["path"]),
+                                            self.num_experts)
+        return self.architecture
+
+    def sizes(self):
+        """The :class:`~premoe.checkpoint.SizeBreakdown` recorded at profile time, or ``None``."""
+        from premoe.checkpoint import SizeBreakdown
+
+        size = self.require_architecture().get("sizes")
+        if not size:
+            return None
+        return SizeBreakdown(size["total_bytes"], size["base_bytes"],
+                             {int(l): b for l, b in size["expert_bytes"].items()}, self.num_experts)
 
     # ------------------------------------------------------------------ merge
 
@@ -119,7 +161,8 @@ class Profile:
         for name, stats in other.domains.items():
             domains[name] = domains[name].merge(stats) if name in domains else stats
         return Profile(self.model, self.family, self.moe_layers, self.num_experts, self.top_k, self.scorers, domains,
-                       self.params, {**self.data, **other.data}, {"merged": [self.timing, other.timing]})
+                       self.params, {**self.data, **other.data}, {"merged": [self.timing, other.timing]},
+                       self.architecture or other.architecture)
 
     # ------------------------------------------------------------------ files
 
@@ -133,20 +176,112 @@ class Profile:
             "format": FORMAT, "premoe_version": __version__, "model": self.model, "family": self.family,
             "moe_layers": self.moe_layers, "num_experts": self.num_experts, "top_k": self.top_k,
             "scorers": self.scorers, "domains": {d: {"tokens": s.tokens} for d, s in self.domains.items()},
-            "params": self.params, "data": self.data, "timing": self.timing,
+            "params": self.params, "data": self.data, "timing": self.timing, "architecture": self.architecture,
         }
         return save_artefact(out, "profile.json", manifest, "scores.safetensors", tensors, force=force)
 
     @classmethod
     def load(cls, path: str | Path) -> "Profile":
-        manifest, tensors = load_artefact(path, "profile.json", FORMAT, "scores.safetensors",
-                                          f"premoe profile MODEL --data ... --out {path}")
+        """Read a profile directory, refusing (one line) anything malformed: bad JSON, wrong types, shapes, NaN."""
+        try:
+            manifest, tensors = load_artefact(path, "profile.json", FORMAT, "scores.safetensors",
+                                              f"premoe profile MODEL --data ... --out {path}")
+        except PremoeError:
+            raise
+        except FileNotFoundError as e:
+            raise MissingFileError(f"{path}: {e.filename or e} is missing; profile the model again") from e
+        except Exception as e:  # JSONDecodeError, SafetensorError, UnicodeDecodeError, OSError …
+            raise CheckpointError(f"{path} is not a readable premoe profile ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}); profile the model again") from e
+        _check_manifest(manifest, path)
+        for info in manifest["scorers"].values():  # older profiles' "reap" used the all-experts probability
+            if info["kind"] == "reap" and "renormalise" not in info["params"]:
+                info["params"] = {"renormalise": False}
+        layers, experts = len(manifest["moe_layers"]), manifest["num_experts"]
         domains = {
-            d: DomainStats(info["tokens"], {n: tensors[f"{d}/{n}"] for n in manifest["scorers"]}, tensors[f"{d}/routed"])
+            d: DomainStats(info["tokens"], {n: _tensor(tensors, f"{d}/{n}", (layers, experts), path)
+                                            for n in manifest["scorers"]},
+                           _tensor(tensors, f"{d}/routed", (layers, experts), path, non_negative=True))
             for d, info in manifest["domains"].items()
         }
-        return cls(manifest["model"], manifest["family"], manifest["moe_layers"], manifest["num_experts"],
-                   manifest["top_k"], manifest["scorers"], domains, manifest["params"], manifest["data"], manifest["timing"])
+        return cls(manifest["model"], manifest["family"], manifest["moe_layers"], experts, manifest["top_k"],
+                   manifest["scorers"], domains, manifest["params"], manifest["data"], manifest["timing"],
+                   manifest.get("architecture") or {})
+
+
+def _check_manifest(m, path) -> None:
+    """Types and ranges of profile.json's fields; one CheckpointError naming the first bad one."""
+    def bad(key: str, expected: str) -> CheckpointError:
+        return CheckpointError(f"{path}/profile.json: {key} must be {expected}; the profile is damaged, "
+                               "profile the model again")
+
+    def is_int(x, low: int = 0) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+    if not isinstance(m, dict):
+        raise bad("the manifest", "a JSON object")
+    for key, kind in (("model", dict), ("family", str), ("moe_layers", list), ("scorers", dict), ("domains", dict),
+                      ("params", dict), ("data", dict), ("timing", dict)):
+        if not isinstance(m.get(key), kind):
+            raise bad(key, f"a JSON {kind.__name__}")
+    if not all(isinstance(m["model"].get(k), str) for k in ("name", "path", "config_hash")):
+        raise bad("model", "an object with string name, path and config_hash")
+    layers = m["moe_layers"]
+    if not layers or not all(is_int(l) for l in layers) or len(set(layers)) != len(layers):
+        raise bad("moe_layers", "a non-empty list of distinct layer indices ≥ 0")
+    if not is_int(m.get("num_experts"), 1):
+        raise bad("num_experts", "an integer ≥ 1")
+    if not is_int(m.get("top_k"), 1) or m["top_k"] > m["num_experts"]:
+        raise bad("top_k", f"an integer in 1..num_experts ({m['num_experts']})")
+    for name, info in m["scorers"].items():
+        if (name == "routed" or "/" in name or not isinstance(info, dict) or info.get("kind") not in SCORERS
+                or not isinstance(info.get("params"), dict) or not isinstance(info.get("per_routed_token"), bool)):
+            raise bad(f"scorers[{name!r}]", f"{{kind: one of {', '.join(SCORERS)}, params: object, "
+                                            "per_routed_token: bool}")
+    for domain, info in m["domains"].items():
+        if "/" in domain or not isinstance(info, dict) or not is_int(info.get("tokens")):
+            raise bad(f"domains[{domain!r}]", "{tokens: integer ≥ 0} under a name without '/'")
+    arch = m.get("architecture") or {}
+    if not isinstance(arch, dict):
+        raise bad("architecture", "a JSON object")
+    if arch and not (all(is_int(arch.get(k), 1) for k in ("top_k", "n_group", "topk_group"))
+                     and isinstance(arch.get("sizes"), (dict, type(None)))):
+        raise bad("architecture", "{top_k, n_group, topk_group: integers ≥ 1, sizes: object or null, …}")
+
+
+def _tensor(tensors: dict, key: str, shape: tuple[int, int], path, non_negative: bool = False) -> torch.Tensor:
+    """``tensors[key]`` as float64 (layers, experts), refused when missing, misshapen or not finite."""
+    t = tensors.get(key)
+    if t is None:
+        raise CheckpointError(f"{path}/scores.safetensors has no tensor {key!r}; profile the model again")
+    if tuple(t.shape) != shape or not t.is_floating_point():
+        raise CheckpointError(f"{path}/scores.safetensors: {key} is {str(t.dtype).removeprefix('torch.')} "
+                              f"{tuple(t.shape)}, expected float {shape}; profile the model again")
+    t = t.double()
+    if not torch.isfinite(t).all() or (non_negative and (t < 0).any()):
+        raise CheckpointError(f"{path}/scores.safetensors: {key} holds NaN, infinite"
+                              f"{' or negative' if non_negative else ''} values; profile the model again")
+    return t
+
+
+def architecture_of(adapter, config, model_path: Path | None, num_experts: int) -> dict:
+    """What planning needs to know about the model, recorded in the profile at profile time.
+
+    top-k, routing groups, top-k renormalisation, scoring function, whether
+    pruning changes the kept gate weights, and (when the checkpoint is on
+    disk) its byte sizes per expert, so ``plan --budget-gb`` needs no model.
+    """
+    n_group, topk_group = adapter.groups(config)
+    arch = {"top_k": adapter.top_k(config), "n_group": n_group, "topk_group": topk_group,
+            "renormalises": adapter.renormalises_top_k(config), "scoring": adapter.scoring,
+            "gate_changes_when_pruned": adapter.gate_changes_when_pruned(config), "sizes": None}
+    if model_path is not None and Path(model_path).is_dir():
+        from premoe.checkpoint import size_breakdown
+
+        sizes = size_breakdown(Path(model_path), adapter, num_experts)
+        arch["sizes"] = {"total_bytes": sizes.total_bytes, "base_bytes": sizes.base_bytes,
+                         "expert_bytes": {str(l): b for l, b in sizes.expert_bytes.items()}}
+    return arch
 
 
 def resolve_scorers(names: Sequence[str] | None) -> list[ScorerSpec]:
@@ -218,6 +353,7 @@ def assemble_profile(identity: dict, adapter, config, layers: Sequence, specs: S
         domains=domains, params=vars(params).copy(), data={s.name: s.origin for s in sources},
         timing={"seconds": round(time.time() - started, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 **timing},
+        architecture=architecture_of(adapter, config, Path(identity["path"]), layers[0].num_experts),
     )
 
 

@@ -111,7 +111,7 @@ class Retriever:
         self.capture.reset()
         with self._full_router(), self.capture:
             self.capture.run(input_ids.reshape(1, -1))
-        return Profile._mean(self.capture.stats, self.spec.name, self.info)[0]  # (experts,)
+        return Profile.mean_utility(self.capture.stats, self.spec.name, self.info)[0]  # (experts,)
 
     def pattern_distances(self, windows: torch.Tensor, metric: str | None = None) -> torch.Tensor:
         """(windows, domains) distances of each window's own pattern to every stored domain."""

@@ -150,6 +150,7 @@ class Store:
             "num_experts": p.num_experts, "top_k": p.top_k,
             "domains": {d: {"tokens": s.tokens, "origin": p.data.get(d, "")} for d, s in p.domains.items()},
             "threshold": self.threshold, "calibration": self.calibration, "profile_params": p.params,
+            "architecture": p.architecture,
         }
         return save_artefact(out, "store.json", manifest, "patterns.safetensors", tensors, force=force)
 
@@ -162,7 +163,8 @@ class Store:
                    for d, info in m["domains"].items()}
         profile = Profile(m["model"], m["family"], m["moe_layers"], m["num_experts"], m["top_k"],
                           {scorer: m["scorer_info"]}, domains, m["profile_params"],
-                          {d: info["origin"] for d, info in m["domains"].items()})
+                          {d: info["origin"] for d, info in m["domains"].items()},
+                          architecture=m.get("architecture") or {})
         return cls(profile, scorer, m["threshold"], m["calibration"])
 
 
@@ -175,7 +177,7 @@ def _one_scorer(profile: Profile, scorer: str) -> Profile:
             raise InputError(f"domain name {name!r} cannot be stored: '{GENERALIST}' is reserved and '/' is "
                              "not allowed")
     return Profile(profile.model, profile.family, profile.moe_layers, profile.num_experts, profile.top_k,
-                   {scorer: info}, domains, profile.params, profile.data, profile.timing)
+                   {scorer: info}, domains, profile.params, profile.data, profile.timing, profile.architecture)
 
 
 def build_store(model, profile: Profile, scorer: str = "router_mass", held_out: Sequence[Source] | None = None,

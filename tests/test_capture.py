@@ -5,7 +5,7 @@ import torch
 import tiny
 from premoe.adapters import get_adapter
 from premoe.capture import RouterCapture
-from premoe.scores import PRESETS
+from premoe.scores import PRESETS, ScorerSpec
 
 SCORERS = [PRESETS[n] for n in ("peu", "tcess", "frequency", "router_mass", "reap")]
 
@@ -95,3 +95,51 @@ def test_stop_after_last_ends_the_pass_at_the_last_captured_router(model):
 def test_layers_that_are_not_moe_are_refused(model):
     with pytest.raises(ValueError, match="no MoE layer among"):
         RouterCapture(model, get_adapter(model.config), SCORERS, layers=[7])
+
+
+@pytest.fixture(scope="module")
+def biased_deepseek():
+    """A tiny DeepSeek-V3 (2 groups of 4 experts, 1 group per token) whose correction bias dominates its choice."""
+    model = tiny.build("deepseek_v3")
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.0, 3.0, 0.0, 0.0, 2.0])  # sigmoid ≤ 1: experts 4 and 7 always win
+    for layer in get_adapter(model.config).moe_layers(model):
+        layer.block.gate.e_score_correction_bias.copy_(bias)
+    return model
+
+
+def actually_routed(model, tokens) -> dict[int, torch.Tensor]:
+    """Decoder layer -> (tokens, top_k) indices the experts module was called with (the model's real choice)."""
+    seen, handles = {}, []
+    for layer in get_adapter(model.config).moe_layers(model):
+        handles.append(layer.experts.register_forward_pre_hook(
+            lambda module, args, index=layer.index: seen.__setitem__(index, args[1].reshape(-1, args[1].shape[-1]))))
+    try:
+        with torch.no_grad():
+            model(input_ids=tokens, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def test_routed_candidates_and_frequency_follow_the_biased_grouped_router(biased_deepseek):
+    model, tokens = biased_deepseek, ids(2, 8)
+    adapter = get_adapter(model.config)
+    routed_rule = ScorerSpec("peu", (("candidates", 2), ("threshold", 0.0), ("transform", "prob"),
+                                     ("candidates_from", "routed")))
+    with RouterCapture(model, adapter, [PRESETS["frequency"], PRESETS["tcess_top1"], routed_rule]) as capture:
+        capture.run(tokens)
+    real = actually_routed(model, tokens)
+    layers = [l.index for l in capture.layers]
+    counts = torch.stack([torch.bincount(real[l].reshape(-1), minlength=8) for l in layers]).double()  # (layers, 8)
+    assert torch.equal(capture.stats.sums["frequency"], counts)
+    assert torch.equal(capture.stats.routed, counts)
+    assert counts[:, 4].tolist() == counts[:, 7].tolist() == [16.0] * len(layers)  # the bias decides
+    # every token's routed-rule candidates are exactly its routed experts (probabilities sum to 1 per token)
+    assert torch.allclose(capture.stats.sums[routed_rule.name].sum(1), torch.full((len(layers),), 16.0,
+                                                                                 dtype=torch.float64))
+    assert torch.equal(capture.stats.sums[routed_rule.name] > 0, counts > 0)
+    # the raw-logit top-k (what frequency would be if computed from logits) is a different choice here
+    with RouterCapture(model, adapter, [PRESETS["tcess_top1"]]) as top1:
+        top1.run(tokens)
+    assert not torch.equal(top1.stats.sums["tcess_top1"] != 0, counts > 0)

@@ -1,40 +1,75 @@
-"""Plans: M from keep/experts/budget, architecture checks, local/global ranking, round trip."""
+"""Plans: M from keep/experts/budget, architecture checks, local/global ranking, validation, round trip.
+
+Several tests pin a bug that once passed the suite (issue 11.6): global ranking without the per-layer
+top-k floor, padding with the worst instead of the best unchosen experts, local ranking that ignores
+routing groups; and plan files of the wrong shape (issue 12.6/12.7).
+"""
+import json
+import shutil
+
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+import tiny
 from premoe.capture import DomainStats
-from premoe.errors import InputError, PlanError
-from premoe.plan import Plan, PlanRequest, _global_top, _top_in_groups, check_experts, make_plan
-from premoe.profile import Profile
+from premoe.data import Source
+from premoe.errors import InputError, PlanError, PremoeError
+from premoe.plan import Plan, PlanRequest, check_experts, format_ranges, make_plan, validate_plan
+from premoe.profile import Profile, ProfileParams, profile_model
+
+ROUTER_MASS = {"router_mass": {"kind": "router_mass", "params": {}, "per_routed_token": False}}
 
 
-def toy_profile(tmp_path=None) -> Profile:
-    """Two domains over 2 layers x 8 experts with known utilities (router_mass sums / tokens)."""
-    a = torch.tensor([[8, 7, 6, 5, 4, 3, 2, 1], [1, 2, 3, 4, 5, 6, 7, 8]], dtype=torch.float64)
-    b = torch.tensor([[1, 1, 1, 1, 1, 1, 9, 9], [9, 9, 1, 1, 1, 1, 1, 1]], dtype=torch.float64)
-    stats = {"a": DomainStats(10, {"router_mass": a * 10}, torch.ones(2, 8)),
-             "b": DomainStats(30, {"router_mass": b * 30}, torch.ones(2, 8))}
-    return Profile({"name": "toy", "path": "/nonexistent", "model_type": None, "config_hash": "h"}, "Toy", [0, 1], 8, 2,
-                   {"router_mass": {"kind": "router_mass", "params": {}, "per_routed_token": False}}, stats)
+def arch(n_group: int = 1, topk_group: int = 1, top_k: int = 2) -> dict:
+    return {"top_k": top_k, "n_group": n_group, "topk_group": topk_group, "renormalises": True,
+            "scoring": "softmax", "gate_changes_when_pruned": False,
+            "sizes": {"total_bytes": 1000, "base_bytes": 200, "expert_bytes": {"0": 30, "1": 20}}}
+
+
+def profile_of(utilities: dict[str, list[list[float]]], tokens: dict[str, int] | None = None,
+               architecture: dict | None = None) -> Profile:
+    """A profile over 2 layers x 8 experts whose router_mass utility per domain is exactly ``utilities``."""
+    stats = {}
+    for domain, rows in utilities.items():
+        n = (tokens or {}).get(domain, 10)
+        stats[domain] = DomainStats(n, {"router_mass": torch.tensor(rows, dtype=torch.float64) * n}, torch.ones(2, 8))
+    return Profile({"name": "toy", "path": "/nonexistent", "model_type": None, "config_hash": "h"}, "Toy", [0, 1], 8,
+                   2, ROUTER_MASS, stats, architecture=architecture if architecture is not None else arch())
+
+
+def toy_profile() -> Profile:
+    """Two domains: a (10 tokens) and b (30 tokens)."""
+    return profile_of({"a": [[8, 7, 6, 5, 4, 3, 2, 1], [1, 2, 3, 4, 5, 6, 7, 8]],
+                       "b": [[1, 1, 1, 1, 1, 1, 9, 9], [9, 9, 1, 1, 1, 1, 1, 1]]}, {"a": 10, "b": 30})
 
 
 def test_specialist_keeps_top_m_per_layer():
     plan = make_plan(toy_profile(), PlanRequest(experts=3, domain="a", scorer="router_mass"))
     assert plan.kept == {0: [0, 1, 2], 1: [5, 6, 7]}
+    assert plan.order[0] == [0, 1, 2, 3, 4, 5, 6, 7] and plan.order[1] == [7, 6, 5, 4, 3, 2, 1, 0]
     assert plan.target == "specialist:a"
     assert "multiple of 4" in plan.notes[0]
 
 
 def test_generalist_is_token_weighted():
-    # tokens: a=10, b=30, so b dominates: layer 0 experts 6,7 (b=9) then 0 (a=8 weighted 0.25 -> 2+0.75)
-    plan = make_plan(toy_profile(), PlanRequest(experts=2, scorer="router_mass"))
-    assert plan.kept[0] == [6, 7]
+    # tokens: a=10, b=30: layer 0 = (a + 3b) / 4 = experts 6, 7 at (2 + 27)/4, then expert 0 at (8 + 3)/4
+    plan = make_plan(toy_profile(), PlanRequest(experts=3, scorer="router_mass"))
+    assert plan.kept[0] == [0, 6, 7]
     balanced = make_plan(toy_profile(), PlanRequest(experts=3, scorer="router_mass", weighting="balanced"))
-    assert 0 in balanced.kept[0]
+    assert balanced.kept[0] == [0, 6, 7] and balanced.kept[1] == [0, 1, 7]  # (a + b)/2: 5, 5.5, … 4.5
+    assert make_plan(toy_profile(), PlanRequest(experts=2, scorer="router_mass", domains=["a"])).kept[0] == [0, 1]
 
 
-def test_keep_fraction_and_errors():
+def test_keep_fraction_budget_and_errors():
     assert len(make_plan(toy_profile(), PlanRequest(keep=0.5, domain="a", scorer="router_mass")).kept[0]) == 4
+    # budget: 200 base bytes + M x (30 + 20) bytes ≤ 400 -> M = 4, from the sizes the profile recorded
+    assert len(make_plan(toy_profile(), PlanRequest(budget_gb=400e-9, domain="a", scorer="router_mass")).kept[0]) == 4
+    with pytest.raises(PlanError, match="cannot hold"):
+        make_plan(toy_profile(), PlanRequest(budget_gb=240e-9, domain="a", scorer="router_mass"))
+    with pytest.raises(InputError, match="--budget-gb must be a positive number"):
+        make_plan(toy_profile(), PlanRequest(budget_gb=float("nan"), domain="a", scorer="router_mass"))
     with pytest.raises(PlanError, match="below top-k = 2"):
         make_plan(toy_profile(), PlanRequest(experts=1, domain="a", scorer="router_mass"))
     with pytest.raises(InputError, match="exactly one"):
@@ -52,25 +87,203 @@ def test_group_constraints_offer_the_nearest_valid_choice():
     with pytest.raises(PlanError, match="at least 2 per group"):
         check_experts(2, profile, (2, 1))
     check_experts(4, profile, (2, 1))
-    row = torch.tensor([1.0, 5, 3, 2, 9, 8, 0, 7])
-    assert sorted(_top_in_groups(row, 4, 2)) == [1, 2, 4, 5]
 
 
-def test_global_ranking_moves_experts_between_layers():
-    utility = torch.tensor([[10.0, 9, 8, 7, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
-    kept = _global_top(utility, 3, 2, 1)
-    assert sum(map(len, kept)) == 6
-    assert len(kept[0]) == 4 and len(kept[1]) == 2  # the peaked layer gets more, each keeps >= top-k
+def test_local_ranking_on_a_grouped_model_keeps_the_best_of_every_group():
+    # all the utility sits in group 0 (experts 0-3): ignoring the groups would keep 0-3 and leave group 1 empty
+    grouped = profile_of({"a": [[9, 8, 7, 6, 1, 2, 3, 4], [4, 3, 2, 1, 9, 8, 7, 6]]}, architecture=arch(2, 1))
+    plan = make_plan(grouped, PlanRequest(experts=4, domain="a", scorer="router_mass"))
+    assert plan.kept == {0: [0, 1, 6, 7], 1: [0, 1, 4, 5]}
+    ungrouped = profile_of({"a": [[9, 8, 7, 6, 1, 2, 3, 4], [4, 3, 2, 1, 9, 8, 7, 6]]})
+    assert make_plan(ungrouped, PlanRequest(experts=4, domain="a", scorer="router_mass")).kept[0] == [0, 1, 2, 3]
+    with pytest.raises(PlanError, match="global ranking with grouped routing"):
+        make_plan(grouped, PlanRequest(experts=4, domain="a", scorer="router_mass", ranking="global"))
 
 
-def test_plan_round_trip_and_padding(tmp_path):
+# layer 0: six equally useful experts (share 1/6 each); layer 1: a spread whose best share (0.20) beats them
+GLOBAL = {"a": [[1, 1, 1, 1, 1, 1, 0, 0], [0.14, 0.20, 0.18, 0.16, 0.12, 0.10, 0.06, 0.04]]}
+
+
+def test_global_ranking_keeps_top_k_in_every_layer_then_the_best_pairs():
+    plan = make_plan(profile_of(GLOBAL), PlanRequest(experts=3, domain="a", scorer="router_mass", ranking="global"))
+    # 2 layers x 3 = 6 experts: the floor gives each layer its top 2 (layer 1: experts 1, 2); the 2 left go to the
+    # best remaining shares: 1/6 (layer 0) beats 0.16 (layer 1)
+    assert [len(plan.kept[0]), len(plan.kept[1])] == [4, 2]
+    assert plan.kept[1] == [1, 2]
+    assert set(plan.kept[0]) <= {0, 1, 2, 3, 4, 5}
+    # without the floor layer 1 would get 1 expert (0.20) and be below top-k; make the floor bind
+    peaked = {"a": [[1, 1, 1, 1, 1, 1, 0, 0], [0.125] * 8]}
+    plan = make_plan(profile_of(peaked), PlanRequest(experts=3, domain="a", scorer="router_mass", ranking="global"))
+    assert [len(plan.kept[0]), len(plan.kept[1])] == [4, 2]
+
+
+def test_padding_adds_the_best_unchosen_experts():
+    plan = make_plan(profile_of(GLOBAL), PlanRequest(experts=3, domain="a", scorer="router_mass", ranking="global"))
+    padded = plan.padded()
+    assert padded.uniform and padded.max_kept == 4
+    assert padded.kept[1] == [0, 1, 2, 3]  # shares 0.20, 0.18 chosen; the next best are 0.16 (3) and 0.14 (0)
+    assert padded.kept[0] == plan.kept[0]
+    assert "padded to 4" in padded.notes[-1]
+
+
+def test_plan_round_trip(tmp_path):
     plan = make_plan(toy_profile(), PlanRequest(experts=3, scorer="router_mass", ranking="global"))
     path = plan.save(tmp_path / "p.json")
     loaded = Plan.load(path)
-    assert loaded.kept == plan.kept and loaded.order == plan.order
-    padded = loaded.padded()
-    assert padded.uniform and all(set(plan.kept[l]) <= set(padded.kept[l]) for l in plan.kept)
+    assert loaded.__dict__ == plan.__dict__
     with pytest.raises(Exception, match="already exists"):
         plan.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["p.json"]
     with pytest.raises(PlanError, match="was made for toy"):
-        plan.check_model({"name": "other", "config_hash": "zz"})
+        plan.check_model({"name": "other", "config_hash": "zz", "path": "/nonexistent"})
+
+
+def test_format_ranges():
+    assert format_ranges([0, 1, 2, 5, 6, 9]) == "0-2,5-6,9"
+    assert format_ranges([]) == ""
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def valid_plan() -> Plan:
+    return make_plan(toy_profile(), PlanRequest(experts=4, domain="a", scorer="router_mass"))
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda p: p.kept.__setitem__(0, [-1, 0, 1, 2]), r"outside 0..7"),
+    (lambda p: p.kept.__setitem__(0, [0, 1, 2, 8]), r"outside 0..7"),
+    (lambda p: p.kept.__setitem__(0, []), "keeps no experts"),
+    (lambda p: p.kept.__setitem__(0, [1, 1, 2, 3]), "twice"),
+    (lambda p: p.kept.__setitem__(0, [1]), "fewer than top-k = 2"),
+    (lambda p: p.order.__setitem__(0, [0, 1, 2, 3]), "order must list every expert"),
+    (lambda p: p.order.__setitem__(0, [0, 0, 1, 2, 3, 4, 5, 6]), "order must list every expert"),
+    (lambda p: p.kept.__setitem__(5, [0, 1]), "must agree"),
+    (lambda p: p.kept.pop(1), "must agree"),
+])
+def test_validate_plan_refuses_each_broken_plan(mutate, message):
+    plan = valid_plan()
+    validate_plan(plan, 8, 2)
+    mutate(plan)
+    with pytest.raises(PlanError, match=message):
+        validate_plan(plan, 8, 2)
+
+
+def test_validate_plan_checks_the_model():
+    plan = valid_plan()
+    with pytest.raises(PlanError, match="8 experts per layer with top-k 2; the model has 16"):
+        validate_plan(plan, 16, 2)
+    with pytest.raises(PlanError, match="model's MoE layers are \\[1, 2\\]"):
+        validate_plan(plan, 8, 2, moe_layers=[1, 2])
+    plan.kept[0] = [0, 1, 2, 4]  # 3 in group 0, 1 in group 1
+    validate_plan(plan, 8, 2)
+    with pytest.raises(PlanError, match="per group"):
+        validate_plan(plan, 8, 2, groups=(2, 1))
+
+
+def test_check_model_validates_against_the_checkpoint(tiny_qwen3, tmp_path):
+    profile = profile_model(tiny_qwen3, [Source("code", [tiny.TEXT[:600]], "x")], ["router_mass"],
+                            ProfileParams(max_tokens=64, seq_len=32), progress=False)
+    plan = make_plan(profile, PlanRequest(experts=4, domain="code", scorer="router_mass"))
+    from premoe.modeling import model_identity
+
+    identity = model_identity(tiny_qwen3)
+    plan.check_model(identity, moe_layers=[0, 1])
+    plan.kept[0] = [-1, 0, 1, 2]  # once silently expert 7
+    with pytest.raises(PlanError, match="outside 0..7"):
+        plan.check_model(identity)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: [], "JSON object with format"),
+    (lambda d: {**d, "format": "premoe-plan/9"}, "format"),
+    (lambda d: {**d, "kept": [[0, 1]]}, "'kept' must be a JSON dict"),
+    (lambda d: {**d, "kept": {"0": "0,1"}}, r"kept\['0'\] must map"),
+    (lambda d: {**d, "kept": {"x": [0, 1]}}, r"kept\['x'\] must map"),
+    (lambda d: {**d, "kept": {**d["kept"], "0": [0, 1.5, 2, 3]}}, r"kept\['0'\] must map"),
+    (lambda d: {**d, "kept": {**d["kept"], "0": [-1, 1, 2, 3]}}, "outside 0..7"),
+    (lambda d: {**d, "num_experts": "8"}, "'num_experts' must be a JSON int"),
+    (lambda d: {**d, "top_k": True}, "'top_k' must be a JSON int"),
+    (lambda d: {k: v for k, v in d.items() if k != "target"}, "'target' must be a JSON str"),
+    (lambda d: {**d, "extra": 1}, "unknown plan field"),
+    (lambda d: {**d, "model": {"name": 1}}, "'model' must hold"),
+    (lambda d: {**d, "request": {}}, "'request' must hold"),
+])
+def test_load_refuses_json_of_the_wrong_shape(tmp_path, edit, message):
+    path = valid_plan().save(tmp_path / "p.json")
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(PlanError, match=message):
+        Plan.load(path)
+
+
+def test_load_refuses_unreadable_files(tmp_path):
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(PlanError, match="not a readable premoe plan"):
+        Plan.load(tmp_path / "bin.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(PlanError, match="invalid JSON"):
+        Plan.load(tmp_path / "bad.json")
+    with pytest.raises(PlanError, match="not a readable premoe plan"):
+        Plan.load(tmp_path)  # a directory
+
+
+def _mutations():
+    json_values = st.recursive(st.none() | st.booleans() | st.integers(-10, 20) | st.floats() | st.text(max_size=4),
+                               lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
+                                                                                          max_size=3), max_leaves=6)
+    keys = st.sampled_from(["model", "family", "num_experts", "top_k", "moe_layers", "kept", "order", "request",
+                            "target", "utility_kept", "notes", "profile", "format", "kept.0", "kept.1", "order.0",
+                            "kept.0.0", "order.1.3", "nonsense"])
+    return st.lists(st.tuples(keys, json_values | st.integers(-3, 12)), min_size=1, max_size=3)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutations=_mutations())
+def test_mutated_plan_files_load_cleanly_or_fail_cleanly(tmp_path, mutations):
+    path = valid_plan().save(tmp_path / "p.json", force=True)
+    data = json.loads(path.read_text())
+    for key, value in mutations:
+        target, *rest = key.split(".")
+        if not rest:
+            data[target] = value
+        elif isinstance(data.get(target), dict):
+            if len(rest) == 1:
+                data[target][rest[0]] = value
+            elif isinstance(data[target].get(rest[0]), list) and data[target][rest[0]]:
+                data[target][rest[0]][int(rest[1]) % len(data[target][rest[0]])] = value
+    text = json.dumps(data)
+    path.write_text(text)
+    try:
+        plan = Plan.load(path)
+    except PremoeError as e:
+        assert "\n" not in str(e)
+    else:
+        validate_plan(plan, plan.num_experts, plan.top_k)  # whatever loads is a valid plan
+        assert all(isinstance(e, int) for v in plan.kept.values() for e in v)
+    assert path.read_text() == text  # loading never changes the file
+
+
+# --------------------------------------------------------------------------- the profile carries the architecture
+
+
+def test_a_grouped_model_keeps_its_groups_after_its_directory_is_gone(tmp_path):
+    model = tiny.save("deepseek_v3", tmp_path / "dsv3")  # 2 groups of 4 experts
+    profile = profile_model(model, [Source("code", [tiny.TEXT[:600]], "x")], ["router_mass"],
+                            ProfileParams(max_tokens=64, seq_len=32), progress=False)
+    saved = profile.save(tmp_path / "prof")
+    shutil.rmtree(model)
+    loaded = Profile.load(saved)
+    assert loaded.groups == (2, 1) and loaded.architecture["top_k"] == 2 and loaded.architecture["renormalises"]
+    assert loaded.sizes() is not None and sorted(loaded.sizes().expert_bytes) == [1, 2]
+    plan = make_plan(loaded, PlanRequest(experts=4, domain="code", scorer="router_mass"))
+    for kept in plan.kept.values():
+        assert [e // 4 for e in kept] == [0, 0, 1, 1]  # two from each group, whatever the utility says
+    with pytest.raises(PlanError, match="multiple of n_group = 2"):
+        make_plan(loaded, PlanRequest(experts=3, domain="code", scorer="router_mass"))
+    assert len(make_plan(loaded, PlanRequest(budget_gb=1.0, domain="code", scorer="router_mass")).kept[1]) == 8
+
+
+def test_an_old_profile_without_architecture_and_model_is_refused_not_planned_ungrouped():
+    old = profile_of(GLOBAL, architecture={})
+    with pytest.raises(InputError, match="profile the model again"):
+        make_plan(old, PlanRequest(experts=4, domain="a", scorer="router_mass"))

@@ -4,12 +4,15 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import tiny
 from premoe.capture import DomainStats
 from premoe.data import Source
 from premoe.errors import CheckpointError, InputError, MissingFileError, OutputExistsError, UnsupportedModelError
 from premoe.profile import Profile, ProfileParams, profile_model
+from premoe.errors import PremoeError
 
 PARAMS = ProfileParams(max_tokens=160, seq_len=32, batch_size=2)
 SCORERS = ["peu", "tcess", "frequency", "router_mass", "reap"]
@@ -33,7 +36,8 @@ def assert_same_stats(x: DomainStats, y: DomainStats) -> None:
 def test_round_trip(both, tmp_path):
     out = both.save(tmp_path / "prof")
     loaded = Profile.load(out)
-    for field in ("model", "family", "moe_layers", "num_experts", "top_k", "scorers", "params", "data", "timing"):
+    for field in ("model", "family", "moe_layers", "num_experts", "top_k", "scorers", "params", "data", "timing",
+                  "architecture"):
         assert getattr(loaded, field) == getattr(both, field), field
     assert loaded.domains.keys() == both.domains.keys()
     for domain in both.domains:
@@ -150,3 +154,135 @@ def test_a_corrupt_checkpoint_is_refused(tiny_qwen3, tmp_path):
     (broken / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json"):
         profile_model(broken, [A], SCORERS, PARAMS, progress=False)
+
+
+def test_the_architecture_plan_needs_is_recorded(both, tiny_qwen3):
+    arch = both.architecture
+    assert {k: arch[k] for k in ("top_k", "n_group", "topk_group", "renormalises", "scoring")} == \
+        {"top_k": 2, "n_group": 1, "topk_group": 1, "renormalises": True, "scoring": "softmax"}
+    from premoe.adapters import get_adapter
+    from premoe.checkpoint import size_breakdown
+    from premoe.modeling import read_config
+
+    assert both.sizes() == size_breakdown(tiny_qwen3, get_adapter(read_config(tiny_qwen3)), 8)
+
+
+def test_an_old_profile_without_architecture_still_loads(both, tmp_path):
+    out = both.save(tmp_path / "prof")
+    manifest = json.loads((out / "profile.json").read_text())
+    del manifest["architecture"]
+    manifest["scorers"]["reap"]["params"] = {}  # how profiles recorded REAP before it was renormalised
+    (out / "profile.json").write_text(json.dumps(manifest))
+    old = Profile.load(out)
+    assert old.architecture == {}
+    assert old.groups == (1, 1)  # read once from the model directory, which still exists
+    assert old.architecture["sizes"] == both.architecture["sizes"]
+    assert both.scorers["reap"]["params"] == {"renormalise": "model"}
+    assert old.scorers["reap"]["params"] == {"renormalise": False}  # told apart from today's reap
+
+
+def test_generated_tokens_are_scored(tiny_qwen3):
+    """--generate profiles the text plus the model's own greedy continuation, not the text alone."""
+    from premoe.adapters import get_adapter
+    from premoe.capture import RouterCapture
+    from premoe.data import token_windows
+    from premoe.modeling import load_model, load_tokenizer
+    from premoe.profile import resolve_scorers
+
+    params = ProfileParams(max_tokens=96, seq_len=24, batch_size=2, generate=8)
+    generated = profile_model(tiny_qwen3, [A], ["frequency", "router_mass"], params, progress=False)
+    model, tokenizer = load_model(tiny_qwen3), load_tokenizer(tiny_qwen3)
+    windows = token_windows(A.texts, tokenizer, 16, 96)  # (6, 16): the text part of each window
+    with RouterCapture(model, get_adapter(model.config), resolve_scorers(["frequency", "router_mass"])) as capture:
+        for start in range(0, windows.shape[0], 2):
+            batch = windows[start : start + 2]
+            out = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), max_new_tokens=8,
+                                 min_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            assert out.shape == (batch.shape[0], 24)
+            capture.run(out)
+    stats = generated.domains["code"]
+    assert stats.tokens == windows.shape[0] * 24  # 16 text + 8 generated tokens per window
+    assert_same_stats(stats, capture.stats)
+
+
+def _profile_files(both, tmp_path):
+    out = both.save(tmp_path / "prof", force=True)
+    return out, json.loads((out / "profile.json").read_text())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: {**m, "num_experts": "8"}, "num_experts must be an integer"),
+    (lambda m: {**m, "moe_layers": []}, "moe_layers must be a non-empty list"),
+    (lambda m: {**m, "moe_layers": [0, 0]}, "moe_layers must be a non-empty list"),
+    (lambda m: {**m, "top_k": 99}, "top_k must be an integer in 1..num_experts"),
+    (lambda m: {**m, "domains": {"code": {"tokens": -1}}}, r"domains\['code'\]"),
+    (lambda m: {**m, "scorers": {"peu": {"kind": "nonsense", "params": {}, "per_routed_token": False}}},
+     r"scorers\['peu'\]"),
+    (lambda m: {**m, "model": "x"}, "model must be a JSON dict"),
+    (lambda m: [1, 2], "not a readable premoe profile"),
+    (lambda m: {**m, "num_experts": 4}, r"expected float \(2, 4\)"),
+    (lambda m: {**m, "domains": {**m["domains"], "extra": {"tokens": 3}}}, "no tensor 'extra/"),
+])
+def test_load_refuses_a_malformed_manifest(both, tmp_path, edit, message):
+    out, manifest = _profile_files(both, tmp_path)
+    (out / "profile.json").write_text(json.dumps(edit(manifest)))
+    with pytest.raises(CheckpointError, match=message):
+        Profile.load(out)
+
+
+def test_load_refuses_nan_and_misshapen_tensors(both, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out, _ = _profile_files(both, tmp_path)
+    original = load_file(str(out / "scores.safetensors"))
+    for key, value, message in [("code/peu", float("nan"), "NaN, infinite"),
+                                ("code/reap", float("inf"), "NaN, infinite"),
+                                ("bible/routed", -1.0, "NaN, infinite or negative")]:
+        tensors = dict(original)
+        tensors[key] = tensors[key].clone()
+        tensors[key][0, 0] = value
+        save_file(tensors, str(out / "scores.safetensors"))
+        with pytest.raises(CheckpointError, match=message):
+            Profile.load(out)
+    save_file({**original, "code/peu": original["code/peu"][:, :4].contiguous()}, str(out / "scores.safetensors"))
+    with pytest.raises(CheckpointError, match=r"code/peu is float64 \(2, 4\), expected float \(2, 8\)"):
+        Profile.load(out)
+    (out / "scores.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{bad")
+    with pytest.raises(CheckpointError, match="not a readable premoe profile"):
+        Profile.load(out)
+    (out / "profile.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a readable premoe profile"):
+        Profile.load(out)
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-5, 40) | st.floats() | st.text(max_size=3),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
+                                                                                max_size=3), max_leaves=5)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(["model", "family", "moe_layers", "num_experts", "top_k", "scorers", "domains",
+                            "params", "architecture", "format"]), value=_JSON,
+       tensor=st.sampled_from(["code/peu", "bible/routed", "code/reap", None]),
+       shape=st.sampled_from([(2, 8), (8, 2), (2, 7), (16,), (2, 8, 1)]),
+       fill=st.sampled_from([0.0, 1.5, -2.0, float("nan"), float("-inf")]))
+def test_mutated_profiles_load_cleanly_or_fail_cleanly(both, tmp_path, key, value, tensor, shape, fill):
+    from safetensors.torch import load_file, save_file
+
+    out, manifest = _profile_files(both, tmp_path)
+    manifest[key] = value
+    (out / "profile.json").write_text(json.dumps(manifest))
+    if tensor is not None:
+        tensors = load_file(str(out / "scores.safetensors"))
+        tensors[tensor] = torch.full(shape, fill, dtype=torch.float64)
+        save_file(tensors, str(out / "scores.safetensors"))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    try:
+        loaded = Profile.load(out)
+    except PremoeError as e:
+        assert "\n" not in str(e)
+    else:
+        for domain in loaded.domains:  # whatever loads has finite (layers, experts) tensors
+            for t in [*loaded.domains[domain].sums.values(), loaded.domains[domain].routed]:
+                assert t.shape == (len(loaded.moe_layers), loaded.num_experts) and torch.isfinite(t).all()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from premoe.errors import InputError
-from premoe.scores import PRESETS, RouterBatch, ScorerSpec, ean, frequency, parse_scorer, peu, random_scores, reap, \
-    router_mass
+from premoe.scores import DEFAULT_SCORERS, PRESETS, RouterBatch, ScorerSpec, candidate_experts, ean, frequency, \
+    parse_scorer, peu, random_scores, reap, router_mass
 
 # two tokens, four experts; no ties among the top two logits of either token
 LOGITS = torch.tensor([[2.0, 1.0, 0.0, -1.0],
@@ -128,3 +128,84 @@ def test_parse_scorer():
 def test_parse_scorer_errors(text, message):
     with pytest.raises(InputError, match=message):
         parse_scorer(text)
+
+
+def test_reap_renormalises_the_gate_over_the_selected_experts_where_the_model_does():
+    norms = torch.tensor([[2.0, 3.0], [4.0, 5.0]])
+    gate = LOGITS.softmax(-1).double()
+    chosen = gate.gather(1, SELECTED)  # (tokens, 2)
+    local = chosen / chosen.sum(-1, keepdim=True)  # token 0: softmax over logits (2, 1); token 1: over (3, 0.5)
+    assert torch.allclose(local[0], torch.tensor([1 / (1 + math.exp(-1)), 1 / (1 + math.exp(1))], dtype=torch.float64))
+    expected = torch.zeros(2, 4, dtype=torch.float64).scatter_(1, SELECTED, local * norms.double())
+    renormalising = RouterBatch(LOGITS, LOGITS.softmax(-1), SELECTED, norms, renormalises=True)
+    assert torch.allclose(PRESETS["reap"](renormalising), expected, atol=1e-12)
+    # reap_softmax keeps the all-experts weight whatever the model does
+    unnormalised = torch.zeros(2, 4, dtype=torch.float64).scatter_(1, SELECTED, chosen * norms.double())
+    assert torch.allclose(PRESETS["reap_softmax"](renormalising), unnormalised, atol=1e-12)
+    # a model that does not renormalise (Qwen2-MoE, OLMoE): reap is the all-experts weight
+    assert torch.allclose(PRESETS["reap"](batch(norms=norms)), unnormalised, atol=1e-12)
+    assert parse_scorer("reap(renormalise=false)").params == (("renormalise", False),)
+
+
+def test_ean_names_follow_the_official_observer():
+    assert PRESETS["ean_mean"].per_routed_token and PRESETS["ean"].per_routed_token
+    assert not PRESETS["ean_sum"].per_routed_token and PRESETS["ean_sum"].needs_expert_outputs
+    norms = torch.tensor([[2.0, 3.0], [4.0, 5.0]])
+    assert torch.equal(PRESETS["ean_sum"](batch(norms=norms)), PRESETS["ean_mean"](batch(norms=norms)))
+    assert {"reap_softmax", "ean_sum", "ean_mean"} <= set(DEFAULT_SCORERS)
+
+
+# a sigmoid router with a correction bias: expert 3 has the lowest logit but a bias that puts it first
+BIASED_LOGITS = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+BIAS = torch.tensor([0.0, 0.0, 0.1, 2.0])
+ROUTED = torch.tensor([[2, 3]])  # the router's grouped choice (groups {0,1}, {2,3}; the second group won)
+
+
+def biased(selected=ROUTED) -> RouterBatch:
+    return RouterBatch(BIASED_LOGITS, BIASED_LOGITS.sigmoid(), selected, correction_bias=BIAS)
+
+
+def test_candidate_rules_on_a_biased_grouped_router():
+    b = biased()
+    assert candidate_experts(b, 2, "logits").tolist() == [[0, 1]]
+    assert candidate_experts(b, 2, "biased").tolist() == [[3, 0]]  # sigmoid + bias: 2.27, 0.88, 0.73, 0.6
+    assert candidate_experts(b, 2, "routed").tolist() == [[3, 2]]  # the routed experts, best choice score first
+    assert candidate_experts(b, 1, "routed").tolist() == [[3]]
+    with pytest.raises(ValueError, match="candidates must be ≤ 2"):
+        candidate_experts(b, 3, "routed")
+    with pytest.raises(ValueError, match="candidates_from must be one of"):
+        candidate_experts(b, 2, "grouped")
+    got = peu(b, candidates=2, threshold=0.0, transform="logit", candidates_from="routed")
+    assert torch.equal(got, torch.tensor([[0, 0, 0.0, -1.0]], dtype=torch.float64))
+    # the default rule is the authors': raw logits, bias ignored
+    assert torch.equal(PRESETS["tcess_top1"](b), torch.tensor([[2.0, 0, 0, 0]], dtype=torch.float64))
+
+
+def test_sigmoid_bias_transform_is_the_routers_choice_score():
+    b = biased()
+    choice = BIASED_LOGITS.sigmoid() + BIAS  # (1, 4)
+    got = peu(b, candidates=2, threshold=0.0, transform="sigmoid_bias", candidates_from="biased")
+    expected = torch.zeros(1, 4, dtype=torch.float64)
+    expected[0, [3, 0]] = choice[0, [3, 0]].double()
+    assert torch.allclose(got, expected, atol=1e-7)
+    # Kolibri-1 adds the bias to the raw logit instead
+    logit_biased = RouterBatch(BIASED_LOGITS, BIASED_LOGITS.sigmoid(), ROUTED, correction_bias=BIAS,
+                               bias_added_to="logit")
+    assert torch.equal(logit_biased.choice_scores, BIASED_LOGITS + BIAS)
+    # without a bias it is the gate probability
+    plain = batch()
+    assert torch.equal(peu(plain, candidates=2, threshold=0.0, transform="sigmoid_bias"),
+                       peu(plain, candidates=2, threshold=0.0, transform="gate"))
+
+
+def test_shifted_logit_under_other_rules_is_the_margin_over_the_best_non_candidate():
+    got = peu(biased(), candidates=2, threshold=0.0, transform="shifted_logit", candidates_from="routed")
+    # candidates 3 (logit -1) and 2 (logit 0); best outside is expert 0 (logit 2)
+    assert torch.equal(got, torch.tensor([[0, 0, -2.0, -3.0]], dtype=torch.float64))
+
+
+def test_parse_scorer_takes_the_candidate_rule():
+    spec = parse_scorer("peu(candidates=2,threshold=0,transform=sigmoid_bias,candidates_from=routed)")
+    assert dict(spec.params)["candidates_from"] == "routed"
+    with pytest.raises(InputError, match="candidates_from must be one of"):
+        parse_scorer("peu(candidates=2,threshold=0,transform=logit,candidates_from=groups)")

@@ -75,6 +75,7 @@ class MoEAdapter:
     router_weight: str = "weight"  # router-relative parameter whose F.linear gives the logits (HunYuan "wg.weight")
     router_bias_attrs: tuple[str, ...] = ()  # router-relative per-expert vectors added to the logits, e.g. "bias"
     correction_bias: str | None = None  # block-relative bias added to scores for choice only (DeepSeek-V3 noaux_tc)
+    correction_bias_added_to: str = "gate"  # the choice score is "gate" prob + bias (DeepSeek-V3) or "logit" + bias
     group_keys: tuple[str, str] | None = None  # (n_group, topk_group) for grouped routing
     shared_expert_attrs: tuple[str, ...] = ()  # block attributes of always-on experts (never pruned)
     dense_layer_keys: tuple[str, ...] = ()  # config fields that make some layers dense (informational)

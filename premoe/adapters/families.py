@@ -170,6 +170,7 @@ KOLIBRI1 = MoEAdapter(
     expert_count_keys=("num_local_experts",),
     scoring="sigmoid",  # top-k of logit + bias, sigmoid of the chosen logits
     correction_bias="gate.e_score_correction_bias",
+    correction_bias_added_to="logit",
     shared_expert_attrs=("shared_experts",),
     disk_blocks=("mlp", "moe"),
     disk_router_tensors=("gate.weight", "router.expert_bias"),  # on disk the bias is model.layers.N.moe.router.*

@@ -43,11 +43,15 @@ def command(model, plans, data, reference, seq_len, max_windows, batch_size, no_
     from premoe.plan import Plan
     from premoe.report import paired_delta
 
+    from premoe.adapters import get_adapter
+
     loaded_plans = [Plan.load(p) for p in plans]
     identity = model_identity(model)
     for plan in loaded_plans:
-        plan.check_model(identity)
+        plan.check_model(identity)  # validate_plan against the config before the weights load
     net, tokenizer = load_model(model), load_tokenizer(model)
+    for plan in loaded_plans:  # and against the loaded model's MoE layers
+        plan.check_model(identity, [l.index for l in get_adapter(net.config).moe_layers(net)])
     if lm_eval_tasks:
         tasks = [t for t in lm_eval_tasks.split(",") if t]
         results = {plan.target if plan else "full": run_lm_eval(model, tasks, plan=plan, limit=lm_eval_limit,

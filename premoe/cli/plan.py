@@ -32,12 +32,7 @@ def command(profile, keep, experts, budget_gb, domain, generalist, domains, weig
     premoe plan prof/ --experts 8 --generalist --domains python,math --explain
     premoe plan prof/ --budget-gb 0.02 --generalist --ranking global --out g.json
     """
-    from pathlib import Path
-
-    from premoe.adapters import get_adapter
-    from premoe.checkpoint import size_breakdown
     from premoe.errors import InputError
-    from premoe.modeling import read_config, resolve_model_path
     from premoe.plan import PlanRequest, explain, make_plan
     from premoe.profile import Profile
 
@@ -50,10 +45,7 @@ def command(profile, keep, experts, budget_gb, domain, generalist, domains, weig
                           domains=domains.split(",") if domains else None, weighting=weighting, scorer=scorer,
                           ranking=ranking)
     plan = make_plan(loaded, request, profile_path=str(profile))
-    sizes = None
-    model_dir = Path(plan.model["path"])
-    if model_dir.exists():
-        sizes = size_breakdown(resolve_model_path(model_dir), get_adapter(read_config(model_dir)), plan.num_experts)
+    sizes = loaded.sizes()  # recorded at profile time: the model directory may have moved
     if as_json:
         click.echo(json.dumps({**plan.__dict__, "size_before": sizes and sizes.total_bytes,
                                "size_after": sizes and sizes.bytes_with({l: len(v) for l, v in plan.padded().kept.items()})},

@@ -36,7 +36,8 @@ def _names(text: str) -> list[str]:
 @click.option("--calib-data", "calib_data", multiple=True,
               help="Calibration text for studies that re-profile (default: what --profile used).")
 @click.option("--keep", default="0.75,0.5,0.375,0.25,0.125", show_default=True, help="Keep ratios.")
-@click.option("--scorers", default="peu,tcess,frequency,router_mass,reap,ean,random", show_default=True,
+@click.option("--scorers", default="peu,tcess,tcess_top1,frequency,router_mass,reap,reap_softmax,ean_sum,ean_mean,random",
+              show_default=True,
               help="Scorers (must be in the profile).")
 @click.option("--default-scorer", default="peu", show_default=True,
               help="Scorer of the cross-domain, ranking and optional studies.")
