@@ -247,3 +247,66 @@ def test_cli_compile(qwen3, tmp_path):
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "already exists; pass --force" in again.stderr
     assert again.stderr.strip().count("\n") == 0
+
+
+def test_a_corrupt_header_is_refused_before_copying(tmp_path):
+    import struct
+
+    path, model, adapter = save_family("qwen3_moe", tmp_path / "src")
+    file = path / "model.safetensors"
+    raw = file.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    key = "model.layers.1.mlp.experts.3.up_proj.weight"
+    begin, end = header[key]["data_offsets"]
+    header[key]["data_offsets"] = [begin - 4, end - 4]  # overlaps its neighbour: safetensors would refuse it
+    text = json.dumps(header).encode()
+    file.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length :])
+    with pytest.raises(CheckpointError, match=f"model.safetensors: tensor .* (overlaps|gap)"):
+        compile_checkpoint(path, spread_plan(path, model, adapter), tmp_path / "out", progress=False)
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_a_written_checkpoint_that_disagrees_with_its_config_is_never_renamed(qwen3, tmp_path, monkeypatch):
+    import premoe.compile as compile_module
+
+    path, model, adapter = qwen3
+    plan = spread_plan(path, model, adapter)
+    real = compile_module._new_config
+
+    def off_by_one(*args):  # an injected bug: the config claims one expert more than the shards hold
+        config = real(*args)
+        return {**config, "num_experts": config["num_experts"] + 1, "num_local_experts": config["num_experts"] + 1}
+
+    monkeypatch.setattr(compile_module, "_new_config", off_by_one)
+    with pytest.raises(CheckpointError, match="declares 5 experts per layer"):
+        compile_checkpoint(path, plan, tmp_path / "out", progress=False)
+    assert_nothing_written(tmp_path / "out")
+    monkeypatch.setattr(compile_module, "_new_config", real)
+    monkeypatch.setattr(compile_module.TensorWrite, "nbytes", property(lambda w: sum(e - b for b, e in w.ranges)
+                                                                        - (4 if w.rows else 0)))
+    with pytest.raises(CheckpointError):  # router rows cut short: the written headers are refused
+        compile_checkpoint(path, plan, tmp_path / "out", progress=False)
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_check_compiled_names_what_disagrees(qwen3, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from premoe.compile import check_compiled
+
+    path, model, adapter = qwen3
+    out = tmp_path / "out"
+    compile_checkpoint(path, spread_plan(path, model, adapter), out, progress=False)
+    check_compiled(out)
+    tensors = load_file(str(out / "model.safetensors"))
+    tensors["model.layers.1.mlp.experts.4.up_proj.weight"] = tensors["model.layers.1.mlp.experts.3.up_proj.weight"].clone()
+    save_file(tensors, str(out / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"layer 1 holds experts \[0, 1, 2, 3, 4\], not 0..3"):
+        check_compiled(out)
+    del tensors["model.layers.1.mlp.experts.4.up_proj.weight"]
+    tensors["model.layers.0.mlp.gate.weight"] = tensors["model.layers.0.mlp.gate.weight"][:3].clone()
+    save_file(tensors, str(out / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.gate.weight has shape \[3, 32\]; config.json says "
+                                              r"layer 0 holds 4 experts"):
+        check_compiled(out)
