@@ -183,3 +183,40 @@ def test_an_incomplete_mtp_layer_is_refused_when_kept(source, tmp_path):
     assert not (tmp_path / "out").exists()
     compile_checkpoint(src, plan, tmp_path / "out", mtp="drop", progress=False)  # dropped: nothing to miss
     check_compiled(tmp_path / "out")
+
+
+def test_a_pruned_mtp_layer_is_the_original_with_its_routing_restricted(source, tmp_path, monkeypatch):
+    """transformers' own MTP loader (the one generate(use_mtp=True) uses) reads the pruned layer, which computes
+    exactly what the original MTP layer computes when only the kept experts may be routed to."""
+    from transformers.modeling_layers import MtpModel
+
+    path, adapter, plan, mtp = source
+    compile_checkpoint(path, plan, tmp_path / "prune", mtp="prune", progress=False)
+    compile_checkpoint(path, plan, tmp_path / "drop", progress=False)
+
+    import transformers
+
+    # transformers names the real MTP layer (61 for DeepSeek-V3, 92 for GLM-4.5); the tiny one is `mtp`. Set before
+    # the main model loads: that load records which keys are MTP weights.
+    architecture = getattr(transformers, json.loads((path / "config.json").read_text())["architectures"][0])
+    monkeypatch.setattr(architecture, "_keys_to_ignore_on_load_unexpected", [rf"model\.layers\.{mtp}\..*"])
+
+    def mtp_model(checkpoint):
+        main = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        model = MtpModel.from_pretrained(main).eval()  # raises on any missing MTP weight
+        model._can_record_outputs = main.model._can_record_outputs  # so the adapter finds its router (as layer 0)
+        return model
+
+    full, pruned = mtp_model(path), mtp_model(tmp_path / "prune")
+    assert [(l.index, l.num_experts) for l in adapter.moe_layers(pruned)] == [(0, 4)]
+    assert len(mtp_model(tmp_path / "drop").layers) == 0  # dropped: the config declares no MTP layer
+    ids = torch.randint(0, tiny.VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))  # (batch, seq)
+    hidden = torch.randn(1, 12, 32, generator=torch.Generator().manual_seed(1))  # (batch, seq, hidden) from the trunk
+    positions = torch.arange(12)[None]
+    with torch.no_grad():
+        got = pruned.forward_layer(0, hidden, positions, None, input_ids=ids)  # (batch, seq, hidden)
+        everything = full.forward_layer(0, hidden, positions, None, input_ids=ids)
+        with adapter.restrict_routing(full, {0: plan.kept[max(plan.kept)]}):
+            forced = full.forward_layer(0, hidden, positions, None, input_ids=ids)
+    assert float((got - forced).abs().max()) <= 1e-5
+    assert float((got - everything).abs().max()) > 1e-2, "pruning changed nothing: the comparison could not fail"
