@@ -220,3 +220,18 @@ def test_a_pruned_mtp_layer_is_the_original_with_its_routing_restricted(source, 
             forced = full.forward_layer(0, hidden, positions, None, input_ids=ids)
     assert float((got - forced).abs().max()) <= 1e-5
     assert float((got - everything).abs().max()) > 1e-2, "pruning changed nothing: the comparison could not fail"
+
+
+def test_size_estimates_match_the_default_compile(source, tmp_path):
+    """Budgets (premoe plan --budget-gb) use size_breakdown: it must predict what compile writes, MTP dropped."""
+    from premoe.checkpoint import size_breakdown
+
+    path, adapter, plan, mtp = source
+    sizes = size_breakdown(path, adapter, 8)
+    report = compile_checkpoint(path, plan, tmp_path / "out", dry_run=True)
+    assert sizes.bytes_with({l: len(v) for l, v in plan.kept.items()}) == report.plan.bytes_after
+    assert sizes.total_bytes == report.plan.bytes_before
+    mtp_bytes = sum(t.numel() * t.element_size() for k, t in on_disk(path).items()
+                    if k.startswith(f"model.layers.{mtp}."))
+    assert sizes.mtp_bytes == mtp_bytes > 0
+    assert set(sizes.expert_bytes) == set(plan.kept)

@@ -136,3 +136,13 @@ def test_the_cli_default_tolerance_catches_the_near_miss(near_miss, tmp_path):
     assert result.exit_code == 1, result.output
     report = json.loads(result.stdout)
     assert report["passed"] is False and report["tolerance"] == 1e-4 and report["max_abs_diff"] > 5e-4
+
+
+def test_shards_that_disagree_with_the_config_are_refused_before_loading(tmp_path):
+    from premoe.errors import CheckpointError
+
+    path, out, adapter, model = compiled("deepseek_v3", tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))  # no MTP layer on disk
+    with pytest.raises(CheckpointError, match="declares 1 MTP layers, the shards hold 0"):
+        verify(path, out, TEXT, max_tokens=128, seq_len=32, progress=False)
