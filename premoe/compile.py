@@ -303,8 +303,8 @@ def plan_writes(model: str | Path, plan: Plan, out: str | Path, *, force: bool =
     adapter.check_kept(config, kept)  # distinct, ≥ top-k, the same count in every routing group
     infos = tensors(path)  # every header checked; raises on missing / truncated / corrupt shards
     mtp_choice = _mtp_choice(mtp, adapter, config, infos, kept)
-    mtp_dropped = sorted(k for k in infos if mtp == "drop" and adapter.mtp_layer(k, config) is not None)
-    writes, dropped = _tensor_writes({k: i for k, i in infos.items() if k not in set(mtp_dropped)}, adapter,
+    mtp_dropped = {k for k in infos if adapter.mtp_layer(k, config) is not None} if mtp == "drop" else set()
+    writes, dropped = _tensor_writes({k: i for k, i in infos.items() if k not in mtp_dropped}, adapter,
                                      {**kept, **mtp_choice.kept}, plan.num_experts)
     headers = {shard: read_header(path / shard) for shard in shard_files(path)}
     files, skipped = _other_files(path, set(headers))
@@ -315,7 +315,7 @@ def plan_writes(model: str | Path, plan: Plan, out: str | Path, *, force: bool =
                      "(from_pretrained and vLLM expect one count per config)")
     write_plan = WritePlan(
         model_path=path, out=out, family=adapter.name, export=export, num_experts=plan.num_experts, kept=kept,
-        writes=writes, dropped=dropped + mtp_dropped, bytes_before=sum(i.nbytes for i in infos.values()),
+        writes=writes, dropped=dropped + sorted(mtp_dropped), bytes_before=sum(i.nbytes for i in infos.values()),
         data_start={s: start for s, (_, start) in headers.items()},
         shard_metadata={s: header.get("__metadata__") or {} for s, (header, _) in headers.items()},
         indexed=(path / INDEX).exists(), config=new_config, files=files, skipped=skipped,
@@ -523,11 +523,16 @@ def check_compiled(path: str | Path) -> None:
     config = read_config(path)
     info = compiled_info(path)
     adapter = get_adapter(config)
-    expected = {int(layer): n for layer, n in info["experts_per_layer"].items()}
-    expected.update({int(layer): len(v) for layer, v in ((info.get("mtp") or {}).get("kept_experts") or {}).items()})
+    try:
+        expected = {int(layer): int(n) for layer, n in info["experts_per_layer"].items()}
+        mtp_kept = (info.get("mtp") or {}).get("kept_experts") or {}
+        expected.update({int(layer): len(v) for layer, v in mtp_kept.items()})
+        compact = info["export"] == "compact"
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}/config.json has a malformed 'premoe' block ({e!r}); recompile it") from e
     count = adapter.num_experts(config)
-    wrong = {layer: n for layer, n in expected.items() if n != count and info["export"] != "compact"}
-    if wrong or max(expected.values()) != count:
+    wrong = {layer: n for layer, n in expected.items() if n != count and not compact}
+    if wrong or max(expected.values(), default=count) != count:
         raise CheckpointError(f"{path}/config.json declares {count} experts per layer but the plan wrote "
                               f"{wrong or expected}; the compiled checkpoint is inconsistent")
     found = tensors(path)
