@@ -119,8 +119,8 @@ def _source_license(model_path: Path) -> dict:
     from huggingface_hub import ModelCard
 
     readme = model_path / "README.md"
-    if not readme.is_file():
-        return {}
+    if not readme.is_file() or not readme.read_text(errors="replace").startswith("---"):
+        return {}  # no YAML metadata block (huggingface_hub would log that it found none)
     try:
         data = ModelCard.load(readme, ignore_metadata_errors=True).data.to_dict()
     except Exception:  # a card that does not parse simply carries no license metadata  # noqa: BLE001
@@ -166,3 +166,43 @@ def _limitations(write_plan, plan) -> list[str]:
 
 def _gb(nbytes: int) -> str:
     return f"{nbytes / 1e9:.3f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
+
+
+def record_verification(path: str | Path, report) -> Path:
+    """Replace the Quality section of a compiled checkpoint's card with what ``premoe verify`` measured.
+
+    The card is rewritten atomically (a temp file renamed over README.md);
+    everything outside the section stays as compile wrote it.
+
+    >>> record_verification("python-50/", verify("testbed", "python-50/"))
+    """
+    from premoe.errors import CheckpointError, MissingFileError
+
+    readme = Path(path) / "README.md"
+    if not readme.is_file():
+        raise MissingFileError(f"{readme} not found; recompile with this premoe to get a model card")
+    text = readme.read_text()
+    start = text.find("\n## Quality\n")
+    if start < 0:
+        raise CheckpointError(f"{readme} has no '## Quality' section; was it written by `premoe compile`?")
+    end = text.find("\n## ", start + 1)
+    updated = text[:start] + "\n" + _quality(report) + (text[end:] if end >= 0 else "\n")
+    tmp = readme.with_name(f".{readme.name}.tmp")
+    tmp.write_text(updated)
+    tmp.replace(readme)
+    return readme
+
+
+def _quality(report) -> str:
+    """The Quality section for a :class:`premoe.verify.VerifyReport`."""
+    verdict = ("PASS: the checkpoint is the source with its routing restricted to the kept experts"
+               if report.passed else "FAIL: the checkpoint differs from the source with its routing restricted")
+    lines = ["## Quality", "",
+             f"Measured by `premoe verify` (premoe {__version__}) against `{report.original}`, in fp32:", "",
+             "| data | tokens | max abs Δlogit vs restricted source | ppl source | ppl this model | KL (nats) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {d.name} | {d.tokens} | {d.max_abs_diff:.2e} | {d.ppl_original:.3f} | {d.ppl_compiled:.3f} | "
+              f"{d.kl:.4f} |" for d in report.domains]
+    lines += ["", f"{verdict} (max |Δlogit| {report.max_abs_diff:.2e}, tolerance {report.tolerance:.0e}).", ""]
+    lines += [f"Note: {n}" for n in report.notes]
+    return "\n".join(lines).rstrip() + "\n"

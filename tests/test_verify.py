@@ -146,3 +146,28 @@ def test_shards_that_disagree_with_the_config_are_refused_before_loading(tmp_pat
     (out / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))  # no MTP layer on disk
     with pytest.raises(CheckpointError, match="declares 1 MTP layers, the shards hold 0"):
         verify(path, out, TEXT, max_tokens=128, seq_len=32, progress=False)
+
+
+def test_verify_card_records_the_measured_quality_in_the_model_card(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from premoe.cli.verify import command
+
+    path, out, adapter, model = compiled("qwen3_moe", tmp_path)
+    before = ModelCard.load(out / "README.md")
+    assert "Not measured at compile time" in before.text
+    text = tmp_path / "text.txt"
+    text.write_text(tiny.TEXT)
+    result = CliRunner().invoke(command, [str(path), str(out), "--data", f"text={text}", "--max-tokens", "128",
+                                          "--seq-len", "32", "--json", str(tmp_path / "v.json"), "--card"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "v.json").read_text())
+    after = ModelCard.load(out / "README.md")
+    assert after.data.to_dict() == before.data.to_dict()  # metadata untouched
+    check = report["domains"][0]
+    assert f"| text | {check['tokens']} | {check['max_abs_diff']:.2e} | {check['ppl_original']:.3f} | " \
+           f"{check['ppl_compiled']:.3f} | {check['kl']:.4f} |" in after.text
+    assert "PASS: the checkpoint is the source with its routing restricted" in after.text
+    assert "Not measured at compile time" not in after.text
+    assert after.text.count("## Quality") == 1 and "## Limitations" in after.text and "## Provenance" in after.text
+    assert not list(out.glob(".README.md.tmp"))
