@@ -235,3 +235,16 @@ def test_size_estimates_match_the_default_compile(source, tmp_path):
                     if k.startswith(f"model.layers.{mtp}."))
     assert sizes.mtp_bytes == mtp_bytes > 0
     assert set(sizes.expert_bytes) == set(plan.kept)
+
+
+def test_streaming_profile_ignores_the_mtp_layer(source):
+    """A 700B DeepSeek-V3 is profiled layer by layer from disk: the MTP layer on disk must not disturb it."""
+    from premoe.streaming import profile_streaming
+
+    path, adapter, plan, mtp = source
+    params = ProfileParams(max_tokens=256, seq_len=64)
+    streamed = profile_streaming(path, TEXT, ["peu"], params, progress=False)
+    loaded = profile_model(path, TEXT, ["peu"], params, progress=False)
+    assert streamed.moe_layers == loaded.moe_layers and mtp not in streamed.moe_layers
+    assert streamed.domains["text"].tokens == loaded.domains["text"].tokens > 0
+    assert torch.allclose(streamed.domains["text"].sums["peu"], loaded.domains["text"].sums["peu"], atol=1e-4)
