@@ -361,3 +361,18 @@ def test_check_compiled_names_what_disagrees(qwen3, tmp_path):
     with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.gate.weight has shape \[3, 32\]; config.json says "
                                               r"layer 0 holds 4 experts"):
         check_compiled(out)
+
+
+def test_the_output_folder_is_ready_to_upload(qwen3, tmp_path):
+    """What huggingface_hub.upload_folder would send: weights, config, tokenizer, card — nothing else."""
+    from huggingface_hub import ModelCard
+
+    path, model, adapter = qwen3
+    compile_checkpoint(path, spread_plan(path, model, adapter), tmp_path / "out", progress=False)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json",
+                                                     "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert all(p.is_file() for p in out.iterdir())
+    metadata = ModelCard.load(out / "README.md").data.to_dict()
+    assert {k: metadata[k] for k in ("library_name", "pipeline_tag")} == {"library_name": "transformers",
+                                                                          "pipeline_tag": "text-generation"}
