@@ -50,8 +50,13 @@ class ApiError(Exception):
 
 def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None,
                param: str | None = None) -> dict:
-    """OpenAI's error shape."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    """OpenAI's error shape; text that came from the client is made encodable (lone surrogates escaped)."""
+    return {"error": {"message": _printable(message), "type": kind, "param": param and _printable(param),
+                      "code": code}}
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)

@@ -397,7 +397,8 @@ def create_app(engine: Engine, guard: GuardConfig | None = None, docs: bool = Fa
     @app.exception_handler(Exception)
     async def server_error(request: Request, error: Exception):
         engine.count(errors=1)
-        return JSONResponse(_internal(error, request.state.request_id).body(), status_code=500)
+        request_id = request.state.request_id  # this handler runs outside the Guard, so it sets the header too
+        return JSONResponse(_internal(error, request_id).body(), status_code=500, headers={"x-request-id": request_id})
 
     @app.get("/health")
     async def health():
