@@ -187,18 +187,22 @@ class Engine:
         while True:
             work, future = self._jobs.get()
             started = time.perf_counter()
-            ran = future.set_running_or_notify_cancel()
-            try:
+            ran = future.set_running_or_notify_cancel()  # False: cancelled while queued, never runs
+            result, error = None, None
+            if ran:
+                try:
+                    result = work()
+                except BaseException as e:  # noqa: BLE001 - handed to whoever awaits the future
+                    error = e
+            with self._admit_lock:  # the slot is free before the client hears back
+                self._admitted -= 1
                 if ran:
-                    future.set_result(work())
-            except BaseException as e:  # noqa: BLE001 - handed to whoever awaits the future
-                future.set_exception(e)
-            finally:
-                with self._admit_lock:
-                    self._admitted -= 1
-                    if ran:
-                        self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * (time.perf_counter() - started)
-                self.count(in_flight=-1)
+                    self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * (time.perf_counter() - started)
+            self.count(in_flight=-1)
+            if error is not None:
+                future.set_exception(error)
+            elif ran:
+                future.set_result(result)
 
     # ------------------------------------------------------------------ one request
 
