@@ -11,9 +11,11 @@ Two modes:
   generalist served as it is.
 
 One model state at a time: one worker thread runs requests in arrival order
-(FIFO), and retrieval, swap and generation of a request run under one lock,
-so no request ever sees a half-swapped model. At most ``max_queue`` requests
-run or wait; more are refused with 429 and a ``Retry-After`` estimate. A
+(:mod:`premoe.admission`), and retrieval, swap and generation of a request
+run under one lock, so no request ever sees a half-swapped model. At most
+``max_queue`` requests run or wait; a request that finds the queue full waits
+briefly, in order, for a slot, and is refused (429 with a ``Retry-After``
+estimate) only when none frees in time. A
 client that disconnects cancels its request: still queued, it never runs;
 running, generation stops at the next token. Nothing slow runs on the event
 loop: bodies are capped and timed by :mod:`premoe.guard` before they are
@@ -33,8 +35,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
-import queue
 import threading
 import time
 import uuid
@@ -48,11 +48,13 @@ from fastapi import FastAPI, Request  # module level: FastAPI resolves the handl
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from premoe.admission import FifoWorker
 from premoe.errors import InputError
 from premoe.guard import ApiError, Guard, GuardConfig, deadline_protocol, loopback_hosts
 from premoe.openai_request import OpenAIRequest, parse_request
 
 log = logging.getLogger("premoe.serve")
+GAUGES = ("in_flight", "waiting")  # metrics that go up and down: admitted requests, requests waiting for a slot
 DISCONNECT_POLL_S = 0.1  # how often a waiting non-streaming request checks that its client is still there
 
 
@@ -107,14 +109,11 @@ class Engine:
         self._metrics_lock = threading.Lock()
         self.metrics: dict[str, float] = dict.fromkeys(
             ["requests", "errors", "rejected", "cancelled", "retrievals", "fallbacks", "swaps", "swap_experts",
-             "swap_bytes", "swap_seconds", "retrieval_seconds", "prompt_tokens", "completion_tokens", "in_flight"], 0)
+             "swap_bytes", "swap_seconds", "retrieval_seconds", "prompt_tokens", "completion_tokens", "in_flight",
+             "waiting"], 0)
         self.domains: dict[str, int] = {}  # requests served per domain
         self.current = retriever.store.domains[0] if retriever else self.fixed.get("domain")  # resident experts
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # (work, future), in arrival order
-        self._admitted = 0  # requests running or queued
-        self._admit_lock = threading.Lock()
-        self._worker: threading.Thread | None = None
-        self._seconds_per_job = 1.0  # running mean of a request's run time, for Retry-After
+        self.queue = FifoWorker(self.limits.max_queue, f"premoe-{name}", self.count)  # runs requests in order
         self._longest_token: int | None = None
 
     @classmethod
@@ -155,54 +154,9 @@ class Engine:
     def metrics_text(self) -> str:
         """Prometheus text format."""
         with self._metrics_lock:
-            lines = [f"premoe_{k}{'' if k == 'in_flight' else '_total'} {v:g}" for k, v in self.metrics.items()]
+            lines = [f"premoe_{k}{'' if k in GAUGES else '_total'} {v:g}" for k, v in self.metrics.items()]
             lines += [f'premoe_domain_requests_total{{domain="{d}"}} {n}' for d, n in sorted(self.domains.items())]
         return "\n".join(lines) + "\n"
-
-    # ------------------------------------------------------------------ the queue
-
-    def submit(self, work: Callable[[], Result]) -> Future:
-        """Queue ``work`` behind the requests already admitted; refuse (429 + Retry-After) when the queue is full.
-
-        Cancelling the returned future before the worker reaches it means the
-        work never runs (a client that left while queued).
-        """
-        with self._admit_lock:
-            if self._admitted >= self.limits.max_queue:
-                wait = max(1, math.ceil(self._seconds_per_job * self._admitted))
-                raise ApiError(429, f"the server is busy ({self._admitted} requests running or queued, the limit); "
-                                    f"retry in about {wait} s", "rate_limit_exceeded", "rate_limit_error",
-                               headers={"Retry-After": str(wait)})
-            self._admitted += 1
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._work_forever, name=f"premoe-{self.name}", daemon=True)
-                self._worker.start()
-        self.count(in_flight=1)
-        future: Future = Future()
-        self._jobs.put((work, future))
-        return future
-
-    def _work_forever(self) -> None:
-        """The worker thread: one request at a time, first come first served."""
-        while True:
-            work, future = self._jobs.get()
-            started = time.perf_counter()
-            ran = future.set_running_or_notify_cancel()  # False: cancelled while queued, never runs
-            result, error = None, None
-            if ran:
-                try:
-                    result = work()
-                except BaseException as e:  # noqa: BLE001 - handed to whoever awaits the future
-                    error = e
-            with self._admit_lock:  # the slot is free before the client hears back
-                self._admitted -= 1
-                if ran:
-                    self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * (time.perf_counter() - started)
-            self.count(in_flight=-1)
-            if error is not None:
-                future.set_exception(error)
-            elif ran:
-                future.set_result(result)
 
     # ------------------------------------------------------------------ one request
 
@@ -423,10 +377,10 @@ def create_app(engine: Engine, guard: GuardConfig | None = None, docs: bool = Fa
         body, job = await asyncio.to_thread(build_job, engine, await request.body(), chat)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            return StreamingResponse(_stream(engine, job, chat, ident, request.state.request_id),
+            return StreamingResponse(await _stream(engine, job, chat, ident, request.state.request_id),
                                      media_type="text/event-stream")
         cancel = threading.Event()
-        future = engine.submit(lambda: engine.run(job, cancel=cancel))
+        future = await engine.queue.admit(lambda: engine.run(job, cancel=cancel))
         result = await _unless_client_leaves(engine, request, future, cancel)
         if result is None:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
@@ -484,7 +438,7 @@ def _response(engine: Engine, result: Result, chat: bool, ident: str) -> dict:
             "premoe": result.premoe}
 
 
-def _stream(engine: Engine, job: Job, chat: bool, ident: str, request_id: str):
+async def _stream(engine: Engine, job: Job, chat: bool, ident: str, request_id: str):
     """Queue the request now (429 before any byte is sent) and return its server-sent events.
 
     Events: a first chunk carrying the ``premoe`` field, text deltas, a chunk
@@ -495,8 +449,8 @@ def _stream(engine: Engine, job: Job, chat: bool, ident: str, request_id: str):
     events: asyncio.Queue = asyncio.Queue()
     cancel = threading.Event()
     put = lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value))  # noqa: E731
-    future = engine.submit(lambda: engine.run(job, lambda text: put("text", text), lambda info: put("info", info),
-                                              cancel))
+    future = await engine.queue.admit(lambda: engine.run(job, lambda text: put("text", text),
+                                                         lambda info: put("info", info), cancel))
     future.add_done_callback(lambda f: put("end", f))
 
     def chunk(delta: dict, text: str = "", finish: str | None = None, extra: dict | None = None) -> str:

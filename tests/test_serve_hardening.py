@@ -191,9 +191,7 @@ def test_disconnect_cancels_a_running_generation(live, slow_model):
 
 def test_disconnect_while_queued_never_runs(live):
     url, engine, port = live
-    ran: list[str] = []
-    run = engine.run
-    engine.run = lambda job, *a, **k: (ran.append(job.retrieval_text), run(job, *a, **k))[1]
+    ran = recording(engine)
     engine.lock.acquire()  # the model is busy: requests wait in the queue
     try:
         first = threading.Thread(target=lambda: httpx.post(url + "/v1/completions", json={"prompt": "first"},
@@ -218,33 +216,71 @@ def test_disconnect_while_queued_never_runs(live):
     assert ran == ["first"] and engine.metrics["in_flight"] == 0
 
 
-def test_full_queue_gets_429_with_retry_after_and_the_queue_is_fifo(live):
-    url, engine, _ = live
+def recording(engine: Engine) -> list[str]:
+    """The prompts ``engine`` runs, in the order it runs them."""
     order: list[str] = []
     run = engine.run
     engine.run = lambda job, *a, **k: (order.append(job.retrieval_text), run(job, *a, **k))[1]
+    return order
+
+
+def wait_for(condition, seconds: float = 10) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_full_queue_waits_in_order_for_a_slot_and_refuses_past_the_wait_list(live):
+    url, engine, _ = live
+    order = recording(engine)
     statuses: dict[str, int] = {}
 
     def post(prompt: str) -> None:
-        statuses[prompt] = httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 2},
+        statuses[prompt] = httpx.post(url + COMPLETIONS, json={"prompt": prompt, "max_tokens": 2},
                                       timeout=30).status_code
 
     threads = []
-    engine.lock.acquire()
+    engine.lock.acquire()  # the model is busy
     try:
-        for i, prompt in enumerate(["one", "two"]):
+        for i, prompt in enumerate(["one", "two", "three", "four"]):  # 2 admitted (max_queue), 2 on the wait list
             threads.append(threading.Thread(target=post, args=(prompt,)))
             threads[-1].start()
-            while engine.metrics["in_flight"] < i + 1:
-                time.sleep(0.01)
-        refused = httpx.post(url + "/v1/completions", json={"prompt": "three"})
+            wait_for(lambda: engine.metrics["in_flight"] + engine.metrics["waiting"] == i + 1)
+        started = time.perf_counter()
+        refused = httpx.post(url + COMPLETIONS, json={"prompt": "five"})  # the wait list is full too: at once
+        assert time.perf_counter() - started < 0.5
         error = is_openai_error(refused, 429)
         assert error["type"] == "rate_limit_error" and int(refused.headers["retry-after"]) >= 1
     finally:
         engine.lock.release()
     for thread in threads:
         thread.join()
-    assert order == ["one", "two"] and statuses == {"one": 200, "two": 200}
+    assert order == ["one", "two", "three", "four"]
+    assert statuses == dict.fromkeys(["one", "two", "three", "four"], 200)
+    assert engine.metrics["in_flight"] == engine.metrics["waiting"] == 0
+
+
+def test_a_waiting_request_gets_429_with_retry_after_when_no_slot_frees_in_time(live):
+    url, engine, _ = live
+    engine.queue.seconds_per_job = 0.1  # a waiter gives up after 2 x 0.1 s per place ahead of it
+    threads = [threading.Thread(target=httpx.post, args=(url + COMPLETIONS,), kwargs={"json": hi(), "timeout": 30})
+               for _ in range(2)]
+    engine.lock.acquire()
+    try:
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: engine.metrics["in_flight"] == 2)
+        started = time.perf_counter()
+        refused = httpx.post(url + COMPLETIONS, json=hi())
+        assert 0.15 < time.perf_counter() - started < 1.5
+        assert is_openai_error(refused, 429)["code"] == "rate_limit_exceeded"
+        assert refused.headers["retry-after"] == "1"
+    finally:
+        engine.lock.release()
+    for thread in threads:
+        thread.join()
+    assert engine.metrics["waiting"] == 0 and engine.metrics["rejected"] == 1
 
 
 # --------------------------------------------------------------------------- 12.4: the OpenAI API, strictly
