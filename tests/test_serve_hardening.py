@@ -568,3 +568,17 @@ def check_answer(response: httpx.Response) -> None:
 def test_random_and_mutated_bodies_never_crash_the_server(client, path, data):
     raw = data.draw(bodies(path))
     check_answer(client.post(path, content=raw, headers={"content-type": "application/json"}))
+
+
+def test_a_huge_prompt_is_refused_without_tokenising_it(loaded, monkeypatch):
+    engine = engine_of(loaded)
+    limit = LIMITS.max_prompt_tokens
+    longest = max(loaded[1].get_vocab(), key=len)
+    fits = longest * (limit // 2)  # the longest token repeated: as many characters per token as text can have
+    assert len(loaded[1](fits)["input_ids"]) <= limit and len(fits) <= engine.max_prompt_chars(limit)
+    with TestClient(create_app(engine)) as c:
+        calls = []
+        monkeypatch.setattr(engine, "tokenizer", lambda *a, **k: calls.append(a) or loaded[1](*a, **k))
+        huge = "x" * (engine.max_prompt_chars(limit) + 1)
+        error = is_openai_error(c.post(COMPLETIONS, json=hi(prompt=huge)), 400)
+        assert error["code"] == "context_length_exceeded" and "characters" in error["message"] and calls == []
