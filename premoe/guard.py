@@ -27,12 +27,16 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import secrets
 import time
 import uuid
 from dataclasses import dataclass
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
+log = logging.getLogger("premoe.guard")  # server-side record of internal errors
 
 
 class ApiError(Exception):
@@ -46,6 +50,13 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return error_body(self.message, self.kind, self.code, self.param)
+
+
+def internal_error(error: BaseException, request_id: str) -> ApiError:
+    """Log ``error`` with its request id; the client gets the id, never the exception's text."""
+    log.error("request %s failed", request_id, exc_info=error)
+    return ApiError(500, f"internal server error (request id {request_id}); the server's log has the details",
+                    "internal_error", "server_error")
 
 
 def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None,

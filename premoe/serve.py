@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import threading
 import time
 import uuid
@@ -50,10 +49,9 @@ from starlette.exceptions import HTTPException
 
 from premoe.admission import FifoWorker
 from premoe.errors import InputError
-from premoe.guard import ApiError, Guard, GuardConfig, deadline_protocol, loopback_hosts
+from premoe.guard import ApiError, Guard, GuardConfig, deadline_protocol, internal_error, loopback_hosts
 from premoe.openai_request import OpenAIRequest, parse_request
 
-log = logging.getLogger("premoe.serve")
 GAUGES = ("in_flight", "waiting")  # metrics that go up and down: admitted requests, requests waiting for a slot
 DISCONNECT_POLL_S = 0.1  # how often a waiting non-streaming request checks that its client is still there
 
@@ -356,7 +354,7 @@ def create_app(engine: Engine, guard: GuardConfig | None = None, docs: bool = Fa
     async def server_error(request: Request, error: Exception):
         engine.count(errors=1)
         request_id = request.state.request_id  # this handler runs outside the Guard, so it sets the header too
-        return JSONResponse(_internal(error, request_id).body(), status_code=500, headers={"x-request-id": request_id})
+        return JSONResponse(internal_error(error, request_id).body(), status_code=500, headers={"x-request-id": request_id})
 
     @app.get("/health")
     async def health():
@@ -421,13 +419,6 @@ def _ignore_outcome(future: asyncio.Future) -> None:
         future.exception()  # retrieved, so asyncio does not log "never retrieved"
 
 
-def _internal(error: BaseException, request_id: str) -> ApiError:
-    """Log ``error`` with its request id; the client gets the id, never the exception's text."""
-    log.error("request %s failed", request_id, exc_info=error)
-    return ApiError(500, f"internal server error (request id {request_id}); the server's log has the details",
-                    "internal_error", "server_error")
-
-
 def _response(engine: Engine, result: Result, chat: bool, ident: str) -> dict:
     choice = ({"index": 0, "message": {"role": "assistant", "content": result.text}} if chat
               else {"index": 0, "text": result.text, "logprobs": None})
@@ -475,7 +466,7 @@ async def _stream(engine: Engine, job: Job, chat: bool, ident: str, request_id: 
                         engine.count(errors=1)
                         error = value.exception()
                         error = ApiError(400, str(error)) if isinstance(error, InputError) else \
-                            _internal(error, request_id)
+                            internal_error(error, request_id)
                         yield f"data: {json.dumps(error.body())}\n\n"
                         break
                     result = value.result()

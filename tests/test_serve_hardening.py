@@ -491,7 +491,7 @@ def test_internal_errors_do_not_leak(loaded, caplog):
         assert request_id in error["message"] and error["type"] == "server_error"
         stream = c.post(COMPLETIONS, json=hi(stream=True))
         assert "secret" not in stream.text and stream.headers["x-request-id"] in stream.text
-    logged = [r for r in caplog.records if r.name == "premoe.serve"]
+    logged = [r for r in caplog.records if r.name == "premoe.guard"]
     assert any(request_id in r.getMessage() and "secret" in str(r.exc_info[1]) for r in logged)
 
 
