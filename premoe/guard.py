@@ -32,6 +32,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
@@ -218,6 +219,46 @@ async def send_error(send, error: ApiError) -> None:
                (b"connection", b"close"), *((k.lower().encode(), v.encode()) for k, v in error.headers.items())]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
+
+
+# --------------------------------------------------------------------------- the app around it
+
+
+def guarded_app(title: str, guard: GuardConfig | None = None, docs: bool = False,
+                count: Callable[..., None] | None = None, **fastapi_options):
+    """A FastAPI app behind :class:`Guard` whose every error is OpenAI-shaped and leaks no internals.
+
+    ``docs`` turns on /openapi.json, /docs and /redoc (off: they describe the
+    server to anyone who asks); ``count(errors=, rejected=)`` hears of every
+    error answered.
+    """
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    count = count or (lambda **kw: None)
+    app = FastAPI(title=title, openapi_url="/openapi.json" if docs else None, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None, **fastapi_options)
+    app.add_middleware(Guard, config=guard or GuardConfig())
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError):
+        count(errors=1, rejected=int(error.status == 429))
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):  # 404 / 405 from routing
+        return JSONResponse(error_body(str(error.detail)), status_code=error.status_code,
+                            headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception):
+        count(errors=1)
+        request_id = request.state.request_id  # this handler runs outside the Guard, so it sets the header too
+        return JSONResponse(internal_error(error, request_id).body(), status_code=500,
+                            headers={"x-request-id": request_id})
+
+    return app
 
 
 # --------------------------------------------------------------------------- slow clients

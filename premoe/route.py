@@ -50,10 +50,9 @@ import anyio
 import httpx
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' string annotations here
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException
 
 from premoe.errors import InputError, MissingFileError
-from premoe.guard import ApiError, Guard, GuardConfig, deadline_protocol, internal_error, loopback_hosts
+from premoe.guard import ApiError, GuardConfig, deadline_protocol, guarded_app, loopback_hosts
 from premoe.openai_request import OpenAIRequest, parse_request
 
 GENERALIST = "generalist"
@@ -304,25 +303,8 @@ def create_route_app(router: Router, guard: GuardConfig | None = None, docs: boo
             yield
             watcher.cancel()
 
-    app = FastAPI(title="premoe route", lifespan=lifespan, openapi_url="/openapi.json" if docs else None,
-                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
-    app.add_middleware(Guard, config=guard or GuardConfig())
+    app = guarded_app("premoe route", guard, docs, lifespan=lifespan)
     started = int(time.time())
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, error: ApiError):
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, error: HTTPException):
-        return JSONResponse(ApiError(error.status_code, str(error.detail)).body(), status_code=error.status_code,
-                            headers=getattr(error, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, error: Exception):
-        request_id = request.state.request_id  # this handler runs outside the Guard, so it sets the header too
-        return JSONResponse(internal_error(error, request_id).body(), status_code=500,
-                            headers={"x-request-id": request_id})
 
     @app.get("/health")
     async def health():

@@ -43,13 +43,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' string annotations here
+from fastapi import Request  # module level: FastAPI resolves the handlers' string annotations here
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException
 
 from premoe.admission import FifoWorker
 from premoe.errors import InputError
-from premoe.guard import ApiError, Guard, GuardConfig, deadline_protocol, internal_error, loopback_hosts
+from premoe.guard import ApiError, GuardConfig, deadline_protocol, guarded_app, internal_error, loopback_hosts
 from premoe.openai_request import OpenAIRequest, parse_request
 
 GAUGES = ("in_flight", "waiting")  # metrics that go up and down: admitted requests, requests waiting for a slot
@@ -335,26 +334,8 @@ def create_app(engine: Engine, guard: GuardConfig | None = None, docs: bool = Fa
     ``docs`` turns on /openapi.json, /docs and /redoc (off: they describe the
     server to anyone who asks).
     """
-    app = FastAPI(title="premoe", openapi_url="/openapi.json" if docs else None, docs_url="/docs" if docs else None,
-                  redoc_url="/redoc" if docs else None)
-    app.add_middleware(Guard, config=guard or GuardConfig())
+    app = guarded_app("premoe", guard, docs, engine.count)
     started = int(time.time())
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, error: ApiError):
-        engine.count(errors=1, rejected=int(error.status == 429))
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, error: HTTPException):  # 404 / 405 from routing, in OpenAI's shape
-        return JSONResponse(ApiError(error.status_code, str(error.detail), None).body(), status_code=error.status_code,
-                            headers=getattr(error, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, error: Exception):
-        engine.count(errors=1)
-        request_id = request.state.request_id  # this handler runs outside the Guard, so it sets the header too
-        return JSONResponse(internal_error(error, request_id).body(), status_code=500, headers={"x-request-id": request_id})
 
     @app.get("/health")
     async def health():

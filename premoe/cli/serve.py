@@ -18,7 +18,8 @@ POSITIVE = click.IntRange(min=1)
 @click.option("--max-tokens", default=256, type=POSITIVE, show_default=True,
               help="Cap on generated tokens per request (also what max_tokens null means).")
 @click.option("--max-queue", default=8, type=POSITIVE, show_default=True,
-              help="Requests running or waiting, served first come first served; more get 429 + Retry-After.")
+              help="Requests running or queued, served first come first served; more wait briefly in line for a "
+              "slot, then get 429 + Retry-After.")
 @click.option("--retrieval-tokens", default=256, type=POSITIVE, show_default=True,
               help="Request tokens retrieval looks at.")
 @click.option("--max-body", default=1 << 20, type=click.IntRange(min=1024), show_default=True,
