@@ -8,7 +8,8 @@ the same way. Semantics follow OpenAI's API reference:
 * ``max_tokens`` (chat: ``max_completion_tokens``): a positive integer, or
   null/absent for "as many as the context allows" (the server caps both);
   0 is an error, not a default.
-* ``temperature`` in [0, 2] and ``top_p`` in [0, 1]; either at 0 means greedy.
+* ``temperature`` in [0, 2] and ``top_p`` in [0, 1]; either at 0 means greedy
+  (so does a temperature below :data:`MIN_TEMPERATURE`).
 * ``seed`` an int64; ``stop`` a string or up to 4 non-empty strings.
 * Parameters this server does not implement (``logprobs``, ``echo``,
   ``suffix``, ``best_of``, ``n`` > 1, tools, penalties, ...) are accepted only
@@ -32,6 +33,7 @@ from premoe.guard import ApiError
 MAX_DEPTH = 16  # JSON nesting accepted; OpenAI bodies need 4 (messages -> parts -> part -> field)
 MAX_STOPS = 4  # OpenAI's limit on stop sequences
 INT64 = (-(1 << 63), (1 << 63) - 1)
+MIN_TEMPERATURE = 1e-3  # below this sampling is greedy: logits / 1e-40 overflow to inf and sampling fails
 ROLES = ("system", "developer", "user", "assistant")
 
 # Parameters premoe accepts only at a value that changes nothing: {name: accepted values}.
@@ -60,7 +62,7 @@ class OpenAIRequest:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_p == 0
+        return self.temperature < MIN_TEMPERATURE or self.top_p == 0
 
 
 def parse_request(raw: bytes, chat: bool) -> OpenAIRequest:

@@ -389,6 +389,9 @@ def test_top_p_zero_is_greedy(client):
     for seed in (1, 2, 3):
         sampled = client.post(COMPLETIONS, json=hi(max_tokens=8, min_tokens=8, temperature=1.5, top_p=0, seed=seed))
         assert sampled.json()["choices"][0]["text"] == greedy
+    for temperature in (1e-300, 1e-40, 1e-4):  # vanishing temperatures: greedy, not inf logits and a 500
+        tiny = client.post(COMPLETIONS, json=hi(max_tokens=8, min_tokens=8, temperature=temperature, seed=1))
+        assert tiny.json()["choices"][0]["text"] == greedy
     # and sampling does happen when top_p is not 0, so the check above can fail
     texts = {client.post(COMPLETIONS, json=hi(max_tokens=8, min_tokens=8, temperature=2, seed=s)).json()
              ["choices"][0]["text"] for s in range(4)}
@@ -515,7 +518,7 @@ FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", 
 TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=20) | st.sampled_from(
     ["hi", "", "tiny", "text", "user", "assistant", "\ud800", "def add(a, b):"])
 SCALARS = (st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.integers(-3, 300)
-           | st.floats(allow_nan=False, allow_infinity=False) | TEXT)
+           | st.floats(allow_nan=False, allow_infinity=False) | st.floats(0, 2) | st.floats(0, 1e-3) | TEXT)
 VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
                       | st.dictionaries(TEXT | st.sampled_from(["type", "text", "role", "content"]), inner, max_size=4),
                       max_leaves=12)
