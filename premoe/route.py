@@ -286,6 +286,7 @@ async def _first_answer(router: Router, client: httpx.AsyncClient, call: _Call, 
             if e.reason.startswith("down"):
                 router.up[backend.name] = False
             call.fallbacks.append(e.reason.split(" ")[0])
+    router.count(unanswered=1)
     raise ApiError(503, "no backend of this router could answer (all are down or overloaded); retry later",
                    "no_backend", "server_error", headers={"Retry-After": "2"})
 
@@ -417,9 +418,8 @@ async def _relay(router: Router, client: httpx.AsyncClient, call: _Call, backend
         router.count(continued_streams=1)
         try:
             backend, response = await _continue(router, client, call, "".join(streamed), tried)
-        except ApiError as e:
+        except ApiError as e:  # every backend is down: say so in the stream's own format
             yield f"data: {json.dumps(e.body())}\n\n"
-            router.count(unanswered=1)
             break
         tried.add(backend.name)
         continuing = True
