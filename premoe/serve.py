@@ -10,17 +10,25 @@ Two modes:
 * **fixed** (``premoe serve COMPILED_DIR``): a compiled specialist or
   generalist served as it is.
 
-One model state at a time: retrieval, swap and generation of a request run
-under one lock, so no request ever sees a half-swapped model. Requests past
-the queue limit are refused at once (429) rather than piling up. Every
-response carries a ``premoe`` field: domain, distance, experts per layer and
-what the swap read.
+One model state at a time: one worker thread runs requests in arrival order
+(:mod:`premoe.admission`), and retrieval, swap and generation of a request
+run under one lock, so no request ever sees a half-swapped model. At most
+``max_queue`` requests run or wait; a request that finds the queue full waits
+briefly, in order, for a slot, and is refused (429 with a ``Retry-After``
+estimate) only when none frees in time. A
+client that disconnects cancels its request: still queued, it never runs;
+running, generation stops at the next token. Nothing slow runs on the event
+loop: bodies are capped and timed by :mod:`premoe.guard` before they are
+read, parsed (:mod:`premoe.openai_request`) and tokenised in a thread, so
+``/health`` answers while a huge body is refused or a generation runs.
+Every response carries a ``premoe`` field: domain, distance, experts per
+layer and what the swap read.
 
 Example::
 
     engine = Engine.retrieval("testbed", "stores/testbed", experts=16)
     uvicorn.run(create_app(engine), port=8000)
-    # curl localhost:8000/v1/completions -d '{"model": "testbed", "prompt": "def main():"}'
+    # curl localhost:8000/v1/completions -H 'content-type: application/json' -d '{"prompt": "def main():"}'
 """
 from __future__ import annotations
 
@@ -29,15 +37,22 @@ import json
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' string annotations here
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi import Request  # module level: FastAPI resolves the handlers' string annotations here
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from premoe.admission import FifoWorker
 from premoe.errors import InputError
+from premoe.guard import ApiError, GuardConfig, deadline_protocol, guarded_app, internal_error, loopback_hosts
+from premoe.openai_request import OpenAIRequest, parse_request
+
+GAUGES = ("in_flight", "waiting")  # metrics that go up and down: admitted requests, requests waiting for a slot
+DISCONNECT_POLL_S = 0.1  # how often a waiting non-streaming request checks that its client is still there
 
 
 @dataclass
@@ -45,8 +60,8 @@ class ServeLimits:
     """Bounds that keep one bad request from taking the server down."""
 
     max_prompt_tokens: int = 2048  # longer prompts are refused (400 context_length_exceeded)
-    max_tokens: int = 256  # generated tokens per request; larger requests are clamped to this
-    max_queue: int = 8  # requests running or waiting for the model; more are refused at once (429)
+    max_tokens: int = 256  # generated tokens per request; larger requests (and null) are clamped to this
+    max_queue: int = 8  # requests running or waiting for the model (FIFO); more are refused (429 + Retry-After)
     retrieval_tokens: int = 256  # request tokens the layer-1 pattern is computed from
 
 
@@ -73,22 +88,11 @@ class Result:
     premoe: dict
 
 
-class ApiError(Exception):
-    """An error answered with OpenAI's error JSON."""
-
-    def __init__(self, status: int, message: str, code: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.code, self.kind = status, message, code, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": None, "code": self.code}}
-
-
 # --------------------------------------------------------------------------- the model state
 
 
 class Engine:
-    """The served model: tokenizer, optional retrieval + expert bank, one lock, counters."""
+    """The served model: tokenizer, optional retrieval + expert bank, a FIFO worker, one lock, counters."""
 
     def __init__(self, model, tokenizer, name: str, limits: ServeLimits | None = None, bank=None, retriever=None,
                  experts: int | None = None, fixed: dict | None = None):
@@ -97,15 +101,17 @@ class Engine:
         self.bank, self.retriever, self.experts = bank, retriever, experts
         self.fixed = fixed or {}  # what a fixed model is (domain, experts), from its config
         self.lock = threading.Lock()  # held over retrieve + swap + generate
-        self.slots = threading.BoundedSemaphore(self.limits.max_queue)
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         self._kept: dict[str, dict[int, list[int]]] = {}  # target -> its experts at M (make_plan, cached)
         self._metrics_lock = threading.Lock()
         self.metrics: dict[str, float] = dict.fromkeys(
-            ["requests", "errors", "rejected", "retrievals", "fallbacks", "swaps", "swap_experts", "swap_bytes",
-             "swap_seconds", "retrieval_seconds", "prompt_tokens", "completion_tokens", "in_flight"], 0)
+            ["requests", "errors", "rejected", "cancelled", "retrievals", "fallbacks", "swaps", "swap_experts",
+             "swap_bytes", "swap_seconds", "retrieval_seconds", "prompt_tokens", "completion_tokens", "in_flight",
+             "waiting"], 0)
         self.domains: dict[str, int] = {}  # requests served per domain
         self.current = retriever.store.domains[0] if retriever else self.fixed.get("domain")  # resident experts
+        self.queue = FifoWorker(self.limits.max_queue, f"premoe-{name}", self.count)  # runs requests in order
+        self._longest_token: int | None = None
 
     @classmethod
     def retrieval(cls, model: str | Path, store: str | Path, experts: int, limits: ServeLimits | None = None,
@@ -145,7 +151,7 @@ class Engine:
     def metrics_text(self) -> str:
         """Prometheus text format."""
         with self._metrics_lock:
-            lines = [f"premoe_{k}{'' if k == 'in_flight' else '_total'} {v:g}" for k, v in self.metrics.items()]
+            lines = [f"premoe_{k}{'' if k in GAUGES else '_total'} {v:g}" for k, v in self.metrics.items()]
             lines += [f'premoe_domain_requests_total{{domain="{d}"}} {n}' for d, n in sorted(self.domains.items())]
         return "\n".join(lines) + "\n"
 
@@ -161,6 +167,21 @@ class Engine:
             text, finish, tokens = self._generate(job, on_text, cancel)
         self.count(prompt_tokens=job.input_ids.shape[1], completion_tokens=tokens)
         return Result(text, finish, int(job.input_ids.shape[1]), tokens, info)
+
+    def max_prompt_chars(self, tokens: int) -> int:
+        """A prompt longer than this many characters has more than ``tokens`` tokens, whatever its text.
+
+        A token covers at most as many characters as its longest vocabulary
+        entry (byte-level BPE: one character per byte; SentencePiece: the
+        piece); ×4 leaves room for normalisers that merge characters. Lets a
+        huge prompt be refused without tokenising it.
+        """
+        if self._longest_token is None:
+            try:
+                self._longest_token = max(len(t) for t in self.tokenizer.get_vocab())
+            except Exception:  # noqa: BLE001 - a tokenizer without a vocabulary: no shortcut
+                self._longest_token = 1 << 40
+        return tokens * self._longest_token * 4
 
     def _prepare(self, text: str) -> dict:
         """Pick the domain for ``text`` and make the resident model hold its experts (lock held)."""
@@ -254,84 +275,67 @@ def render_chat(tokenizer, messages: list[dict]) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
-def parse_job(engine: Engine, body: dict, chat: bool) -> Job:
-    """Validate an OpenAI request body into a :class:`Job` (raises :class:`ApiError`)."""
-    model = body.get("model")
-    if model is not None and model != engine.name:
-        raise ApiError(404, f"the model {model!r} does not exist; this server serves {engine.name!r}",
-                       "model_not_found")
-    if body.get("n", 1) != 1:
-        raise ApiError(400, "only n = 1 is supported", "unsupported_parameter")
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "'messages' must be a non-empty list of {role, content}")
-        messages = [_message(m) for m in messages]
-        prompt = render_chat(engine.tokenizer, messages)
-        ids = engine.tokenizer(prompt, add_special_tokens=not getattr(engine.tokenizer, "chat_template", None))
-        users = [m["content"] for m in messages if m["role"] == "user" and m["content"].strip()]
+def build_job(engine: Engine, raw: bytes, chat: bool) -> tuple[OpenAIRequest, Job]:
+    """Validate a raw request body and tokenise it into a :class:`Job` (raises :class:`ApiError`).
+
+    Runs in a thread: JSON parsing and tokenising are the slow parts of a
+    request before it reaches the model.
+    """
+    request = parse_request(raw, chat)
+    if request.model is not None and request.model != engine.name:
+        raise ApiError(404, f"the model {request.model[:100]!r} does not exist; this server serves {engine.name!r}",
+                       "model_not_found", param="model")
+    return request, make_job(engine, request)
+
+
+def make_job(engine: Engine, request: OpenAIRequest) -> Job:
+    """Tokenise a validated request; check it fits the prompt limit and the context; settle max_tokens."""
+    limit = min(engine.limits.max_prompt_tokens, engine.context - 1)
+    if request.chat:
+        prompt = _render(engine.tokenizer, request.messages)
+        users = [m["content"] for m in request.messages if m["role"] == "user" and m["content"].strip()]
         retrieval_text = users[-1] if users else prompt  # the latest user turn says what the task is now
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise ApiError(400, "'prompt' must be a non-empty string (batches of prompts are not supported)")
-        ids = engine.tokenizer(prompt)
-        retrieval_text = prompt
-    ids = ids["input_ids"]
-    limit = min(engine.limits.max_prompt_tokens, engine.context - 1)
+        prompt = retrieval_text = request.prompt
+    too_long = f"this server accepts at most {limit} prompt tokens"
+    if len(prompt) > engine.max_prompt_chars(limit):  # refused without spending seconds tokenising it
+        raise ApiError(400, f"the prompt has {len(prompt)} characters, more than {limit} tokens; {too_long}",
+                       "context_length_exceeded", param="messages" if request.chat else "prompt")
+    special = not (request.chat and getattr(engine.tokenizer, "chat_template", None))  # the template adds its own
+    ids = engine.tokenizer(prompt, add_special_tokens=special)["input_ids"]
     if len(ids) > limit:
-        raise ApiError(400, f"the prompt has {len(ids)} tokens; this server accepts at most {limit}",
-                       "context_length_exceeded")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or engine.limits.max_tokens
-    temperature, top_p = body.get("temperature", 0.0) or 0.0, body.get("top_p", 1.0) or 1.0
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    checks = [(isinstance(max_tokens, int) and max_tokens > 0, "'max_tokens' must be a positive integer"),
-              (isinstance(temperature, (int, float)) and 0 <= temperature <= 2, "'temperature' must be in [0, 2]"),
-              (isinstance(top_p, (int, float)) and 0 < top_p <= 1, "'top_p' must be in (0, 1]"),
-              (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop), "'stop' must be strings"),
-              (body.get("seed") is None or isinstance(body.get("seed"), int), "'seed' must be an integer"),
-              (isinstance(body.get("min_tokens", 0), int) and body.get("min_tokens", 0) >= 0,
-               "'min_tokens' must be a non-negative integer")]
-    for ok, message in checks:
-        if not ok:
-            raise ApiError(400, message)
-    max_tokens = max(1, min(max_tokens, engine.limits.max_tokens, engine.context - len(ids)))
-    return Job(torch.tensor([ids], dtype=torch.long), retrieval_text, max_tokens,
-               min(body.get("min_tokens", 0), max_tokens), float(temperature), float(top_p), stop, body.get("seed"))
+        raise ApiError(400, f"the prompt has {len(ids)} tokens; {too_long}", "context_length_exceeded",
+                       param="messages" if request.chat else "prompt")
+    if not ids:
+        raise ApiError(400, "the prompt has no tokens", param="messages" if request.chat else "prompt")
+    room = max(1, min(engine.limits.max_tokens, engine.context - len(ids)))
+    max_tokens = room if request.max_tokens is None else min(request.max_tokens, room)  # null: as many as allowed
+    return Job(torch.tensor([ids], dtype=torch.long), retrieval_text, max_tokens, min(request.min_tokens, max_tokens),
+               0.0 if request.greedy else request.temperature, request.top_p, request.stop, request.seed)
 
 
-def _message(message) -> dict:
-    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-        raise ApiError(400, "each message must be an object with a 'role' and a 'content'")
-    content = message.get("content")
-    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    if not isinstance(content, str):
-        raise ApiError(400, "message 'content' must be a string or a list of text parts")
-    return {"role": message["role"], "content": content}
+def _render(tokenizer, messages: list[dict]) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        return render_chat(tokenizer, messages)
+    except TemplateError as e:  # e.g. "roles must alternate": the template's own message about the input
+        raise ApiError(400, f"the model's chat template refused these messages: {str(e)[:300]}",
+                       param="messages") from None
 
 
 # --------------------------------------------------------------------------- HTTP
 
 
-def create_app(engine: Engine):
-    """The FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
-    app = FastAPI(title="premoe", docs_url=None, redoc_url=None)
+def create_app(engine: Engine, guard: GuardConfig | None = None, docs: bool = False):
+    """The FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
+
+    ``guard`` bounds and authenticates every request (:mod:`premoe.guard`);
+    ``docs`` turns on /openapi.json, /docs and /redoc (off: they describe the
+    server to anyone who asks).
+    """
+    app = guarded_app("premoe", guard, docs, engine.count)
     started = int(time.time())
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, error: ApiError):
-        engine.count(errors=1, rejected=int(error.status == 429))
-        return JSONResponse(error.body(), status_code=error.status)
-
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, error: Exception):
-        engine.count(errors=1)
-        return JSONResponse(ApiError(500, f"{type(error).__name__}: {error}", None, "server_error").body(),
-                            status_code=500)
 
     @app.get("/health")
     async def health():
@@ -349,24 +353,16 @@ def create_app(engine: Engine):
 
     async def handle(request: Request, chat: bool):
         engine.count(requests=1)
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({e})") from e
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        job = parse_job(engine, body, chat)
-        if not engine.slots.acquire(blocking=False):
-            raise ApiError(429, f"the server is busy ({engine.limits.max_queue} requests queued); retry later",
-                           "rate_limit_exceeded", "rate_limit_error")
-        engine.count(in_flight=1)
+        body, job = await asyncio.to_thread(build_job, engine, await request.body(), chat)
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        if body.get("stream"):
-            return StreamingResponse(_stream(engine, job, chat, ident), media_type="text/event-stream")
-        try:
-            result = await asyncio.to_thread(_release_after, engine, lambda: engine.run(job))
-        except InputError as e:
-            raise ApiError(400, str(e)) from e
+        if body.stream:
+            return StreamingResponse(await _stream(engine, job, chat, ident, request.state.request_id),
+                                     media_type="text/event-stream")
+        cancel = threading.Event()
+        future = await engine.queue.admit(lambda: engine.run(job, cancel=cancel))
+        result = await _unless_client_leaves(engine, request, future, cancel)
+        if result is None:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         return JSONResponse(_response(engine, result, chat, ident))
 
     @app.post("/v1/completions")
@@ -380,13 +376,28 @@ def create_app(engine: Engine):
     return app
 
 
-def _release_after(engine: Engine, work: Callable[[], Result]) -> Result:
-    """Run ``work`` in a worker thread; its queue slot is freed when the work ends, not when the client leaves."""
-    try:
-        return work()
-    finally:
-        engine.count(in_flight=-1)
-        engine.slots.release()
+async def _unless_client_leaves(engine: Engine, request: Request, future: Future,
+                                cancel: threading.Event) -> Result | None:
+    """The request's result, or None once its client has disconnected (the request is then cancelled)."""
+    waiting = asyncio.wrap_future(future)
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
+        if done:
+            try:
+                return waiting.result()
+            except InputError as e:
+                raise ApiError(400, str(e)) from e
+        if await request.is_disconnected():
+            future.cancel()  # still queued: it never runs
+            cancel.set()  # running: generation stops at the next token
+            waiting.add_done_callback(_ignore_outcome)
+            engine.count(cancelled=1)
+            return None
+
+
+def _ignore_outcome(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved, so asyncio does not log "never retrieved"
 
 
 def _response(engine: Engine, result: Result, chat: bool, ident: str) -> dict:
@@ -399,26 +410,20 @@ def _response(engine: Engine, result: Result, chat: bool, ident: str) -> dict:
             "premoe": result.premoe}
 
 
-def _stream(engine: Engine, job: Job, chat: bool, ident: str):
-    """Start the request's worker now and return its server-sent events.
+async def _stream(engine: Engine, job: Job, chat: bool, ident: str, request_id: str):
+    """Queue the request now (429 before any byte is sent) and return its server-sent events.
 
     Events: a first chunk carrying the ``premoe`` field, text deltas, a chunk
-    with the finish reason and usage, then ``data: [DONE]``. The worker
-    starts before the response does, so its queue slot is freed even if the
-    client never reads a byte.
+    with the finish reason and usage, then ``data: [DONE]``. When the client
+    goes away the events generator is closed, which cancels the request.
     """
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     cancel = threading.Event()
     put = lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value))  # noqa: E731
-
-    def work() -> None:
-        try:
-            put("end", _release_after(engine, lambda: engine.run(job, lambda text: put("text", text),
-                                                                  lambda info: put("info", info), cancel)))
-        except Exception as e:  # noqa: BLE001 - reported to the client as an error event
-            engine.count(errors=1)
-            put("error", e)
+    future = await engine.queue.admit(lambda: engine.run(job, lambda text: put("text", text),
+                                                         lambda info: put("info", info), cancel))
+    future.add_done_callback(lambda f: put("end", f))
 
     def chunk(delta: dict, text: str = "", finish: str | None = None, extra: dict | None = None) -> str:
         choice = {"index": 0, "delta": delta} if chat else {"index": 0, "text": text, "logprobs": None}
@@ -435,38 +440,60 @@ def _stream(engine: Engine, job: Job, chat: bool, ident: str):
                     yield chunk({"role": "assistant", "content": ""}, extra={"premoe": value})
                 elif kind == "text":
                     yield chunk({"content": value}, value)
-                elif kind == "error":
-                    yield f"data: {json.dumps(ApiError(500, str(value), None, 'server_error').body())}\n\n"
-                    break
                 else:
-                    usage = {"prompt_tokens": value.prompt_tokens, "completion_tokens": value.completion_tokens,
-                             "total_tokens": value.prompt_tokens + value.completion_tokens}
-                    yield chunk({}, "", value.finish_reason, {"usage": usage})
+                    if value.cancelled():
+                        break
+                    if value.exception() is not None:
+                        engine.count(errors=1)
+                        error = value.exception()
+                        error = ApiError(400, str(error)) if isinstance(error, InputError) else \
+                            internal_error(error, request_id)
+                        yield f"data: {json.dumps(error.body())}\n\n"
+                        break
+                    result = value.result()
+                    usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                             "total_tokens": result.prompt_tokens + result.completion_tokens}
+                    yield chunk({}, "", result.finish_reason, {"usage": usage})
                     break
             yield "data: [DONE]\n\n"
         finally:
-            cancel.set()  # the client went away (or we are done): stop generating
+            if not future.done():
+                engine.count(cancelled=1)
+            future.cancel()  # the client went away (or we are done): a queued request never runs,
+            cancel.set()  # a running one stops at the next token
 
-    threading.Thread(target=work, name=f"premoe-{ident}", daemon=True).start()
     return events_out()
 
 
-def start_in_thread(engine: Engine, host: str = "127.0.0.1", timeout: float = 20.0):
+def server_config(engine: Engine, host: str, port: int, guard: GuardConfig | None = None, docs: bool = False):
+    """The uvicorn config premoe serves with: the guarded app, header deadline, short keep-alive.
+
+    ``guard`` defaults to Host checking for loopback binds.
+    """
+    import uvicorn
+
+    guard = guard or GuardConfig(allowed_hosts=loopback_hosts(host, port))
+    return uvicorn.Config(create_app(engine, guard, docs), host=host, port=port, log_level="warning",
+                          http=deadline_protocol(guard.read_timeout), timeout_keep_alive=5)
+
+
+def start_in_thread(engine: Engine, host: str = "127.0.0.1", timeout: float = 20.0, docs: bool = False, **guard):
     """Serve ``engine`` with uvicorn in a daemon thread on a free port: ``(base url, server, thread)``.
 
     For tests and benchmarks that drive the real HTTP stack in-process; stop
-    it with ``server.should_exit = True`` and ``thread.join()``.
+    it with ``server.should_exit = True`` and ``thread.join()``. ``guard``:
+    :class:`GuardConfig` fields; ``allowed_hosts`` defaults to the loopback
+    names of the chosen port.
     """
     import socket
-    import threading
-    import time
 
     import uvicorn
 
     with socket.socket() as sock:
         sock.bind((host, 0))
         port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host=host, port=port, log_level="warning"))
+    config = GuardConfig(**{"allowed_hosts": loopback_hosts(host, port), **guard})
+    server = uvicorn.Server(server_config(engine, host, port, config, docs))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + timeout

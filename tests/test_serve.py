@@ -93,7 +93,7 @@ def test_stop_sequences_cut_the_text(http):
 
 
 @pytest.mark.parametrize("body, status, code", [
-    (b"{not json", 400, None),
+    (b"{not json", 400, "invalid_json"),
     (b"[1, 2]", 400, None),
     (json.dumps({"model": "gpt-9", "prompt": "hi"}).encode(), 404, "model_not_found"),
     (json.dumps({"prompt": "def add " * 200}).encode(), 400, "context_length_exceeded"),
