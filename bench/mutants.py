@@ -1,0 +1,114 @@
+"""The mutants ``bench/mutation.py`` injects, one plausible bug each, with the tests that should catch it.
+
+Written against the code as it is; a mutant whose snippet no longer occurs
+exactly once is reported "not applied" (update it when the code moves).
+"""
+from mutation import Mutant
+
+SCORES = ("tests/test_scores.py", "tests/test_baselines.py", "tests/test_capture.py")
+PLAN = ("tests/test_plan.py",)
+PROFILE = ("tests/test_profile.py", "tests/test_plan.py")
+CKPT = ("tests/test_checkpoint.py",)
+COMPILE = ("tests/test_compile.py", "tests/test_mtp.py")
+VERIFY = ("tests/test_verify.py",)
+SERVE = ("tests/test_serve.py", "tests/test_serve_hardening.py")
+RETRIEVAL = ("tests/test_retrieval.py", "tests/test_store.py")
+BANK = ("tests/test_bank.py",)
+
+MUTANTS = [
+    # ---------------------------------------------------------------- scores
+    Mutant("scores:peu-threshold-strict", "premoe/scores.py", "confident = local >= threshold",
+           "confident = local > threshold", SCORES),
+    Mutant("scores:peu-local-softmax-over-all", "premoe/scores.py", "local = top.softmax(dim=-1)  # (tokens, Ka)",
+           "local = batch.logits.softmax(dim=-1).gather(1, idx)  # (tokens, Ka)", SCORES),
+    Mutant("scores:peu-ignores-filter", "premoe/scores.py",
+           "torch.where(confident, value, torch.zeros_like(value))", "value", SCORES),
+    Mutant("scores:biased-rule-ignores-bias", "premoe/scores.py",
+           "return batch.choice_scores.topk(candidates, dim=-1).indices",
+           "return batch.gate_probs.topk(candidates, dim=-1).indices", SCORES),
+    Mutant("scores:routed-rule-unranked", "premoe/scores.py",
+           "return batch.selected.gather(1, rank[:, :candidates])", "return batch.selected[:, :candidates]", SCORES),
+    Mutant("scores:choice-scores-no-bias", "premoe/scores.py",
+           "return base + self.correction_bias.to(base.dtype)", "return base", SCORES),
+    Mutant("scores:shifted-logit-wrong-neighbour", "premoe/scores.py",
+           "return batch.top(idx.shape[1] + 1)[0][:, -1:]", "return batch.top(idx.shape[1] + 1)[0][:, :1]", SCORES),
+    Mutant("scores:frequency-from-logits", "premoe/scores.py",
+           "return torch.zeros(tokens, experts, dtype=torch.float64).scatter_(1, batch.selected, 1.0)",
+           "return torch.zeros(tokens, experts, dtype=torch.float64).scatter_(1, "
+           "batch.logits.topk(batch.selected.shape[1], dim=-1).indices, 1.0)", SCORES),
+    Mutant("scores:reap-never-renormalises", "premoe/scores.py",
+           "if batch.renormalises if renormalise == \"model\" else renormalise:", "if False:", SCORES),
+    Mutant("scores:reap-no-norm", "premoe/scores.py", "return _routed(batch, gate * norms)",
+           "return _routed(batch, gate)", SCORES),
+    Mutant("scores:random-ignores-layer", "premoe/scores.py", 'f"{seed}/{batch.layer}"', 'f"{seed}"', SCORES),
+    Mutant("scores:tcess-threshold", "premoe/scores.py",
+           '"tcess": ScorerSpec("peu", (("candidates", 2), ("threshold", 0.55)',
+           '"tcess": ScorerSpec("peu", (("candidates", 2), ("threshold", 0.5)', SCORES),
+    # ---------------------------------------------------------------- profile
+    Mutant("profile:reap-over-all-tokens", "premoe/profile.py",
+           "if info[\"per_routed_token\"] else max(stats.tokens, 1)", "if False else max(stats.tokens, 1)", PROFILE),
+    Mutant("profile:generalist-unweighted", "premoe/profile.py",
+           "if weighting == \"balanced\":", "if weighting in (\"balanced\", \"tokens\"):", PROFILE),
+    # ---------------------------------------------------------------- plan
+    Mutant("plan:global-no-topk-floor", "premoe/plan.py",
+           "kept = [set(share[l].topk(top_k).indices.tolist()) for l in range(layers)]\n    budget = layers * m - layers * top_k",
+           "kept = [set() for l in range(layers)]\n    budget = layers * m", PLAN),
+    Mutant("plan:global-off-by-one", "premoe/plan.py", "if budget <= 0:", "if budget < 0:", PLAN),
+    Mutant("plan:global-raw-utility", "premoe/plan.py",
+           "for flat in share.flatten().argsort(descending=True).tolist():",
+           "for flat in utility.flatten().argsort(descending=True).tolist():", PLAN),
+    Mutant("plan:local-ascending", "premoe/plan.py", "return row.topk(m).indices.tolist()",
+           "return row.topk(m, largest=False).indices.tolist()", PLAN),
+    Mutant("plan:groups-ignored", "premoe/plan.py", "    if n_group <= 1:\n        return row.topk(m).indices.tolist()",
+           "    if True:\n        return row.topk(m).indices.tolist()", PLAN),
+    Mutant("plan:keep-rounding", "premoe/plan.py", "return max(1, round(request.keep * E))",
+           "return max(1, int(request.keep * E))", PLAN),
+    Mutant("plan:budget-ignores-base", "premoe/plan.py",
+           "m = math.floor((budget - sizes.base_bytes) / per_m) if per_m else 0",
+           "m = math.floor(budget / per_m) if per_m else 0", PLAN),
+    Mutant("plan:validate-allows-negative", "premoe/plan.py", "bad = [e for e in kept if not 0 <= e < num_experts]",
+           "bad = [e for e in kept if not e < num_experts]", PLAN),
+    Mutant("plan:validate-allows-duplicates", "premoe/plan.py", "if len(set(kept)) != len(kept):", "if False:", PLAN),
+    Mutant("plan:validate-below-topk", "premoe/plan.py", "if len(kept) < top_k:", "if len(kept) < top_k - 1:", PLAN),
+    Mutant("plan:groups-uneven-allowed", "premoe/plan.py", "if len(set(per_group)) != 1 or per_group[0] < 2",
+           "if per_group[0] < 2", PLAN),
+    Mutant("plan:check-experts-multiple", "premoe/plan.py", "if m % n_group:", "if False:", PLAN),
+    # ---------------------------------------------------------------- checkpoint headers
+    Mutant("checkpoint:no-overlap-check", "premoe/checkpoint.py", "if begin != end:", "if begin > end:", CKPT),
+    Mutant("checkpoint:no-trailing-check", "premoe/checkpoint.py", "if end != data_bytes:", "if end > data_bytes:",
+           CKPT),
+    Mutant("checkpoint:no-size-check", "premoe/checkpoint.py", "if offsets[1] - offsets[0] != needed:", "if False:",
+           CKPT),
+    Mutant("checkpoint:index-mismatch-ignored", "premoe/checkpoint.py", "if moved:", "if False:", CKPT + COMPILE),
+    # ---------------------------------------------------------------- compile
+    Mutant("compile:ranges-wrong-stride", "premoe/compile.py", "start = begin + (o * count + r) * block",
+           "start = begin + (o + r) * block", COMPILE),
+    Mutant("compile:renumber-keeps-original", "premoe/compile.py",
+           "new_key = adapter.rename_expert_key(info.key, expert, renumber[layer][expert])", "new_key = info.key",
+           COMPILE),
+    Mutant("compile:rows-shape-unchanged", "premoe/compile.py",
+           "shape = (*info.shape[:axis], len(rows), *info.shape[axis + 1 :])", "shape = info.shape", COMPILE),
+    Mutant("compile:no-alignment-padding", "premoe/compile.py", 'raw += b" " * (-len(raw) % 8)', "pass", COMPILE),
+    Mutant("compile:index-total-size-before", "premoe/compile.py", '"total_size": plan.bytes_after',
+           '"total_size": plan.bytes_before', COMPILE),
+    Mutant("compile:missing-experts-accepted", "premoe/compile.py",
+           "if found and found != set(range(num_experts)):", "if False:", COMPILE),
+    # ---------------------------------------------------------------- verify
+    Mutant("verify:loose-tolerance", "premoe/verify.py", "tolerance: float = 1e-4", "tolerance: float = 1e-1",
+           VERIFY),
+    Mutant("verify:pass-strict-inequality", "premoe/verify.py", "return self.max_abs_diff <= self.tolerance",
+           "return self.max_abs_diff < 10 * self.tolerance", VERIFY),
+    # ---------------------------------------------------------------- serve (OpenAI request parsing)
+    Mutant("serve:max-tokens-zero-allowed", "premoe/openai_request.py",
+           "max_tokens=_integer(body, tokens_key, 1, None)", "max_tokens=_integer(body, tokens_key, 0, None)", SERVE),
+    Mutant("serve:top-p-zero-not-greedy", "premoe/openai_request.py",
+           "return self.temperature < MIN_TEMPERATURE or self.top_p == 0",
+           "return self.temperature < MIN_TEMPERATURE", SERVE),
+    Mutant("serve:depth-unbounded", "premoe/openai_request.py", "if _depth(value) > MAX_DEPTH:", "if False:", SERVE),
+    Mutant("serve:unsupported-accepted", "premoe/openai_request.py",
+           "names = [k for k in body if k not in FIELDS[chat] and (k not in NO_OP or not _same(body[k], NO_OP[k]))]",
+           "names = []", SERVE),
+    Mutant("serve:auth-any-token", "premoe/guard.py",
+           'if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self._key):',
+           'if scheme.lower() != b"bearer":', SERVE),
+]
