@@ -556,9 +556,11 @@ def write_report(results: str | Path, out: str | Path, force: bool = False) -> P
     """Write ``out/report.html`` (self-contained), ``out/report.md`` and its PNG plots, atomically."""
     from premoe.fileio import write_dir
 
+    from premoe.fileio import check_output
+
     out = Path(out)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+    file = Path(results) / "results.json" if Path(results).is_dir() else Path(results)
+    check_output(out, inputs=[file], force=force)  # OUT may sit in the sweep directory, never hold results.json
     report = build_report(load_results(results))
 
     def write(tmp: Path) -> None:

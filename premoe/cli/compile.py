@@ -1,9 +1,9 @@
 """`premoe compile`: write the pruned checkpoint by streaming surgery on the safetensors shards."""
 from __future__ import annotations
 
-import json
-
 import click
+
+from premoe.cli.options import json_option, model_input
 
 
 @click.command("compile")
@@ -14,9 +14,9 @@ import click
               help="Plans with different counts per layer: padded (vanilla-loadable, the auto choice) or compact "
                    "(real counts; load with premoe.compile.load_compact).")
 @click.option("--dry-run", is_flag=True, help="Print what would be written, sizes and disk needed; write nothing.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def command(model, plan, out, export, dry_run, force, as_json) -> None:
+@click.option("--force", is_flag=True, help="Replace --out if it exists and premoe wrote it.")
+@json_option("Write the report as JSON to FILE ('-' or a bare --json: stdout instead of the summary).")
+def command(model, plan, out, export, dry_run, force, json_out) -> None:
     """Compile MODEL down to the experts PLAN keeps.
 
     \b
@@ -25,8 +25,12 @@ def command(model, plan, out, export, dry_run, force, as_json) -> None:
     premoe compile testbed global.json --out global/ --export compact
     """
     from premoe.compile import compile_checkpoint
+    from premoe.fileio import check_output, emit_json
     from premoe.plan import Plan
 
+    check_output(out, inputs=[model_input(model), plan], force=force)  # never an input, only what premoe wrote
     report = compile_checkpoint(model, Plan.load(plan), out, force=force, export=export, dry_run=dry_run,
-                                progress=not as_json)
-    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.summary())
+                                progress=json_out != "-")
+    emit_json(json_out, report.to_json(), kind="compile-report", force=force, inputs=[model_input(model), plan, out])
+    if json_out != "-":
+        click.echo(report.summary())
