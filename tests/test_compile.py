@@ -229,8 +229,9 @@ def test_no_disk_space_and_existing_output(qwen3, tmp_path, monkeypatch):
     with pytest.raises(OutputExistsError, match="--force"):
         compile_checkpoint(path, plan, out, progress=False)
     assert (out / "keep.txt").exists()
-    compile_checkpoint(path, plan, out, force=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    with pytest.raises(OutputExistsError, match="not written by premoe"):  # --force replaces only premoe's output
+        compile_checkpoint(path, plan, out, force=True, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
 
 
 def test_cli_compile(qwen3, tmp_path):
