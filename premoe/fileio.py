@@ -241,9 +241,9 @@ def write_dir(out: str | Path, write: Callable[[Path], object], *, marker: dict 
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
     old = None
     try:
-        os.chmod(tmp, 0o777 & ~umask())
         write(tmp)
         write_marker(tmp, marker)
+        _ordinary_permissions(tmp)
         if out.exists() or out.is_symlink():
             old = out.with_name(f"{_temp_prefix(out, 'old')}{tmp.name.rsplit('-', 1)[-1]}")
             out.rename(old)
@@ -256,6 +256,19 @@ def write_dir(out: str | Path, write: Callable[[Path], object], *, marker: dict 
     if old is not None:
         _remove(old)
     return out
+
+
+def _ordinary_permissions(root: Path) -> None:
+    """Directories ``0o777 & ~umask``, files ``0o666 & ~umask``: mkdtemp (0700) and some writers (0600) are stricter."""
+    mask = umask()
+    os.chmod(root, 0o777 & ~mask)
+    for directory, subdirs, files in os.walk(root):
+        for name in subdirs:
+            if not os.path.islink(os.path.join(directory, name)):
+                os.chmod(os.path.join(directory, name), 0o777 & ~mask)
+        for name in files:
+            if not os.path.islink(os.path.join(directory, name)):
+                os.chmod(os.path.join(directory, name), 0o666 & ~mask)
 
 
 def write_marker(directory: str | Path, info: dict | None = None) -> None:

@@ -207,7 +207,10 @@ def estimate_sweep(model: str | Path, profile: str | Path, out: str | Path, conf
     from premoe.data import source_origins
     from premoe.modeling import model_identity
 
+    from premoe.fileio import check_inputs
+
     config = config or SweepConfig()
+    check_inputs(out, _inputs(model, profile, eval_data, calib_data))
     main = Profile.load(profile)
     identity = model_identity(model)
     if main.model["config_hash"] != identity["config_hash"]:
@@ -256,14 +259,18 @@ def _time_one_row(model, config: SweepConfig) -> tuple[float, str]:
     return seconds * math.ceil(windows / batch), f"one timed batch of {batch}x{config.seq_len} tokens{note}"
 
 
+def _inputs(model, profile, eval_data, calib_data) -> list[Path]:
+    from premoe.modeling import resolve_model_path
+
+    profile_file = Path(profile) / "profile.json"  # OUT may hold the profile (the demo does), not be it
+    return [resolve_model_path(model), profile_file, *data_paths(eval_data), *data_paths(calib_data)]
+
+
 def _check_out(out: Path, model, profile, eval_data, calib_data) -> None:
     """Before any compute: OUT is no input, and is new, a sweep (resumed), or premoe's; then mark it as a sweep."""
     from premoe.fileio import MARKER, check_inputs, check_replaceable, check_space, write_marker
-    from premoe.modeling import resolve_model_path
 
-    model_dir = resolve_model_path(model)
-    profile_file = Path(profile) / "profile.json"  # OUT may hold the profile (the demo does), not be it
-    check_inputs(out, [model_dir, profile_file, *data_paths(eval_data), *data_paths(calib_data)])
+    check_inputs(out, _inputs(model, profile, eval_data, calib_data))
     if out.exists() and not (out / "rows.jsonl").is_file():
         check_replaceable(out, force=True)  # resume a sweep; never fill a directory premoe did not write
     check_space(out)

@@ -169,6 +169,7 @@ def test_profile_end_to_end_then_force_replaces_its_own_output(capsys, monkeypat
         assert (out / MARKER).is_file() and (out / "profile.json").is_file()
         assert oct(out.stat().st_mode & 0o777) == oct(0o755)  # umask, not mkdtemp's 0700
         assert oct((out / "profile.json").stat().st_mode & 0o777) == oct(0o644)
+        assert oct((out / "scores.safetensors").stat().st_mode & 0o777) == oct(0o644)  # safetensors writes 0600
         code, _, err = run(capsys, monkeypatch, *argv, "--force")
         assert code == 0, err
     finally:

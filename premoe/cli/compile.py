@@ -12,7 +12,8 @@ from premoe.cli.options import json_option, model_input
 @click.option("--out", required=True, type=click.Path(), help="Directory of the compiled checkpoint.")
 @click.option("--export", type=click.Choice(["auto", "padded", "compact"]), default="auto", show_default=True,
               help="Plans with different counts per layer: padded (vanilla-loadable, the auto choice) or compact "
-                   "(real counts; load with premoe.compile.load_compact).")
+                   "(real counts; load with premoe.compile.load_compact). A plan with one count in every layer is "
+                   "written as it is, whatever the choice (the summary calls that export uniform).")
 @click.option("--dry-run", is_flag=True, help="Print what would be written, sizes and disk needed; write nothing.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and premoe wrote it.")
 @json_option("Write the report as JSON to FILE ('-' or a bare --json: stdout instead of the summary).")
