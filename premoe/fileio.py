@@ -234,8 +234,9 @@ def write_dir(out: str | Path, write: Callable[[Path], object], *, marker: dict 
     PosixPath('report')
     """
     out = Path(out)
-    if out.exists() and not out.is_symlink() and out.is_dir() and not is_premoe_output(out) and any(out.iterdir()):
-        check_replaceable(out, force=True)  # raises: premoe replaces only what it wrote
+    if out.exists() or out.is_symlink():  # callers checked --force; premoe still replaces only what it wrote
+        if out.is_symlink() or not out.is_dir() or (not is_premoe_output(out) and any(out.iterdir())):
+            check_replaceable(out, force=True)  # raises for a file, or a directory premoe did not write
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))

@@ -148,6 +148,7 @@ def run_sweep(model: str | Path, profile: str | Path, out: str | Path, config: S
                          f"profile this model first")
     for scorer in {*config.scorers, config.default_scorer}:
         main.check_scorer(scorer)
+    _check_generate(config, main)
     net, tokenizer = loaded or (load_model(model), load_tokenizer(model))
     eval_sources = _eval_sources(identity, eval_data, tokenizer, config)
     calib_specs = list(calib_data or calib_specs_of(main))
@@ -216,6 +217,7 @@ def estimate_sweep(model: str | Path, profile: str | Path, out: str | Path, conf
     if main.model["config_hash"] != identity["config_hash"]:
         raise InputError(f"profile {profile} was made for {main.model['name']}, not {identity['name']}; "
                          f"profile this model first")
+    _check_generate(config, main)
     if not eval_data and identity["name"] != "testbed":
         raise InputError("give held-out evaluation text with --data NAME=PATH (one per profiled domain)")
     origins = source_origins(list(eval_data or ["testbed"]), split="test")
@@ -257,6 +259,14 @@ def _time_one_row(model, config: SweepConfig) -> tuple[float, str]:
     windows = config.max_windows or 128
     note = "" if config.max_windows else " (assuming 128 windows per domain: --max-windows 0 reads all)"
     return seconds * math.ceil(windows / batch), f"one timed batch of {batch}x{config.seq_len} tokens{note}"
+
+
+def _check_generate(config: SweepConfig, main: Profile) -> None:
+    """The query+output study continues calibration windows: it needs room for text before the continuation."""
+    seq_len = int(main.params.get("seq_len", 0) or 0)
+    if config.generate and seq_len and config.generate >= seq_len:
+        raise InputError(f"--generate {config.generate} must be below the profile's window of {seq_len} tokens "
+                         "(the continuation shares the window with the text)")
 
 
 def _inputs(model, profile, eval_data, calib_data) -> list[Path]:
