@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from premoe.errors import InputError, MissingFileError, OutputExistsError
+from premoe.errors import InputError, MissingFileError
 
 GOAL_KEEP, GOAL_MAX_DELTA = 0.5, 3.0  # at 50% kept, the default scorer within 3% of full on every domain
 GOAL_BASELINE_KEEP = 0.25  # at 25% kept, the default scorer beats the best baseline beyond SE

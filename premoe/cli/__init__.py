@@ -61,7 +61,7 @@ def cli() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; every failure ends as one line on stderr and a non-zero exit (``PREMOE_DEBUG=1``: traceback)."""
     try:
-        cli.main(args=argv, standalone_mode=False)
+        cli.main(args=argv, prog_name="premoe", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("premoe: aborted", err=True)
         sys.exit(130)
