@@ -14,6 +14,7 @@ import codecs
 import gzip
 import json
 import os
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ DEFAULT_SPLIT = "calib"
 
 CHARS_PER_TOKEN = 32  # no tokenizer makes a token of more than ~32 characters: text beyond the budget is unused
 _CHUNK = 1 << 20  # bytes read per call from a text file
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")  # a domain name: used in tensor keys and file names
 
 
 @dataclass
@@ -62,6 +64,9 @@ def parse_sources(specs: list[str], tokenizer=None, split: str = DEFAULT_SPLIT,
             continue
         if not name:
             raise InputError(f"--data {spec!r} has an empty NAME; write NAME=PATH")
+        if not _NAME.fullmatch(name):
+            raise InputError(f"--data {spec!r}: NAME {name!r} may hold letters, digits and _ . + - only "
+                             "(up to 64, starting with a letter or digit); it names the domain in artefacts")
         if not where.strip():
             raise InputError(f"--data {spec!r} has an empty PATH; write NAME=PATH to a .txt, .jsonl or directory")
         sources.append(Source(name, read_texts(Path(where), tokenizer, budget), where))

@@ -555,21 +555,32 @@ def load_results(path: str | Path) -> dict:
     if not file.exists():
         raise MissingFileError(f"{file} not found; run `premoe sweep MODEL --profile P --out {path}` first")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{file} is not valid JSON ({e.msg}); rerun the sweep to rewrite it") from e
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise InputError(f"{file} is not valid JSON ({getattr(e, 'msg', e)}); rerun the sweep to rewrite it") from e
+    if not isinstance(data, dict) or data.get("format") != "premoe-sweep/1":
+        raise InputError(f"{file} is not a premoe sweep's results.json; give the directory `premoe sweep --out` wrote")
+    return data
+
+
+def build_checked(data: dict, file: str | Path) -> Report:
+    """:func:`build_report`, with a damaged results file (a key missing, a wrong type) as one clear error."""
+    try:
+        return build_report(data)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"{file} is damaged ({type(e).__name__}: {e}); rerun the sweep to rewrite it") from e
 
 
 def write_report(results: str | Path, out: str | Path, force: bool = False) -> Path:
     """Write ``out/report.html`` (self-contained), ``out/report.md`` and its PNG plots, atomically."""
-    from premoe.fileio import write_dir
-
-    from premoe.fileio import check_output
+    from premoe.fileio import check_output, write_dir
 
     out = Path(out)
     file = Path(results) / "results.json" if Path(results).is_dir() else Path(results)
     check_output(out, inputs=[file], force=force)  # OUT may sit in the sweep directory, never hold results.json
-    report = build_report(load_results(results))
+    report = build_checked(load_results(results), file)
 
     def write(tmp: Path) -> None:
         (tmp / "report.html").write_text(render_html(report), encoding="utf-8")

@@ -404,10 +404,11 @@ def read_cache(path: Path) -> dict[str, dict]:
     """Finished rows by key; a line cut short by an interruption is ignored (that row runs again)."""
     cache = {}
     if path.exists():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 continue
-            cache[record["key"]] = record
+            if isinstance(record, dict) and isinstance(record.get("key"), str) and isinstance(record.get("params"), dict):
+                cache[record["key"]] = record  # anything else is not a row premoe wrote: that row runs again
     return cache

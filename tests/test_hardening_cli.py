@@ -318,6 +318,38 @@ def test_corrupt_artefacts_are_one_line(capsys, monkeypatch, tmp_path):
     fails(capsys, monkeypatch, "store", "query", profile / "profile.json", "text", expect="is not a directory")
 
 
+@pytest.mark.parametrize("content, expect", [
+    (b"[1, 2]", "is not a premoe sweep's results.json"),
+    (b'{"format": "premoe-sweep/1"}', "is damaged (KeyError"),
+    (b'{"format": "premoe-sweep/1", "model": 5, "profile_info": [], "config": {}, "rows": 1, "eval_data": {}}',
+     "is damaged"),
+    (b"\xff\xfe{", "is not valid JSON"),
+])
+def test_damaged_sweep_results_are_one_line(capsys, monkeypatch, tmp_path, content, expect):
+    results = tmp_path / "results.json"
+    results.write_bytes(content)
+    fails(capsys, monkeypatch, "report", results, "--out", tmp_path / "r", inputs=[results], expect=expect)
+    assert not (tmp_path / "r").exists()
+
+
+def test_junk_in_the_sweep_cache_is_ignored(tmp_path):
+    from premoe.sweep import read_cache
+
+    cache = tmp_path / "rows.jsonl"
+    good = {"key": "k1", "params": {"eval": "x"}, "result": {}}
+    cache.write_bytes(b"[1]\n\xff\xfe\n" + json.dumps(good).encode() + b'\n{"key": 5}\n{"params": {}}\n{"key": "k2"')
+    assert read_cache(cache) == {"k1": good}
+
+
+@pytest.mark.parametrize("name", ["a/b", "../up", "x y", ".hidden", "a" * 65, "é"])
+def test_data_names_that_would_break_artefacts_are_refused(tmp_path, name):
+    from premoe.data import parse_sources
+
+    (tmp_path / "t.txt").write_text("hello")
+    with pytest.raises(InputError, match="may hold letters, digits"):
+        parse_sources([f"{name}={tmp_path / 't.txt'}"])
+
+
 def test_disk_errors_and_internal_errors_are_one_line(capsys, monkeypatch, tmp_path):
     results = tmp_path / "results.json"
     results.write_text('{"format": "premoe-sweep/1"}')
