@@ -100,6 +100,11 @@ def is_premoe_output(path: Path) -> bool:
     """Whether premoe wrote directory ``path``: its marker, or the manifest of an artefact from an older premoe."""
     if (path / MARKER).is_file():
         return True
+    names = {p.name for p in path.iterdir()}
+    if {"report.html", "report.md"} <= names and all(n.endswith((".html", ".md", ".png")) for n in names):
+        return True  # a report from a premoe before the marker
+    if {"profile", "sweep", "report"} <= names and is_premoe_output(path / "profile"):
+        return True  # a demo from a premoe before the marker
     for name in _LEGACY_MANIFESTS:
         file = path / name
         if file.is_file() and file.stat().st_size < (16 << 20):

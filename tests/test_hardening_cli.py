@@ -426,3 +426,24 @@ def test_output_guard_refuses_files_premoe_did_not_write(tmp_path):
     ours = write_text_atomic(tmp_path / "plan.json", '{"format": "premoe-plan/1"}')
     write_text_atomic(ours, '{"format": "premoe-plan/1", "v": 2}', force=True)
     assert json.loads(ours.read_text())["v"] == 2
+
+
+def test_outputs_of_an_older_premoe_are_recognised(tmp_path):
+    from premoe.fileio import is_premoe_output
+
+    report = tmp_path / "report"
+    report.mkdir()
+    for name in ("report.html", "report.md", "coverage.png"):
+        (report / name).write_text("x")
+    compiled = tmp_path / "compiled"
+    compiled.mkdir()
+    (compiled / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "premoe": {"kept": {}}}))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
+    (report.parent / "notes").mkdir()
+    (report.parent / "notes" / "report.md").write_text("mine")
+    (report.parent / "notes" / "report.html").write_text("mine")
+    (report.parent / "notes" / "todo.txt").write_text("mine")
+    assert is_premoe_output(report) and is_premoe_output(compiled)
+    assert not is_premoe_output(model) and not is_premoe_output(tmp_path / "notes")
