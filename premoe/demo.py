@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from premoe.errors import InputError
 from premoe.fileio import write_marker
 
 DEMO_BYTES = 200 << 20  # two compiled testbed checkpoints, a profile, a sweep and a report, with room to spare
@@ -54,6 +55,11 @@ def run_demo(config: DemoConfig, force: bool = False) -> dict:
     from premoe.sweep import SweepConfig, run_sweep
     from premoe.verify import verify
 
+    from premoe import testbed
+
+    if config.specialist not in testbed.domains():
+        raise InputError(f"--specialist {config.specialist!r} is not a trained testbed domain; choose one of "
+                         f"{', '.join(testbed.domains())}")
     out = Path(config.out)
     _prepare(out, force)
     started = time.time()

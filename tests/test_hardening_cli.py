@@ -290,6 +290,7 @@ OPTION_CASES = [
     (["sweep", "{m}", "--profile", "{o}", "--out", "{o}2", "--keep", "0.5,2"], "--keep"),
     (["sweep", "{m}", "--profile", "{o}", "--out", "{o}2", "--cache-gb", "nan"], "--cache-gb"),
     (["demo", "--keep", "0"], "--keep"),
+    (["demo", "--specialist", "klingon", "--out", "{o}"], "--specialist"),
     (["testbed", "train", "--corpus", "{o}", "--work", "{o}2", "--out", "{o}3", "--max-steps", "0"], "--max-steps"),
 ]
 
