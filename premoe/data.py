@@ -28,6 +28,7 @@ DEFAULT_SPLIT = "calib"
 
 CHARS_PER_TOKEN = 32  # no tokenizer makes a token of more than ~32 characters: text beyond the budget is unused
 _CHUNK = 1 << 20  # bytes read per call from a text file
+LINE_LIMIT = 64 << 20  # bytes of one .jsonl record: longer lines are refused, not read into memory whole
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")  # a domain name: used in tensor keys and file names
 
 
@@ -210,9 +211,12 @@ def _read_jsonl(path: Path, tokenizer, max_chars: int | None) -> list[str]:
     texts, chars, number = [], 0, 0
     try:
         with opener(path, "rb") as f:
-            for number, raw in enumerate(f, 1):
+            for number, raw in enumerate(iter(lambda: f.readline(LINE_LIMIT + 1), b""), 1):
                 if max_chars is not None and chars >= max_chars:
                     break
+                if len(raw) > LINE_LIMIT:  # e.g. a gzip bomb without newlines: never read it whole
+                    raise InputError(f"{path}:{number} is longer than {LINE_LIMIT >> 20} MB; write one record per "
+                                     "line, each below that")
                 if not raw.strip():
                     continue
                 texts.append(_record_text(_parse_line(raw, path, number), path, number, tokenizer))

@@ -88,3 +88,19 @@ def test_any_data_spec_gives_sources_or_a_premoe_error(tmp_path_factory, monkeyp
     except PremoeError:
         return
     assert sources and all(s.texts for s in sources)
+
+
+def test_a_line_without_end_is_not_read_whole(tmp_path, monkeypatch):
+    """A .jsonl.gz that inflates to one endless line (a gzip bomb) stops at the line limit."""
+    import pytest
+
+    import premoe.data
+
+    monkeypatch.setattr(premoe.data, "LINE_LIMIT", 1 << 20)
+    bomb = tmp_path / "bomb.jsonl.gz"
+    bomb.write_bytes(gzip.compress(b'{"text": "' + b"a" * (8 << 20)))
+    with pytest.raises(premoe.errors.InputError, match=r"bomb.jsonl.gz:1 is longer than 1 MB"):
+        read_texts(bomb)
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(json.dumps({"text": "b" * 1000}) + "\n" + json.dumps({"text": "c"}))  # last line without newline
+    assert read_texts(ok) == ["b" * 1000, "c"]
