@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -16,7 +17,10 @@ from pathlib import Path
 
 import click
 
-from premoe.errors import OutputExistsError
+from premoe.errors import InputError
+from premoe.fileio import write_marker
+
+DEMO_BYTES = 200 << 20  # two compiled testbed checkpoints, a profile, a sweep and a report, with room to spare
 
 
 @dataclass
@@ -51,17 +55,19 @@ def run_demo(config: DemoConfig, force: bool = False) -> dict:
     from premoe.sweep import SweepConfig, run_sweep
     from premoe.verify import verify
 
+    from premoe import testbed
+
+    if config.specialist not in testbed.domains():
+        raise InputError(f"--specialist {config.specialist!r} is not a trained testbed domain; choose one of "
+                         f"{', '.join(testbed.domains())}")
     out = Path(config.out)
-    if out.exists():
-        if not force:
-            raise OutputExistsError(f"{out} already exists; pass --force to run the demo again into it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    _prepare(out, force)
     started = time.time()
     model, tokenizer = load_model("testbed"), load_tokenizer("testbed")
 
     _step(f"1/5 profiling the testbed's domains ({config.calib_tokens} calibration tokens each)")
-    profile = profile_model("testbed", parse_sources(["testbed"]), [config.scorer, config.baseline],
+    calib = parse_sources(["testbed"], max_tokens=config.calib_tokens)
+    profile = profile_model("testbed", calib, [config.scorer, config.baseline],
                             ProfileParams(max_tokens=config.calib_tokens), loaded=(model, tokenizer))
     profile.save(out / "profile")
 
@@ -82,7 +88,7 @@ def run_demo(config: DemoConfig, force: bool = False) -> dict:
                    f"({'ok' if report.passed else 'FAILED'})", err=True)
 
     _step("4/5 evaluating the compiled checkpoints and sweeping scorer vs baseline on the test split")
-    test = parse_sources(["testbed"], split="test")
+    test = parse_sources(["testbed"], split="test", max_tokens=config.eval_windows * 256)
     full = Evaluator(model, tokenizer, test, max_windows=config.eval_windows).evaluate(kl=False)
     compiled = {}
     for name in plans:
@@ -97,8 +103,52 @@ def run_demo(config: DemoConfig, force: bool = False) -> dict:
     rows = _table(full, compiled, config)
     click.echo("\n" + rows)
     click.echo(f"\nreport: {out / 'report' / 'report.html'}   checkpoints: {', '.join(str(out / n) for n in plans)}")
+    write_marker(out, {"kind": "demo", "complete": True})
     click.echo(f"demo finished in {time.time() - started:.0f} s")
     return {"full": full.to_dict(), "compiled": {n: r.to_dict() for n, r in compiled.items()}, "verify": verified}
+
+
+def _prepare(out: Path, force: bool) -> None:
+    """Make ``out`` ready for a fresh demo; an unfinished demo (an interrupted run) is cleared without --force.
+
+    The demo marks ``out`` as unfinished (with its process id) before step 1 and as complete after step 5, so a
+    rerun after Ctrl-C or a kill starts over cleanly, while a finished demo is replaced only with ``--force``.
+    """
+    from premoe.fileio import MARKER, check_output, check_replaceable
+
+    info = _read_marker(out / MARKER)
+    unfinished = info.get("kind") == "demo" and not info.get("complete") and not _running(info.get("pid"))
+    if unfinished:
+        click.echo(f"premoe: removing the unfinished demo in {out} (an interrupted run) and starting again", err=True)
+    elif out.exists():
+        check_replaceable(out, force=force)
+    check_output(out, force=True, need_bytes=DEMO_BYTES)  # writable, enough space; clears stale temps
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    write_marker(out, {"kind": "demo", "complete": False, "pid": os.getpid()})
+
+
+def _read_marker(file: Path) -> dict:
+    import json
+
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _running(pid) -> bool:
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _table(full, compiled: dict, config: DemoConfig) -> str:

@@ -1,46 +1,348 @@
-"""Atomic file output, without torch (so ``premoe report`` stays light)."""
+"""Safe file output and artefact loading, without torch (so ``premoe report`` and ``--help`` stay light).
+
+Every premoe writer goes through this module, so one set of rules holds for all verbs:
+
+* **Never touch an input.** An output may not equal, contain or lie inside any input path (symlinks resolved):
+  :func:`check_output` refuses it before anything is computed.
+* **``--force`` replaces only what premoe wrote.** An existing output is replaced only with ``--force``, and only
+  when premoe made it: a directory carrying the ``.premoe`` marker (every directory premoe writes gets one) or the
+  manifest of an older premoe artefact, or an empty directory; a file that is premoe's JSON (a ``format`` of
+  ``premoe-*``) or empty. Anything else is refused even with ``--force``: remove it yourself if you mean it.
+* **Atomic.** Output is written into a temp sibling ``.NAME.tmp-PID-XXXX`` and renamed into place; a temp left
+  by a killed run is removed by the next run that writes the same output (its process is gone), or reported
+  (its process still runs).
+* **Ordinary permissions.** Outputs get ``0o777 & ~umask`` (directories) / ``0o666 & ~umask`` (files), not 0700.
+"""
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
+
+MARKER = ".premoe"  # left in every directory premoe writes; its presence lets --force replace the directory
+MIN_FREE_BYTES = 1 << 20  # refuse to start a job whose output would land on a (nearly) full file system
+_LEGACY_MANIFESTS = ("profile.json", "store.json", "results.json", "manifest.json", "config.json")
+_TEMP = re.compile(r"\.(?:tmp|old)-(\d+)-")  # .NAME.tmp-PID-XXXX / .NAME.old-PID-XXXX
 
 
-def write_dir(out: Path, write: Callable[[Path], object]) -> Path:
+# --------------------------------------------------------------------------- the guard
+
+
+def check_output(out: str | Path, *, inputs: Iterable[str | Path | None] = (), force: bool = False,
+                 kind: str = "dir", need_bytes: int = 0) -> Path:
+    """Refuse an output that would destroy an input or something premoe did not write; call before computing.
+
+    ``kind`` is ``"dir"`` or ``"file"``. ``inputs`` are the paths the command reads (``None`` entries are skipped).
+    Also checks that the output's file system is writable and has ``need_bytes`` free, and clears temp dirs
+    that a killed run left beside the output.
+
+    >>> check_output("prof/", inputs=["model/", "texts.jsonl"], force=True)
+    PosixPath('prof')
+    """
+    out = check_inputs(out, inputs)
+    if out.exists():
+        check_replaceable(out, force=force, kind=kind)
+    check_space(out, need_bytes)
+    clean_stale_temps(out)
+    return out
+
+
+def check_inputs(out: str | Path, inputs: Iterable[str | Path | None]) -> Path:
+    """Refuse an output path that is empty, a symlink, or equals, contains or lies inside one of ``inputs``."""
+    from premoe.errors import InputError
+
+    out = Path(out)
+    if not str(out).strip():
+        raise InputError("the output path is empty; name a file or directory to write")
+    if out.is_symlink():
+        raise InputError(f"{out} is a symbolic link; name the real path ({out.resolve()}) as the output")
+    target = _resolve(out)
+    for given in inputs:
+        if given is None or not str(given).strip():
+            continue
+        source = _resolve(Path(given))
+        if target == source:
+            raise InputError(f"the output {out} is the input {given}; write the output elsewhere")
+        if source.is_relative_to(target):
+            raise InputError(f"the output {out} contains the input {given}; writing it would replace the input; "
+                             "write the output elsewhere")
+        if target.is_relative_to(source) and source.is_dir():
+            raise InputError(f"the output {out} lies inside the input {given}; write the output elsewhere")
+    return out
+
+
+def check_replaceable(out: Path, *, force: bool, kind: str = "dir") -> None:
+    """Raise unless ``out`` (which exists) may be replaced: ``force`` given and premoe wrote it (or it is empty)."""
+    from premoe.errors import OutputExistsError
+
+    if not force:
+        raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+    if kind == "dir":
+        if not out.is_dir():
+            raise OutputExistsError(f"{out} exists and is not a directory; remove it or choose another output")
+        if not is_premoe_output(out) and any(out.iterdir()):
+            raise OutputExistsError(f"{out} was not written by premoe (no {MARKER} marker), so --force does not "
+                                    "replace it; remove it yourself or choose another output")
+    else:
+        if not out.is_file():
+            raise OutputExistsError(f"{out} exists and is not a regular file; choose another output file")
+        if out.stat().st_size and not _is_premoe_json(out):
+            raise OutputExistsError(f"{out} was not written by premoe, so --force does not replace it; "
+                                    "remove it yourself or choose another output file")
+
+
+def is_premoe_output(path: Path) -> bool:
+    """Whether premoe wrote directory ``path``: its marker, or the manifest of an artefact from an older premoe."""
+    if (path / MARKER).is_file():
+        return True
+    names = {p.name for p in path.iterdir()}
+    if {"report.html", "report.md"} <= names and all(n.endswith((".html", ".md", ".png")) for n in names):
+        return True  # a report from a premoe before the marker
+    if {"profile", "sweep", "report"} <= names and is_premoe_output(path / "profile"):
+        return True  # a demo from a premoe before the marker
+    for name in _LEGACY_MANIFESTS:
+        file = path / name
+        if file.is_file() and file.stat().st_size < (16 << 20):
+            data = _read_json(file)
+            if isinstance(data, dict) and (str(data.get("format", "")).startswith("premoe")
+                                           or isinstance(data.get("premoe"), dict)):
+                return True
+    return False
+
+
+def _is_premoe_json(file: Path) -> bool:
+    data = _read_json(file) if file.stat().st_size < (64 << 20) else None
+    return isinstance(data, dict) and str(data.get("format", "")).startswith("premoe")
+
+
+def _read_json(file: Path):
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _resolve(path: Path) -> Path:
+    return Path(os.path.abspath(path.expanduser())).resolve()
+
+
+def check_space(out: str | Path, need_bytes: int = 0) -> None:
+    """Refuse, before any compute, an output whose file system is read-only, not writable or too full."""
+    from premoe.errors import DiskSpaceError
+
+    parent = _existing_ancestor(_resolve(Path(out)).parent)
+    stats = os.statvfs(parent)
+    if stats.f_flag & os.ST_RDONLY:
+        raise DiskSpaceError(f"cannot write {out}: {parent} is on a read-only file system; choose another output")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DiskSpaceError(f"cannot write {out}: no permission to write in {parent}; choose another output")
+    free = stats.f_bavail * stats.f_frsize
+    need = max(int(need_bytes), MIN_FREE_BYTES)
+    if free < need:
+        raise DiskSpaceError(f"cannot write {out}: it needs about {need / 1e6:.1f} MB but {parent} has "
+                             f"{free / 1e6:.1f} MB free; free some space or choose an output on another disk")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def clean_stale_temps(out: str | Path) -> list[Path]:
+    """Remove the temp siblings (``.NAME.tmp-PID-*``) a killed run left for ``out``; report those still in use.
+
+    Returns the paths removed. A temp whose process still runs, or whose name carries no process id (an older
+    premoe), is only reported on stderr.
+    """
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        return []
+    removed = []
+    for entry in parent.glob(f".{glob_escape(out.name)}.*"):
+        rest = entry.name[len(out.name) + 1:]
+        match = _TEMP.match(rest)
+        if match is None:
+            if rest.startswith((".tmp", ".old")):
+                _note(f"{entry} looks left by an interrupted run of an older premoe; remove it if nothing is writing it")
+            continue
+        pid = int(match.group(1))
+        if _alive(pid):
+            if pid != os.getpid():
+                _note(f"{entry} is being written by process {pid}; another premoe may be writing {out}")
+            continue
+        _remove(entry)
+        removed.append(entry)
+        _note(f"removed {entry}, left by an interrupted run (process {pid} is gone)")
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _note(message: str) -> None:
+    print(f"premoe: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- atomic writers
+
+
+def umask() -> int:
+    """The process umask, read without changing it where the OS allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temp_prefix(out: Path, what: str = "tmp") -> str:
+    return f".{out.name}.{what}-{os.getpid()}-"
+
+
+def write_dir(out: str | Path, write: Callable[[Path], object], *, marker: dict | None = None) -> Path:
     """Write a directory atomically: ``write(tmp)`` fills a temp sibling, which is then renamed over ``out``.
+
+    The temp carries this process's id in its name, so the next run can tell a killed run's leftovers from a
+    live one. The directory gets the ``.premoe`` marker (with ``marker`` in it) and umask permissions. An existing
+    ``out`` is replaced only if premoe wrote it (callers check ``--force`` first).
 
     >>> write_dir(Path("report"), lambda tmp: (tmp / "report.md").write_text("# hi"))
     PosixPath('report')
     """
     out = Path(out)
+    if out.exists() or out.is_symlink():  # callers checked --force; premoe still replaces only what it wrote
+        if out.is_symlink() or not out.is_dir() or (not is_premoe_output(out) and any(out.iterdir())):
+            check_replaceable(out, force=True)  # raises for a file, or a directory premoe did not write
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    clean_stale_temps(out)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
+    old = None
     try:
         write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
+        write_marker(tmp, marker)
+        _ordinary_permissions(tmp)
+        if out.exists() or out.is_symlink():
+            old = out.with_name(f"{_temp_prefix(out, 'old')}{tmp.name.rsplit('-', 1)[-1]}")
+            out.rename(old)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            old.rename(out)  # put the previous output back
+        raise
+    if old is not None:
+        _remove(old)
+    return out
+
+
+def _ordinary_permissions(root: Path) -> None:
+    """Directories ``0o777 & ~umask``, files ``0o666 & ~umask``: mkdtemp (0700) and some writers (0600) are stricter."""
+    mask = umask()
+    os.chmod(root, 0o777 & ~mask)
+    for directory, subdirs, files in os.walk(root):
+        for name in subdirs:
+            if not os.path.islink(os.path.join(directory, name)):
+                os.chmod(os.path.join(directory, name), 0o777 & ~mask)
+        for name in files:
+            if not os.path.islink(os.path.join(directory, name)):
+                os.chmod(os.path.join(directory, name), 0o666 & ~mask)
+
+
+def write_marker(directory: str | Path, info: dict | None = None) -> None:
+    """Mark ``directory`` as written by premoe (so a later ``--force`` may replace it)."""
+    from premoe import __version__
+
+    text = json.dumps({"written_by": "premoe", "premoe_version": __version__, **(info or {})}) + "\n"
+    (Path(directory) / MARKER).write_text(text)
+
+
+def write_text_atomic(out: str | Path, text: str, *, force: bool = False) -> Path:
+    """Write one text file atomically (temp file + rename); a failure leaves neither a temp nor a half file.
+
+    Refuses to replace an existing file unless ``force`` and premoe wrote it (see :func:`check_replaceable`).
+    """
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        if out.is_symlink():
+            from premoe.errors import InputError
+
+            raise InputError(f"{out} is a symbolic link; name the real file ({out.resolve()}) as the output")
+        check_replaceable(out, force=force, kind="file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(out), dir=out.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~umask())
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def emit_json(dest: str | Path | None, data: dict, *, kind: str, force: bool = False,
+              inputs: Iterable[str | Path | None] = ()) -> None:
+    """The one ``--json`` convention: ``-`` prints to stdout, a path writes that file (guarded, atomic).
+
+    ``data`` gets ``"format": "premoe-KIND/1"`` unless it has a format, so a later ``--force`` knows premoe wrote
+    the file.
+    """
+    if dest is None:
+        return
+    data = data if "format" in data else {"format": f"premoe-{kind}/1", **data}
+    text = json.dumps(data, indent=1, default=str)
+    if str(dest) == "-":
+        print(text)
+        return
+    check_output(dest, inputs=inputs, force=force, kind="file")
+    write_text_atomic(dest, text + "\n", force=force)
+
+
+# --------------------------------------------------------------------------- artefacts
 
 
 def save_artefact(out: str | Path, manifest_name: str, manifest: dict, tensors_name: str | None = None,
                   tensors: dict | None = None, force: bool = False) -> Path:
     """Write a versioned artefact directory (a JSON manifest + optional safetensors) atomically.
 
-    Profiles, stores and the like share this one writer: refuse to overwrite
-    without ``force``, fill a temp dir, rename.
+    Profiles, stores and the like share this one writer: refuse to overwrite without ``force`` (and refuse to
+    replace what premoe did not write), fill a temp dir, rename.
     """
-    import json
-
-    from premoe.errors import OutputExistsError
-
     out = Path(out)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+    if out.exists() or out.is_symlink():
+        check_output(out, force=force)
 
     def write(tmp: Path) -> None:
         if tensors_name is not None:
@@ -49,25 +351,57 @@ def save_artefact(out: str | Path, manifest_name: str, manifest: dict, tensors_n
             save_file({k: v.contiguous() for k, v in (tensors or {}).items()}, str(tmp / tensors_name))
         (tmp / manifest_name).write_text(json.dumps(manifest, indent=2) + "\n")
 
-    return write_dir(out, write)
+    return write_dir(out, write, marker={"kind": manifest_name.removesuffix(".json")})
 
 
-def load_artefact(path: str | Path, manifest_name: str, format: str, tensors_name: str, make_hint: str) -> tuple[dict, dict]:
+def load_artefact(path: str | Path, manifest_name: str, format: str, tensors_name: str, make_hint: str,
+                  required: Iterable[str] = ()) -> tuple[dict, dict]:
     """Read what :func:`save_artefact` wrote: ``(manifest, tensors)``, checking the format version.
 
-    ``make_hint`` is the command that makes this artefact, for the error when it is missing.
+    Every way the files can be broken (missing, not a directory, truncated or corrupt JSON or safetensors, a
+    manifest without a ``required`` key) raises one premoe error naming the file and saying to rebuild it with
+    ``make_hint``, the command that makes this artefact.
     """
-    import json
-
-    from safetensors.torch import load_file
-
     from premoe.errors import CheckpointError, MissingFileError
 
     path = Path(path)
+    rebuild = f"rebuild it with `{make_hint}`"
+    if not path.exists():
+        raise MissingFileError(f"{path} not found; make it with `{make_hint}`")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory; {manifest_name.removesuffix('.json')} artefacts are "
+                              f"directories made by `{make_hint}`")
     manifest_path = path / manifest_name
     if not manifest_path.exists():
         raise MissingFileError(f"{manifest_path} not found; make it with `{make_hint}`")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{manifest_path} is corrupt or truncated ({_reason(e)}); {rebuild}") from e
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{manifest_path} is not a JSON object; {rebuild}")
     if manifest.get("format") != format:
-        raise CheckpointError(f"{path} has format {manifest.get('format')!r}; this premoe reads {format}")
-    return manifest, load_file(str(path / tensors_name))
+        raise CheckpointError(f"{path} has format {manifest.get('format')!r}; this premoe reads {format}; {rebuild}")
+    missing = [k for k in required if k not in manifest]
+    if missing:
+        raise CheckpointError(f"{manifest_path} lacks {', '.join(missing)}; {rebuild}")
+    tensors_path = path / tensors_name
+    if not tensors_path.is_file():
+        raise MissingFileError(f"{tensors_path} not found; {rebuild}")
+    return manifest, _load_tensors(tensors_path, rebuild)
+
+
+def _load_tensors(file: Path, rebuild: str) -> dict:
+    from safetensors.torch import load_file
+
+    from premoe.errors import CheckpointError
+
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors raises its own SafetensorError, OSError or ValueError on a broken file
+        raise CheckpointError(f"{file} is corrupt or truncated ({_reason(e)}); {rebuild}") from e
+
+
+def _reason(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return (text[:120] + "...") if len(text) > 120 else text or type(error).__name__

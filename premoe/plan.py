@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from premoe import __version__
-from premoe.errors import InputError, MissingFileError, OutputExistsError, PlanError
+from premoe.errors import InputError, MissingFileError, PlanError
 from premoe.profile import Profile
 
 FORMAT = "premoe-plan/1"
@@ -71,20 +71,12 @@ class Plan:
         return Plan(**{**self.__dict__, "kept": kept, "notes": self.notes + [f"padded to {target} experts per layer"]})
 
     def save(self, out: str | Path, force: bool = False) -> Path:
-        out = Path(out)
-        if out.exists() and not force:
-            raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+        from premoe.fileio import write_text_atomic
+
         data = {"format": FORMAT, "premoe_version": __version__, **self.__dict__}
         data["kept"] = {str(k): v for k, v in self.kept.items()}
         data["order"] = {str(k): v for k, v in self.order.items()}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        try:
-            tmp.write_text(json.dumps(data, indent=1) + "\n")
-            tmp.replace(out)
-        finally:
-            tmp.unlink(missing_ok=True)  # a failed write (full disk) leaves nothing behind
-        return out
+        return write_text_atomic(out, json.dumps(data, indent=1) + "\n", force=force)  # temp + rename; no leftovers
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from premoe.errors import InputError, MissingFileError, OutputExistsError
+from premoe.errors import InputError, MissingFileError
 
 GOAL_KEEP, GOAL_MAX_DELTA = 0.5, 3.0  # at 50% kept, the default scorer within 3% of full on every domain
 GOAL_BASELINE_KEEP = 0.25  # at 25% kept, the default scorer beats the best baseline beyond SE
@@ -167,6 +167,9 @@ def build_report(data: dict) -> Report:
                ("p", "Δ is the change in perplexity vs the full model on the same windows, ± one standard error of "
                      "the paired per-window difference. Plans are applied by masking the router (dropped experts "
                      "get −inf logits), which is how the compiled checkpoint routes."))
+    if data.get("complete") is False:
+        report.add(("p", f"Partial sweep: {len(data['rows'])} of {data.get('planned', '?')} rows computed so far; "
+                         "empty cells are rows still to come. Rerun the same `premoe sweep` command to finish it."))
     _goals(report, res)
     _baseline_table(report, res)
     for study, title in (("specialist", "Specialists (plan for domain d, evaluated on d)"),
@@ -345,6 +348,7 @@ def _keep_plot(res: Results, study: str, domains: list[str]) -> Figure:
         ax.set_xlabel("fraction of experts kept")
         ax.set_ylabel("perplexity")
         ax.set_yscale("log")
+        _plain_numbers(ax.yaxis)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{study}: perplexity vs experts kept")
     fig.tight_layout()
@@ -352,6 +356,18 @@ def _keep_plot(res: Results, study: str, domains: list[str]) -> Figure:
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=len(labels), fontsize=8)
     return Figure(f"{study}_ppl_vs_keep", _png(fig), f"{study.capitalize()} perplexity vs fraction of experts kept, "
                                                      "one line per scorer (bars: ± SE; dashed: full model).")
+
+
+def _plain_numbers(axis) -> None:
+    """Label a log axis 40, 50, 60 rather than 4 × 10^1: perplexities read as plain numbers."""
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(value, _):  # label the 2..9 ticks only when the axis spans little more than a decade
+        low, high = axis.get_view_interval()
+        return f"{value:g}" if high < 20 * max(low, 1e-12) else ""
+
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(FuncFormatter(minor))
 
 
 def _cross(report: Report, res: Results) -> None:
@@ -478,19 +494,11 @@ def _generate(report: Report, res: Results) -> None:
 
 # --------------------------------------------------------------------------- rendering
 
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; line-height: 1.45; }
-table { border-collapse: collapse; margin: 0.6em 0 0.3em; font-size: 13px; }
-div.scroll { overflow-x: auto; }
-p.caption { color: #555; font-size: 12px; margin: 0 0 1.6em; }
-th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; white-space: nowrap; }
-th { background: #f0f2f5; }
-td:first-child, th:first-child, td:nth-child(2) { text-align: left; }
-td.pass { background: #d9f2dd; } td.fail { background: #f8d7d7; }
-figure { margin: 0.6em 0 1.8em; } figure img { max-width: 100%; } figcaption { color: #555; font-size: 12px; }
-h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.8em; }
-p { max-width: 60em; }
-"""
+def _css() -> str:
+    """The report's styles, from the package data file ``premoe/report.css``."""
+    from importlib.resources import files
+
+    return files("premoe").joinpath("report.css").read_text(encoding="utf-8")
 
 
 def _cell_class(text: str) -> str:
@@ -501,7 +509,7 @@ def render_html(report: Report) -> str:
     """One self-contained page: styles inline, plots as base64 PNG data URIs."""
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(report.title)}</title>"
-             f"<style>{_CSS}</style></head><body><h1>{esc(report.title)}</h1>"]
+             f"<style>{_css()}</style></head><body><h1>{esc(report.title)}</h1>"]
     for block in report.blocks:
         if isinstance(block, Table):
             head = "".join(f"<th>{esc(h)}</th>" for h in block.header)
@@ -547,19 +555,32 @@ def load_results(path: str | Path) -> dict:
     if not file.exists():
         raise MissingFileError(f"{file} not found; run `premoe sweep MODEL --profile P --out {path}` first")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{file} is not valid JSON ({e.msg}); rerun the sweep to rewrite it") from e
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise InputError(f"{file} is not valid JSON ({getattr(e, 'msg', e)}); rerun the sweep to rewrite it") from e
+    if not isinstance(data, dict) or data.get("format") != "premoe-sweep/1":
+        raise InputError(f"{file} is not a premoe sweep's results.json; give the directory `premoe sweep --out` wrote")
+    return data
+
+
+def build_checked(data: dict, file: str | Path) -> Report:
+    """:func:`build_report`, with a damaged results file (a key missing, a wrong type) as one clear error."""
+    try:
+        return build_report(data)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"{file} is damaged ({type(e).__name__}: {e}); rerun the sweep to rewrite it") from e
 
 
 def write_report(results: str | Path, out: str | Path, force: bool = False) -> Path:
     """Write ``out/report.html`` (self-contained), ``out/report.md`` and its PNG plots, atomically."""
-    from premoe.fileio import write_dir
+    from premoe.fileio import check_output, write_dir
 
     out = Path(out)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists; pass --force to replace it")
-    report = build_report(load_results(results))
+    file = Path(results) / "results.json" if Path(results).is_dir() else Path(results)
+    check_output(out, inputs=[file], force=force)  # OUT may sit in the sweep directory, never hold results.json
+    report = build_checked(load_results(results), file)
 
     def write(tmp: Path) -> None:
         (tmp / "report.html").write_text(render_html(report), encoding="utf-8")

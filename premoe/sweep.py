@@ -35,12 +35,14 @@ from pathlib import Path
 from typing import Sequence
 
 from premoe import __version__
-from premoe.data import Source, parse_sources
+from premoe.data import Source, data_paths, parse_sources
 from premoe.errors import InputError, PlanError
+from premoe.fileio import write_text_atomic
 from premoe.plan import PlanRequest, make_plan
 from premoe.profile import Profile, ProfileParams, profile_model
 
 FORMAT = "premoe-sweep/1"
+PARTIAL_EVERY_S = 30.0  # seconds between rewrites of results.json while rows are computed
 
 
 @dataclass
@@ -138,6 +140,7 @@ def run_sweep(model: str | Path, profile: str | Path, out: str | Path, config: S
 
     config = config or SweepConfig()
     out = Path(out)
+    _check_out(out, model, profile, eval_data, calib_data)
     main = Profile.load(profile)
     identity = model_identity(model)
     if main.model["config_hash"] != identity["config_hash"]:
@@ -145,38 +148,145 @@ def run_sweep(model: str | Path, profile: str | Path, out: str | Path, config: S
                          f"profile this model first")
     for scorer in {*config.scorers, config.default_scorer}:
         main.check_scorer(scorer)
+    _check_generate(config, main)
     net, tokenizer = loaded or (load_model(model), load_tokenizer(model))
-    eval_sources = _eval_sources(identity, eval_data, tokenizer)
+    eval_sources = _eval_sources(identity, eval_data, tokenizer, config)
     calib_specs = list(calib_data or calib_specs_of(main))
     evaluator = Evaluator(net, tokenizer, eval_sources, seq_len=config.seq_len, max_windows=config.max_windows,
                           batch_size=config.batch_size, cache_gb=config.cache_gb, name=str(model))
-    context = {"model": identity["config_hash"], "main_profile": fingerprint(main), "seq_len": config.seq_len,
-               "max_windows": config.max_windows, "kl": config.kl}
     origins = {s.name: s.origin for s in eval_sources}
-    rows = row_specs(config, list(main.domains), list(origins))
-    for row in rows:  # the key holds everything that fixes the row's numbers (batch size does not)
-        calib = calib_specs if row.params["profile"] != "main" else None  # study profiles re-read this text
-        row.key = _hash({"row": row.params, "context": context, "eval_data": origins[row.params["eval"]],
-                         "calib": calib})
+    rows = keyed_rows(config, main, identity, origins, calib_specs)
 
     cache_path = out / "rows.jsonl"
     cache = read_cache(cache_path)
     profiles = _ProfileSource(model, main, out / "profiles", calib_specs, config, (net, tokenizer), progress)
     todo = [row for row in rows if row.key not in cache]
-    out.mkdir(parents=True, exist_ok=True)
+
+    def save(computed: int) -> dict:  # results.json of the rows done so far: `premoe report` renders a partial sweep
+        results = _results(identity, profile, main, config, origins, calib_specs, rows, cache, computed=computed)
+        write_text_atomic(out / "results.json", json.dumps(results) + "\n", force=True)
+        return results
+
+    saved_at = time.time()
     with open(cache_path, "a") as sink:
         if cache_path.stat().st_size and not cache_path.read_bytes().endswith(b"\n"):
             sink.write("\n")  # end a line an interruption cut short, so the next record starts clean
-        for row in tqdm(todo, desc="sweep", unit="row", disable=not progress):
+        for done, row in enumerate(tqdm(todo, desc="sweep", unit="row", disable=not progress), 1):
             record = {"key": row.key, "params": row.params, **_compute(row.params, profiles, evaluator, config)}
             sink.write(json.dumps(record) + "\n")
             sink.flush()
             cache[row.key] = record
-    results = _results(identity, profile, main, config, origins, calib_specs, rows, cache, computed=len(todo))
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(results) + "\n")
-    tmp.replace(out / "results.json")
-    return results
+            if time.time() - saved_at > PARTIAL_EVERY_S and done < len(todo):
+                save(done)
+                saved_at = time.time()
+    return save(len(todo))
+
+
+def keyed_rows(config: SweepConfig, main: Profile, identity: dict, origins: dict[str, str],
+               calib_specs: list[str]) -> list[Row]:
+    """The sweep's rows, each with the cache key that holds everything fixing its numbers (batch size does not)."""
+    context = {"model": identity["config_hash"], "main_profile": fingerprint(main), "seq_len": config.seq_len,
+               "max_windows": config.max_windows, "kl": config.kl}
+    rows = row_specs(config, list(main.domains), list(origins))
+    for row in rows:
+        calib = calib_specs if row.params["profile"] != "main" else None  # study profiles re-read this text
+        row.key = _hash({"row": row.params, "context": context, "eval_data": origins[row.params["eval"]],
+                         "calib": calib})
+    return rows
+
+
+def estimate_sweep(model: str | Path, profile: str | Path, out: str | Path, config: SweepConfig | None = None, *,
+                   eval_data: Sequence[str] | None = None, calib_data: Sequence[str] | None = None) -> dict:
+    """What :func:`run_sweep` would do, without doing it: rows per study, rows cached, and an ETA.
+
+    The time per row is the median of the rows already computed in ``out``, else one timed forward pass of a
+    batch (so the estimate loads the model but reads no data).
+
+    >>> estimate_sweep("testbed", "prof/", "sweep/")["todo"]
+    486
+    """
+    from premoe.data import source_origins
+    from premoe.modeling import model_identity
+
+    from premoe.fileio import check_inputs
+
+    config = config or SweepConfig()
+    check_inputs(out, _inputs(model, profile, eval_data, calib_data))
+    main = Profile.load(profile)
+    identity = model_identity(model)
+    if main.model["config_hash"] != identity["config_hash"]:
+        raise InputError(f"profile {profile} was made for {main.model['name']}, not {identity['name']}; "
+                         f"profile this model first")
+    _check_generate(config, main)
+    if not eval_data and identity["name"] != "testbed":
+        raise InputError("give held-out evaluation text with --data NAME=PATH (one per profiled domain)")
+    origins = source_origins(list(eval_data or ["testbed"]), split="test")
+    rows = keyed_rows(config, main, identity, origins, list(calib_data or calib_specs_of(main)))
+    cache = read_cache(Path(out) / "rows.jsonl")
+    todo = [row for row in rows if row.key not in cache]
+    timed = sorted(r["seconds"] for r in cache.values() if isinstance(r.get("seconds"), (int, float)))
+    if timed:
+        per_row, basis = timed[len(timed) // 2], f"median of {len(timed)} computed rows"
+    else:
+        per_row, basis = _time_one_row(model, config)
+    studies: dict[str, int] = {}
+    for row in todo:
+        for study in row.studies:
+            studies[study] = studies.get(study, 0) + 1
+    profiles = sorted({row.params["profile"] for row in todo} - {"main"}
+                      - {p.name.replace("-", ":", 1) for p in (Path(out) / "profiles").glob("*")})
+    return {"rows": len(rows), "cached": len(rows) - len(todo), "todo": len(todo), "studies": studies,
+            "profiles_to_collect": profiles, "seconds_per_row": per_row, "eta_seconds": per_row * len(todo),
+            "eta_basis": basis}
+
+
+def _time_one_row(model, config: SweepConfig) -> tuple[float, str]:
+    """Seconds one row should take: one timed forward pass of a batch, times the batches of a domain."""
+    import math
+
+    import torch
+
+    from premoe.modeling import load_model
+
+    net = load_model(model)
+    batch = min(config.batch_size, config.max_windows or config.batch_size)
+    ids = torch.randint(0, net.config.vocab_size, (batch, config.seq_len))  # (batch, seq)
+    with torch.no_grad():
+        net(input_ids=ids[:1, :8])  # warm-up
+        started = time.time()
+        net(input_ids=ids)
+        seconds = time.time() - started
+    windows = config.max_windows or 128
+    note = "" if config.max_windows else " (assuming 128 windows per domain: --max-windows 0 reads all)"
+    return seconds * math.ceil(windows / batch), f"one timed batch of {batch}x{config.seq_len} tokens{note}"
+
+
+def _check_generate(config: SweepConfig, main: Profile) -> None:
+    """The query+output study continues calibration windows: it needs room for text before the continuation."""
+    seq_len = int(main.params.get("seq_len", 0) or 0)
+    if config.generate and seq_len and config.generate >= seq_len:
+        raise InputError(f"--generate {config.generate} must be below the profile's window of {seq_len} tokens "
+                         "(the continuation shares the window with the text)")
+
+
+def _inputs(model, profile, eval_data, calib_data) -> list[Path]:
+    from premoe.modeling import resolve_model_path
+
+    profile_file = Path(profile) / "profile.json"  # OUT may hold the profile (the demo does), not be it
+    return [resolve_model_path(model), profile_file, *data_paths(eval_data), *data_paths(calib_data)]
+
+
+def _check_out(out: Path, model, profile, eval_data, calib_data) -> None:
+    """Before any compute: OUT is no input, and is new, a sweep (resumed), or premoe's; then mark it as a sweep."""
+    from premoe.fileio import MARKER, check_inputs, check_replaceable, check_space, write_marker
+
+    check_inputs(out, _inputs(model, profile, eval_data, calib_data))
+    if out.exists() and not (out / "rows.jsonl").is_file():
+        check_replaceable(out, force=True)  # resume a sweep; never fill a directory premoe did not write
+    check_space(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER).exists():
+        write_marker(out, {"kind": "sweep"})
 
 
 def _results(identity: dict, profile_path, main: Profile, config: SweepConfig, origins: dict, calib_specs: list[str],
@@ -192,7 +302,9 @@ def _results(identity: dict, profile_path, main: Profile, config: SweepConfig, o
         "coverage": {s: {d: main.coverage(d, s) for d in main.domains}  # experts holding 90% of utility per layer
                      for s in dict.fromkeys([config.default_scorer, "router_mass"]) if s in main.scorers},
         "computed": computed,
-        "rows": [{**cache[row.key], "studies": row.studies} for row in rows],
+        "planned": len(rows),  # rows the sweep has; "rows" holds those finished (all, once complete)
+        "complete": all(row.key in cache for row in rows),
+        "rows": [{**cache[row.key], "studies": row.studies} for row in rows if row.key in cache],
     }
 
 
@@ -228,7 +340,7 @@ class _ProfileSource:
                 self.cache[label] = Profile.load(path)
             else:
                 scorers, params = self._recipe(label)
-                sources = parse_sources(self.calib_specs, tokenizer=self.loaded[1])
+                sources = parse_sources(self.calib_specs, tokenizer=self.loaded[1], max_tokens=params.max_tokens)
                 collected = profile_model(self.model, sources, scorers, params, progress=self.progress,
                                           loaded=self.loaded)
                 collected.save(path, force=True)
@@ -252,12 +364,13 @@ class _ProfileSource:
         raise InputError(f"unknown profile label {label!r} in a sweep row")
 
 
-def _eval_sources(identity: dict, eval_data: Sequence[str] | None, tokenizer) -> list[Source]:
+def _eval_sources(identity: dict, eval_data: Sequence[str] | None, tokenizer, config: SweepConfig) -> list[Source]:
     if not eval_data:
         if identity["name"] != "testbed":
             raise InputError("give held-out evaluation text with --data NAME=PATH (one per profiled domain)")
         eval_data = ["testbed"]
-    return parse_sources(list(eval_data), tokenizer=tokenizer, split="test")
+    max_tokens = config.max_windows * config.seq_len if config.max_windows else None
+    return parse_sources(list(eval_data), tokenizer=tokenizer, split="test", max_tokens=max_tokens)
 
 
 def calib_specs_of(profile: Profile) -> list[str]:
@@ -291,10 +404,11 @@ def read_cache(path: Path) -> dict[str, dict]:
     """Finished rows by key; a line cut short by an interruption is ignored (that row runs again)."""
     cache = {}
     if path.exists():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 continue
-            cache[record["key"]] = record
+            if isinstance(record, dict) and isinstance(record.get("key"), str) and isinstance(record.get("params"), dict):
+                cache[record["key"]] = record  # anything else is not a row premoe wrote: that row runs again
     return cache

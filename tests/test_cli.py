@@ -31,7 +31,7 @@ def test_each_command_has_help(verb):
     (["profile", "/nonexistent/model", "--data", "testbed", "--out", "/tmp/premoe-never"], "does not exist"),
     (["profile", "testbed", "--data", "klingon", "--out", "/tmp/premoe-never"], "unknown data 'klingon'"),
     (["testbed", "corpus", "--out", "/tmp/premoe-never", "--domains", "klingon"], "unknown domain klingon"),
-    (["plan", "/nonexistent/profile", "--keep", "0.5", "--domain", "x", "--dry-run"], "profile.json not found"),
+    (["plan", "/nonexistent/profile", "--keep", "0.5", "--domain", "x", "--dry-run"], "/nonexistent/profile not found"),
 ])
 def test_bad_input_is_one_line_and_nonzero(args, message):
     result = premoe(*args)

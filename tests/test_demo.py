@@ -17,3 +17,44 @@ def test_demo_runs_end_to_end(tmp_path):
         config = json.loads((out / name / "config.json").read_text())
         assert config["num_local_experts"] == 16 and config["num_experts"] == 16
     assert "full ppl" in result.stdout and "demo finished" in result.stdout
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_rerun_after_an_interrupted_demo_starts_over(tmp_path, capsys):
+    """Ctrl-C or a kill leaves an unfinished demo; the next run clears it without --force (issue 15.5)."""
+    from premoe.demo import _prepare
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "profile").mkdir()
+    (out / ".premoe").write_text(json.dumps({"written_by": "premoe", "kind": "demo", "complete": False,
+                                             "pid": _dead_pid()}))
+    _prepare(out, force=False)
+    assert [p.name for p in out.iterdir()] == [".premoe"]
+    assert json.loads((out / ".premoe").read_text())["complete"] is False
+    assert "removing the unfinished demo" in capsys.readouterr().err
+
+
+def test_a_finished_demo_needs_force_and_a_foreign_directory_is_never_replaced(tmp_path):
+    import pytest
+
+    from premoe.demo import _prepare
+    from premoe.errors import OutputExistsError
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / ".premoe").write_text(json.dumps({"written_by": "premoe", "kind": "demo", "complete": True}))
+    with pytest.raises(OutputExistsError, match="--force"):
+        _prepare(out, force=False)
+    _prepare(out, force=True)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(OutputExistsError, match="not written by premoe"):
+        _prepare(mine, force=True)
+    assert (mine / "notes.txt").read_text() == "keep"

@@ -174,3 +174,70 @@ def test_cli_scorer_lists_keep_parenthesised_specs_whole():
 
     assert _names("peu, peu(candidates=2,threshold=0.55,transform=logit),random") == [
         "peu", "peu(candidates=2,threshold=0.55,transform=logit)", "random"]
+
+
+def test_dry_run_counts_rows_and_times_them_without_writing(setup, tmp_path):
+    from premoe.sweep import estimate_sweep
+
+    model, profile, data, _ = setup
+    out = tmp_path / "sweep"
+    fresh = estimate_sweep(model, profile, out, _config(), eval_data=data)
+    assert not out.exists()
+    rows = len(row_specs(_config(), ["code", "prose"], ["code", "prose"]))
+    assert fresh["rows"] == fresh["todo"] == rows and fresh["cached"] == 0
+    assert fresh["studies"]["specialist"] == 3 * 3 * 2 and fresh["eta_basis"].startswith("one timed batch")
+    assert fresh["eta_seconds"] == pytest.approx(fresh["seconds_per_row"] * rows)
+    run_sweep(model, profile, out, _config(keep=[0.5]), eval_data=data, progress=False)
+    partly = estimate_sweep(model, profile, out, _config(), eval_data=data)
+    assert partly["cached"] == len(row_specs(_config(keep=[0.5]), ["code", "prose"], ["code", "prose"]))
+    assert partly["todo"] == rows - partly["cached"] and partly["eta_basis"].startswith("median of")
+
+
+def test_cli_dry_run_prints_rows_and_eta(setup, tmp_path):
+    from premoe.cli import cli
+
+    model, profile, data, _ = setup
+    args = ["sweep", str(model), "--profile", str(profile), "--out", str(tmp_path / "s"), "--seq-len", "16",
+            "--max-windows", "2", "--scorers", "peu", "--keep", "0.5", "--dry-run", *sum((["--data", d] for d in data), [])]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "to compute" in result.stdout and "ETA about" in result.stdout and not (tmp_path / "s").exists()
+
+
+def test_partial_sweep_is_saved_and_renders(setup, tmp_path, monkeypatch):
+    """results.json is rewritten while rows run, so `premoe report` renders a sweep that was stopped."""
+    import premoe.sweep
+
+    model, profile, data, _ = setup
+    out = tmp_path / "sweep"
+    monkeypatch.setattr(premoe.sweep, "PARTIAL_EVERY_S", -1.0)  # save after every row
+    real = premoe.sweep._compute
+    calls = []
+
+    def stop_after_five(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(premoe.sweep, "_compute", stop_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(model, profile, out, _config(), eval_data=data, progress=False)
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["complete"] is False and len(partial["rows"]) == 5 < partial["planned"]  # saved after each row
+    html = render_html(build_report(partial))
+    assert f"Partial sweep: 5 of {partial['planned']} rows" in html
+
+
+def test_sweep_out_must_be_new_a_sweep_or_premoes(setup, tmp_path):
+    from premoe.errors import OutputExistsError
+
+    model, profile, data, _ = setup
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(OutputExistsError, match="not written by premoe"):
+        run_sweep(model, profile, mine, _config(), eval_data=data, progress=False)
+    with pytest.raises(InputError, match="contains the input"):
+        run_sweep(model, profile, profile.parent, _config(), eval_data=data, progress=False)
+    assert (mine / "notes.txt").read_text() == "keep" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]

@@ -1,10 +1,13 @@
 """The ``premoe`` command: one thin module per verb, loaded only when that verb runs.
 
-Errors derived from :class:`premoe.errors.PremoeError` print as one line and
-exit with status 2; set ``PREMOE_DEBUG=1`` to see the traceback.
+Every failure prints one line on stderr: errors derived from
+:class:`premoe.errors.PremoeError` and file-system errors (full or read-only disk) exit with status 2, a bad
+option with click's status 2, anything unexpected with 70 as an "internal error"; set ``PREMOE_DEBUG=1`` to
+see the traceback.
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -56,25 +59,66 @@ def cli() -> None:
     """
 
 
-def main() -> None:
-    from premoe.errors import PremoeError
-
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; every failure ends as one line on stderr and a non-zero exit (``PREMOE_DEBUG=1``: traceback)."""
     try:
-        cli.main(standalone_mode=False)
+        cli.main(args=argv, prog_name="premoe", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("premoe: aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except KeyboardInterrupt:
+        click.echo("premoe: interrupted; outputs are written atomically, rerun the same command", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except PremoeError as e:
+    except click.UsageError as e:
+        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        click.echo(f"premoe: error: {_one_line(e.format_message())}{hint}", err=True)
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        click.echo(f"premoe: error: {_one_line(e.format_message())}", err=True)
+        sys.exit(e.exit_code)
+    except Exception as e:  # noqa: BLE001 -- the one place that turns any failure into one line
         if os.environ.get("PREMOE_DEBUG"):
             raise
-        click.echo(f"premoe: error: {e}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("premoe: interrupted", err=True)
-        sys.exit(130)
+        click.echo(f"premoe: {describe_error(e)}", err=True)
+        sys.exit(2 if _is_user_error(e) else 70)
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for any exception: premoe's own message, a file-system error with its fix, or an internal error."""
+    from premoe.errors import PremoeError
+
+    if isinstance(error, PremoeError):
+        return f"error: {_one_line(str(error))}"
+    if isinstance(error, OSError) and error.errno in _DISK_FIXES:
+        where = f" ({error.filename})" if error.filename else ""
+        return f"error: {error.strerror or error}{where}; {_DISK_FIXES[error.errno]}"
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"error: {error.strerror}{where}"
+    return (f"internal error: {type(error).__name__}: {_one_line(str(error))[:300]}; "
+            "rerun with PREMOE_DEBUG=1 and report it")
+
+
+def _is_user_error(error: BaseException) -> bool:
+    from premoe.errors import PremoeError
+
+    return isinstance(error, (PremoeError, OSError))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# errno -> what to do about it, for writes that fail on a full, read-only or forbidden file system
+_DISK_FIXES = {
+    errno.ENOSPC: "the disk is full: free some space or write the output to another disk (nothing was replaced)",
+    errno.EDQUOT: "the disk quota is exhausted: free some space or write the output elsewhere (nothing was replaced)",
+    errno.EROFS: "the file system is read-only: write the output to a writable directory",
+    errno.EACCES: "permission denied: write the output to a directory you can write to",
+    errno.EPERM: "operation not permitted: write the output to a directory you own",
+}
 
 
 def not_built(verb: str) -> click.Command:

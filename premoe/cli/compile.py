@@ -1,9 +1,9 @@
 """`premoe compile`: write the pruned checkpoint by streaming surgery on the safetensors shards."""
 from __future__ import annotations
 
-import json
-
 import click
+
+from premoe.cli.options import json_option, model_input
 
 
 @click.command("compile")
@@ -12,7 +12,8 @@ import click
 @click.option("--out", required=True, type=click.Path(), help="Directory of the compiled checkpoint.")
 @click.option("--export", type=click.Choice(["auto", "padded", "compact"]), default="auto", show_default=True,
               help="Plans with different counts per layer: padded (vanilla-loadable, the auto choice) or compact "
-                   "(real counts; load with premoe.compile.load_compact).")
+                   "(real counts; load with premoe.compile.load_compact). A plan with one count in every layer is "
+                   "written as it is, whatever the choice (the summary calls that export uniform).")
 @click.option("--mtp", type=click.Choice(["drop", "prune"]), default="drop", show_default=True,
               help="Multi-token-prediction layers after the last decoder layer (DeepSeek-V3/R1, GLM-4.5): drop them "
                    "and set the config's count to 0, or keep them pruned to the last MoE layer's kept experts.")
@@ -21,9 +22,9 @@ import click
                    "_name_or_path when it is a Hub id).")
 @click.option("--dry-run", "--explain", "dry_run", is_flag=True,
               help="Print what would be written (kept experts, MTP choice, sizes, disk needed); write nothing.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def command(model, plan, out, export, mtp, base_model, dry_run, force, as_json) -> None:
+@click.option("--force", is_flag=True, help="Replace --out if it exists and premoe wrote it.")
+@json_option("Write the report as JSON to FILE ('-' or a bare --json: stdout instead of the summary).")
+def command(model, plan, out, export, mtp, base_model, dry_run, force, json_out) -> None:
     """Compile MODEL down to the experts PLAN keeps.
 
     \b
@@ -33,8 +34,12 @@ def command(model, plan, out, export, mtp, base_model, dry_run, force, as_json) 
     premoe compile deepseek-v3/ plan.json --out ds-50/ --mtp prune --explain
     """
     from premoe.compile import compile_checkpoint
+    from premoe.fileio import check_output, emit_json
     from premoe.plan import Plan
 
+    check_output(out, inputs=[model_input(model), plan], force=force)  # never an input, only what premoe wrote
     report = compile_checkpoint(model, Plan.load(plan), out, force=force, export=export, mtp=mtp,
-                                base_model=base_model, dry_run=dry_run, progress=not as_json)
-    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.summary())
+                                base_model=base_model, dry_run=dry_run, progress=json_out != "-")
+    emit_json(json_out, report.to_json(), kind="compile-report", force=force, inputs=[model_input(model), plan, out])
+    if json_out != "-":
+        click.echo(report.summary())

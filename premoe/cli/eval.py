@@ -1,10 +1,9 @@
 """`premoe eval`: per-domain perplexity (± SE) and KL divergence of a model, a compiled checkpoint, or plans."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import click
+
+from premoe.cli.options import NON_NEGATIVE, POSITIVE, SEQ_LEN, json_option, model_input
 
 
 @click.command("eval")
@@ -15,18 +14,19 @@ import click
               help="NAME=PATH of held-out text, or testbed domains (their 'test' split). Default for testbed: testbed.")
 @click.option("--reference", help="Checkpoint to measure KL against (e.g. the original of a compiled MODEL). "
                                   "Default: MODEL without the plan.")
-@click.option("--seq-len", default=256, show_default=True, help="Tokens per window.")
-@click.option("--max-windows", type=int, default=128, show_default=True, help="Windows per domain (0: all).")
-@click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass.")
+@click.option("--seq-len", default=256, show_default=True, type=SEQ_LEN, help="Tokens per window.")
+@click.option("--max-windows", type=NON_NEGATIVE, default=128, show_default=True, help="Windows per domain (0: all).")
+@click.option("--batch-size", default=8, show_default=True, type=POSITIVE, help="Windows per forward pass.")
 @click.option("--no-kl", is_flag=True, help="Skip the KL divergence (saves one reference pass).")
 @click.option("--lm-eval", "lm_eval_tasks", help="Comma-separated lm-evaluation-harness tasks to run instead "
                                                  "(needs: pip install 'premoe[eval]').")
-@click.option("--lm-eval-limit", type=int, help="Examples per lm-eval task (quick checks).")
+@click.option("--lm-eval-limit", type=POSITIVE, help="Examples per lm-eval task (quick checks).")
 @click.option("--lm-eval-include", type=click.Path(exists=True, file_okay=False),
               help="Directory of extra lm-eval task YAMLs (e.g. local data via dataset_path: json, for offline use).")
-@click.option("--json", "json_out", type=click.Path(), help="Also write the results as JSON to this file ('-': stdout only).")
+@json_option("Also write the results as JSON to FILE ('-' or a bare --json: stdout instead of the tables).")
+@click.option("--force", is_flag=True, help="Replace the --json FILE if it exists and premoe wrote it.")
 def command(model, plans, data, reference, seq_len, max_windows, batch_size, no_kl, lm_eval_tasks, lm_eval_limit,
-            lm_eval_include, json_out) -> None:
+            lm_eval_include, json_out, force) -> None:
     """Evaluate MODEL (and each --plan applied to it) on every --data domain.
 
     \b
@@ -36,15 +36,19 @@ def command(model, plans, data, reference, seq_len, max_windows, batch_size, no_
     premoe eval testbed --plan python-50.json --lm-eval hellaswag,arc_easy --lm-eval-limit 200
     premoe eval testbed --plan python-50.json --lm-eval mytask --lm-eval-include tasks/
     """
-    from premoe.data import parse_sources
+    from premoe.data import data_paths, parse_sources
     from premoe.errors import InputError
     from premoe.evaluate import Evaluator, run_lm_eval
+    from premoe.fileio import check_output, emit_json
     from premoe.modeling import load_model, load_tokenizer, model_identity
     from premoe.plan import Plan
     from premoe.report import paired_delta
 
     from premoe.adapters import get_adapter
 
+    inputs = [model_input(model), model_input(reference), *plans, *data_paths(data), lm_eval_include]
+    if json_out not in (None, "-"):
+        check_output(json_out, inputs=inputs, force=force, kind="file")  # before the work, not after
     loaded_plans = [Plan.load(p) for p in plans]
     identity = model_identity(model)
     for plan in loaded_plans:
@@ -58,29 +62,30 @@ def command(model, plans, data, reference, seq_len, max_windows, batch_size, no_
                                                                 batch_size=batch_size, include_path=lm_eval_include,
                                                                 loaded=(net, tokenizer))
                    for plan in [None, *loaded_plans]}
-        click.echo(json.dumps(results, indent=1, default=str))
+        emit_json(json_out or "-", {"model": identity, "lm_eval": results}, kind="lm-eval", force=force, inputs=inputs)
         return
     if not data:
         if identity["name"] != "testbed":
             raise InputError("give held-out text with --data NAME=PATH (one per domain)")
         data = ("testbed",)
-    sources = parse_sources(list(data), tokenizer=tokenizer, split="test")
+    sources = parse_sources(list(data), tokenizer=tokenizer, split="test",
+                            max_tokens=max_windows * seq_len if max_windows else None)
     evaluator = Evaluator(net, tokenizer, sources, reference=load_model(reference) if reference else None,
                           seq_len=seq_len, max_windows=max_windows or None, batch_size=batch_size, name=model,
                           progress=json_out != "-")
-    results = [evaluator.evaluate(kl=not no_kl)]
+    # MODEL itself: "full" only when it is not measured against another checkpoint (a compiled one is not full)
+    first = "full" if reference is None else (identity.get("name") or str(model))
+    results = [evaluator.evaluate(kl=not no_kl, label=first)]
     results += [evaluator.evaluate(plan.kept, kl=not no_kl, label=plan.target) for plan in loaded_plans]
-    if json_out:
-        text = json.dumps({"model": identity, "results": [r.to_dict() for r in results]}, indent=1)
-        if json_out == "-":
-            click.echo(text)
-            return
-        Path(json_out).write_text(text + "\n")
+    emit_json(json_out, {"model": identity, "results": [r.to_dict() for r in results]}, kind="eval", force=force,
+              inputs=inputs)
+    if json_out == "-":
+        return
     full = results[0]
     for result in results:
         click.echo(result.table())
         if result is not full:
             deltas = {d: paired_delta(vars(result.domains[d]), vars(full.domains[d])) for d in result.domains}
-            click.echo("  Δ ppl vs full (± SE, paired over windows): "
+            click.echo(f"  Δ ppl vs {full.label} (± SE, paired over windows): "
                        + ", ".join(f"{d} {delta}" for d, delta in deltas.items()))
         click.echo("")

@@ -1,16 +1,16 @@
 """`premoe plan`: choose the experts to keep, and show what that costs before anything is written."""
 from __future__ import annotations
 
-import json
-
 import click
+
+from premoe.cli.options import FRACTION, POSITIVE, POSITIVE_FLOAT, json_option
 
 
 @click.command("plan")
 @click.argument("profile", type=click.Path())
-@click.option("--keep", type=float, help="Fraction of routed experts kept per layer, e.g. 0.5.")
-@click.option("--experts", type=int, help="M, experts kept per layer.")
-@click.option("--budget-gb", type=float, help="Checkpoint size budget in GB; M is derived from real tensor sizes.")
+@click.option("--keep", type=FRACTION, help="Fraction of routed experts kept per layer, e.g. 0.5.")
+@click.option("--experts", type=POSITIVE, help="M, experts kept per layer.")
+@click.option("--budget-gb", type=POSITIVE_FLOAT, help="Checkpoint size budget in GB; M is derived from real tensor sizes.")
 @click.option("--domain", help="Make a specialist for this profiled domain.")
 @click.option("--generalist", is_flag=True, help="Make one generalist over --domains (default: all).")
 @click.option("--domains", help="Comma-separated domains for --generalist.")
@@ -21,10 +21,10 @@ import click
               help="local: top M per layer; global: top L*M (layer, expert) pairs overall.")
 @click.option("--out", type=click.Path(), help="Plan JSON to write (omit with --dry-run).")
 @click.option("--dry-run", "--explain", "dry_run", is_flag=True, help="Print the plan and sizes; write nothing.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--force", is_flag=True, help="Replace --out (and the --json FILE) if it exists and premoe wrote it.")
+@json_option("Write the plan and its sizes as JSON to FILE ('-' or a bare --json: stdout instead of the text).")
 def command(profile, keep, experts, budget_gb, domain, generalist, domains, weighting, scorer, ranking, out,
-            dry_run, force, as_json) -> None:
+            dry_run, force, json_out) -> None:
     """Turn PROFILE into a plan: which experts each MoE layer keeps.
 
     \b
@@ -33,6 +33,7 @@ def command(profile, keep, experts, budget_gb, domain, generalist, domains, weig
     premoe plan prof/ --budget-gb 0.02 --generalist --ranking global --out g.json
     """
     from premoe.errors import InputError
+    from premoe.fileio import check_output, emit_json
     from premoe.plan import PlanRequest, explain, make_plan
     from premoe.profile import Profile
 
@@ -40,17 +41,19 @@ def command(profile, keep, experts, budget_gb, domain, generalist, domains, weig
         raise InputError("choose one target: --domain NAME (specialist) or --generalist [--domains a,b]")
     if not out and not dry_run:
         raise InputError("give --out PLAN.json, or --dry-run to only print the plan")
+    if out and not dry_run:
+        check_output(out, inputs=[profile], force=force, kind="file")
     loaded = Profile.load(profile)
     request = PlanRequest(keep=keep, experts=experts, budget_gb=budget_gb, domain=domain,
                           domains=domains.split(",") if domains else None, weighting=weighting, scorer=scorer,
                           ranking=ranking)
     plan = make_plan(loaded, request, profile_path=str(profile))
     sizes = loaded.sizes()  # recorded at profile time: the model directory may have moved
-    if as_json:
-        click.echo(json.dumps({**plan.__dict__, "size_before": sizes and sizes.total_bytes,
-                               "size_after": sizes and sizes.bytes_with({l: len(v) for l, v in plan.padded().kept.items()})},
-                              indent=1, default=str))
-    else:
+    if json_out:
+        after = sizes and sizes.bytes_with({l: len(v) for l, v in plan.padded().kept.items()})
+        emit_json(json_out, {**plan.__dict__, "size_before": sizes and sizes.total_bytes, "size_after": after},
+                  kind="plan-summary", force=force, inputs=[profile, out])
+    if json_out != "-":
         click.echo(explain(plan, sizes))
     if not dry_run:
         plan.save(out, force=force)

@@ -1,27 +1,29 @@
 """`premoe report`: render a sweep's results as HTML (self-contained) and Markdown with PNG plots."""
 from __future__ import annotations
 
-import json
-
 import click
+
+from premoe.cli.options import json_option
 
 
 @click.command("report")
 @click.argument("results", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Directory for report.html, report.md and the plots.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the written files as JSON.")
-def command(results, out, force, as_json) -> None:
+@click.option("--force", is_flag=True, help="Replace --out if it exists and premoe wrote it.")
+@json_option("Write the list of written files as JSON to FILE ('-' or a bare --json: stdout).")
+def command(results, out, force, json_out) -> None:
     """Render RESULTS (a `premoe sweep` directory or its results.json) as a report.
 
     \b
     premoe report sweep/ --out sweep/report
     """
+    from premoe.fileio import emit_json
     from premoe.report import write_report
 
     written = write_report(results, out, force=force)
-    files = sorted(str(p) for p in written.iterdir())
-    if as_json:
-        click.echo(json.dumps({"out": str(written), "files": files}, indent=1))
+    files = sorted(str(p) for p in written.iterdir() if not p.name.startswith("."))
+    emit_json(json_out, {"out": str(written), "files": files}, kind="report-files", force=force,
+              inputs=[results, out])
+    if json_out == "-":
         return
     click.echo(f"wrote {written}/report.html (self-contained) and {written}/report.md with {len(files) - 2} plots")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from premoe.cli.options import NON_NEGATIVE, POSITIVE
+
 
 @click.group("testbed")
 def command() -> None:
@@ -19,12 +21,15 @@ def command() -> None:
 @command.command("corpus")
 @click.option("--out", required=True, type=click.Path(), help="Directory to write the corpus into.")
 @click.option("--domains", help="Comma-separated subset of domains (default: all).")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists and premoe wrote it.")
 def corpus(out, domains, force) -> None:
     """Build the multi-domain corpus (installs missing Debian packages with apt-get, and says so)."""
     from pathlib import Path
 
+    from premoe.fileio import check_output
     from premoe.testbed.corpus import build_corpus
+
+    check_output(out, force=force)
 
     manifest = build_corpus(Path(out), domains.split(",") if domains else None, force=force)
     for name, info in manifest["domains"].items():
@@ -37,15 +42,18 @@ def corpus(out, domains, force) -> None:
 @click.option("--corpus", "corpus_dir", required=True, type=click.Path(), help="Corpus built by `testbed corpus`.")
 @click.option("--work", required=True, type=click.Path(), help="Checkpoints, tokens and loss curve (resumable).")
 @click.option("--out", required=True, type=click.Path(), help="Where to export the bf16 HF checkpoint.")
-@click.option("--max-steps", type=int, default=None, help="Training steps (default from TrainConfig).")
-@click.option("--seed", type=int, default=None)
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--max-steps", type=POSITIVE, default=None, help="Training steps (default from TrainConfig).")
+@click.option("--seed", type=NON_NEGATIVE, default=None)
+@click.option("--force", is_flag=True, help="Replace --out if it exists and premoe wrote it.")
 def train_command(corpus_dir, work, out, max_steps, seed, force) -> None:
     """Train the tokenizer and the Qwen3-MoE (resumes from --work/ckpt.pt if present)."""
     from pathlib import Path
 
+    from premoe.fileio import check_inputs, check_output
     from premoe.testbed.train import TrainConfig, train
 
+    check_output(out, inputs=[corpus_dir, work], force=force)
+    check_inputs(work, [corpus_dir])
     cfg = TrainConfig()
     if max_steps is not None:
         cfg.max_steps = max_steps
@@ -58,7 +66,7 @@ def train_command(corpus_dir, work, out, max_steps, seed, force) -> None:
 @command.command("card")
 @click.argument("model", default="testbed")
 @click.option("--corpus", "corpus_dir", type=click.Path(), help="Corpus dir (default: the shipped splits).")
-@click.option("--windows", default=64, show_default=True, help="Test/val windows of 256 tokens per domain.")
+@click.option("--windows", default=64, show_default=True, type=POSITIVE, help="Test/val windows of 256 tokens per domain.")
 def card(model, corpus_dir, windows) -> None:
     """Measure per-domain perplexity and expert coverage; write README.md and card.json beside the weights."""
     from pathlib import Path

@@ -277,6 +277,9 @@ def export(model, tokenizer, cfg: TrainConfig, history: dict, work: Path, out: P
               "wall_seconds": round(history["seconds"], 1), "val_history": history["val"]}
     (tmp / "training.json").write_text(json.dumps(record, indent=1))
     plot_history(history, tmp / "loss.png")
+    from premoe.fileio import write_marker
+
+    write_marker(tmp, {"kind": "testbed-model"})  # lets a later `--force` replace what premoe wrote
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
