@@ -52,7 +52,7 @@ from typing import Callable
 from premoe import __version__
 from premoe.checkpoint import DTYPE_BYTES, INDEX, read_header, shard_files, tensors
 from premoe.errors import CheckpointError, DiskSpaceError, InputError, OutputExistsError, PlanError
-from premoe.plan import Plan
+from premoe.plan import Plan, format_ranges
 
 FORMAT = "premoe-compiled/1"
 EXPORTS = ("auto", "padded", "compact")
@@ -143,10 +143,8 @@ class MtpChoice:
         if self.mode == "drop":
             return (f"mtp: drop layer(s) {layers} (config {count}: vLLM/SGLang then serve without the speculative "
                     "layer; --mtp prune keeps it)")
-        from premoe.plan import _ranges
-
         experts = self.kept[self.found[0]]
-        return (f"mtp: prune layer(s) {layers} to layer {self.source_layer}'s kept experts {_ranges(experts)} -> "
+        return (f"mtp: prune layer(s) {layers} to layer {self.source_layer}'s kept experts {format_ranges(experts)} -> "
                 f"experts 0..{len(experts) - 1} (config {count}); rule: {MTP_RULE}")
 
     def to_json(self) -> dict:
@@ -197,12 +195,10 @@ class WritePlan:
 
     def describe(self) -> str:
         """The dry-run report: kept experts, tensors, sizes before/after, memory and disk needed."""
-        from premoe.plan import format_ranges as _ranges
-
         sliced = sum(w.rows is not None for w in self.writes)
         lines = [f"compile {self.model_path} ({self.family}) -> {self.out}  [export: {self.export}]"]
         for layer, experts in self.kept.items():
-            lines.append(f"  layer {layer:>3}: keep {len(experts):>3}/{self.num_experts}  {_ranges(experts)}"
+            lines.append(f"  layer {layer:>3}: keep {len(experts):>3}/{self.num_experts}  {format_ranges(experts)}"
                          f"  -> experts 0..{len(experts) - 1}")
         lines += [
             f"  tensors: {len(self.writes)} written ({sliced} sliced by rows), {len(self.dropped)} dropped, "
@@ -501,7 +497,7 @@ def write_checkpoint(plan: WritePlan, progress: bool = True) -> Path:
         (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
         check_compiled(tmp)  # raising here removes the temp dir: no output that disagrees with its config
 
-    return write_dir(plan.out, write)
+    return write_dir(plan.out, write, mark=False)  # config.json's premoe block marks it
 
 
 def check_compiled(path: str | Path) -> None:

@@ -228,12 +228,15 @@ def _temp_prefix(out: Path, what: str = "tmp") -> str:
     return f".{out.name}.{what}-{os.getpid()}-"
 
 
-def write_dir(out: str | Path, write: Callable[[Path], object], *, marker: dict | None = None) -> Path:
+def write_dir(out: str | Path, write: Callable[[Path], object], *, marker: dict | None = None,
+              mark: bool = True) -> Path:
     """Write a directory atomically: ``write(tmp)`` fills a temp sibling, which is then renamed over ``out``.
 
     The temp carries this process's id in its name, so the next run can tell a killed run's leftovers from a
-    live one. The directory gets the ``.premoe`` marker (with ``marker`` in it) and umask permissions. An existing
-    ``out`` is replaced only if premoe wrote it (callers check ``--force`` first).
+    live one. The directory gets the ``.premoe`` marker (with ``marker`` in it) and umask permissions; ``mark=False``
+    leaves the marker out where the output names premoe itself (a compiled checkpoint's config.json carries a
+    ``premoe`` block), so the folder holds only what a Hub upload should. An existing ``out`` is replaced only if
+    premoe wrote it (callers check ``--force`` first).
 
     >>> write_dir(Path("report"), lambda tmp: (tmp / "report.md").write_text("# hi"))
     PosixPath('report')
@@ -248,7 +251,8 @@ def write_dir(out: str | Path, write: Callable[[Path], object], *, marker: dict 
     old = None
     try:
         write(tmp)
-        write_marker(tmp, marker)
+        if mark:
+            write_marker(tmp, marker)
         _ordinary_permissions(tmp)
         if out.exists() or out.is_symlink():
             old = out.with_name(f"{_temp_prefix(out, 'old')}{tmp.name.rsplit('-', 1)[-1]}")

@@ -81,7 +81,7 @@ def compiled_card(write_plan, plan, base_model: str | None = None) -> str:
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    from premoe.plan import _ranges
+    from premoe.plan import format_ranges
 
     source = write_plan.config["premoe"]["source"]
     base = base_model or _hub_id(write_plan.config.get("_name_or_path"))
@@ -102,7 +102,7 @@ def compiled_card(write_plan, plan, base_model: str | None = None) -> str:
         ratio=f"{size_after / max(write_plan.bytes_before, 1):.1%}",
         mtp=(write_plan.mtp.describe() or "none").removeprefix("mtp: ") if write_plan.mtp else "none",
         calibration=_calibration(plan.profile),
-        kept_rows="\n".join(f"| {layer} | {_ranges(v)} |" for layer, v in write_plan.kept.items()),
+        kept_rows="\n".join(f"| {layer} | {format_ranges(v)} |" for layer, v in write_plan.kept.items()),
         source_name=source["name"], model_type=source.get("model_type"), config_hash=source.get("config_hash"),
         request=json.dumps(plan.request, sort_keys=True), version=__version__,
         limitations="\n".join(f"- {line}" for line in _limitations(write_plan, plan)),

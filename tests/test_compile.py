@@ -17,7 +17,7 @@ from checkpoints import forced_difference, save_family, spread_plan
 from premoe.compile import compile_checkpoint, compiled_info, kept_experts, load_compact
 from premoe.errors import (CheckpointError, DiskSpaceError, InputError, MissingFileError, OutputExistsError,
                            PlanError)
-from premoe.plan import Plan, _ranges
+from premoe.plan import Plan, format_ranges
 
 TOL = 1e-5
 
@@ -214,7 +214,7 @@ def test_the_model_card_describes_the_compiled_checkpoint(tmp_path):
     text = card.text
     assert "All 8 experts" not in text and "pruned to 4 of 8 routed experts" in text
     for layer, experts in plan.kept.items():
-        assert f"| {layer} | {_ranges(experts)} |" in text
+        assert f"| {layer} | {format_ranges(experts)} |" in text
     assert "| target | specialist:text |" in text and "| scorer / ranking | peu / local |" in text
     tokens = profile.domains["text"].tokens
     assert f"text: {tokens} tokens (profile `{tmp_path / 'prof'}`)" in text

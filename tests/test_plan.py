@@ -240,7 +240,8 @@ def _mutations():
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutations=_mutations())
 def test_mutated_plan_files_load_cleanly_or_fail_cleanly(tmp_path, mutations):
-    path = valid_plan().save(tmp_path / "p.json", force=True)
+    (tmp_path / "p.json").unlink(missing_ok=True)  # hypothesis reuses tmp_path across examples
+    path = valid_plan().save(tmp_path / "p.json")
     data = json.loads(path.read_text())
     for key, value in mutations:
         target, *rest = key.split(".")
