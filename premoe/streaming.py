@@ -51,6 +51,7 @@ _CHUNK = 1 << 30  # bytes per pread/pwrite call (Linux moves at most ~2 GiB per 
 _SYNC_LOAD = "HF_DEACTIVATE_ASYNC_LOAD"  # read by transformers' convert_and_load_state_dict_in_model
 _MMAP_THRESHOLD = 1 << 20  # bytes: larger allocations get their own mapping, returned to the OS when freed
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+_SCALE_SUFFIX = "_scale_inv"  # FP8 checkpoints (DeepSeek-V3/R1, Kimi-K2, GLM-4.5-FP8): "<name>.weight_scale_inv"
 
 
 @dataclass
@@ -100,7 +101,7 @@ def profile_streaming(model: str | Path, sources: Sequence[Source], scorers: Seq
     if not moe:
         raise UnsupportedModelError(f"{path} has no MoE layers premoe can find; is it a Mixture-of-Experts model?")
     layers = _decoder_layers(net, next(iter(moe.values())))
-    loader = _Loader(net, path, stored, len(layers), params.device)
+    loader = _Loader(net, path, stored, len(layers), params.device, _weight_block(config))
     _return_freed_memory()
     started = time.time()
 
@@ -173,10 +174,10 @@ class _Loader:
     """Loads subsets of checkpoint tensors into the skeleton and sends them back to ``meta``."""
 
     def __init__(self, net: nn.Module, path: Path, stored: dict[str, checkpoint.TensorInfo], num_layers: int,
-                 device: str):
+                 device: str, block: tuple[int, int] | None = None):
         from transformers.conversion_mapping import get_model_conversion_mapping
 
-        self.net, self.path, self.stored, self.device = net, path, stored, device
+        self.net, self.path, self.stored, self.device, self.block = net, path, stored, device, block
         self.weight_mapping = get_model_conversion_mapping(net)  # the family's on-disk -> in-memory key rules
         self.by_layer: dict[int | None, list[str]] = {}  # decoder layer (None: outside the layers) -> keys
         for key in stored:
@@ -186,6 +187,12 @@ class _Loader:
         if missing:
             raise CheckpointError(f"{path} holds no tensor of decoder layer {missing[0]} ({len(missing)} layers "
                                   "missing); the checkpoint is incomplete")
+
+    def _block_size(self, key: str) -> tuple[int, int]:
+        if self.block is None:
+            raise CheckpointError(f"{self.path}: tensor {key} has a block scale ({key}{_SCALE_SUFFIX}) but config.json's "
+                                  "quantization_config gives no weight_block_size; is this an FP8 checkpoint?")
+        return self.block
 
     def layer_keys(self, index: int) -> list[str]:
         return self.by_layer[index]
@@ -235,9 +242,15 @@ class _Loader:
         try:
             with contextlib.ExitStack() as stack:
                 state = {}
-                for shard in shards:  # pread, not mmap: mapped pages would count as this process's memory
-                    f = stack.enter_context(safe_open(str(self.path / shard), framework="pt", backend="pread"))
-                    state.update({k: f.get_slice(k) for k in keys if self.stored[k].shard == shard})
+                files = {shard: stack.enter_context(safe_open(str(self.path / shard), framework="pt", backend="pread"))
+                         for shard in shards}  # pread, not mmap: mapped pages would count as this process's memory
+                for k in keys:
+                    if k.endswith(_SCALE_SUFFIX) and k.removesuffix(_SCALE_SUFFIX) in self.stored:
+                        continue  # an FP8 block scale: read with its weight
+                    weight = files[self.stored[k].shard].get_slice(k)
+                    scale = self.stored.get(k + _SCALE_SUFFIX)
+                    state[k] = weight if scale is None else _BlockDequantized(
+                        weight, files[scale.shard].get_slice(scale.key), self._block_size(k))
                 info, _ = convert_and_load_state_dict_in_model(self.net, state, config)
         finally:
             if sync is None:
@@ -252,6 +265,36 @@ class _Loader:
                                   f"{tuple(expected)}; config.json and the weights disagree")
         if info.conversion_errors:
             raise CheckpointError(f"{self.path}: could not convert {', '.join(sorted(info.conversion_errors))}")
+
+
+def _weight_block(config) -> tuple[int, int] | None:
+    """FP8 block size of a block-quantised checkpoint (``quantization_config.weight_block_size``), else None."""
+    quantization = getattr(config, "quantization_config", None) or {}
+    if not isinstance(quantization, dict):
+        quantization = quantization.to_dict()
+    block = quantization.get("weight_block_size")
+    return tuple(block) if block else None
+
+
+class _BlockDequantized:
+    """An FP8 weight and its block scales read lazily, dequantised when transformers' loader slices it.
+
+    DeepSeek-style FP8 stores ``weight`` (rows, cols) as float8 and
+    ``weight_scale_inv`` (ceil(rows/b0), ceil(cols/b1)) in F32; the real weight
+    is their product block by block. The skeleton is built without a
+    quantiser, so without this the loader would cast the raw float8 values
+    and silently profile a model whose weights are off by the scales.
+    """
+
+    def __init__(self, weight, scale, block: tuple[int, int]):
+        self.weight, self.scale, self.block = weight, scale, block
+
+    def __getitem__(self, index) -> torch.Tensor:
+        weight = self.weight[...].float()  # (rows, cols)
+        scale = self.scale[...].float()  # (row blocks, col blocks)
+        rows, cols = weight.shape
+        expanded = scale.repeat_interleave(self.block[0], 0)[:rows].repeat_interleave(self.block[1], 1)[:, :cols]
+        return (weight * expanded)[index]  # (rows, cols)
 
 
 # --------------------------------------------------------------------------- the passes
