@@ -7,6 +7,7 @@ length plus JSON, so all of this is cheap even for a 700B model.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from premoe.errors import CheckpointError, MissingFileError
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "U32": 4, "U64": 8}
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "U32": 4, "U64": 8, "C64": 8}
 
 
 @dataclass(frozen=True)
@@ -33,51 +34,140 @@ class TensorInfo:
 
 
 def shard_files(path: Path) -> list[str]:
-    """The safetensors files of a checkpoint, in index order."""
+    """The safetensors files of a checkpoint, in index order (plain file names inside ``path``)."""
     if (path / INDEX).exists():
-        weight_map = json.loads((path / INDEX).read_text())["weight_map"]
-        return sorted(set(weight_map.values()))
+        return sorted(set(_weight_map(path).values()))
     if (path / SINGLE).exists():
         return [SINGLE]
     raise MissingFileError(f"{path} has neither {INDEX} nor {SINGLE}; premoe reads safetensors checkpoints")
 
 
+def _weight_map(path: Path) -> dict[str, str]:
+    """The index's tensor -> shard map, refused unless every shard is a plain file name beside the index."""
+    file = path / INDEX
+    try:
+        weight_map = json.loads(file.read_text()).get("weight_map")
+    except (ValueError, AttributeError, RecursionError) as e:  # ValueError: bad JSON or encoding
+        raise CheckpointError(f"{file} is not a JSON object with a weight_map; the checkpoint is corrupt") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise CheckpointError(f"{file}: weight_map must map tensor names to shard file names")
+    for shard in set(weight_map.values()):
+        if Path(shard).name != shard or shard in ("", ".", "..") or not shard.endswith(".safetensors"):
+            raise CheckpointError(f"{file} names shard {shard!r}; expected a .safetensors file name beside the index")
+    return weight_map
+
+
 def read_header(file: Path) -> tuple[dict, int]:
-    """The JSON header of one safetensors file and the offset where its data starts."""
+    """The JSON header of one safetensors file and the offset where its data starts, fully checked.
+
+    No reader may trust a corrupt or hostile shard, so beyond parsing this
+    checks what the safetensors format promises: a header length within the
+    file, a JSON object without duplicate keys, a known dtype, a shape of
+    non-negative ints and byte offsets that match dtype × shape, and tensors
+    that tile the data section exactly (in bounds, no overlap, no gap, no
+    trailing bytes). Any violation is one :class:`CheckpointError` naming the
+    shard and the tensor.
+
+    >>> header, data_start = read_header(Path("testbed/model.safetensors"))
+    """
     if not file.exists():
         raise MissingFileError(f"shard {file} is missing; the checkpoint is incomplete (re-download it)")
+    size = file.stat().st_size
     with open(file, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise CheckpointError(f"{file} is truncated: no safetensors header")
         (length,) = struct.unpack("<Q", raw)
-        if length > 100_000_000:
+        if length > _MAX_HEADER:
             raise CheckpointError(f"{file} is not a safetensors file (header length {length})")
-        try:
-            header = json.loads(f.read(length))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{file} has a corrupt safetensors header ({e.msg})") from e
+        if length > size - 8:
+            raise CheckpointError(f"{file} is truncated: its header claims {length} bytes, the file has {size}")
+        text = f.read(length)
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{file} has a corrupt safetensors header ({getattr(e, 'msg', e)})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} has a corrupt safetensors header (a JSON {type(header).__name__}, "
+                              "not an object)")
+    _check_layout(file, header, size - 8 - length)
     return header, 8 + length
 
 
+_MAX_HEADER = 100_000_000  # the safetensors library's own limit
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+    return dict(pairs)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_layout(file: Path, header: dict, data_bytes: int) -> None:
+    """Every tensor entry well formed, and the entries tiling ``data_bytes`` exactly."""
+    spans: list[tuple[int, int, str]] = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            if info is not None and not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                raise CheckpointError(f"{file}: __metadata__ must map strings to strings; the header is corrupt")
+            continue
+        where = f"{file}: tensor {key}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where} has no dtype/shape/data_offsets entry; the header is corrupt")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+            raise CheckpointError(f"{where} has dtype {dtype!r}; premoe reads {', '.join(DTYPE_BYTES)}")
+        if not isinstance(shape, list) or not all(map(_count, shape)):
+            raise CheckpointError(f"{where} has shape {shape!r}; expected a list of non-negative ints")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_count, offsets))
+                and offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{where} has data_offsets {offsets!r}; expected [begin, end] with 0 ≤ begin ≤ end")
+        needed = math.prod(shape) * DTYPE_BYTES[dtype]
+        if offsets[1] - offsets[0] != needed:
+            raise CheckpointError(f"{where} spans {offsets[1] - offsets[0]} bytes but {dtype} {shape} needs {needed}; "
+                                  "the header is corrupt")
+        if offsets[1] > data_bytes:
+            raise CheckpointError(f"{file} is truncated: tensor {key} ends at byte {offsets[1]} of the data section, "
+                                  f"which has {data_bytes}")
+        spans.append((offsets[0], offsets[1], key))
+    end = 0
+    for begin, stop, key in sorted(spans):
+        if begin != end:
+            what = "overlaps the tensor before it" if begin < end else f"leaves a gap after byte {end}"
+            raise CheckpointError(f"{file}: tensor {key} starts at data byte {begin} and {what}; the shard is corrupt")
+        end = stop
+    if end != data_bytes:
+        raise CheckpointError(f"{file}: its tensors cover {end} of its {data_bytes} data bytes (trailing bytes); "
+                              "the shard is corrupt")
+
+
 def tensors(path: Path) -> dict[str, TensorInfo]:
-    """Every tensor of the checkpoint, by key, checked against the shard sizes."""
+    """Every tensor of the checkpoint, by key, from fully checked headers that agree with the index."""
     found: dict[str, TensorInfo] = {}
     for shard in shard_files(path):
-        header, data_start = read_header(path / shard)
-        size = (path / shard).stat().st_size
+        header, _ = read_header(path / shard)
         for key, info in header.items():
             if key == "__metadata__":
                 continue
-            begin, end = info["data_offsets"]
-            if data_start + end > size:
-                raise CheckpointError(f"{path / shard} is truncated: tensor {key} ends at byte {data_start + end}, "
-                                      f"file has {size}")
-            found[key] = TensorInfo(key, shard, info["dtype"], tuple(info["shape"]), (begin, end))
+            if key in found:
+                raise CheckpointError(f"tensor {key} is in both {found[key].shard} and {shard}; the checkpoint is "
+                                      "corrupt")
+            found[key] = TensorInfo(key, shard, info["dtype"], tuple(info["shape"]), tuple(info["data_offsets"]))
     if (path / INDEX).exists():
-        missing = set(json.loads((path / INDEX).read_text())["weight_map"]) - set(found)
+        weight_map = _weight_map(path)
+        missing = set(weight_map) - set(found)
         if missing:
             raise CheckpointError(f"{path / INDEX} lists {len(missing)} tensors no shard holds, e.g. {sorted(missing)[0]}")
+        moved = sorted(k for k, info in found.items() if weight_map.get(k, info.shard) != info.shard)
+        if moved:
+            raise CheckpointError(f"{path / INDEX} puts {moved[0]} in {weight_map[moved[0]]}, but "
+                                  f"{found[moved[0]].shard} holds it; the index does not match the shards")
     return found
 
 

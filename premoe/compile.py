@@ -13,11 +13,21 @@ Plan → check → write (STYLE.md §6):
 
 1. :func:`plan_writes` lists every output tensor (source key and shard, rows
    kept, new key and shape, bytes) and the new config; ``--dry-run`` prints it;
-2. checks, before anything is written: the plan belongs to this model, counts
-   respect top-k and groups, every MoE layer on disk is covered, the output
-   fits on its disk;
+2. checks, before anything is written: every shard header is well formed
+   (:func:`premoe.checkpoint.read_header`), the plan belongs to this model,
+   counts respect top-k and groups, every MoE layer on disk is covered, the
+   output fits on its disk;
 3. shard by shard into a temp dir beside ``out`` (same shard split), then the
-   other files, the index and ``config.json`` last, then one rename.
+   other files, the index and ``config.json`` last; then the written headers
+   are read back and checked against the written config
+   (:func:`check_compiled`), then one rename.
+
+Multi-token-prediction (MTP) layers — DeepSeek-V3/R1's ``model.layers.61.*``,
+GLM-4.5's ``model.layers.92.*`` — sit in the shards after the last decoder
+layer; transformers skips them, vLLM and SGLang read them for speculative
+decoding with the config's expert count. ``mtp="drop"`` (the default) leaves
+them out and sets the config's count to 0; ``mtp="prune"`` keeps them, each
+cut to the experts kept in the last MoE decoder layer (:data:`MTP_RULE`).
 
 Example::
 
@@ -46,6 +56,10 @@ from premoe.plan import Plan
 
 FORMAT = "premoe-compiled/1"
 EXPORTS = ("auto", "padded", "compact")
+MTP_CHOICES = ("drop", "prune")
+MTP_RULE = ("each MTP layer keeps the experts kept in the last MoE decoder layer: no profile covers an MTP layer "
+            "(transformers never runs it) and the last decoder layer, whose output it reads, is the nearest "
+            "measured one")
 # Files that hold weights in another format: copying them would ship the unpruned model.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 _WEIGHT_INDEXES = (INDEX, "pytorch_model.bin.index.json")
@@ -95,6 +109,46 @@ class TensorWrite:
         return sum(end - begin for begin, end in self.ranges)
 
 
+@dataclass(frozen=True)
+class MtpChoice:
+    """What a compile does with the multi-token-prediction layers stored after the last decoder layer."""
+
+    mode: str  # "drop" or "prune"
+    found: tuple[int, ...]  # MTP layers on disk (layer indices ≥ num_hidden_layers)
+    declared: int  # the count the source config declares
+    config_keys: tuple[str, ...]  # config fields holding the count; () = the family has no MTP layers
+    kept: dict[int, list[int]] = field(default_factory=dict)  # MTP layer -> original experts kept (prune)
+    source_layer: int | None = None  # the decoder layer whose kept experts the MTP layers copy (prune)
+
+    @property
+    def written(self) -> int:
+        """MTP layers the output holds, which its config declares."""
+        return len(self.found) if self.mode == "prune" else 0
+
+    def describe(self) -> str | None:
+        """One line for the dry run; None for families without MTP layers."""
+        if not self.config_keys:
+            return None
+        count = f"{self.config_keys[0]} {self.declared} -> {self.written}"
+        if not self.found:
+            return f"mtp: no MTP layer in the shards; config {count}"
+        layers = ", ".join(map(str, self.found))
+        if self.mode == "drop":
+            return (f"mtp: drop layer(s) {layers} (config {count}: vLLM/SGLang then serve without the speculative "
+                    "layer; --mtp prune keeps it)")
+        from premoe.plan import _ranges
+
+        experts = self.kept[self.found[0]]
+        return (f"mtp: prune layer(s) {layers} to layer {self.source_layer}'s kept experts {_ranges(experts)} -> "
+                f"experts 0..{len(experts) - 1} (config {count}); rule: {MTP_RULE}")
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, "layers_found": list(self.found), "declared": self.declared,
+                "written": self.written, "config_keys": list(self.config_keys),
+                "kept_experts": {str(layer): v for layer, v in self.kept.items()}, "source_layer": self.source_layer,
+                "rule": MTP_RULE if self.kept else None}
+
+
 @dataclass
 class WritePlan:
     """Everything a compile will write, computed before writing: what ``--dry-run`` shows."""
@@ -115,6 +169,7 @@ class WritePlan:
     files: list[str]  # other files copied unchanged (tokenizer, generation config, ...)
     skipped: list[str]  # entries not copied: other weight formats, directories
     free_bytes: int  # free space on the output's file system
+    mtp: MtpChoice | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -151,6 +206,8 @@ class WritePlan:
             f"  disk: needs {_size(self.bytes_after)} beside {self.out}, {_size(self.free_bytes)} free",
             f"  other files copied: {', '.join(self.files) or 'none'}",
         ]
+        mtp = self.mtp.describe() if self.mtp else None
+        lines += [f"  {mtp}"] if mtp else []
         lines += [f"  not copied: {s}" for s in self.skipped]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -163,6 +220,7 @@ class WritePlan:
             "tensors_written": len(self.writes), "tensors_sliced": sum(w.rows is not None for w in self.writes),
             "tensors_dropped": len(self.dropped), "shards": sorted(self.shards()), "files": self.files,
             "skipped": self.skipped, "free_bytes": self.free_bytes, "notes": self.notes,
+            "mtp": self.mtp.to_json() if self.mtp else None,
         }
 
 
@@ -191,18 +249,20 @@ class CompileReport:
 
 
 def compile_checkpoint(model: str | Path, plan: Plan, out: str | Path, *, force: bool = False, export: str = "auto",
-                       dry_run: bool = False, progress: bool = True) -> CompileReport:
+                       mtp: str = "drop", dry_run: bool = False, progress: bool = True) -> CompileReport:
     """Write ``out``: the checkpoint of ``model`` holding only the experts ``plan`` keeps.
 
     ``export`` matters for plans with different counts per layer (global
     ranking): ``padded`` (the default for ``auto``) tops every layer up to the
     largest count with its next-best experts, so any loader reads it;
     ``compact`` writes the real counts and needs :func:`load_compact`.
+    ``mtp`` says what becomes of multi-token-prediction layers: ``drop``
+    (default) or ``prune`` (see the module docstring).
 
     >>> print(compile_checkpoint("testbed", Plan.load("python-50.json"), "python-50/").summary())
     wrote python-50: 62.01 MB -> 36.28 MB (58.5%), export uniform, 219 tensors in 0.1 s (480 MB/s)
     """
-    write_plan = plan_writes(model, plan, out, force=force, export=export)
+    write_plan = plan_writes(model, plan, out, force=force, export=export, mtp=mtp)
     if dry_run:
         return CompileReport(write_plan, written=False)
     started = time.time()
@@ -211,7 +271,7 @@ def compile_checkpoint(model: str | Path, plan: Plan, out: str | Path, *, force:
 
 
 def plan_writes(model: str | Path, plan: Plan, out: str | Path, *, force: bool = False,
-                export: str = "auto") -> WritePlan:
+                export: str = "auto", mtp: str = "drop") -> WritePlan:
     """Every check and every output tensor of a compile, without writing anything."""
     from premoe.adapters import get_adapter
     from premoe.modeling import model_identity, read_config, resolve_model_path
@@ -230,22 +290,25 @@ def plan_writes(model: str | Path, plan: Plan, out: str | Path, *, force: bool =
     if plan.num_experts != adapter.num_experts(config):
         raise PlanError(f"the plan is for {plan.num_experts} experts per layer, {path} has {adapter.num_experts(config)}")
     adapter.check_kept(config, kept)  # distinct, ≥ top-k, the same count in every routing group
-    infos = tensors(path)  # raises on missing / truncated shards
-    writes, dropped = _tensor_writes(infos, adapter, kept, plan.num_experts)
+    infos = tensors(path)  # every header checked; raises on missing / truncated / corrupt shards
+    mtp_choice = _mtp_choice(mtp, adapter, config, infos, kept)
+    mtp_dropped = sorted(k for k in infos if mtp == "drop" and adapter.mtp_layer(k, config) is not None)
+    writes, dropped = _tensor_writes({k: i for k, i in infos.items() if k not in set(mtp_dropped)}, adapter,
+                                     {**kept, **mtp_choice.kept}, plan.num_experts)
     headers = {shard: read_header(path / shard) for shard in shard_files(path)}
     files, skipped = _other_files(path, set(headers))
-    new_config = _new_config(config, adapter, plan, kept, export, identity)
+    new_config = _new_config(config, adapter, plan, kept, export, identity, mtp_choice)
     notes = list(plan.notes)
     if export == "compact":
         notes.append("compact export: layers hold different expert counts; load it with premoe.compile.load_compact "
                      "(from_pretrained and vLLM expect one count per config)")
     write_plan = WritePlan(
         model_path=path, out=out, family=adapter.name, export=export, num_experts=plan.num_experts, kept=kept,
-        writes=writes, dropped=dropped, bytes_before=sum(i.nbytes for i in infos.values()),
+        writes=writes, dropped=dropped + mtp_dropped, bytes_before=sum(i.nbytes for i in infos.values()),
         data_start={s: start for s, (_, start) in headers.items()},
         shard_metadata={s: header.get("__metadata__") or {} for s, (header, _) in headers.items()},
         indexed=(path / INDEX).exists(), config=new_config, files=files, skipped=skipped,
-        free_bytes=shutil.disk_usage(_existing_parent(out)).free, notes=notes,
+        free_bytes=shutil.disk_usage(_existing_parent(out)).free, mtp=mtp_choice, notes=notes,
     )
     needed = write_plan.bytes_after + sum((path / f).stat().st_size for f in files)
     if needed > write_plan.free_bytes:
@@ -263,6 +326,23 @@ def _export_kept(plan: Plan, export: str) -> tuple[str, dict[int, list[int]]]:
     if export == "compact":
         return "compact", {layer: sorted(v) for layer, v in plan.kept.items()}
     return "padded", plan.padded().kept
+
+
+def _mtp_choice(mode: str, adapter, config: dict, infos: dict, kept: dict[int, list[int]]) -> MtpChoice:
+    """Find the MTP layers on disk and, for ``prune``, the experts each keeps (:data:`MTP_RULE`)."""
+    if mode not in MTP_CHOICES:
+        raise InputError(f"--mtp must be one of {', '.join(MTP_CHOICES)}, got {mode!r}")
+    found = sorted({layer for key in infos if (layer := adapter.mtp_layer(key, config)) is not None})
+    first = adapter.num_hidden_layers(config)
+    if found != list(range(first, first + len(found))):
+        raise CheckpointError(f"the shards hold MTP layers {found}; expected consecutive layers from "
+                              f"num_hidden_layers = {first}: the checkpoint is incomplete or not this model")
+    choice = MtpChoice(mode, tuple(found), adapter.mtp_declared(config), adapter.mtp_count_keys)
+    if mode == "drop" or not found:
+        return choice
+    source = max(kept)  # the last MoE decoder layer
+    return MtpChoice(mode, tuple(found), choice.declared, choice.config_keys,
+                     {layer: list(kept[source]) for layer in found}, source)
 
 
 def _tensor_writes(infos: dict, adapter, kept: dict[int, list[int]],
@@ -310,11 +390,15 @@ def _tensor_writes(infos: dict, adapter, kept: dict[int, list[int]],
     return writes, dropped
 
 
-def _new_config(config: dict, adapter, plan: Plan, kept: dict[int, list[int]], export: str, source: dict) -> dict:
-    """config.json of the output: expert counts rewritten, plus a ``premoe`` block saying what was kept."""
+def _new_config(config: dict, adapter, plan: Plan, kept: dict[int, list[int]], export: str, source: dict,
+                mtp: MtpChoice) -> dict:
+    """config.json of the output: expert and MTP counts rewritten, plus a ``premoe`` block saying what was kept."""
     counts = {layer: len(v) for layer, v in kept.items()}
     new = dict(config)
-    for key, value in adapter.config_updates(config, max(counts.values())).items():
+    updates = adapter.config_updates(config, max(counts.values()))
+    if mtp.config_keys:
+        updates = _merge(updates, adapter.mtp_config_updates(config, mtp.written))
+    for key, value in updates.items():
         new[key] = {**new[key], **value} if isinstance(value, dict) else value  # nested: text_config
     new["premoe"] = {
         "format": FORMAT,
@@ -329,8 +413,18 @@ def _new_config(config: dict, adapter, plan: Plan, kept: dict[int, list[int]], e
         "scorer": plan.request.get("scorer"),
         "request": plan.request,
         "profile": plan.profile,
+        "mtp": mtp.to_json(),
     }
     return new
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """``a`` updated by ``b``, nested dicts (``text_config``) merged rather than replaced."""
+    merged = dict(a)
+    for key, value in b.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
 
 
 def _other_files(path: Path, shards: set[str]) -> tuple[list[str], list[str]]:
@@ -382,8 +476,66 @@ def write_checkpoint(plan: WritePlan, progress: bool = True) -> Path:
         if plan.indexed:
             _write_index(plan, tmp / INDEX)
         (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
+        check_compiled(tmp)  # raising here removes the temp dir: no output that disagrees with its config
 
     return write_dir(plan.out, write)
+
+
+def check_compiled(path: str | Path) -> None:
+    """Check a compiled checkpoint's shards against its own config.json; raise :class:`CheckpointError` if they differ.
+
+    Re-reads every header (fully validated) and checks, for every MoE layer
+    the ``premoe`` block names (MTP layers included): per-expert tensors
+    number exactly 0..M-1, every router / bias / fused tensor has M rows, M
+    is the config's count (or the compact export's per-layer count); no
+    expert tensor of another layer; the MTP layers on disk are as many as the
+    config declares; the index lists exactly the tensors written.
+
+    >>> check_compiled("python-50/")      # silent when the checkpoint agrees with its config
+    """
+    from premoe.adapters import get_adapter
+    from premoe.modeling import read_config
+
+    path = Path(path)
+    config = read_config(path)
+    info = compiled_info(path)
+    adapter = get_adapter(config)
+    expected = {int(layer): n for layer, n in info["experts_per_layer"].items()}
+    expected.update({int(layer): len(v) for layer, v in ((info.get("mtp") or {}).get("kept_experts") or {}).items()})
+    count = adapter.num_experts(config)
+    wrong = {layer: n for layer, n in expected.items() if n != count and info["export"] != "compact"}
+    if wrong or max(expected.values()) != count:
+        raise CheckpointError(f"{path}/config.json declares {count} experts per layer but the plan wrote "
+                              f"{wrong or expected}; the compiled checkpoint is inconsistent")
+    found = tensors(path)
+    experts: dict[int, set[int]] = {layer: set() for layer in expected}
+    rows: set[int] = set()
+    for key, tensor in found.items():
+        kind = adapter.classify_key(key)
+        if kind is None:
+            continue
+        what, layer, expert = kind
+        if layer not in expected:
+            raise CheckpointError(f"{path}: {key} belongs to MoE layer {layer}, which config.json does not cover")
+        if what == "expert":
+            experts[layer].add(expert)
+            continue
+        axis = adapter.expert_axis(tensor.shape)
+        if not tensor.shape or tensor.shape[axis] != expected[layer]:
+            raise CheckpointError(f"{path}: {key} has shape {list(tensor.shape)}; config.json says layer {layer} "
+                                  f"holds {expected[layer]} experts (axis {axis})")
+        rows.add(layer)
+    for layer, n in expected.items():
+        if layer not in rows:
+            raise CheckpointError(f"{path}: MoE layer {layer} has no router tensor")
+        if experts[layer] and experts[layer] != set(range(n)):
+            raise CheckpointError(f"{path}: layer {layer} holds experts {sorted(experts[layer])}, not 0..{n - 1}")
+    mtp_layers = {layer for key in found if (layer := adapter.mtp_layer(key, config)) is not None}
+    if len(mtp_layers) != adapter.mtp_declared(config):
+        raise CheckpointError(f"{path}: config.json declares {adapter.mtp_declared(config)} MTP layers, the shards "
+                              f"hold {len(mtp_layers)}")
+    if (path / INDEX).exists() and set(json.loads((path / INDEX).read_text())["weight_map"]) != set(found):
+        raise CheckpointError(f"{path}/{INDEX} does not list exactly the tensors the shards hold")
 
 
 def _write_index(plan: WritePlan, file: Path) -> None:
@@ -494,7 +646,7 @@ def load_compact(path: str | Path, dtype=None):
         state.update(load_file(str(path / shard)))
     for key in list(state):
         kind = adapter.classify_key(key)
-        if kind is None or counts[kind[1]] == largest:
+        if kind is None or kind[1] not in counts or counts[kind[1]] == largest:  # MTP layers: not loaded
             continue
         what, layer, expert = kind
         if what == "expert" and expert == 0:

@@ -295,3 +295,62 @@ GENERIC = {
     "cohere2_moe": _factory("Cohere2MoeConfig", **MOE8, num_experts=8),
     "laguna": _factory("LagunaConfig", **MOE8, num_experts=8, shared_expert_intermediate_size=32),
 }
+
+
+# --------------------------------------------------------------------------- multi-token-prediction layers
+
+# tensors an MTP layer holds beside its decoder block, as DeepSeek-V3/R1 and GLM-4.5 shards spell them
+# (model.layers.61.* in DeepSeek-V3; vLLM deepseek_mtp.py / glm4_moe_mtp.py _rewrite_spec_layer_name)
+MTP_EXTRA = ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight", "shared_head.head.weight",
+             "embed_tokens.weight")
+
+
+def add_mtp_layer(path: Path, family: str, seed: int = 1) -> list[str]:
+    """Append one on-disk MTP layer to the saved checkpoint at ``path``, laid out as the real shards are.
+
+    The layer is numbered ``num_hidden_layers`` (``model.layers.{L}.*``): a full
+    decoder layer — attention, norms, router with its correction bias, routed
+    experts ``mlp.experts.{i}.{gate,up,down}_proj.weight``, shared experts —
+    taken from a random model of the same family one layer deeper, plus
+    ``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.{norm,head}`` and
+    ``embed_tokens``. It goes into a shard of its own, mapped by
+    ``model.safetensors.index.json`` (written if the checkpoint was a single
+    file), and config.json says ``num_nextn_predict_layers: 1``.
+    Returns the MTP layer's keys.
+    """
+    import json
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((path / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    prefix = f"model.layers.{layers}."
+    deeper = build(family, seed, num_hidden_layers=layers + 1)
+    with tempfile.TemporaryDirectory() as scratch:
+        deeper.save_pretrained(scratch)  # per-expert names on disk, as in the real shards
+        block = {k: v for k, v in load_file(f"{scratch}/model.safetensors").items() if k.startswith(prefix)}
+    generator = torch.Generator().manual_seed(seed)
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    shapes = {"enorm.weight": (hidden,), "hnorm.weight": (hidden,), "eh_proj.weight": (hidden, 2 * hidden),
+              "shared_head.norm.weight": (hidden,), "shared_head.head.weight": (vocab, hidden),
+              "embed_tokens.weight": (vocab, hidden)}
+    mtp = {**block, **{prefix + name: torch.randn(shapes[name], generator=generator) for name in MTP_EXTRA}}
+    bias = prefix + "mlp.gate.e_score_correction_bias"
+    mtp[bias] = torch.randn(mtp[bias].shape, generator=generator)  # random, so a wrong slice shows
+    index_file = path / "model.safetensors.index.json"
+    if index_file.exists():
+        index = json.loads(index_file.read_text())
+    else:  # a single-file checkpoint becomes a sharded one, as every real MTP checkpoint is
+        single = load_file(str(path / "model.safetensors"))
+        (path / "model.safetensors").rename(path / "model-00001-of-00002.safetensors")
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in single.values())},
+                 "weight_map": {k: "model-00001-of-00002.safetensors" for k in single}}
+    shard = f"model-{len(set(index['weight_map'].values())) + 1:05d}-of-mtp.safetensors"
+    save_file({k: v.contiguous() for k, v in mtp.items()}, str(path / shard), metadata={"format": "pt"})
+    index["weight_map"].update({k: shard for k in mtp})
+    index["metadata"]["total_size"] += sum(t.numel() * t.element_size() for t in mtp.values())
+    index_file.write_text(json.dumps(index, indent=2))
+    config["num_nextn_predict_layers"] = 1
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return sorted(mtp)

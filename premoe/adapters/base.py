@@ -91,6 +91,12 @@ class MoEAdapter:
     router_logits_index: int = 0  # where the logits sit in the router's output tuple
     expert_layout: str = "linear"  # "linear": gate_up_proj (E, 2I, H) used by F.linear; "matmul": (E, H, 2I), x @ W
     activation: str = "silu"  # fallback expert activation when the experts module has no act_fn
+    # multi-token-prediction (MTP) layers: shards of DeepSeek-V3/R1 and GLM-4.5 carry num_nextn_predict_layers
+    # extra layers numbered after the last decoder layer (model.layers.61.* for 61 decoder layers: a full decoder
+    # layer plus enorm, hnorm, eh_proj, shared_head, embed_tokens) that transformers does not load but vLLM/SGLang
+    # read for speculative decoding. () = the family ships none.
+    mtp_count_keys: tuple[str, ...] = ()  # config fields holding the MTP layer count (all rewritten)
+    decoder_layers_key: str = "model.layers"  # on-disk prefix of the decoder layers; MTP layers continue it
     notes: tuple[str, ...] = ()  # facts shown by `premoe profile show` / verify
 
     # ------------------------------------------------------------------ config
@@ -139,10 +145,59 @@ class MoEAdapter:
         >>> get_adapter({"model_type": "qwen3_moe"}).config_updates({"num_local_experts": 128}, 64)
         {'num_local_experts': 64, 'num_experts': 64}
         """
-        updates = {key: num_kept for key in self.expert_count_keys}
+        return self._nested(config, {key: num_kept for key in self.expert_count_keys})
+
+    def _nested(self, config, updates: dict) -> dict:
+        """``updates`` placed where the counts live: top level, or inside ``text_config`` for multimodal configs."""
         if self._text_config(config) is not config:
             return {"text_config": updates}
         return updates
+
+    # ------------------------------------------------------------------ multi-token-prediction layers
+
+    def num_hidden_layers(self, config) -> int:
+        """Decoder layers transformers builds; on-disk layers from this index on are MTP layers."""
+        value = _get(self._text_config(config), "num_hidden_layers")
+        if not isinstance(value, int) or value < 0:
+            raise UnsupportedModelError(f"{self.name} config has no valid num_hidden_layers (got {value!r}); "
+                                        "is this config.json complete?")
+        return value
+
+    def mtp_layer(self, key: str, config) -> int | None:
+        """The MTP layer checkpoint tensor ``key`` belongs to, or None for a tensor of the model proper.
+
+        >>> DEEPSEEK_V3.mtp_layer("model.layers.61.eh_proj.weight", {"num_hidden_layers": 61})
+        61
+        """
+        if not self.mtp_count_keys:
+            return None
+        match = self._decoder_layer.match(key)
+        if match is None or int(match.group(1)) < self.num_hidden_layers(config):
+            return None
+        return int(match.group(1))
+
+    def mtp_declared(self, config) -> int:
+        """How many MTP layers the config says the checkpoint carries (0 when it says nothing)."""
+        text = self._text_config(config)
+        for key in self.mtp_count_keys:
+            value = _get(text, key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return 0
+
+    def mtp_config_updates(self, config, count: int) -> dict:
+        """Config fields to write for a checkpoint carrying ``count`` MTP layers (every name the config uses).
+
+        >>> DEEPSEEK_V3.mtp_config_updates({"num_nextn_predict_layers": 1}, 0)
+        {'num_nextn_predict_layers': 0}
+        """
+        text = self._text_config(config)
+        present = [key for key in self.mtp_count_keys if _get(text, key) is not None] or list(self.mtp_count_keys[:1])
+        return self._nested(config, {key: count for key in present})
+
+    @functools.cached_property
+    def _decoder_layer(self) -> re.Pattern:
+        return re.compile(rf"^{re.escape(self.decoder_layers_key)}\.(\d+)\.")
 
     def check_kept(self, config, kept: Mapping[int, Sequence[int]]) -> None:
         """Refuse kept sets the architecture cannot route (DESIGN.md §4 pitfalls), naming the fix."""

@@ -120,11 +120,14 @@ _DEEPSEEK_V3_LIKE = dict(
     group_keys=("n_group", "topk_group"),
     shared_expert_attrs=("shared_experts",),
     dense_layer_keys=("first_k_dense_replace",),
+    # DeepSeek-V3/R1 (model.layers.61.*) and GLM-4.5 (model.layers.92.*) ship MTP layers; config.json says
+    # num_nextn_predict_layers, transformers 5 aliases it num_mtp_layers (vLLM deepseek_mtp.py, glm4_moe_mtp.py)
+    mtp_count_keys=("num_nextn_predict_layers", "num_mtp_layers"),
 )
 
 DEEPSEEK_V3 = MoEAdapter(name="DeepSeek-V3", model_types=("deepseek_v3",), **_DEEPSEEK_V3_LIKE,
                          notes=("the multi-token-prediction layer (model.layers.61 on disk) is not loaded by "
-                                "transformers; compile must prune or drop it",))
+                                "transformers; compile drops it by default (--mtp prune keeps it, pruned)",))
 DEEPSEEK_V32 = MoEAdapter(name="DeepSeek-V3.2", model_types=("deepseek_v32",), **_DEEPSEEK_V3_LIKE)
 GLM4_MOE = MoEAdapter(name="GLM-4-MoE", model_types=("glm4_moe",), **_DEEPSEEK_V3_LIKE)
 GLM4_MOE_LITE = MoEAdapter(name="GLM-4-MoE-Lite", model_types=("glm4_moe_lite",), **_DEEPSEEK_V3_LIKE)
@@ -162,6 +165,9 @@ HY_V3 = MoEAdapter(
     shared_expert_attrs=("shared_experts",),
     dense_layer_keys=("mlp_layer_types",),
     disk_router_tensors=("router.gate.weight", "expert_bias"),
+    # transformers ignores model.layers.80.* (an MTP layer); the count's config name is not confirmed here, so
+    # compile finds the layer on disk and writes num_nextn_predict_layers for it
+    mtp_count_keys=("num_nextn_predict_layers",),
 )
 
 KOLIBRI1 = MoEAdapter(

@@ -13,20 +13,25 @@ import click
 @click.option("--export", type=click.Choice(["auto", "padded", "compact"]), default="auto", show_default=True,
               help="Plans with different counts per layer: padded (vanilla-loadable, the auto choice) or compact "
                    "(real counts; load with premoe.compile.load_compact).")
-@click.option("--dry-run", is_flag=True, help="Print what would be written, sizes and disk needed; write nothing.")
+@click.option("--mtp", type=click.Choice(["drop", "prune"]), default="drop", show_default=True,
+              help="Multi-token-prediction layers after the last decoder layer (DeepSeek-V3/R1, GLM-4.5): drop them "
+                   "and set the config's count to 0, or keep them pruned to the last MoE layer's kept experts.")
+@click.option("--dry-run", "--explain", "dry_run", is_flag=True,
+              help="Print what would be written (kept experts, MTP choice, sizes, disk needed); write nothing.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def command(model, plan, out, export, dry_run, force, as_json) -> None:
+def command(model, plan, out, export, mtp, dry_run, force, as_json) -> None:
     """Compile MODEL down to the experts PLAN keeps.
 
     \b
     premoe compile testbed python-50.json --out python-50/ --dry-run
     premoe compile testbed python-50.json --out python-50/
     premoe compile testbed global.json --out global/ --export compact
+    premoe compile deepseek-v3/ plan.json --out ds-50/ --mtp prune --explain
     """
     from premoe.compile import compile_checkpoint
     from premoe.plan import Plan
 
-    report = compile_checkpoint(model, Plan.load(plan), out, force=force, export=export, dry_run=dry_run,
+    report = compile_checkpoint(model, Plan.load(plan), out, force=force, export=export, mtp=mtp, dry_run=dry_run,
                                 progress=not as_json)
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.summary())
