@@ -35,7 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,16 +229,18 @@ def _numel(shape) -> int:
 
 
 def make_models(layout, work: Path) -> tuple[dict[int, Path], Path, dict]:
-    seconds = {}
-    models = {}
-    for shards in SHARD_COUNTS:
-        start = time.perf_counter()
-        models[shards] = dsv3_layout.write(replace(layout, shards=shards), work / f"bf16-{shards}", force=True)
-        seconds[f"bf16_{shards}"] = time.perf_counter() - start
-    start = time.perf_counter()
-    fp8 = dsv3_layout.write(replace(layout, shards=max(SHARD_COUNTS), fp8=True), work / "fp8", force=True)
-    seconds["fp8"] = time.perf_counter() - start
-    return models, fp8, seconds
+    """bf16 at every shard count and FP8 at the largest; a checkpoint already written with the same layout is reused."""
+    seconds, models = {}, {}
+    wanted = {f"bf16-{s}": replace(layout, shards=s) for s in SHARD_COUNTS}
+    wanted["fp8"] = replace(layout, shards=max(SHARD_COUNTS), fp8=True)
+    for name, variant in wanted.items():
+        path, start = work / name, time.perf_counter()
+        made = path / "dsv3_layout.json"
+        if not (made.exists() and json.loads(made.read_text()) == asdict(variant)):
+            dsv3_layout.write(variant, path, force=True)
+            seconds[name] = time.perf_counter() - start
+        models[name] = path
+    return {s: models[f"bf16-{s}"] for s in SHARD_COUNTS}, models["fp8"], seconds
 
 
 def make_plans(profile_dir: Path, model: Path, work: Path) -> dict[str, Path]:
