@@ -6,11 +6,14 @@ length plus JSON, so all of this is cheap even for a 700B model.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from premoe.errors import CheckpointError, MissingFileError
 
@@ -150,7 +153,26 @@ def _check_layout(file: Path, header: dict, data_bytes: int) -> None:
 
 def headers(path: Path) -> dict[str, tuple[dict, int]]:
     """Every shard's checked header and data start, by shard file name: read once, pass to :func:`tensors`."""
-    return {shard: read_header(path / shard) for shard in shard_files(path)}
+    with gc_paused():
+        return {shard: read_header(path / shard) for shard in shard_files(path)}
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while building many small acyclic objects.
+
+    A 163-shard DeepSeek-V3 header set is ~90k JSON objects; their allocation
+    triggers full collections that walk every live object (torch and
+    transformers hold millions): half the parse time, measured. Parsed
+    headers hold no cycles, so nothing is left for the collector.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def tensors(path: Path, read: dict[str, tuple[dict, int]] | None = None) -> dict[str, TensorInfo]:
@@ -160,14 +182,16 @@ def tensors(path: Path, read: dict[str, tuple[dict, int]] | None = None) -> dict
     them too (a 163-shard checkpoint's headers hold ~90k entries: parse once).
     """
     found: dict[str, TensorInfo] = {}
-    for shard, (header, _) in (read if read is not None else headers(path)).items():
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            if key in found:
-                raise CheckpointError(f"tensor {key} is in both {found[key].shard} and {shard}; the checkpoint is "
-                                      "corrupt")
-            found[key] = TensorInfo(key, shard, info["dtype"], tuple(info["shape"]), tuple(info["data_offsets"]))
+    read = read if read is not None else headers(path)
+    with gc_paused():
+        for shard, (header, _) in read.items():
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                if key in found:
+                    raise CheckpointError(f"tensor {key} is in both {found[key].shard} and {shard}; the checkpoint "
+                                          "is corrupt")
+                found[key] = TensorInfo(key, shard, info["dtype"], tuple(info["shape"]), tuple(info["data_offsets"]))
     if (path / INDEX).exists():
         weight_map = _weight_map(path)
         missing = set(weight_map) - set(found)
