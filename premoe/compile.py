@@ -52,6 +52,7 @@ from typing import Callable
 
 from premoe import __version__
 from premoe.checkpoint import DTYPE_BYTES, INDEX, shard_files, tensors
+from premoe.checkpoint import gc_paused
 from premoe.checkpoint import headers as read_headers
 from premoe.errors import CheckpointError, DiskSpaceError, InputError, OutputExistsError, PlanError
 from premoe.plan import Plan
@@ -275,6 +276,12 @@ def compile_checkpoint(model: str | Path, plan: Plan, out: str | Path, *, force:
 def plan_writes(model: str | Path, plan: Plan, out: str | Path, *, force: bool = False,
                 export: str = "auto", mtp: str = "drop") -> WritePlan:
     """Every check and every output tensor of a compile, without writing anything."""
+    with gc_paused():  # tens of thousands of small acyclic objects (DeepSeek-V3: ~45k tensors, ~90k FP8)
+        return _plan_writes(model, plan, out, force=force, export=export, mtp=mtp)
+
+
+def _plan_writes(model: str | Path, plan: Plan, out: str | Path, *, force: bool, export: str,
+                 mtp: str) -> WritePlan:
     from premoe.adapters import get_adapter
     from premoe.modeling import model_identity, read_config, resolve_model_path
 
@@ -470,6 +477,10 @@ def write_checkpoint(plan: WritePlan, progress: bool = True) -> Path:
     from premoe.fileio import write_dir
 
     def write(tmp: Path) -> None:
+        with gc_paused():  # header JSON of tens of thousands of tensors, in and out
+            _write_all(tmp)
+
+    def _write_all(tmp: Path) -> None:
         with tqdm(total=plan.bytes_after, unit="B", unit_scale=True, desc="compile", disable=not progress) as bar:
             for shard, writes in plan.shards().items():
                 _write_shard(plan.model_path / shard, plan.data_start[shard], writes, tmp / shard,
