@@ -162,7 +162,12 @@ def compile_throughput(model: Path, plan: Path, work: Path, rounds: int, settle:
     results = alternate({k: fresh(v) for k, v in runs.items()}, rounds)
     bench_compile.reset(out)
     ratios = [c / m for c, m in zip(results["copy"], results["compile"])]
+    from premoe.checkpoint import tensors
+
+    count = len(tensors(model))
+    overhead = statistics.median(results["compile"]) - statistics.median(results["copy"])
     return {"kept_bytes": first["bytes"], "compile_s": results["compile"], "copy_s": results["copy"],
+            "tensors": count, "overhead_s": overhead, "overhead_us_per_tensor": 1e6 * overhead / count,
             "ratio_median": statistics.median(ratios), "compile_MBps_median": first["bytes"] / statistics.median(
                 results["compile"]) / 1e6, "peak_rss": first["peak_rss"], "rss_after_imports": first["rss_after_imports"]}
 
