@@ -206,25 +206,33 @@ def tensors(path: Path, read: dict[str, tuple[dict, int]] | None = None) -> dict
 
 @dataclass(frozen=True)
 class SizeBreakdown:
-    total_bytes: int
-    base_bytes: int  # everything that is not a routed expert (attention, embeddings, shared experts, routers)
+    total_bytes: int  # everything on disk, multi-token-prediction layers included
+    base_bytes: int  # what is not a routed expert (attention, embeddings, shared experts, routers), MTP layers excluded
     expert_bytes: dict[int, int]  # decoder layer -> bytes of ONE routed expert in that layer (incl. its router row)
     num_experts: int
+    mtp_bytes: int = 0  # the MTP layers (DeepSeek-V3's model.layers.61), which compile drops by default
 
     def bytes_with(self, kept_per_layer: dict[int, int]) -> int:
+        """Size of a compiled checkpoint keeping these counts, with compile's default ``--mtp drop``."""
         return self.base_bytes + sum(self.expert_bytes[l] * n for l, n in kept_per_layer.items())
 
 
 def size_breakdown(path: Path, adapter, num_experts: int) -> SizeBreakdown:
-    """How the checkpoint's bytes split between routed experts and the rest."""
+    """How the checkpoint's bytes split between routed experts, MTP layers and the rest."""
+    from premoe.modeling import read_config
+
+    config = read_config(path)
     per_layer: dict[int, int] = {}
-    total = 0
+    total = mtp = 0
     for info in tensors(path).values():
         total += info.nbytes
+        if adapter.mtp_layer(info.key, config) is not None:
+            mtp += info.nbytes
+            continue
         kind = adapter.classify_key(info.key)
         if kind is None:
             continue
         layer = kind[1]
         per_layer[layer] = per_layer.get(layer, 0) + info.nbytes
     expert_bytes = {l: b // num_experts for l, b in per_layer.items()}
-    return SizeBreakdown(total, total - sum(per_layer.values()), expert_bytes, num_experts)
+    return SizeBreakdown(total, total - mtp - sum(per_layer.values()), expert_bytes, num_experts, mtp)

@@ -63,6 +63,13 @@ MTP_CHOICES = ("drop", "prune")
 MTP_RULE = ("each MTP layer keeps the experts kept in the last MoE decoder layer: no profile covers an MTP layer "
             "(transformers never runs it) and the last decoder layer, whose output it reads, is the nearest "
             "measured one")
+# Files of the source that would misdescribe the compiled model: its card (premoe writes a new README.md) and
+# training artefacts (plots, logs, trainer state).
+_NOT_COPIED = {"README.md": "replaced by a model card of the compiled checkpoint",
+               "card.json": "the source model's own card data"}
+_ARTEFACT_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp", ".log")
+_ARTEFACT_NAMES = ("training.json", "trainer_state.json", "training_args.json", "all_results.json",
+                   "train_results.json", "eval_results.json")
 # Files that hold weights in another format: copying them would ship the unpruned model.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 _WEIGHT_INDEXES = (INDEX, "pytorch_model.bin.index.json")
@@ -174,6 +181,7 @@ class WritePlan:
     free_bytes: int  # free space on the output's file system
     mtp: MtpChoice | None = None
     notes: list[str] = field(default_factory=list)
+    card: str = ""  # README.md of the output: a model card of the compiled checkpoint (premoe.modelcard)
 
     @property
     def bytes_after(self) -> int:
@@ -208,6 +216,7 @@ class WritePlan:
             f"{_size(self.largest_tensor)}, is never loaded)",
             f"  disk: needs {_size(self.bytes_after)} beside {self.out}, {_size(self.free_bytes)} free",
             f"  other files copied: {', '.join(self.files) or 'none'}",
+            "  model card: README.md written by premoe (base model, kept experts, sizes, provenance)",
         ]
         mtp = self.mtp.describe() if self.mtp else None
         lines += [f"  {mtp}"] if mtp else []
@@ -252,7 +261,8 @@ class CompileReport:
 
 
 def compile_checkpoint(model: str | Path, plan: Plan, out: str | Path, *, force: bool = False, export: str = "auto",
-                       mtp: str = "drop", dry_run: bool = False, progress: bool = True) -> CompileReport:
+                       mtp: str = "drop", base_model: str | None = None, dry_run: bool = False,
+                       progress: bool = True) -> CompileReport:
     """Write ``out``: the checkpoint of ``model`` holding only the experts ``plan`` keeps.
 
     ``export`` matters for plans with different counts per layer (global
@@ -260,12 +270,13 @@ def compile_checkpoint(model: str | Path, plan: Plan, out: str | Path, *, force:
     largest count with its next-best experts, so any loader reads it;
     ``compact`` writes the real counts and needs :func:`load_compact`.
     ``mtp`` says what becomes of multi-token-prediction layers: ``drop``
-    (default) or ``prune`` (see the module docstring).
+    (default) or ``prune`` (see the module docstring). ``base_model`` is the
+    source's Hub id for the model card's metadata (premoe.modelcard).
 
     >>> print(compile_checkpoint("testbed", Plan.load("python-50.json"), "python-50/").summary())
     wrote python-50: 62.01 MB -> 36.28 MB (58.5%), export uniform, 219 tensors in 0.1 s (480 MB/s)
     """
-    write_plan = plan_writes(model, plan, out, force=force, export=export, mtp=mtp)
+    write_plan = plan_writes(model, plan, out, force=force, export=export, mtp=mtp, base_model=base_model)
     if dry_run:
         return CompileReport(write_plan, written=False)
     started = time.time()
@@ -274,14 +285,14 @@ def compile_checkpoint(model: str | Path, plan: Plan, out: str | Path, *, force:
 
 
 def plan_writes(model: str | Path, plan: Plan, out: str | Path, *, force: bool = False,
-                export: str = "auto", mtp: str = "drop") -> WritePlan:
+                export: str = "auto", mtp: str = "drop", base_model: str | None = None) -> WritePlan:
     """Every check and every output tensor of a compile, without writing anything."""
     with gc_paused():  # tens of thousands of small acyclic objects (DeepSeek-V3: ~45k tensors, ~90k FP8)
-        return _plan_writes(model, plan, out, force=force, export=export, mtp=mtp)
+        return _plan_writes(model, plan, out, force=force, export=export, mtp=mtp, base_model=base_model)
 
 
-def _plan_writes(model: str | Path, plan: Plan, out: str | Path, *, force: bool, export: str,
-                 mtp: str) -> WritePlan:
+def _plan_writes(model: str | Path, plan: Plan, out: str | Path, *, force: bool, export: str, mtp: str,
+                 base_model: str | None) -> WritePlan:
     from premoe.adapters import get_adapter
     from premoe.modeling import model_identity, read_config, resolve_model_path
 
@@ -314,12 +325,15 @@ def _plan_writes(model: str | Path, plan: Plan, out: str | Path, *, force: bool,
                      "(from_pretrained and vLLM expect one count per config)")
     write_plan = WritePlan(
         model_path=path, out=out, family=adapter.name, export=export, num_experts=plan.num_experts, kept=kept,
-        writes=writes, dropped=dropped + mtp_dropped, bytes_before=sum(i.nbytes for i in infos.values()),
+        writes=writes, dropped=dropped + sorted(mtp_dropped), bytes_before=sum(i.nbytes for i in infos.values()),
         data_start={s: start for s, (_, start) in headers.items()},
         shard_metadata={s: header.get("__metadata__") or {} for s, (header, _) in headers.items()},
         indexed=(path / INDEX).exists(), config=new_config, files=files, skipped=skipped,
         free_bytes=shutil.disk_usage(_existing_parent(out)).free, mtp=mtp_choice, notes=notes,
     )
+    from premoe.modelcard import compiled_card
+
+    write_plan.card = compiled_card(write_plan, plan, base_model)
     needed = write_plan.bytes_after + sum((path / f).stat().st_size for f in files)
     if needed > write_plan.free_bytes:
         raise DiskSpaceError(f"the compiled checkpoint needs {_size(needed)} but {_existing_parent(out)} has "
@@ -438,13 +452,21 @@ def _merge(a: dict, b: dict) -> dict:
 
 
 def _other_files(path: Path, shards: set[str]) -> tuple[list[str], list[str]]:
-    """Top-level non-weight files to copy (tokenizer, generation config, ...) and what is left behind."""
+    """Top-level files to copy (tokenizer, generation config, license, ...) and what is left behind, with why.
+
+    Left behind: other weight formats, directories, the source's card and its training artefacts.
+    """
     files, skipped = [], []
     for entry in sorted(path.iterdir()):
         if entry.name in shards or entry.name in ("config.json", INDEX):
             continue
         if entry.is_dir():
             skipped.append(f"{entry.name}/ (directory)")
+        elif entry.name in _NOT_COPIED:
+            skipped.append(f"{entry.name} ({_NOT_COPIED[entry.name]})")
+        elif (entry.name.lower().endswith(_ARTEFACT_SUFFIXES) or entry.name in _ARTEFACT_NAMES
+              or entry.name.startswith("events.out.tfevents")):
+            skipped.append(f"{entry.name} (a training artefact of the source)")
         elif entry.name.endswith(_WEIGHT_SUFFIXES) or entry.name in _WEIGHT_INDEXES:
             skipped.append(f"{entry.name} (weights outside the safetensors index would not be pruned)")
         else:
@@ -487,6 +509,7 @@ def write_checkpoint(plan: WritePlan, progress: bool = True) -> Path:
                              plan.shard_metadata[shard], bar.update)
         for name in plan.files:
             shutil.copy2(plan.model_path / name, tmp / name)
+        (tmp / "README.md").write_text(plan.card)
         if plan.indexed:
             _write_index(plan, tmp / INDEX)
         (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
@@ -514,11 +537,16 @@ def check_compiled(path: str | Path) -> None:
     config = read_config(path)
     info = compiled_info(path)
     adapter = get_adapter(config)
-    expected = {int(layer): n for layer, n in info["experts_per_layer"].items()}
-    expected.update({int(layer): len(v) for layer, v in ((info.get("mtp") or {}).get("kept_experts") or {}).items()})
+    try:
+        expected = {int(layer): int(n) for layer, n in info["experts_per_layer"].items()}
+        mtp_kept = (info.get("mtp") or {}).get("kept_experts") or {}
+        expected.update({int(layer): len(v) for layer, v in mtp_kept.items()})
+        compact = info["export"] == "compact"
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}/config.json has a malformed 'premoe' block ({e!r}); recompile it") from e
     count = adapter.num_experts(config)
-    wrong = {layer: n for layer, n in expected.items() if n != count and info["export"] != "compact"}
-    if wrong or max(expected.values()) != count:
+    wrong = {layer: n for layer, n in expected.items() if n != count and not compact}
+    if wrong or max(expected.values(), default=count) != count:
         raise CheckpointError(f"{path}/config.json declares {count} experts per layer but the plan wrote "
                               f"{wrong or expected}; the compiled checkpoint is inconsistent")
     found = tensors(path)

@@ -4,7 +4,10 @@ The compiled tensors are byte copies of the original's, so the compiled model
 loaded with a plain ``from_pretrained`` must reproduce the original run under
 :meth:`~premoe.adapters.MoEAdapter.restrict_routing` (dropped experts get
 ``-inf`` router logits) up to float rounding: that is the correctness check,
-``max |Δlogit| ≤ tolerance``, both in fp32. Beside it, on real text, the
+``max |Δlogit| ≤ tolerance``, both in fp32. Before any model loads, the
+compiled shards are checked against their own config.json on every MoE layer,
+multi-token-prediction layers included (:func:`premoe.compile.check_compiled`):
+loaders other than transformers read what transformers skips. Beside it, on real text, the
 perplexity of the full original and of the compiled model and the token-level
 KL(original ‖ compiled) say how much the pruning itself changes the model.
 
@@ -89,13 +92,14 @@ def verify(original: str | Path, compiled: str | Path, data: Sequence[str] | Seq
     True
     """
     from premoe.adapters import get_adapter
-    from premoe.compile import compiled_info, kept_experts, load_compact
+    from premoe.compile import check_compiled, compiled_info, kept_experts, load_compact
     from premoe.modeling import config_hash, load_model, load_tokenizer, read_config
 
     info = compiled_info(compiled)
     if info["source"]["config_hash"] != config_hash(read_config(original)):
         raise InputError(f"{compiled} was compiled from {info['source']['name']} (config {info['source']['config_hash']}), "
                          f"not from {original}; verify it against its own original")
+    check_compiled(compiled)  # shards ⇔ config.json on every MoE layer, MTP layers included
     kept = kept_experts(compiled)
     tokenizer = load_tokenizer(compiled)
     sources = _sources(data, original, tokenizer)  # before loading models: a missing --data fails fast

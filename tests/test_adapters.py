@@ -290,3 +290,38 @@ def test_generic_fallback_warns_naming_its_guesses(family):
                                          rf"top-k '\w+'"):
         adapter = get_adapter(config.to_dict())  # from config.json alone: the layout is read off a meta model
     assert adapter.name == f"generic:{config.model_type}"
+
+
+def test_mtp_layers_are_the_layers_after_the_last_decoder_layer():
+    """DeepSeek-V3/R1 shards hold model.layers.61.* after 61 decoder layers (vLLM deepseek_mtp.py)."""
+    config = {"model_type": "deepseek_v3", "num_hidden_layers": 61, "n_routed_experts": 256,
+              "num_nextn_predict_layers": 1}
+    adapter = get_adapter(config)
+    assert adapter.mtp_layer("model.layers.61.eh_proj.weight", config) == 61
+    assert adapter.mtp_layer("model.layers.61.mlp.experts.255.down_proj.weight", config) == 61
+    assert adapter.mtp_layer("model.layers.62.enorm.weight", config) == 62
+    assert adapter.mtp_layer("model.layers.60.mlp.gate.weight", config) is None
+    assert adapter.mtp_layer("model.embed_tokens.weight", config) is None
+    assert adapter.mtp_layer("lm_head.weight", config) is None
+    assert adapter.mtp_declared(config) == 1
+    assert adapter.mtp_config_updates(config, 0) == {"num_nextn_predict_layers": 0}
+    both = {**config, "num_mtp_layers": 1}  # a transformers-5 spelling beside the original: both rewritten
+    assert adapter.mtp_config_updates(both, 0) == {"num_nextn_predict_layers": 0, "num_mtp_layers": 0}
+    silent = {k: v for k, v in config.items() if k != "num_nextn_predict_layers"}
+    assert adapter.mtp_declared(silent) == 0 and adapter.mtp_config_updates(silent, 0) == {}
+    assert adapter.mtp_config_updates(silent, 1) == {"num_nextn_predict_layers": 1}
+
+
+def test_families_without_mtp_layers_see_none():
+    config = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "num_experts": 8}
+    adapter = get_adapter(config)
+    assert adapter.mtp_count_keys == ()
+    assert adapter.mtp_layer("model.layers.2.mlp.experts.0.up_proj.weight", config) is None
+    assert adapter.mtp_declared(config) == 0
+
+
+def test_glm4_moe_mtp_layer():
+    config = {"model_type": "glm4_moe", "num_hidden_layers": 92, "n_routed_experts": 160, "num_nextn_predict_layers": 1}
+    adapter = get_adapter(config)
+    assert adapter.mtp_layer("model.layers.92.shared_head.head.weight", config) == 92
+    assert adapter.mtp_layer("model.layers.91.mlp.gate.e_score_correction_bias", config) is None

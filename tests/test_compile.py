@@ -17,7 +17,7 @@ from checkpoints import forced_difference, save_family, spread_plan
 from premoe.compile import compile_checkpoint, compiled_info, kept_experts, load_compact
 from premoe.errors import (CheckpointError, DiskSpaceError, InputError, MissingFileError, OutputExistsError,
                            PlanError)
-from premoe.plan import Plan
+from premoe.plan import Plan, _ranges
 
 TOL = 1e-5
 
@@ -176,13 +176,64 @@ def test_other_files_copied_other_weights_not(qwen3, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(path, src)
     (src / "README.md").write_text("card")
+    (src / "LICENSE").write_text("terms")
     (src / "pytorch_model.bin").write_bytes(b"old weights")
     (src / "original").mkdir()
     report = compile_checkpoint(src, spread_plan(src, model, adapter), tmp_path / "out", progress=False)
     names = {p.name for p in (tmp_path / "out").iterdir()}
-    assert {"README.md", "tokenizer.json", "generation_config.json", "config.json"} <= names
+    assert {"README.md", "LICENSE", "tokenizer.json", "generation_config.json", "config.json"} <= names
     assert not {"pytorch_model.bin", "original"} & names
-    assert len(report.plan.skipped) == 2
+    assert (tmp_path / "out" / "README.md").read_text() != "card"  # premoe's own card, not the source's
+    assert [s.split(" ")[0] for s in report.plan.skipped] == ["README.md", "original/", "pytorch_model.bin"]
+
+
+def test_the_model_card_describes_the_compiled_checkpoint(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from premoe.data import Source
+    from premoe.plan import PlanRequest, make_plan
+    from premoe.profile import ProfileParams, profile_model
+
+    path, model, adapter = save_family("qwen3_moe", tmp_path / "src")
+    (path / "README.md").write_text("---\nlicense: apache-2.0\ntags: [base]\n---\n# The original model\nAll 8 experts.\n")
+    for artefact in ("card.json", "loss.png", "training.json", "train.log", "events.out.tfevents.1.host"):
+        (path / artefact).write_text("source only")
+    profile = profile_model(path, [Source("text", [tiny.TEXT], "tiny")], ["peu"],
+                            ProfileParams(max_tokens=256, seq_len=64), progress=False)
+    profile.save(tmp_path / "prof")
+    plan = make_plan(profile, PlanRequest(keep=0.5, domain="text"), profile_path=str(tmp_path / "prof"))
+    report = compile_checkpoint(path, plan, tmp_path / "out", base_model="acme/tiny-qwen3-moe", progress=False)
+    out = tmp_path / "out"
+    assert not {"card.json", "loss.png", "training.json", "train.log", "events.out.tfevents.1.host"} & \
+        {p.name for p in out.iterdir()}
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "acme/tiny-qwen3-moe"
+    assert (card.data.pipeline_tag, card.data.library_name, card.data.license) == ("text-generation", "transformers",
+                                                                                  "apache-2.0")
+    assert card.data.tags == ["premoe", "moe", "pruned", "qwen3_moe"]
+    text = card.text
+    assert "All 8 experts" not in text and "pruned to 4 of 8 routed experts" in text
+    for layer, experts in plan.kept.items():
+        assert f"| {layer} | {_ranges(experts)} |" in text
+    assert f"| target | specialist:text |" in text and "| scorer / ranking | peu / local |" in text
+    tokens = profile.domains["text"].tokens
+    assert f"text: {tokens} tokens (profile `{tmp_path / 'prof'}`)" in text
+    assert f"({report.plan.bytes_after / report.plan.bytes_before:.1%})" in text
+    assert "Pruned for `text`" in text
+
+
+def test_the_model_card_base_model_comes_from_a_hub_id_only(qwen3, tmp_path):
+    from huggingface_hub import ModelCard
+
+    path, model, adapter = qwen3
+    src = tmp_path / "src"
+    shutil.copytree(path, src)
+    compile_checkpoint(src, spread_plan(src, model, adapter), tmp_path / "local", progress=False)
+    assert ModelCard.load(tmp_path / "local" / "README.md").data.base_model is None  # a local path is no Hub id
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "_name_or_path": "Qwen/Qwen3-30B-A3B"}))
+    compile_checkpoint(src, spread_plan(src, model, adapter), tmp_path / "hub", progress=False)
+    assert ModelCard.load(tmp_path / "hub" / "README.md").data.base_model == "Qwen/Qwen3-30B-A3B"
 
 
 def test_bad_plans_are_refused(qwen3, tmp_path):
@@ -247,3 +298,81 @@ def test_cli_compile(qwen3, tmp_path):
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "already exists; pass --force" in again.stderr
     assert again.stderr.strip().count("\n") == 0
+
+
+def test_a_corrupt_header_is_refused_before_copying(tmp_path):
+    import struct
+
+    path, model, adapter = save_family("qwen3_moe", tmp_path / "src")
+    file = path / "model.safetensors"
+    raw = file.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    key = "model.layers.1.mlp.experts.3.up_proj.weight"
+    begin, end = header[key]["data_offsets"]
+    header[key]["data_offsets"] = [begin - 4, end - 4]  # overlaps its neighbour: safetensors would refuse it
+    text = json.dumps(header).encode()
+    file.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length :])
+    with pytest.raises(CheckpointError, match=f"model.safetensors: tensor .* (overlaps|gap)"):
+        compile_checkpoint(path, spread_plan(path, model, adapter), tmp_path / "out", progress=False)
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_a_written_checkpoint_that_disagrees_with_its_config_is_never_renamed(qwen3, tmp_path, monkeypatch):
+    import premoe.compile as compile_module
+
+    path, model, adapter = qwen3
+    plan = spread_plan(path, model, adapter)
+    real = compile_module._new_config
+
+    def off_by_one(*args):  # an injected bug: the config claims one expert more than the shards hold
+        config = real(*args)
+        return {**config, "num_experts": config["num_experts"] + 1, "num_local_experts": config["num_experts"] + 1}
+
+    monkeypatch.setattr(compile_module, "_new_config", off_by_one)
+    with pytest.raises(CheckpointError, match="declares 5 experts per layer"):
+        compile_checkpoint(path, plan, tmp_path / "out", progress=False)
+    assert_nothing_written(tmp_path / "out")
+    monkeypatch.setattr(compile_module, "_new_config", real)
+    monkeypatch.setattr(compile_module.TensorWrite, "nbytes", property(lambda w: sum(e - b for b, e in w.ranges)
+                                                                        - (4 if w.rows else 0)))
+    with pytest.raises(CheckpointError):  # router rows cut short: the written headers are refused
+        compile_checkpoint(path, plan, tmp_path / "out", progress=False)
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_check_compiled_names_what_disagrees(qwen3, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from premoe.compile import check_compiled
+
+    path, model, adapter = qwen3
+    out = tmp_path / "out"
+    compile_checkpoint(path, spread_plan(path, model, adapter), out, progress=False)
+    check_compiled(out)
+    tensors = load_file(str(out / "model.safetensors"))
+    tensors["model.layers.1.mlp.experts.4.up_proj.weight"] = tensors["model.layers.1.mlp.experts.3.up_proj.weight"].clone()
+    save_file(tensors, str(out / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"layer 1 holds experts \[0, 1, 2, 3, 4\], not 0..3"):
+        check_compiled(out)
+    del tensors["model.layers.1.mlp.experts.4.up_proj.weight"]
+    tensors["model.layers.0.mlp.gate.weight"] = tensors["model.layers.0.mlp.gate.weight"][:3].clone()
+    save_file(tensors, str(out / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.gate.weight has shape \[3, 32\]; config.json says "
+                                              r"layer 0 holds 4 experts"):
+        check_compiled(out)
+
+
+def test_the_output_folder_is_ready_to_upload(qwen3, tmp_path):
+    """What huggingface_hub.upload_folder would send: weights, config, tokenizer, card — nothing else."""
+    from huggingface_hub import ModelCard
+
+    path, model, adapter = qwen3
+    compile_checkpoint(path, spread_plan(path, model, adapter), tmp_path / "out", progress=False)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json",
+                                                     "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert all(p.is_file() for p in out.iterdir())
+    metadata = ModelCard.load(out / "README.md").data.to_dict()
+    assert {k: metadata[k] for k in ("library_name", "pipeline_tag")} == {"library_name": "transformers",
+                                                                          "pipeline_tag": "text-generation"}

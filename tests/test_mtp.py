@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import tiny
 from checkpoints import save_family
@@ -24,7 +24,9 @@ from premoe.profile import ProfileParams, profile_model
 from premoe.verify import verify
 
 TEXT = [Source("text", [tiny.TEXT], "tiny")]
-FAMILIES = ["deepseek_v3", "glm4_moe"]
+# DeepSeek-V3/R1 and GLM-4.5 (transformers also reads their MTP layer); DeepSeek-V3.2 and GLM-4.7-Flash
+# (glm4_moe_lite) ship the same layout, which transformers 5.24 skips without a loader of its own
+FAMILIES = ["deepseek_v3", "glm4_moe", "deepseek_v32", "glm4_moe_lite"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -183,3 +185,70 @@ def test_an_incomplete_mtp_layer_is_refused_when_kept(source, tmp_path):
     assert not (tmp_path / "out").exists()
     compile_checkpoint(src, plan, tmp_path / "out", mtp="drop", progress=False)  # dropped: nothing to miss
     check_compiled(tmp_path / "out")
+
+
+def test_a_pruned_mtp_layer_is_the_original_with_its_routing_restricted(source, tmp_path, monkeypatch):
+    """transformers' own MTP loader (the one generate(use_mtp=True) uses) reads the pruned layer, which computes
+    exactly what the original MTP layer computes when only the kept experts may be routed to."""
+    from transformers.modeling_layers import MtpModel
+
+    path, adapter, plan, mtp = source
+    if not hasattr(AutoConfig.from_pretrained(path), "num_mtp_layers"):
+        pytest.skip(f"transformers has no MTP loader for {adapter.name}")
+    compile_checkpoint(path, plan, tmp_path / "prune", mtp="prune", progress=False)
+    compile_checkpoint(path, plan, tmp_path / "drop", progress=False)
+
+    import transformers
+
+    # transformers names the real MTP layer (61 for DeepSeek-V3, 92 for GLM-4.5); the tiny one is `mtp`. Set before
+    # the main model loads: that load records which keys are MTP weights.
+    architecture = getattr(transformers, json.loads((path / "config.json").read_text())["architectures"][0])
+    monkeypatch.setattr(architecture, "_keys_to_ignore_on_load_unexpected", [rf"model\.layers\.{mtp}\..*"])
+
+    def mtp_model(checkpoint):
+        main = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        model = MtpModel.from_pretrained(main).eval()  # raises on any missing MTP weight
+        model._can_record_outputs = main.model._can_record_outputs  # so the adapter finds its router (as layer 0)
+        return model
+
+    full, pruned = mtp_model(path), mtp_model(tmp_path / "prune")
+    assert [(l.index, l.num_experts) for l in adapter.moe_layers(pruned)] == [(0, 4)]
+    assert len(mtp_model(tmp_path / "drop").layers) == 0  # dropped: the config declares no MTP layer
+    ids = torch.randint(0, tiny.VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))  # (batch, seq)
+    hidden = torch.randn(1, 12, 32, generator=torch.Generator().manual_seed(1))  # (batch, seq, hidden) from the trunk
+    positions = torch.arange(12)[None]
+    with torch.no_grad():
+        got = pruned.forward_layer(0, hidden, positions, None, input_ids=ids)  # (batch, seq, hidden)
+        everything = full.forward_layer(0, hidden, positions, None, input_ids=ids)
+        with adapter.restrict_routing(full, {0: plan.kept[max(plan.kept)]}):
+            forced = full.forward_layer(0, hidden, positions, None, input_ids=ids)
+    assert float((got - forced).abs().max()) <= 1e-5
+    assert float((got - everything).abs().max()) > 1e-2, "pruning changed nothing: the comparison could not fail"
+
+
+def test_size_estimates_match_the_default_compile(source, tmp_path):
+    """Budgets (premoe plan --budget-gb) use size_breakdown: it must predict what compile writes, MTP dropped."""
+    from premoe.checkpoint import size_breakdown
+
+    path, adapter, plan, mtp = source
+    sizes = size_breakdown(path, adapter, 8)
+    report = compile_checkpoint(path, plan, tmp_path / "out", dry_run=True)
+    assert sizes.bytes_with({l: len(v) for l, v in plan.kept.items()}) == report.plan.bytes_after
+    assert sizes.total_bytes == report.plan.bytes_before
+    mtp_bytes = sum(t.numel() * t.element_size() for k, t in on_disk(path).items()
+                    if k.startswith(f"model.layers.{mtp}."))
+    assert sizes.mtp_bytes == mtp_bytes > 0
+    assert set(sizes.expert_bytes) == set(plan.kept)
+
+
+def test_streaming_profile_ignores_the_mtp_layer(source):
+    """A 700B DeepSeek-V3 is profiled layer by layer from disk: the MTP layer on disk must not disturb it."""
+    from premoe.streaming import profile_streaming
+
+    path, adapter, plan, mtp = source
+    params = ProfileParams(max_tokens=256, seq_len=64)
+    streamed = profile_streaming(path, TEXT, ["peu"], params, progress=False)
+    loaded = profile_model(path, TEXT, ["peu"], params, progress=False)
+    assert streamed.moe_layers == loaded.moe_layers and mtp not in streamed.moe_layers
+    assert streamed.domains["text"].tokens == loaded.domains["text"].tokens > 0
+    assert torch.allclose(streamed.domains["text"].sums["peu"], loaded.domains["text"].sums["peu"], atol=1e-4)

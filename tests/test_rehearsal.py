@@ -14,13 +14,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-import dsv3_layout  # noqa: E402  (bench/dsv3_layout.py)
-from dsv3_layout import Layout  # noqa: E402
+import dsv3_layout
+from dsv3_layout import Layout
 
-from premoe.checkpoint import tensors  # noqa: E402
-from premoe.data import Source  # noqa: E402
-from premoe.plan import PlanRequest, make_plan  # noqa: E402
-from premoe.profile import ProfileParams  # noqa: E402
+from premoe.checkpoint import tensors
+from premoe.data import Source
+from premoe.plan import PlanRequest, make_plan
+from premoe.profile import ProfileParams
 
 # 3 dense + 2 MoE decoder layers + the MTP layer 5, 256 experts, the release's 163 shards, toy width
 FAST = Layout(layers=5, hidden=64, moe_intermediate=32, intermediate=128, heads=2, q_lora_rank=48, kv_lora_rank=32,

@@ -83,3 +83,91 @@ def test_cli_verify(tmp_path):
     result = CliRunner().invoke(command, [*args, "--tolerance", "-1", "--json", str(tmp_path / "v.json")])
     assert result.exit_code == 1 and "FAIL" in result.output
     assert json.loads((tmp_path / "v.json").read_text())["passed"] is False
+
+
+def perturbed(out, key: str, eps: float) -> None:
+    """Add ``eps`` to every element of tensor ``key`` of the compiled checkpoint, in place on disk."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(out / "model.safetensors"))
+    tensors[key] = tensors[key] + eps
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def near_miss(tmp_path_factory):
+    """A compiled qwen3_moe whose one kept expert is nudged so that max |Δlogit| is about 1e-3.
+
+    The response of the logits to the nudge is measured once and the nudge
+    rescaled to land at 1e-3 (it is linear at this size).
+    """
+    tmp_path = tmp_path_factory.mktemp("near")
+    path, out, adapter, model = compiled("qwen3_moe", tmp_path)
+    clean = verify(path, out, TEXT, max_tokens=256, seq_len=32, progress=False)
+    assert clean.passed and clean.max_abs_diff <= 1e-5
+    for expert in range(4):  # the first kept expert that the text routes to
+        key = f"model.layers.1.mlp.experts.{expert}.down_proj.weight"
+        perturbed(out, key, 1e-3)
+        probe = verify(path, out, TEXT, max_tokens=256, seq_len=32, progress=False).max_abs_diff
+        if probe > 1e-5:
+            break
+        perturbed(out, key, -1e-3)
+    perturbed(out, key, 1e-3 * (1e-3 / probe - 1))  # now 1e-3 × (1e-3 / probe) in all
+    return path, out
+
+
+def test_a_near_miss_of_1e_3_fails_at_the_default_tolerance(near_miss):
+    path, out = near_miss
+    report = verify(path, out, TEXT, max_tokens=256, seq_len=32, progress=False)
+    assert 5e-4 < report.max_abs_diff < 2e-3, report.max_abs_diff  # the near miss is what it claims
+    assert report.tolerance == 1e-4 and not report.passed and "FAIL" in report.summary()
+    assert verify(path, out, TEXT, max_tokens=256, seq_len=32, tolerance=1e-2, progress=False).passed
+
+
+def test_the_cli_default_tolerance_catches_the_near_miss(near_miss, tmp_path):
+    """A default loosened to 1e-1 (in verify() or the CLI) would let the near miss pass: this fails then."""
+    from premoe.cli.verify import command
+
+    path, out = near_miss
+    text = tmp_path / "text.txt"
+    text.write_text(tiny.TEXT)
+    result = CliRunner().invoke(command, [str(path), str(out), "--data", f"text={text}", "--max-tokens", "256",
+                                          "--seq-len", "32", "--json", "-"])
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert report["passed"] is False and report["tolerance"] == 1e-4 and report["max_abs_diff"] > 5e-4
+
+
+def test_shards_that_disagree_with_the_config_are_refused_before_loading(tmp_path):
+    from premoe.errors import CheckpointError
+
+    path, out, adapter, model = compiled("deepseek_v3", tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))  # no MTP layer on disk
+    with pytest.raises(CheckpointError, match="declares 1 MTP layers, the shards hold 0"):
+        verify(path, out, TEXT, max_tokens=128, seq_len=32, progress=False)
+
+
+def test_verify_card_records_the_measured_quality_in_the_model_card(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from premoe.cli.verify import command
+
+    path, out, adapter, model = compiled("qwen3_moe", tmp_path)
+    before = ModelCard.load(out / "README.md")
+    assert "Not measured at compile time" in before.text
+    text = tmp_path / "text.txt"
+    text.write_text(tiny.TEXT)
+    result = CliRunner().invoke(command, [str(path), str(out), "--data", f"text={text}", "--max-tokens", "128",
+                                          "--seq-len", "32", "--json", str(tmp_path / "v.json"), "--card"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "v.json").read_text())
+    after = ModelCard.load(out / "README.md")
+    assert after.data.to_dict() == before.data.to_dict()  # metadata untouched
+    check = report["domains"][0]
+    assert f"| text | {check['tokens']} | {check['max_abs_diff']:.2e} | {check['ppl_original']:.3f} | " \
+           f"{check['ppl_compiled']:.3f} | {check['kl']:.4f} |" in after.text
+    assert "PASS: the checkpoint is the source with its routing restricted" in after.text
+    assert "Not measured at compile time" not in after.text
+    assert after.text.count("## Quality") == 1 and "## Limitations" in after.text and "## Provenance" in after.text
+    assert not list(out.glob(".README.md.tmp"))

@@ -188,12 +188,16 @@ class MoEAdapter:
     def mtp_config_updates(self, config, count: int) -> dict:
         """Config fields to write for a checkpoint carrying ``count`` MTP layers (every name the config uses).
 
+        A config that names no count and gets none keeps silent (``{}``).
+
         >>> DEEPSEEK_V3.mtp_config_updates({"num_nextn_predict_layers": 1}, 0)
         {'num_nextn_predict_layers': 0}
         """
         text = self._text_config(config)
-        present = [key for key in self.mtp_count_keys if _get(text, key) is not None] or list(self.mtp_count_keys[:1])
-        return self._nested(config, {key: count for key in present})
+        present = [key for key in self.mtp_count_keys if _get(text, key) is not None]
+        if not present and count:
+            present = list(self.mtp_count_keys[:1])
+        return self._nested(config, {key: count for key in present}) if present else {}
 
     @functools.cached_property
     def _decoder_layer(self) -> re.Pattern:

@@ -16,11 +16,14 @@ import click
 @click.option("--mtp", type=click.Choice(["drop", "prune"]), default="drop", show_default=True,
               help="Multi-token-prediction layers after the last decoder layer (DeepSeek-V3/R1, GLM-4.5): drop them "
                    "and set the config's count to 0, or keep them pruned to the last MoE layer's kept experts.")
+@click.option("--base-model", metavar="REPO_ID",
+              help="The source's Hugging Face Hub id, for the model card's base_model (default: the config's "
+                   "_name_or_path when it is a Hub id).")
 @click.option("--dry-run", "--explain", "dry_run", is_flag=True,
               help="Print what would be written (kept experts, MTP choice, sizes, disk needed); write nothing.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def command(model, plan, out, export, mtp, dry_run, force, as_json) -> None:
+def command(model, plan, out, export, mtp, base_model, dry_run, force, as_json) -> None:
     """Compile MODEL down to the experts PLAN keeps.
 
     \b
@@ -32,6 +35,6 @@ def command(model, plan, out, export, mtp, dry_run, force, as_json) -> None:
     from premoe.compile import compile_checkpoint
     from premoe.plan import Plan
 
-    report = compile_checkpoint(model, Plan.load(plan), out, force=force, export=export, mtp=mtp, dry_run=dry_run,
-                                progress=not as_json)
+    report = compile_checkpoint(model, Plan.load(plan), out, force=force, export=export, mtp=mtp,
+                                base_model=base_model, dry_run=dry_run, progress=not as_json)
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.summary())

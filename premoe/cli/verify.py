@@ -19,12 +19,14 @@ import click
 @click.option("--tolerance", default=1e-4, show_default=True,
               help="Largest |logit difference| to the forced-routing original that passes (fp32).")
 @click.option("--json", "json_out", type=click.Path(), help="Also write the report as JSON to this file ('-': stdout).")
-def command(original, compiled, data, max_tokens, seq_len, batch_size, tolerance, json_out) -> None:
+@click.option("--card", is_flag=True, help="Record the results in the Quality section of COMPILED/README.md.")
+def command(original, compiled, data, max_tokens, seq_len, batch_size, tolerance, json_out, card) -> None:
     """Load COMPILED with plain from_pretrained and compare it with ORIGINAL run on the kept experts only.
 
     \b
     premoe verify testbed python-50/
     premoe verify path/to/model compiled/ --data code=src.jsonl --max-tokens 4096 --json verify.json
+    premoe verify testbed python-50/ --card        # the model card then shows the measured quality
     """
     from pathlib import Path
 
@@ -39,5 +41,9 @@ def command(original, compiled, data, max_tokens, seq_len, batch_size, tolerance
         click.echo(report.summary())
         if json_out:
             Path(json_out).write_text(text + "\n")
+    if card:
+        from premoe.modelcard import record_verification
+
+        record_verification(compiled, report)
     if not report.passed:
         sys.exit(1)

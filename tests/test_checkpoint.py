@@ -1,0 +1,204 @@
+"""Shard headers: read_header accepts exactly what safetensors can load, and refuses the rest with one clean error.
+
+Property-based: random and mutated headers (hypothesis) must give either a
+correct result — the same tensors safetensors itself reads — or a
+CheckpointError naming the shard; never another exception.
+"""
+import json
+import struct
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from premoe.checkpoint import DTYPE_BYTES, INDEX, read_header, shard_files, tensors
+from premoe.errors import CheckpointError, MissingFileError
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+WORK = Path(tempfile.mkdtemp(prefix="premoe-test-checkpoint-"))
+
+
+def valid_file(path: Path) -> Path:
+    save_file({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4, dtype=torch.bfloat16),
+               "c": torch.zeros(0, 5), "d": torch.tensor([True, False])}, str(path), metadata={"format": "pt"})
+    return path
+
+
+def split(path: Path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + length]), raw[8 + length :]
+
+
+def assemble(header, data: bytes, length: int | None = None) -> bytes:
+    text = (header if isinstance(header, bytes) else json.dumps(header).encode())
+    return struct.pack("<Q", len(text) if length is None else length) + text + data
+
+
+def agrees_with_safetensors(file: Path) -> None:
+    """read_header either raises CheckpointError, on a file safetensors refuses too, or returns what safetensors reads.
+
+    (Dtypes safetensors knows but premoe does not, e.g. 4-bit F4, are the one
+    thing premoe may refuse alone.)
+    """
+    try:
+        header, start = read_header(file)
+    except CheckpointError as e:
+        assert str(file) in str(e) and "\n" not in str(e)
+        if "has dtype" not in str(e):
+            with pytest.raises(Exception):
+                with safe_open(file, "pt") as f:
+                    [f.get_slice(k) for k in f.keys()]
+        return
+    with safe_open(file, "pt") as f:  # accepted: safetensors must load every tensor the same way
+        assert set(f.keys()) == set(header) - {"__metadata__"}
+        for key in f.keys():
+            assert list(f.get_slice(key).get_shape()) == header[key]["shape"]
+    assert start == 8 + struct.unpack("<Q", file.read_bytes()[:8])[0]
+
+
+def test_a_valid_file_reads_back(tmp_path):
+    file = valid_file(tmp_path / "x.safetensors")
+    header, start = read_header(file)
+    assert header["a"] == {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}
+    assert header["c"]["shape"] == [0, 5] and header["__metadata__"] == {"format": "pt"}
+    assert start == 8 + struct.unpack("<Q", file.read_bytes()[:8])[0]
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda h: h["a"].update(dtype="F31"), "tensor a has dtype 'F31'"),
+    (lambda h: h["a"].update(shape=[2, -3]), "tensor a has shape"),
+    (lambda h: h["a"].update(shape=[2, True]), "tensor a has shape"),
+    (lambda h: h["a"].update(shape=[3, 3]), "tensor a spans 24 bytes but F32 \\[3, 3\\] needs 36"),
+    (lambda h: h["a"].update(data_offsets=[24, 0]), "tensor a has data_offsets"),
+    (lambda h: h["a"].pop("data_offsets"), "tensor a has data_offsets None"),
+    (lambda h: h.update(a=[1, 2]), "tensor a has no dtype"),
+    (lambda h: h.update(e={"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}), "overlaps"),
+    (lambda h: h.update(__metadata__={"format": 1}), "__metadata__ must map strings"),
+])
+def test_each_broken_field_is_named(tmp_path, mutate, message):
+    header, data = split(valid_file(tmp_path / "x.safetensors"))
+    mutate(header)
+    (tmp_path / "y.safetensors").write_bytes(assemble(header, data))
+    with pytest.raises(CheckpointError, match=message):
+        read_header(tmp_path / "y.safetensors")
+
+
+def test_gaps_trailing_bytes_truncation_and_lengths(tmp_path):
+    file = valid_file(tmp_path / "x.safetensors")
+    header, data = split(file)
+    bad = tmp_path / "y.safetensors"
+    bad.write_bytes(assemble(header, data + b"\0" * 8))
+    with pytest.raises(CheckpointError, match="cover 34 of its 42 data bytes \\(trailing bytes\\)"):
+        read_header(bad)
+    bad.write_bytes(assemble(header, data[:-3]))
+    with pytest.raises(CheckpointError, match="is truncated: tensor"):
+        read_header(bad)
+    shifted = {k: ({**v, "data_offsets": [v["data_offsets"][0] + 8, v["data_offsets"][1] + 8]} if k != "__metadata__"
+                   else v) for k, v in header.items()}
+    bad.write_bytes(assemble(shifted, b"\0" * 8 + data))
+    with pytest.raises(CheckpointError, match="leaves a gap after byte 0"):
+        read_header(bad)
+    bad.write_bytes(assemble(header, data, length=10**6))
+    with pytest.raises(CheckpointError, match="truncated: its header claims 1000000 bytes"):
+        read_header(bad)
+    bad.write_bytes(assemble(header, data, length=2**40))
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        read_header(bad)
+    bad.write_bytes(assemble(b'{"a": 1, "a": 2}', b""))
+    with pytest.raises(CheckpointError, match="duplicate key 'a'"):
+        read_header(bad)
+    bad.write_bytes(assemble(b"[1, 2]", b""))
+    with pytest.raises(CheckpointError, match="a JSON list, not an object"):
+        read_header(bad)
+    bad.write_bytes(b"\x01\x02")
+    with pytest.raises(CheckpointError, match="no safetensors header"):
+        read_header(bad)
+    with pytest.raises(MissingFileError):
+        read_header(tmp_path / "absent.safetensors")
+
+
+def test_the_index_must_name_plain_shards_that_hold_its_tensors(tmp_path):
+    valid_file(tmp_path / "model-1.safetensors")
+    for weight_map, message in [({"a": "../model-1.safetensors"}, "expected a .safetensors file name"),
+                                ({"a": "/etc/passwd"}, "expected a .safetensors file name"),
+                                ({"a": 3}, "weight_map must map"),
+                                ({"a": "model-1.safetensors", "zz": "model-1.safetensors"}, "lists 1 tensors no shard"),
+                                ]:
+        (tmp_path / INDEX).write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(CheckpointError, match=message):
+            tensors(tmp_path)
+    (tmp_path / INDEX).write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a JSON object"):
+        shard_files(tmp_path)
+    valid_file(tmp_path / "model-2.safetensors")  # the same tensors in two shards
+    (tmp_path / INDEX).write_text(json.dumps({"weight_map": {"a": "model-1.safetensors", "b": "model-2.safetensors"}}))
+    with pytest.raises(CheckpointError, match="in both model-1.safetensors and model-2.safetensors"):
+        tensors(tmp_path)
+
+
+# --------------------------------------------------------------------------- property-based
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+                    max_leaves=12)
+FIELD = st.sampled_from(["dtype", "shape", "data_offsets"])
+SMALL = st.integers(-3, 40)
+VALUES = {"dtype": st.sampled_from([*DTYPE_BYTES, "F31", "", "f32"]) | JSON,
+          "shape": st.lists(SMALL, max_size=3) | JSON,
+          "data_offsets": st.lists(SMALL, min_size=2, max_size=2) | st.lists(SMALL, max_size=3) | JSON}
+
+
+@st.composite
+def mutated_header(draw):
+    header, data = split(valid_file(WORK / "base.safetensors"))
+    for _ in range(draw(st.integers(1, 4))):
+        key = draw(st.sampled_from(sorted(header) + ["new"]))
+        action = draw(st.sampled_from(["field", "drop_field", "replace", "delete"]))
+        if action == "delete" and key in header:
+            del header[key]
+        elif action == "replace":
+            header[key] = draw(JSON)
+        elif isinstance(header.get(key), dict) and key != "__metadata__":
+            name = draw(FIELD)
+            if action == "drop_field":
+                header[key].pop(name, None)
+            else:
+                header[key][name] = draw(VALUES[name])
+        else:
+            header[key] = {name: draw(VALUES[name]) for name in ("dtype", "shape", "data_offsets")}
+    cut = draw(st.integers(0, len(data)))
+    extra = draw(st.binary(max_size=16))
+    return header, data[:cut] + extra if draw(st.booleans()) else data
+
+
+@SETTINGS
+@given(mutated_header())
+def test_mutated_headers_are_read_right_or_refused_cleanly(case):
+    header, data = case
+    file = WORK / "mutated.safetensors"
+    file.write_bytes(assemble(header, data))
+    agrees_with_safetensors(file)
+
+
+@SETTINGS
+@given(st.binary(max_size=200), st.integers(0, 2**64 - 1) | st.none())
+def test_random_bytes_are_refused_cleanly(body, length):
+    file = WORK / "random.safetensors"
+    file.write_bytes(assemble(body, b"", length))
+    agrees_with_safetensors(file)
+
+
+@SETTINGS
+@given(st.integers(0, 400), st.integers(0, 255), st.integers(0, 400))
+def test_flipped_and_truncated_files_are_refused_cleanly(position, value, cut):
+    raw = bytearray(valid_file(WORK / "base2.safetensors").read_bytes())
+    raw[position % len(raw)] = value
+    file = WORK / "flipped.safetensors"
+    file.write_bytes(bytes(raw[: max(cut, 0) or None]))
+    agrees_with_safetensors(file)
