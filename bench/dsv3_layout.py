@@ -236,7 +236,7 @@ def _value(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tens
 
 
 def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """128x128 block FP8 as DeepSeek ships it: (fp8 weight (rows, cols), F32 scale_inv (ceil(rows/128), ceil(cols/128))).
+    """128x128 block FP8 as DeepSeek ships it: fp8 weight (rows, cols), F32 scale_inv (⌈rows/128⌉, ⌈cols/128⌉).
 
     Dequantised weight = fp8 x scale_inv of its block (DeepSeek's ``weight_dequant``).
     """
@@ -304,7 +304,8 @@ def write_shard(file: Path, tensors: list[tuple[str, torch.Tensor]], shuffle: ra
     offset = 0
     for key, value in tensors:
         nbytes = value.numel() * value.element_size()
-        header[key] = {"dtype": _DTYPES[value.dtype], "shape": list(value.shape), "data_offsets": [offset, offset + nbytes]}
+        header[key] = {"dtype": _DTYPES[value.dtype], "shape": list(value.shape),
+                       "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)

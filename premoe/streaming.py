@@ -217,8 +217,9 @@ class _Loader:
 
     def _block_size(self, key: str) -> tuple[int, int]:
         if self.block is None:
-            raise CheckpointError(f"{self.path}: tensor {key} has a block scale ({key}{_SCALE_SUFFIX}) but config.json's "
-                                  "quantization_config gives no weight_block_size; is this an FP8 checkpoint?")
+            raise CheckpointError(f"{self.path}: tensor {key} has a block scale ({key}{_SCALE_SUFFIX}) but "
+                                  "config.json's quantization_config gives no weight_block_size; is this an FP8 "
+                                  "checkpoint?")
         return self.block
 
     def layer_keys(self, index: int) -> list[str]:
@@ -299,7 +300,7 @@ class _Loader:
         return _BlockDequantized(weight, files[scale.shard].get_slice(scale.key), self._block_size(key))
 
     def _place_experts(self, keys: list[str], files: dict) -> list[str]:
-        """Write per-expert tensors straight into their fused in-memory parameters; return the keys left to transformers.
+        """Write per-expert tensors straight into their fused parameters; return the keys left to transformers.
 
         transformers' conversion reads every expert of a layer, then stacks
         and concatenates them into ``experts.gate_up_proj`` / ``down_proj``:

@@ -30,12 +30,14 @@ VARIANT = replace(FAST, shards=97, variant="scattered", first_dense=1, layers=3,
 TEXTS = {"code": "def add(a, b):\n    return a + b\n" * 40,
          "prose": "In the beginning God created the heaven and the earth.\n" * 40}
 PARAMS = ProfileParams(max_tokens=256, seq_len=64, batch_size=4)
+CODE = Source("code", [TEXTS["code"]], "code")
 
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("dsv3")
-    return {"bf16": dsv3_layout.write(FAST, root / "bf16"), "fp8": dsv3_layout.write(replace(FAST, fp8=True), root / "fp8"),
+    return {"bf16": dsv3_layout.write(FAST, root / "bf16"),
+            "fp8": dsv3_layout.write(replace(FAST, fp8=True), root / "fp8"),
             "variant": dsv3_layout.write(VARIANT, root / "variant")}
 
 
@@ -123,7 +125,7 @@ def test_bf16_profile_plan_compile_verify(written, profiles, tmp_path, keep, mtp
         assert f"model.layers.5.mlp.experts.{int(256 * keep) - 1}.up_proj.weight" in mtp_keys
         assert f"model.layers.5.mlp.experts.{int(256 * keep)}.up_proj.weight" not in mtp_keys
         assert "model.layers.5.eh_proj.weight" in mtp_keys
-    report = verify(written["bf16"], out, [Source("code", [TEXTS["code"]], "code")], max_tokens=128, seq_len=64, progress=False)
+    report = verify(written["bf16"], out, [CODE], max_tokens=128, seq_len=64, progress=False)
     assert report.passed, report.summary()
 
 
@@ -155,7 +157,7 @@ def test_layout_variant_profile_plan_compile_verify(written, profiles, tmp_path)
     out = _compile(written["variant"], plan, tmp_path, "drop")
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     assert set(index.values()) == {p.name for p in out.glob("*.safetensors")}  # shards left empty are not written
-    report = verify(written["variant"], out, [Source("code", [TEXTS["code"]], "code")], max_tokens=128, seq_len=64, progress=False)
+    report = verify(written["variant"], out, [CODE], max_tokens=128, seq_len=64, progress=False)
     assert report.passed, report.summary()
 
 
