@@ -119,3 +119,31 @@ def test_a_model_without_experts_is_refused(tmp_path):
     tiny.tiny_tokenizer().save_pretrained(tmp_path / "m")
     with pytest.raises(UnsupportedModelError):
         profile_streaming(tmp_path / "m", SOURCES, ["peu"], PARAMS, progress=False)
+
+
+def test_a_missing_expert_tensor_is_named(tmp_path):
+    """Experts are placed straight into the fused parameter: one absent expert must not leave garbage in its slot."""
+    path = tiny.save("qwen3_moe", tmp_path / "model")
+    rewrite(path, lambda t: t.pop("model.layers.1.mlp.experts.5.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"15 of the 16 expert tensors that make up experts.gate_up_proj"):
+        profile_streaming(path, SOURCES, ["peu"], PARAMS, progress=False)
+
+
+def test_a_wrong_expert_shape_is_named(tmp_path):
+    path = tiny.save("qwen3_moe", tmp_path / "model")
+    rewrite(path, lambda t: t.update({"model.layers.0.mlp.experts.2.down_proj.weight": torch.zeros(32, 8)}))
+    with pytest.raises(CheckpointError, match=r"experts.2.down_proj.weight has shape \(32, 8\), the config expects "
+                                              r"\(32, 16\)"):
+        profile_streaming(path, SOURCES, ["peu"], PARAMS, progress=False)
+
+
+def test_fp8_block_scales_dequantise_block_by_block():
+    """weight_scale_inv multiplies each 128x128 block (DeepSeek's weight_dequant), partial edge blocks included."""
+    from premoe.streaming import _BlockDequantized
+
+    weight = torch.ones(130, 260).to(torch.float8_e4m3fn)  # 2 x 3 blocks, the last row/column blocks partial
+    scale = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    out = _BlockDequantized(weight, scale, (128, 128))[...]
+    assert out.shape == (130, 260)
+    assert (out[0, 0], out[0, 128], out[0, 259], out[128, 0], out[129, 259]) == (1.0, 2.0, 3.0, 4.0, 6.0)
+    assert torch.equal(out[:128, :128], torch.ones(128, 128))
