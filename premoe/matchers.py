@@ -214,7 +214,7 @@ def calibrate(matcher: Matcher, held_out: dict[str, dict[int, torch.Tensor]]) ->
             continue
         best = matcher.scores(torch.cat(rows), length).min(1).values  # (n,)
         matcher.thresholds[length] = float(best.quantile(matcher.params.quantile))
-        seen[length] = len(best)
+        seen[str(length)] = len(best)
     return {"quantile": matcher.params.quantile, "domains": sorted(usable), "patterns_per_length": seen}
 
 
