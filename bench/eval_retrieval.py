@@ -181,6 +181,7 @@ def accuracy(retriever, tokens: dict, s, lengths, tokenizer, windows: dict, own:
             hits = [retriever.decide(w[:length].mean(0), length) for w in x]
             wrong = [i for i, h in enumerate(hits) if h.domain != domain]
             rows[domain] = {"windows": len(hits), "accuracy": round(1 - len(wrong) / len(hits), 4),
+                            "nearest_accuracy": round(sum(h.nearest == domain for h in hits) / len(hits), 4),
                             "fallback": round(sum(h.fallback for h in hits) / len(hits), 4),
                             "chosen": dict(Counter(h.domain for h in hits).most_common()),
                             "misses": [f"#{i} -> {hits[i].domain}: {tokenizer.decode(windows[domain][i][:length])[:70]!r}"
@@ -423,12 +424,13 @@ def print_results(r: dict) -> None:
               f"test {cells[1]}")
     print(f"  T = {lengths}; best on val: {sel['best']}; the store's default is the best: {sel['default_is_best']}")
     print(f"  cost of reading the pattern / a full forward: {sel['cost_vs_forward']}")
-    print("\n2. default store, test split: accuracy (fallback rate) by request tokens")
-    print(f"  {'domain':<12}" + "".join(f"{'T=' + str(t):>16}" for t in lengths))
+    print("\n2. default store, test split: served accuracy (fallback = miss) / nearest-domain accuracy "
+          "(fallback rate) by request tokens")
+    print(f"  {'domain':<12}" + "".join(f"{'T=' + str(t):>22}" for t in lengths))
     for domain in r["domains"]:
-        cells = [f"{r['accuracy'][t][domain]['accuracy']:.3f} ({r['accuracy'][t][domain]['fallback']:.2f})"
-                 if domain in r["accuracy"][t] else "-" for t in lengths]
-        print(f"  {domain:<12}" + "".join(f"{c:>16}" for c in cells))
+        cells = [f"{a['accuracy']:.3f}/{a['nearest_accuracy']:.3f} ({a['fallback']:.2f})"
+                 if (a := r["accuracy"][t].get(domain)) else "-" for t in lengths]
+        print(f"  {domain:<12}" + "".join(f"{c:>22}" for c in cells))
     t_mid = 64 if 64 in r["accuracy"] else lengths[len(lengths) // 2]
     print(f"  misses at T={t_mid}:")
     for domain in r["domains"]:

@@ -22,8 +22,9 @@ def command() -> None:
 @command.command("build")
 @click.argument("model")
 @click.option("--profile", "profile_path", required=True, type=click.Path(), help="Profile of MODEL's domains.")
-@click.option("--data", "data", multiple=True, required=True,
-              help="Calibration text per profiled domain (NAME=PATH or testbed names; testbed: the calib split).")
+@click.option("--data", "data", multiple=True,
+              help="Calibration text per profiled domain (NAME=PATH or testbed names; testbed: the calib split). "
+                   "Default: the text the profile was made from.")
 @click.option("--out", required=True, type=click.Path(), help="Store directory to write.")
 @click.option("--held-out", "held_out", multiple=True,
               help="Held-out text per domain (testbed: the val split) to calibrate the fallback to the generalist. "
@@ -50,7 +51,8 @@ def build(model, profile_path, data, out, held_out, scorer, method, feature, pat
 
     if Path(out).exists() and not force:
         raise OutputExistsError(f"{out} already exists; pass --force to replace it")
-    store = build_store(model, Profile.load(profile_path), _sources(model, data, "calib"),
+    profile = Profile.load(profile_path)
+    store = build_store(model, profile, _sources(model, data or _profiled(profile), "calib"),
                         _sources(model, held_out, "val"), scorer,
                         MatchParams(method=method, feature=feature, layers=pattern_layers, quantile=quantile),
                         PatternData(tokens=calib_tokens))
@@ -123,6 +125,22 @@ def query(store_path, text, model, tokens, mixed, as_json) -> None:
     click.echo(f"{verdict}  [{hit.method} over {hit.tokens} tokens, {hit.seconds * 1000:.1f} ms]")
     for name, distance in sorted(hit.distances.items(), key=lambda kv: kv[1]):
         click.echo(f"  {name:<14} {distance:.6g}")
+
+
+def _profiled(profile) -> list[str]:
+    """--data specs of the text each domain was profiled on (testbed:<domain>:<split> origins or paths)."""
+    from premoe.errors import InputError
+
+    specs = []
+    for domain, origin in profile.data.items():
+        if origin.startswith("testbed:"):
+            _, name, split = origin.split(":")
+            specs.append(f"{name}:{split}")
+        elif origin:
+            specs.append(f"{domain}={origin}")
+        else:
+            raise InputError(f"the profile does not record where domain {domain!r} came from; pass --data")
+    return specs
 
 
 def _sources(model: str, specs, split: str) -> list:
