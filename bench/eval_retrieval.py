@@ -349,47 +349,55 @@ def perplexity(retriever, windows: dict, s, args) -> dict:
 
 
 def mixed(retriever, tokens: dict, windows: dict, s, args) -> dict:
-    """Half python code + half prose requests: what each rule serves and its perplexity; halves-rule cost in-domain."""
+    """Half python code + half prose requests (both orders): each rule's served perplexity; the rules' in-domain cost."""
     from premoe.store import GENERALIST
 
     code = "python" if "python" in s.store.domains else s.store.domains[0]
     prose = [d for d in s.store.domains if d != code and d != "math"][:4]
     half = args.seq_len // 2
-    per = max(1, args.windows // 4)
+    per = max(1, args.windows // 8)
     nll = _Scorer(retriever, s.store, s.experts, args.seq_len)
-    table = {k: [] for k in ("code specialist", "prose specialist", GENERALIST, "whole rule", "halves rule")}
-    picks = {"whole rule": Counter(), "halves rule": Counter()}
-    for p in prose:
-        for i in range(min(per, len(windows[code]), len(windows[p]))):
-            window = torch.cat([windows[code][i][:half], windows[p][i][:half]])  # (seq,)
-            features = retriever.reader.tokens(window.unsqueeze(0))[0]  # (seq, F)
-            whole = retriever.decide(features.mean(0), len(window))
-            halves = {retriever.decide(part.mean(0), len(part)).nearest for part in (features[:half], features[half:])}
-            halves_domain = GENERALIST if (len(halves) > 1 or whole.fallback) else whole.domain
-            key = ("mixed", p, i)
-            table["code specialist"].append(nll(key, window, code))
-            table["prose specialist"].append(nll(key, window, p))
-            table[GENERALIST].append(nll(key, window, GENERALIST))
-            table["whole rule"].append(nll(key, window, whole.domain))
-            table["halves rule"].append(nll(key, window, halves_domain))
-            picks["whole rule"][whole.domain] += 1
-            picks["halves rule"][halves_domain] += 1
+    rules = ("whole rule", "halves rule", "tail rule")
+    out = {}
+    for order in ("code first", "prose first"):
+        table = {k: [] for k in ("code specialist", "prose specialist", GENERALIST, *rules)}
+        picks = {r: Counter() for r in rules}
+        for p in prose:
+            for i in range(min(per, len(windows[code]), len(windows[p]))):
+                a, b = windows[code][i][:half], windows[p][i][:half]
+                window = torch.cat([a, b] if order == "code first" else [b, a])  # (seq,)
+                features = retriever.reader.tokens(window.unsqueeze(0))[0]  # (seq, F)
+                whole = retriever.decide(features.mean(0), len(window))
+                first, second = (retriever.decide(part.mean(0), len(part)) for part in (features[:half], features[half:]))
+                chosen = {"whole rule": whole.domain,
+                          "halves rule": GENERALIST if whole.fallback or first.nearest != second.nearest else whole.domain,
+                          "tail rule": second.domain}
+                key = ("mixed", order, p, i)
+                table["code specialist"].append(nll(key, window, code))
+                table["prose specialist"].append(nll(key, window, p))
+                table[GENERALIST].append(nll(key, window, GENERALIST))
+                for rule in rules:
+                    table[rule].append(nll(key, window, chosen[rule]))
+                    picks[rule][chosen[rule]] += 1
+        out[order] = {"requests": len(table["whole rule"]), "ppl": {k: _summary(v) for k, v in table.items()},
+                      "picks": {k: dict(v.most_common()) for k, v in picks.items()}}
     cost = {}
     for length in sorted({args.prompt_tokens, args.seq_len}):
-        flips = total = 0
+        flips = tail_wrong = whole_wrong = total = 0
         for domain, x in tokens.items():
             if domain not in s.store.domains or x.shape[1] < length:
                 continue
             for w in x:
-                half_len = length // 2
-                names = {retriever.decide(part.mean(0), half_len).nearest for part in (w[:half_len], w[half_len:length])}
-                flips += len(names) > 1
+                h = length // 2
+                one, two = (retriever.decide(part.mean(0), h) for part in (w[:h], w[h:length]))
+                flips += one.nearest != two.nearest
+                tail_wrong += two.domain != domain
+                whole_wrong += retriever.decide(w[:length].mean(0), length).domain != domain
                 total += 1
-        cost[length] = round(flips / max(total, 1), 4)
-    return {"requests": len(table["whole rule"]), "code": code, "prose": prose,
-            "ppl": {k: _summary(v) for k, v in table.items()},
-            "picks": {k: dict(v.most_common()) for k, v in picks.items()},
-            "halves_rule_extra_in_domain_fallback": cost}
+        cost[length] = {"halves_rule_extra_fallback": round(flips / max(total, 1), 4),
+                        "whole_rule_served_wrong": round(whole_wrong / max(total, 1), 4),
+                        "tail_rule_served_wrong": round(tail_wrong / max(total, 1), 4)}
+    return {"code": code, "prose": prose, "orders": out, "in_domain_cost": cost}
 
 
 def conversation(retriever, tokens: dict, s, length: int) -> dict:
@@ -452,11 +460,12 @@ def print_results(r: dict) -> None:
               f"(mean dNLL {gap['mean_nll_delta_per_wrong_window']:+.4f}), right windows dNLL "
               f"{gap['right_windows_nll_delta']:g}  served {row['served']}")
     m = r["mixed"]
-    print(f"\n5. mixed requests ({m['requests']}: half {m['code']} + half {', '.join(m['prose'])}), ppl:")
-    for name, row in m["ppl"].items():
-        print(f"  {name:<18} {row['ppl']:>9.3f} (nll {row['nll']:.4f} ± {row['se']:.4f})")
-    print(f"  picks: {m['picks']}; halves rule's extra in-domain fallback by T: "
-          f"{m['halves_rule_extra_in_domain_fallback']}")
+    print(f"\n5. mixed requests (half {m['code']} + half one of {', '.join(m['prose'])}), served ppl per rule:")
+    for order, row in m["orders"].items():
+        print(f"  {order} ({row['requests']} requests): " + ", ".join(
+            f"{name} {v['ppl']:.2f}" for name, v in row["ppl"].items()))
+        print(f"    picks: {row['picks']}")
+    print(f"  in-domain test requests, by T: {m['in_domain_cost']}")
     print(f"\n6. conversation: share of consecutive same-topic turns that re-retrieve another domain "
           f"(T={r['conversation']['tokens']}): {r['conversation']['swap_rate_between_consecutive_turns']}")
     print(f"\n{r['seconds']} s, peak RSS {r['peak_rss_mb']} MB")

@@ -146,6 +146,9 @@ class ExpertBank:
                                       f"{self.num_experts} experts on disk; the checkpoint is incomplete")
         self._slots = {l: self._slot_places(l) for l in self.layers}
         self.cache = _SlotCache.create(self, cache) if self._wants_cache(cache) else None
+        self._views = {l: [[_bytes_view(p.slot(i)) for p in places] for i in range(len(self.slots[l]))]
+                       for l, places in self._slots.items()} if self.cache is not None else {}  # per slot, made once
+        self._checked: dict[tuple, dict[int, list[int]]] = {}
         self.totals = SwapReport(0, 0, 0.0)
 
     @property
@@ -182,7 +185,12 @@ class ExpertBank:
     def swap(self, kept: Mapping[int, Sequence[int]]) -> SwapReport:
         """Make the resident model hold ``kept``, reading only experts it does not hold yet, into freed slots."""
         started = time.perf_counter()
-        target = self._check(kept, self.experts_per_layer)
+        key = tuple((l, tuple(kept[l])) for l in sorted(kept))
+        target = self._checked.get(key)
+        if target is None:  # validated once per distinct kept set: a server cycles through a few
+            if len(self._checked) >= 64:
+                self._checked.clear()
+            target = self._checked[key] = self._check(kept, self.experts_per_layer)
         report = SwapReport(0, 0, 0.0)
         for layer, new in target.items():
             slots = self.slots[layer]
@@ -207,7 +215,7 @@ class ExpertBank:
     def _load(self, layer: int, expert: int, slot: int) -> int:
         """Bring one expert (tensors and router rows) into ``slot``; returns bytes read."""
         if self.cache is not None:
-            return self.cache.read(layer, expert, [place.slot(slot) for place in self._slots[layer]])
+            return self.cache.read(layer, expert, self._views[layer][slot])
         self._assemble(layer, expert, lambda place: place.slot(slot))
         return self.expert_bytes(layer, expert)
 
@@ -318,9 +326,8 @@ class _SlotCache:
     def offset(self, layer: int, expert: int) -> int:
         return self.base[layer] + expert * self.record_bytes[layer]
 
-    def read(self, layer: int, expert: int, targets: list[torch.Tensor]) -> int:
-        """Read the record of (layer, expert) straight into ``targets`` (contiguous slot slices); returns bytes."""
-        views = [_bytes_view(t) for t in targets]
+    def read(self, layer: int, expert: int, views: list[memoryview]) -> int:
+        """Read the record of (layer, expert) straight into a slot's byte views; returns bytes read."""
         done = os.preadv(self.fd, views, self.offset(layer, expert))
         if done != self.record_bytes[layer]:
             raise CheckpointError(f"{self.path}: short read of layer {layer} expert {expert} "

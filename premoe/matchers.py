@@ -49,7 +49,7 @@ class MatchParams:
     layers: int = 1  # MoE layers the feature is read from (2 costs a second layer and no bank can give it)
     lengths: tuple[int, ...] = (16, 32, 64, 128, 256)  # request-length buckets, each fit and thresholded alone
     k: int = 5  # knn: the k-th nearest calibration pattern of a domain
-    shrinkage: float = 0.1  # lda: covariance = (1 - s) C + s * mean variance * I
+    shrinkage: float = 0.01  # lda: covariance = (1 - s) C + s * mean variance * I
     weight_decay: float = 1e-3  # logistic: L2 penalty on the standardised weights
     quantile: float = 0.95  # fallback threshold = this quantile of held-out in-domain scores (per length)
 

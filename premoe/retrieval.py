@@ -6,9 +6,10 @@ and the store's matcher (:mod:`premoe.matchers`) scores it against every
 stored domain. The nearest domain serves it, unless the score is beyond the
 threshold of the request's length bucket: then the ``generalist`` does.
 
-Mixed requests (``mixed="halves"``): the first and second halves of the
-request are matched too; if they disagree the request is served by the
-generalist (docs/results/retrieval.md measures when that pays).
+Mixed requests: ``mixed="whole"`` (default) matches the whole request;
+``"halves"`` also matches its two halves and serves the generalist when they
+disagree; ``"tail"`` matches only the request's second half (the text the
+answer continues). docs/results/retrieval.md measures all three.
 
 Example::
 
@@ -29,7 +30,7 @@ from premoe.errors import InputError
 from premoe.patterns import PatternReader, prefix_means
 from premoe.store import GENERALIST, Store
 
-MIXED_RULES = ("whole", "halves")
+MIXED_RULES = ("whole", "halves", "tail")
 
 
 @dataclass
@@ -96,7 +97,9 @@ class Retriever:
         if ids.shape[1] == 0:
             raise InputError("the request has no tokens to retrieve a domain from")
         features = self.reader.tokens(ids)[0]  # (seq, F)
-        hit = self.decide(features.mean(0), int(ids.shape[1]))
+        if self.mixed == "tail" and features.shape[0] >= 2 * self.store.matcher.params.lengths[0]:
+            features = features[features.shape[0] // 2:]  # (seq - seq // 2, F)
+        hit = self.decide(features.mean(0), int(features.shape[0]))
         if self.mixed == "halves" and not hit.fallback and features.shape[0] >= 2 * self.store.matcher.params.lengths[0]:
             half = features.shape[0] // 2
             halves = {self.decide(part.mean(0), len(part)).nearest for part in (features[:half], features[half:])}

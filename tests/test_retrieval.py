@@ -131,6 +131,8 @@ def test_fallback_and_the_mixed_rule(retriever):
     split = halves.retrieve(both)
     assert split.mixed and split.domain == GENERALIST and split.nearest == whole.nearest
     assert not halves.retrieve(torch.cat([code, code], dim=1)).mixed
+    tail = Retriever(retriever.model, retriever.adapter, retriever.store, retriever.tokenizer, mixed="tail").retrieve(both)
+    assert (tail.nearest, tail.tokens) == ("de", 32)  # the German half, read in the context of the code
     with pytest.raises(InputError, match="no tokens"):
         retriever.retrieve("")
     with pytest.raises(InputError, match="mixed-request rule"):

@@ -132,6 +132,10 @@ def test_bad_inputs(built, tiny_qwen3, tmp_path):
 
 def test_cli_build_add_query(built, tiny_qwen3, tmp_path):
     from premoe.cli import cli
+    from premoe.cli.store import _METHODS
+    from premoe.matchers import METHODS
+
+    assert _METHODS == METHODS  # the CLI's copy (kept to answer --help without torch)
 
     profile, _, _ = built
     two = Profile(profile.model, profile.family, profile.moe_layers, profile.num_experts, profile.top_k,

@@ -97,8 +97,9 @@ def add(store_path, profile_path, data, held_out) -> None:
 @click.argument("text")
 @click.option("--model", help="Checkpoint to run (default: the one the store was built from).")
 @click.option("--tokens", type=int, help="Use only the first N tokens of TEXT.")
-@click.option("--mixed", type=click.Choice(["whole", "halves"]), default="whole", show_default=True,
-              help="halves: fall back to the generalist when the two halves of TEXT retrieve different domains.")
+@click.option("--mixed", type=click.Choice(["whole", "halves", "tail"]), default="whole", show_default=True,
+              help="halves: fall back to the generalist when the two halves of TEXT retrieve different domains; "
+                   "tail: match only the second half of TEXT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the retrieval as JSON.")
 def query(store_path, text, model, tokens, mixed, as_json) -> None:
     """Which stored domain TEXT retrieves, with its score for every domain (lower = nearer)."""
