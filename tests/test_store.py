@@ -170,3 +170,14 @@ def test_cli_build_add_query(built, tiny_qwen3, tmp_path):
     assert hit["nearest"] == "code"
     result = runner.invoke(cli, ["store", "query", str(out), text], catch_exceptions=False)
     assert result.exit_code == 0 and "knn over" in result.output and "bible" in result.output
+
+
+def test_build_defaults_to_the_text_the_profile_was_made_from(tmp_path):
+    from premoe.cli.store import _profiled
+
+    profile = known_store(tmp_path).profile
+    profile.data = {"a": "testbed:python:calib", "b": "/data/b.jsonl"}
+    assert _profiled(profile) == ["python:calib", "b=/data/b.jsonl"]
+    profile.data = {"a": ""}
+    with pytest.raises(InputError, match="pass --data"):
+        _profiled(profile)
