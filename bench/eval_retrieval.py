@@ -452,7 +452,7 @@ def print_results(r: dict) -> None:
     for t, row in r["roc"].items():
         print(f"  ROC T={t}: AUROC {row['auroc']:.3f}, unseen caught at 5% in-domain fallback {row['tpr_at_fpr_0.05']:.2f};"
               f" val-calibrated threshold gives {row['operating_point']}")
-    print(f"\n4. perplexity (test, 256-token windows; retrieval from the first prompt tokens):")
+    print("\n4. perplexity (test, 256-token windows; retrieval from the first prompt tokens):")
     for domain, row in r["perplexity"].items():
         gap = row["gap_from_wrong_retrievals"]
         print(f"  {domain:<12} full {row['full']['ppl']:>9.3f}  {row['own_is']} {row['own']['ppl']:>9.3f}  retrieval "

@@ -314,7 +314,7 @@ class _SlotCache:
                 record_bytes[layer] = sum(s.numel() * s.element_size() for s in scratch)
                 base[layer] = offset
                 for expert in range(bank.num_experts):
-                    bank._assemble(layer, expert, lambda place: by_tensor[id(place.tensor)])
+                    bank._assemble(layer, expert, lambda place, into=by_tensor: into[id(place.tensor)])
                     for s in scratch:
                         f.write(_bytes_view(s))
                 offset += record_bytes[layer] * bank.num_experts
