@@ -1,28 +1,42 @@
-"""How well task-adaptive expert retrieval works: accuracy, fallback, and the perplexity of what it serves.
+"""How well task-adaptive expert retrieval works: which matcher, accuracy, fallback, and what it serves.
 
-Run (from the repository root)::
+Run (from the repository root; ~5 min on 1 CPU thread)::
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/eval_retrieval.py --store stores/testbed --json bench/results/taer.json
+    OMP_NUM_THREADS=1 .venv/bin/python bench/eval_retrieval.py --store runs/store \\
+        --json docs/results/retrieval.json --roc docs/results/retrieval_roc.png | tee docs/results/retrieval.txt
     OMP_NUM_THREADS=1 .venv/bin/python bench/eval_retrieval.py --quick        # tiny random model, seconds
 
-Measures, on the test split of every stored domain (never used for the
-patterns or the threshold) and on unseen domains:
+Splits: the store's matcher is fit on the **calib** split, thresholds and
+every choice below are made on the **val** split, and every number reported
+as a result is on the **test** split (never used to build or choose) and on
+unseen domains (c_headers, es and the texts in tests/data/unseen).
 
-1. **accuracy vs request length**: each test window's first T tokens
-   (T = 16, 64, 256) retrieve a domain; accuracy = the window's own domain
-   (fallbacks count as misses), with the fallback rate beside it;
-2. **fallback rate on unseen domains** at the same T (high is right: the
-   store has no pattern for them);
-3. **perplexity of what retrieval serves**: each window is scored by the full
-   model, by its own domain's specialist (M experts per layer) and by the
-   experts retrieval picks from the window's first ``--prompt-tokens``
-   tokens (the generalist on fallback); unseen domains also by the
-   generalist. Specialists are applied by forced routing
-   (``adapter.restrict_routing``), which tests/test_bank.py shows equals the
-   swapped bank and the compiled checkpoint.
+1. **selection** (val; test beside it): every matcher method x pattern
+   feature, fit on the same calib windows; accuracy per domain at
+   T = 16, 64, 256 request tokens; the cost of each feature as a fraction of
+   a full forward. The rule: highest minimum-over-domains accuracy at T = 64
+   on val, then the highest val mean at 64. The store's default should be
+   the winner; the script says so if it is not.
+2. **accuracy** of the default store on test: per domain and T, with the
+   fallback rate (fallbacks count as misses); the misses' text is listed.
+3. **unseen**: fallback rate per unseen source and T; the ROC curve of the
+   fallback score (nearest-domain score) in-domain test vs unseen, with the
+   operating point the val-calibrated thresholds give.
+4. **perplexity** of what retrieval serves (M experts per layer, the store's
+   ranking scorer): each test window (256 tokens) is scored by the full
+   model, its own domain's specialist and the experts retrieved from its
+   first ``--prompt-tokens`` tokens, split by whether retrieval was right.
+   Specialists are applied by forced routing (``adapter.restrict_routing``),
+   which tests/test_bank.py shows equals the swapped bank and the compiled
+   checkpoint.
+5. **mixed** requests (half python code, half prose): the served perplexity
+   of each rule (whole-request match, halves rule) against both specialists
+   and the generalist; and what the halves rule costs on in-domain requests.
+6. **conversation**: how often consecutive same-topic requests retrieve a
+   different domain (each such turn pays a swap).
 
-Perplexity is exp(mean over windows of the window's mean token NLL), with the
-window standard error.
+Perplexity is exp(mean over windows of the window's mean token NLL) ± the
+window standard error of the mean NLL.
 """
 from __future__ import annotations
 
@@ -31,6 +45,7 @@ import contextlib
 import json
 import math
 import resource
+import statistics
 import time
 from collections import Counter
 
@@ -38,113 +53,422 @@ import torch
 
 import taer_setup
 
+METHOD_GRID = [("centroid", {}), ("knn", {}), ("diagonal", {}), ("lda", {"shrinkage": 0.1}),
+               ("lda", {"shrinkage": 0.01}), ("logistic", {})]
+FEATURE_GRID = [("router_input", 1), ("router_logits", 1), ("router_mass", 1), ("tcess", 1), ("router_logits", 2)]
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     taer_setup.add_arguments(parser)
     parser.add_argument("--tokens", type=int, nargs="+", default=[16, 64, 256], help="request lengths T")
-    parser.add_argument("--windows", type=int, default=64, help="test windows per domain")
-    parser.add_argument("--seq-len", type=int, default=256, help="window length for perplexity")
+    parser.add_argument("--windows", type=int, default=64, help="val/test windows per domain")
+    parser.add_argument("--seq-len", type=int, default=256, help="window length")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="tokens retrieval sees before serving")
-    parser.add_argument("--metric", choices=["l2", "cosine"], default="l2")
     parser.add_argument("--json", type=str, help="write the results here")
+    parser.add_argument("--roc", type=str, help="write the ROC plot (png) here")
     args = parser.parse_args()
     if args.quick:
-        args.tokens, args.windows, args.seq_len, args.prompt_tokens = [8, 16, 32], 12, 48, 16
+        args.tokens, args.windows, args.seq_len, args.prompt_tokens = [8, 16, 32], 12, 32, 16
 
     started = time.time()
+    torch.manual_seed(0)
     s = taer_setup.setup(args)
     from premoe.adapters import get_adapter
-    from premoe.data import token_windows
     from premoe.modeling import load_model, load_tokenizer
     from premoe.retrieval import Retriever
 
     model, tokenizer = load_model(s.model), load_tokenizer(s.model)
-    retriever = Retriever(model, get_adapter(model.config), s.store, tokenizer, metric=args.metric)
-    longest = max(max(args.tokens), args.seq_len)
-    windows = {src.name: token_windows(src.texts, tokenizer, longest, longest * args.windows)
-               for src in [*s.test, *s.unseen]}
-    results = {"model": str(s.model), "domains": s.store.domains, "unseen": [u.name for u in s.unseen],
-               "experts": s.experts, "metric": args.metric, "threshold": s.store.threshold,
-               "accuracy": accuracy(retriever, windows, s, args.tokens),
-               "perplexity": perplexity(retriever, windows, s, args)}
+    adapter = get_adapter(model.config)
+    store = s.store
+    retriever = Retriever(model, adapter, store, tokenizer)
+    own = {u.name for u in s.unseen if not u.origin.startswith("testbed:")}
+    windows = {split: {src.name: _windows(src, tokenizer, args.seq_len, args.windows)
+                       for src in sources} for split, sources in (("val", s.val), ("test", [*s.test, *s.unseen]))}
+    results = {"model": str(s.model), "domains": store.domains, "unseen": [u.name for u in s.unseen],
+               "experts": s.experts, "store": {"matcher": store.matcher.manifest(), "ranking_scorer": store.scorer,
+                                               "calibration": store.calibration},
+               "splits": {"fit": "calib", "choose + thresholds": "val", "report": "test + unseen"}}
+    results["selection"] = selection(model, adapter, tokenizer, s, windows, args)
+    tokens = {split: {n: retriever.reader.tokens(w) for n, w in ws.items()} for split, ws in windows.items()}
+    results["accuracy"] = accuracy(retriever, tokens["test"], s, args.tokens, tokenizer, windows["test"], own)
+    results["unseen_fallback"] = unseen(retriever, s, tokenizer, args, own)
+    results["roc"] = roc(retriever, tokens["test"], s, args, results["unseen_fallback"], own)
+    results["perplexity"] = perplexity(retriever, windows["test"], s, args)
+    results["mixed"] = mixed(retriever, tokens["test"], windows["test"], s, args)
+    results["conversation"] = conversation(retriever, tokens["test"], s, args.prompt_tokens)
     results["seconds"] = round(time.time() - started, 1)
     results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print_results(results)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump(results, f, indent=1)
 
 
-def accuracy(retriever, windows: dict, s, lengths: list[int]) -> dict:
-    """{T: {domain: {accuracy, fallback, confusion}}} for stored and unseen domains."""
+def _windows(source, tokenizer, seq_len: int, count: int) -> torch.Tensor:
+    from premoe.data import token_windows
+
+    return token_windows(source.texts, tokenizer, seq_len, seq_len * count)  # (n, seq)
+
+
+# --------------------------------------------------------------------------- 1. selection
+
+
+def selection(model, adapter, tokenizer, s, windows: dict, args) -> dict:
+    """Every method x feature fit on the calib split; accuracy on val and test prefixes; feature cost."""
+    from premoe.matchers import MatchParams, fit_matcher
+    from premoe.patterns import PatternReader, chunk_means, prefix_means
+    from premoe.store import PatternData
+
+    params = s.store.matcher.params
+    lengths = params.lengths
+    rows, costs = [], {}
+    amounts = PatternData(**s.store.calibration.get("amounts", {}))
+    for feature, layers in FEATURE_GRID if not args.quick else [("router_input", 1), ("router_mass", 1)]:
+        reader = PatternReader(model, adapter, feature, layers)
+        calib = {src.name: reader.tokens(_windows(src, tokenizer, max(lengths), amounts.tokens // max(lengths)))
+                 for src in s.calib}
+        bank = {d: {t: chunk_means(x, t) for t in lengths if t <= x.shape[1]} for d, x in calib.items()}
+        held = {split: {d: prefix_means(reader.tokens(w), args.tokens) for d, w in ws.items() if d in bank}
+                for split, ws in windows.items()}
+        costs[f"{feature}@{layers}"] = _cost(model, reader, windows["test"][s.store.domains[0]][:1])
+        for method, extra in METHOD_GRID:
+            matcher = fit_matcher(MatchParams(method=method, feature=feature, layers=layers, lengths=lengths, **extra),
+                                  bank)
+            row = {"method": method, **extra, "feature": feature, "layers": layers}
+            for split, by_domain in held.items():
+                row[split] = {t: {d: round(float((matcher.scores(p[t], t).argmin(1) == matcher.domains.index(d))
+                                                 .double().mean()), 4) for d, p in by_domain.items() if t in p}
+                              for t in args.tokens}
+            rows.append(row)
+    key = lambda r: (min(r["val"][args.prompt_tokens].values()),  # noqa: E731
+                     statistics.mean(r["val"][args.prompt_tokens].values()))
+    best = max(rows, key=key)
+    default = {"method": params.method, "feature": params.feature, "layers": params.layers}
+    is_default = all(best[k] == v for k, v in default.items()) and (
+        params.method != "lda" or best.get("shrinkage") == params.shrinkage)
+    return {"rule": f"max over methods of (min over domains, then mean) val accuracy at T = {args.prompt_tokens}",
+            "rows": rows, "best": {k: v for k, v in best.items() if k not in ("val", "test")},
+            "default_is_best": is_default, "cost_vs_forward": costs}
+
+
+@torch.no_grad()
+def _cost(model, reader, ids: torch.Tensor, rounds: int = 9) -> float:
+    """Median over alternating rounds of (pattern read time / full forward time) on the same tokens."""
+    ratios = []
+    for round_ in range(rounds + 1):
+        times = {}
+        for side in (("read", "forward") if round_ % 2 else ("forward", "read")):
+            start = time.perf_counter()
+            reader.tokens(ids) if side == "read" else model(input_ids=ids, use_cache=False)
+            times[side] = time.perf_counter() - start
+        if round_:
+            ratios.append(times["read"] / times["forward"])
+    return round(statistics.median(ratios), 4)
+
+
+# --------------------------------------------------------------------------- 2. accuracy
+
+
+def accuracy(retriever, tokens: dict, s, lengths, tokenizer, windows: dict, own: set) -> dict:
+    """{T: {domain: accuracy, fallback, chosen, misses}} of the default store on test prefixes."""
     out = {}
     for length in lengths:
         rows = {}
-        for domain, batch in windows.items():
-            if batch.shape[1] < length:
+        for domain, x in tokens.items():
+            if domain not in s.store.domains or x.shape[1] < length:
                 continue
-            hits = [retriever.retrieve(w[:length]) for w in batch]
-            rows[domain] = {"windows": len(hits), "fallback": round(sum(h.fallback for h in hits) / len(hits), 4),
-                            "chosen": dict(Counter(h.domain for h in hits).most_common())}
-            if domain in s.store.domains:
-                rows[domain]["accuracy"] = round(sum(h.domain == domain for h in hits) / len(hits), 4)
+            hits = [retriever.decide(w[:length].mean(0), length) for w in x]
+            wrong = [i for i, h in enumerate(hits) if h.domain != domain]
+            rows[domain] = {"windows": len(hits), "accuracy": round(1 - len(wrong) / len(hits), 4),
+                            "nearest_accuracy": round(sum(h.nearest == domain for h in hits) / len(hits), 4),
+                            "fallback": round(sum(h.fallback for h in hits) / len(hits), 4),
+                            "chosen": dict(Counter(h.domain for h in hits).most_common()),
+                            "misses": [f"#{i} -> {hits[i].domain}: {tokenizer.decode(windows[domain][i][:length])[:70]!r}"
+                                       for i in wrong]}
         out[length] = rows
     return out
 
 
-@torch.no_grad()
+# --------------------------------------------------------------------------- 3. unseen + ROC
+
+
+def _unseen_patterns(retriever, source, tokenizer, length: int, seq_len: int, count: int, own: set) -> torch.Tensor:
+    """(n, F) request patterns of ``length`` tokens from an unseen source.
+
+    Testbed splits: the first ``length`` tokens of each ``seq_len`` window,
+    as for stored domains; the short texts written for this project: every
+    consecutive ``length``-token piece (they hold too few full windows).
+    """
+    from premoe.data import token_windows
+
+    if source.name in own:
+        pieces = token_windows(source.texts, tokenizer, length, None)
+        pieces = pieces if pieces.shape[1] == length else pieces[:, :0]
+        return retriever.reader.tokens(pieces).mean(1) if len(pieces) else torch.zeros(0, 1)
+    x = retriever.reader.tokens(_windows(source, tokenizer, seq_len, count))
+    return x[:, :length].mean(1) if x.shape[1] >= length else torch.zeros(0, 1)
+
+
+def unseen(retriever, s, tokenizer, args, own: set) -> dict:
+    """{T: {source: fallback rate, requests, chosen, scores}} for every unseen source."""
+    out = {}
+    for length in args.tokens:
+        rows = {}
+        for source in s.unseen:
+            patterns = _unseen_patterns(retriever, source, tokenizer, length, args.seq_len, args.windows, own)
+            if not len(patterns):
+                continue
+            hits = [retriever.decide(p, length) for p in patterns]
+            rows[source.name] = {"requests": len(hits), "fallback": round(sum(h.fallback for h in hits) / len(hits), 4),
+                                 "chosen": dict(Counter(h.domain for h in hits).most_common()),
+                                 "scores": [h.distance for h in hits]}
+        if rows:
+            rows["all unseen"] = {"requests": sum(r["requests"] for r in rows.values()),
+                                  "fallback": round(sum(r["fallback"] * r["requests"] for r in rows.values())
+                                                    / sum(r["requests"] for r in rows.values()), 4)}
+        out[length] = rows
+    return out
+
+
+def roc(retriever, tokens: dict, s, args, unseen_rows: dict, own: set) -> dict:
+    """ROC of the fallback score (in-domain test = negatives, unseen = positives) per T; plot if --roc."""
+    out = {}
+    curves = {}
+    for length in args.tokens:
+        neg = [retriever.decide(w[:length].mean(0), length).distance
+               for d, x in tokens.items() if d in s.store.domains and x.shape[1] >= length for w in x]
+        pos = [v for name, row in unseen_rows[length].items() if name != "all unseen" for v in row["scores"]]
+        if not neg or not pos:
+            continue
+        neg_t, pos_t = torch.tensor(neg), torch.tensor(pos)
+        cuts = torch.cat([torch.tensor([float("inf")]), torch.cat([neg_t, pos_t]).sort(descending=True).values])
+        fpr = [(neg_t > c).double().mean().item() for c in cuts] + [1.0]
+        tpr = [(pos_t > c).double().mean().item() for c in cuts] + [1.0]
+        auc = sum((fpr[i + 1] - fpr[i]) * (tpr[i + 1] + tpr[i]) / 2 for i in range(len(fpr) - 1))
+        threshold = s.store.matcher.thresholds.get(s.store.matcher.bucket(length))
+        point = None if threshold is None else {"threshold": round(threshold, 4),
+                                                "in_domain_fallback": round((neg_t > threshold).double().mean().item(), 4),
+                                                "unseen_fallback": round((pos_t > threshold).double().mean().item(), 4)}
+        tpr_at_5 = max(t for f, t in zip(fpr, tpr) if f <= 0.05)
+        out[length] = {"auroc": round(auc, 4), "tpr_at_fpr_0.05": round(tpr_at_5, 4), "operating_point": point,
+                       "negatives": len(neg), "positives": len(pos)}
+        curves[length] = (fpr, tpr, point)
+    if args.roc and curves:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for length, (fpr, tpr, point) in curves.items():
+            line, = ax.plot(fpr, tpr, label=f"T = {length} (AUROC {out[length]['auroc']:.3f})")
+            if point:
+                ax.plot([point["in_domain_fallback"]], [point["unseen_fallback"]], "o", color=line.get_color())
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.axvline(0.05, color="grey", lw=0.5)
+        ax.axhline(0.9, color="grey", lw=0.5)
+        ax.set_xlabel("in-domain test requests falling back (FPR)")
+        ax.set_ylabel("unseen-domain requests falling back (TPR)")
+        ax.set_title(f"fallback score ROC: {s.store.matcher.params.method} on {s.store.matcher.params.feature}\n"
+                     "dots: thresholds calibrated on val; goal region top-left of the grey lines", fontsize=8)
+        ax.legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(args.roc, dpi=120)
+    return out
+
+
+# --------------------------------------------------------------------------- 4. perplexity
+
+
+class _Scorer:
+    """Window NLL under the full model or a target's kept experts (forced routing), cached per (window, target)."""
+
+    def __init__(self, retriever, store, experts: int, seq_len: int):
+        from premoe.store import GENERALIST
+
+        self.model, self.adapter, self.seq_len = retriever.model, retriever.adapter, seq_len
+        self.kept = {t: store.kept(t, experts) for t in [*store.domains, GENERALIST]}
+        self.cache: dict = {}
+
+    @torch.no_grad()
+    def __call__(self, key, window: torch.Tensor, target: str | None) -> float:
+        from premoe.metrics import token_nll
+
+        if (key, target) not in self.cache:
+            ids = window[: self.seq_len].unsqueeze(0)  # (1, seq)
+            ctx = self.adapter.restrict_routing(self.model, self.kept[target]) if target else contextlib.nullcontext()
+            with ctx:
+                logits = self.model(input_ids=ids).logits[:, :-1]  # (1, seq-1, vocab)
+            self.cache[(key, target)] = float(token_nll(logits, ids[:, 1:]).mean())
+        return self.cache[(key, target)]
+
+
+def _summary(values: list[float]) -> dict:
+    from premoe.metrics import mean_and_se
+
+    if not values:
+        return {"windows": 0}
+    mean, se = mean_and_se(values)
+    return {"ppl": round(math.exp(mean), 4), "nll": round(mean, 5), "se": round(se, 5), "windows": len(values)}
+
+
 def perplexity(retriever, windows: dict, s, args) -> dict:
-    """{domain: {full, specialist, retrieval, generalist}: ppl ± se} on ``seq_len`` windows."""
-    from premoe.metrics import mean_and_se, token_nll
+    """{domain: full, specialist/generalist, retrieval, gap split by right/wrong retrieval}."""
     from premoe.store import GENERALIST
 
-    model, adapter, store = retriever.model, retriever.adapter, s.store
-    kept = {t: store.kept(t, s.experts) for t in [*store.domains, GENERALIST]}
-
-    def nll(window: torch.Tensor, target: str | None) -> float:
-        ids = window[: args.seq_len].unsqueeze(0)  # (1, seq)
-        with adapter.restrict_routing(model, kept[target]) if target else contextlib.nullcontext():
-            logits = model(input_ids=ids).logits[:, :-1]  # (1, seq-1, vocab)
-        return float(token_nll(logits, ids[:, 1:]).mean())
-
+    nll = _Scorer(retriever, s.store, s.experts, args.seq_len)
     out = {}
     for domain, batch in windows.items():
-        seen = domain in store.domains
-        scores: dict[str, list[float]] = {"full": [], "retrieval": [], ("specialist" if seen else GENERALIST): []}
+        seen = domain in s.store.domains
+        own = domain if seen else GENERALIST
+        rows = {"full": [], "own": [], "retrieval": []}
+        right, wrong = [], []
         served = Counter()
-        for window in batch:
+        for i, window in enumerate(batch):
             hit = retriever.retrieve(window[: args.prompt_tokens])
             served[hit.domain] += 1
-            scores["full"].append(nll(window, None))
-            scores["retrieval"].append(nll(window, hit.domain))
-            scores["specialist" if seen else GENERALIST].append(nll(window, domain if seen else GENERALIST))
-        row = {}
-        for name, values in scores.items():
-            mean, se = mean_and_se(values)
-            row[name] = {"ppl": round(math.exp(mean), 4), "nll": round(mean, 5), "se": round(se, 5)}
+            full, mine, got = nll((domain, i), window, None), nll((domain, i), window, own), \
+                nll((domain, i), window, hit.domain)
+            rows["full"].append(full)
+            rows["own"].append(mine)
+            rows["retrieval"].append(got)
+            (right if hit.domain == own else wrong).append(got - mine)
+        row = {k: _summary(v) for k, v in rows.items()}
+        row["own_is"] = "specialist" if seen else GENERALIST
         row["served"] = dict(served.most_common())
+        row["retrieval_vs_own_pct"] = round(100 * (math.exp(row["retrieval"]["nll"] - row["own"]["nll"]) - 1), 3)
+        row["gap_from_wrong_retrievals"] = {"windows": len(wrong),
+                                            "mean_nll_delta_per_wrong_window": round(statistics.mean(wrong), 5) if wrong else 0.0,
+                                            "right_windows_nll_delta": round(sum(right), 9)}
         out[domain] = row
     return out
 
 
+# --------------------------------------------------------------------------- 5. mixed, 6. conversation
+
+
+def mixed(retriever, tokens: dict, windows: dict, s, args) -> dict:
+    """Half python code + half prose requests (both orders): each rule's served perplexity; the rules' in-domain cost."""
+    from premoe.store import GENERALIST
+
+    code = "python" if "python" in s.store.domains else s.store.domains[0]
+    prose = [d for d in s.store.domains if d != code and d != "math"][:4]
+    half = args.seq_len // 2
+    per = max(1, args.windows // 8)
+    nll = _Scorer(retriever, s.store, s.experts, args.seq_len)
+    rules = ("whole rule", "halves rule", "tail rule")
+    out = {}
+    for order in ("code first", "prose first"):
+        table = {k: [] for k in ("code specialist", "prose specialist", GENERALIST, *rules)}
+        picks = {r: Counter() for r in rules}
+        for p in prose:
+            for i in range(min(per, len(windows[code]), len(windows[p]))):
+                a, b = windows[code][i][:half], windows[p][i][:half]
+                window = torch.cat([a, b] if order == "code first" else [b, a])  # (seq,)
+                features = retriever.reader.tokens(window.unsqueeze(0))[0]  # (seq, F)
+                whole = retriever.decide(features.mean(0), len(window))
+                first, second = (retriever.decide(part.mean(0), len(part)) for part in (features[:half], features[half:]))
+                chosen = {"whole rule": whole.domain,
+                          "halves rule": GENERALIST if whole.fallback or first.nearest != second.nearest else whole.domain,
+                          "tail rule": second.domain}
+                key = ("mixed", order, p, i)
+                table["code specialist"].append(nll(key, window, code))
+                table["prose specialist"].append(nll(key, window, p))
+                table[GENERALIST].append(nll(key, window, GENERALIST))
+                for rule in rules:
+                    table[rule].append(nll(key, window, chosen[rule]))
+                    picks[rule][chosen[rule]] += 1
+        out[order] = {"requests": len(table["whole rule"]), "ppl": {k: _summary(v) for k, v in table.items()},
+                      "picks": {k: dict(v.most_common()) for k, v in picks.items()}}
+    cost = {}
+    for length in sorted({args.prompt_tokens, args.seq_len}):
+        flips = tail_wrong = whole_wrong = total = 0
+        for domain, x in tokens.items():
+            if domain not in s.store.domains or x.shape[1] < length:
+                continue
+            for w in x:
+                h = length // 2
+                one, two = (retriever.decide(part.mean(0), h) for part in (w[:h], w[h:length]))
+                flips += one.nearest != two.nearest
+                tail_wrong += two.domain != domain
+                whole_wrong += retriever.decide(w[:length].mean(0), length).domain != domain
+                total += 1
+        cost[length] = {"halves_rule_extra_fallback": round(flips / max(total, 1), 4),
+                        "whole_rule_served_wrong": round(whole_wrong / max(total, 1), 4),
+                        "tail_rule_served_wrong": round(tail_wrong / max(total, 1), 4)}
+    return {"code": code, "prose": prose, "orders": out, "in_domain_cost": cost}
+
+
+def conversation(retriever, tokens: dict, s, length: int) -> dict:
+    """Per domain: share of consecutive same-topic requests (test windows) that retrieve a different domain."""
+    out = {}
+    for domain, x in tokens.items():
+        if domain not in s.store.domains or x.shape[1] < length:
+            continue
+        picks = [retriever.decide(w[:length].mean(0), length).domain for w in x]
+        out[domain] = round(sum(a != b for a, b in zip(picks, picks[1:])) / max(len(picks) - 1, 1), 4)
+    return {"tokens": length, "swap_rate_between_consecutive_turns": out}
+
+
+# --------------------------------------------------------------------------- printing
+
+
 def print_results(r: dict) -> None:
-    print(f"model {r['model']}, M = {r['experts']}, metric {r['metric']}, threshold {r['threshold']}")
-    print("retrieval accuracy (fallback rate) by request tokens:")
+    store = r["store"]["matcher"]
+    print(f"model {r['model']}, M = {r['experts']}, ranking scorer {r['store']['ranking_scorer']}; matcher "
+          f"{store['params']['method']} on {store['params']['feature']} (layers {store['params']['layers']}), "
+          f"fallback quantile {store['params']['quantile']}; splits {r['splits']}")
+    sel = r["selection"]
+    print(f"\n1. matcher selection ({sel['rule']}); accuracy min / mean over domains, val | test:")
     lengths = list(r["accuracy"])
-    print(f"  {'domain':<12}" + "".join(f"{'T=' + str(t):>18}" for t in lengths))
-    for domain in [*r["domains"], *r["unseen"]]:
+    for row in sel["rows"]:
         cells = []
-        for t in lengths:
-            row = r["accuracy"][t].get(domain)
-            cells.append("-" if row is None else f"{row.get('accuracy', float('nan')):.2f} ({row['fallback']:.2f})")
-        print(f"  {domain:<12}" + "".join(f"{c:>18}" for c in cells) + ("   [unseen]" if domain in r["unseen"] else ""))
-    print("perplexity: full model | own specialist (or generalist for unseen) | retrieval-served")
+        for split in ("val", "test"):
+            cells.append(" ".join(f"{min(row[split][t].values()):.2f}/{statistics.mean(row[split][t].values()):.2f}"
+                                  for t in lengths))
+        extra = f" s={row['shrinkage']}" if "shrinkage" in row else ""
+        print(f"  {row['method'] + extra:<14} {row['feature'] + '@' + str(row['layers']):<16} val {cells[0]} | "
+              f"test {cells[1]}")
+    print(f"  T = {lengths}; best on val: {sel['best']}; the store's default is the best: {sel['default_is_best']}")
+    print(f"  cost of reading the pattern / a full forward: {sel['cost_vs_forward']}")
+    print("\n2. default store, test split: served accuracy (fallback = miss) / nearest-domain accuracy "
+          "(fallback rate) by request tokens")
+    print(f"  {'domain':<12}" + "".join(f"{'T=' + str(t):>22}" for t in lengths))
+    for domain in r["domains"]:
+        cells = [f"{a['accuracy']:.3f}/{a['nearest_accuracy']:.3f} ({a['fallback']:.2f})"
+                 if (a := r["accuracy"][t].get(domain)) else "-" for t in lengths]
+        print(f"  {domain:<12}" + "".join(f"{c:>22}" for c in cells))
+    t_mid = 64 if 64 in r["accuracy"] else lengths[len(lengths) // 2]
+    print(f"  misses at T={t_mid}:")
+    for domain in r["domains"]:
+        for miss in r["accuracy"][t_mid].get(domain, {}).get("misses", []):
+            print(f"    {domain}: {miss}")
+    print("\n3. unseen sources: fallback rate to the generalist (requests)")
+    for name in [*r["unseen"], "all unseen"]:
+        cells = [f"{r['unseen_fallback'][t][name]['fallback']:.2f} ({r['unseen_fallback'][t][name]['requests']})"
+                 if name in r["unseen_fallback"][t] else "-" for t in lengths]
+        print(f"  {name:<12}" + "".join(f"{c:>16}" for c in cells))
+    for t, row in r["roc"].items():
+        print(f"  ROC T={t}: AUROC {row['auroc']:.3f}, unseen caught at 5% in-domain fallback {row['tpr_at_fpr_0.05']:.2f};"
+              f" val-calibrated threshold gives {row['operating_point']}")
+    print("\n4. perplexity (test, 256-token windows; retrieval from the first prompt tokens):")
     for domain, row in r["perplexity"].items():
-        other = "specialist" if "specialist" in row else "generalist"
-        print(f"  {domain:<12} full {row['full']['ppl']:>9.3f}  {other} {row[other]['ppl']:>9.3f}  "
-              f"retrieval {row['retrieval']['ppl']:>9.3f}  (served by {row['served']})")
-    print(f"{r['seconds']} s, peak RSS {r['peak_rss_mb']} MB")
+        gap = row["gap_from_wrong_retrievals"]
+        print(f"  {domain:<12} full {row['full']['ppl']:>9.3f}  {row['own_is']} {row['own']['ppl']:>9.3f}  retrieval "
+              f"{row['retrieval']['ppl']:>9.3f} ({row['retrieval_vs_own_pct']:+.2f}%)  wrong {gap['windows']} "
+              f"(mean dNLL {gap['mean_nll_delta_per_wrong_window']:+.4f}), right windows dNLL "
+              f"{gap['right_windows_nll_delta']:g}  served {row['served']}")
+    m = r["mixed"]
+    print(f"\n5. mixed requests (half {m['code']} + half one of {', '.join(m['prose'])}), served ppl per rule:")
+    for order, row in m["orders"].items():
+        print(f"  {order} ({row['requests']} requests): " + ", ".join(
+            f"{name} {v['ppl']:.2f}" for name, v in row["ppl"].items()))
+        print(f"    picks: {row['picks']}")
+    print(f"  in-domain test requests, by T: {m['in_domain_cost']}")
+    print(f"\n6. conversation: share of consecutive same-topic turns that re-retrieve another domain "
+          f"(T={r['conversation']['tokens']}): {r['conversation']['swap_rate_between_consecutive_turns']}")
+    print(f"\n{r['seconds']} s, peak RSS {r['peak_rss_mb']} MB")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,33 @@
 """Expert bank: a resident pruned model whose M expert slots per layer are refilled from disk per request.
 
-The full checkpoint stays on disk. Its shards are memory-mapped and every
-expert tensor is a zero-copy view into the mapping, so a swap reads exactly
-the bytes of the experts it brings in (from the page cache or the disk) and
-converts them straight into their resident slots: one pass, no staging copy.
+The resident model is the original pruned in memory to M experts per layer
+(:func:`~premoe.adapters.base.prune_in_memory`), so it *is* a compiled
+specialist of whatever it holds. A swap to another kept set reads only the
+experts it does not hold yet, each straight into the slot of an expert that
+leaves: slots are **unordered** (slot i holds some kept expert together with
+its own router row, bias and correction-bias entries), so experts that stay
+are never moved. A MoE layer's output does not depend on the order of its
+experts, so the model equals the compiled specialist (whose experts are in
+ascending order) up to float summation order (tests/test_bank.py: 1e-5).
 
-The resident model is the original pruned in memory to M experts per layer,
-so it is the compiled specialist of whatever it currently holds: slot i of a
-layer holds the i-th smallest kept original expert index (the order a
-compiled checkpoint has). A swap keeps that invariant: experts that stay
-move between slots in memory, only new ones are read (fused expert rows,
-router weight rows, router bias and correction-bias entries). Where each
-on-disk tensor goes in memory is the adapter's knowledge
-(:meth:`~premoe.adapters.base.MoEAdapter.memory_place`).
+Where the bytes come from:
 
-Retrieval needs the first layer's *full* router (the resident one has M
-rows), so the bank keeps a copy of it from before pruning.
+* **a slot cache** (default when the checkpoint's dtype differs from the
+  resident one, e.g. bf16 on disk, fp32 on CPU): at start the bank writes
+  every expert once, in the resident dtype, as one contiguous record per
+  (layer, expert) laid out exactly like a slot (fused expert rows, router
+  row, biases). A swap is then one ``preadv`` per expert into the slot's own
+  memory: no conversion, no staging copy, the cost of a plain read of the
+  record's bytes (``bench/bench_serve.py``). The cache costs disk (all
+  experts in the resident dtype, in a temp file removed with the bank) and
+  one pass over the experts at start;
+* **the checkpoint** (``cache=None``): shards are memory-mapped and each
+  expert tensor is a zero-copy view; a swap converts it into its slot.
+
+Where each on-disk tensor goes in memory is the adapter's knowledge
+(:meth:`~premoe.adapters.base.MoEAdapter.memory_place`). Retrieval needs the
+first layer's *full* router (the resident one has M rows), so the bank keeps
+a copy of it from before pruning.
 
 Example::
 
@@ -27,7 +39,10 @@ from __future__ import annotations
 
 import copy
 import mmap
+import os
+import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -49,7 +64,7 @@ class SwapReport:
     experts: int  # experts read from disk
     bytes: int  # bytes read from disk
     seconds: float
-    moved: int = 0  # experts that stayed resident but changed slot (memory copies, no disk read)
+    moved: int = 0  # experts moved between slots in memory (always 0: slots are unordered)
 
     def as_dict(self) -> dict:
         return {"experts": self.experts, "bytes": self.bytes, "seconds": round(self.seconds, 6), "moved": self.moved}
@@ -64,8 +79,12 @@ class _Place:
     part: int
     parts: int
 
-    def write(self, slot: int, value: torch.Tensor) -> None:
-        target = self.tensor.select(self.axis, slot)  # a view: one expert's slice (a scalar for bias vectors)
+    def slot(self, slot: int) -> torch.Tensor:
+        """A view of one slot's slice (a scalar for bias vectors)."""
+        return self.tensor.select(self.axis, slot)
+
+    def write(self, target: torch.Tensor, value: torch.Tensor) -> None:
+        """Write ``value`` into this place's chunk of ``target`` (a slot slice, or a scratch of its shape)."""
         (target.chunk(self.parts, dim=0)[self.part] if self.parts > 1 else target).copy_(value)
 
 
@@ -84,14 +103,18 @@ class _Source:
 
 
 class ExpertBank:
-    """A resident model with M expert slots per MoE layer, swappable in place from the checkpoint on disk.
+    """A resident model with M expert slots per MoE layer, swappable in place from disk.
 
     ``kept`` ({layer: [original experts]}, the same count in every layer)
     is what the model holds at start. ``loaded`` is an optional unpruned
-    model already in memory (it is pruned in place).
+    model already in memory (it is pruned in place). ``cache``: ``"auto"``
+    writes a slot cache in the resident dtype (a temp file) when the
+    checkpoint's expert dtype differs from it, a path writes it there, and
+    ``None`` always reads the checkpoint.
     """
 
-    def __init__(self, model: str | Path, kept: Mapping[int, Sequence[int]], loaded=None):
+    def __init__(self, model: str | Path, kept: Mapping[int, Sequence[int]], loaded=None,
+                 cache: str | Path | None = "auto"):
         from premoe.adapters.base import prune_in_memory
 
         self.path = resolve_model_path(model)
@@ -100,10 +123,11 @@ class ExpertBank:
         self.config = copy.deepcopy(self.model.config)  # the unpruned config: what kept sets are checked against
         layers = self.adapter.moe_layers(self.model)
         self.num_experts = layers[0].num_experts
-        self.kept = self._check(kept)
+        start = self._check(kept)
         self.full_router = copy.deepcopy(layers[0].router)  # retrieval routes layer 1 through every expert
-        prune_in_memory(self.model, self.adapter, self.kept)
+        prune_in_memory(self.model, self.adapter, start)
         self.layers = {l.index: l for l in self.adapter.moe_layers(self.model)}
+        self.slots: dict[int, list[int]] = {l: list(v) for l, v in start.items()}  # layer -> expert in each slot
         self._maps: dict[str, tuple[mmap.mmap, int]] = {}  # shard -> (mapping, data start)
         self._experts: dict[int, dict[int, list[_Source]]] = {l: {} for l in self.layers}  # per-expert tensors
         self._rows: dict[int, list[_Source]] = {l: [] for l in self.layers}  # tensors with a slice per expert
@@ -121,62 +145,96 @@ class ExpertBank:
                 raise CheckpointError(f"{self.path}: layer {layer} has per-expert tensors for {len(experts)} of "
                                       f"{self.num_experts} experts on disk; the checkpoint is incomplete")
         self._slots = {l: self._slot_places(l) for l in self.layers}
+        self.cache = _SlotCache.create(self, cache) if self._wants_cache(cache) else None
+        self._views = {l: [[_bytes_view(p.slot(i)) for p in places] for i in range(len(self.slots[l]))]
+                       for l, places in self._slots.items()} if self.cache is not None else {}  # per slot, made once
+        self._checked: dict[tuple, dict[int, list[int]]] = {}
         self.totals = SwapReport(0, 0, 0.0)
 
     @property
+    def kept(self) -> dict[int, list[int]]:
+        """{layer: the experts held, ascending} (slot order is internal)."""
+        return {l: sorted(v) for l, v in self.slots.items()}
+
+    @property
     def experts_per_layer(self) -> int:
-        return len(next(iter(self.kept.values())))
+        return len(next(iter(self.slots.values())))
 
     def expert_bytes(self, layer: int, expert: int) -> int:
-        """Bytes a swap reads for one expert of ``layer``: its tensors and its router rows."""
+        """Bytes a swap reads for one expert of ``layer``: its record in the cache, or its tensors and router rows."""
+        if self.cache is not None:
+            return self.cache.record_bytes[layer]
         return sum(s.expert_bytes() for s in [*self._experts[layer].get(expert, []), *self._rows[layer]])
 
-    def byte_ranges(self, kept: Mapping[int, Sequence[int]]) -> list[tuple[str, int, int, torch.dtype]]:
-        """(shard, file offset, length, dtype) of every range a swap to ``kept`` reads: to compare with plain reads."""
+    def byte_ranges(self, kept: Mapping[int, Sequence[int]]) -> list[tuple[Path, int, int]]:
+        """(file, offset, length) of every range a swap to ``kept`` reads: to compare with plain reads."""
         ranges = []
         for layer, experts in kept.items():
-            for expert in sorted(set(experts) - set(self.kept[layer])):
+            for expert in sorted(set(experts) - set(self.slots[layer])):
+                if self.cache is not None:
+                    ranges.append((self.cache.path, self.cache.offset(layer, expert), self.cache.record_bytes[layer]))
+                    continue
                 for source in [*self._experts[layer].get(expert, []), *self._rows[layer]]:
                     info, length = source.info, source.expert_bytes()
                     within = 0 if source.per_expert else expert * length  # a slice's leading dims are 1
-                    ranges.append((info.shard, self._maps[info.shard][1] + info.offsets[0] + within, length,
-                                   source.disk.dtype))
+                    ranges.append((self.path / info.shard, self._maps[info.shard][1] + info.offsets[0] + within,
+                                   length))
         return ranges
 
     @torch.no_grad()
     def swap(self, kept: Mapping[int, Sequence[int]]) -> SwapReport:
-        """Make the resident model hold ``kept``, reading only experts it does not hold yet."""
+        """Make the resident model hold ``kept``, reading only experts it does not hold yet, into freed slots."""
         started = time.perf_counter()
-        target = self._check(kept, self.experts_per_layer)
+        key = tuple((l, tuple(kept[l])) for l in sorted(kept))
+        target = self._checked.get(key)
+        if target is None:  # validated once per distinct kept set: a server cycles through a few
+            if len(self._checked) >= 64:
+                self._checked.clear()
+            target = self._checked[key] = self._check(kept, self.experts_per_layer)
         report = SwapReport(0, 0, 0.0)
         for layer, new in target.items():
-            old = self.kept[layer]
-            if new == old:
-                continue
-            slot_of = {e: i for i, e in enumerate(old)}
-            moves = [(slot_of[e], i) for i, e in enumerate(new) if e in slot_of and slot_of[e] != i]
-            self.kept[layer] = [-1] * len(new)  # unknown until the layer is complete: a failed swap reloads it all
-            for source, dest in _in_place_order(moves):
-                for place in self._slots[layer]:
-                    place.tensor.select(place.axis, dest).copy_(place.tensor.select(place.axis, source))
-            for slot, expert in enumerate(new):
-                if expert not in slot_of:
-                    report.bytes += self._load(layer, expert, slot)
-                    report.experts += 1
-            report.moved += len(moves)
-            self.kept[layer] = new
+            slots = self.slots[layer]
+            wanted = set(new)
+            free = [i for i, e in enumerate(slots) if e not in wanted]  # leaving experts (or -1 after a failure)
+            entering = sorted(wanted - set(slots))
+            for slot, expert in zip(free, entering):
+                slots[slot] = -1  # unknown until read: a failed swap reloads this slot next time
+                report.bytes += self._load(layer, expert, slot)
+                slots[slot] = expert
+                report.experts += 1
         report.seconds = time.perf_counter() - started
         self.totals = SwapReport(self.totals.experts + report.experts, self.totals.bytes + report.bytes,
-                                 self.totals.seconds + report.seconds, self.totals.moved + report.moved)
+                                 self.totals.seconds + report.seconds)
         return report
 
+    def close(self) -> None:
+        """Remove a temporary slot cache now (it is removed at exit otherwise)."""
+        if self.cache is not None:
+            self.cache.close()
+
     def _load(self, layer: int, expert: int, slot: int) -> int:
-        """Copy one expert's tensors and router rows from the mapped shards into ``slot``; returns bytes read."""
-        for source in self._experts[layer].get(expert, []):  # per-expert tensors: the whole tensor
-            source.place.write(slot, source.disk)
-        for source in self._rows[layer]:  # fused experts, router weight and biases: the expert's slice
-            source.place.write(slot, source.disk.select(source.place.axis, expert))
+        """Bring one expert (tensors and router rows) into ``slot``; returns bytes read."""
+        if self.cache is not None:
+            return self.cache.read(layer, expert, self._views[layer][slot])
+        self._assemble(layer, expert, lambda place: place.slot(slot))
         return self.expert_bytes(layer, expert)
+
+    def _assemble(self, layer: int, expert: int, target) -> None:
+        """Write expert ``expert``'s on-disk tensors into ``target(place)`` (a slot slice or a scratch)."""
+        for source in self._experts[layer].get(expert, []):  # per-expert tensors: the whole tensor
+            source.place.write(target(source.place), source.disk)
+        for source in self._rows[layer]:  # fused experts, router weight and biases: the expert's slice
+            source.place.write(target(source.place), source.disk.select(source.place.axis, expert))
+
+    def _wants_cache(self, cache) -> bool:
+        if cache is None:
+            return False
+        if cache != "auto":
+            return True
+        resident = {p.tensor.dtype for places in self._slots.values() for p in places}
+        on_disk = {s.disk.dtype for layer in self._rows.values() for s in layer}
+        on_disk |= {s.disk.dtype for layer in self._experts.values() for ss in layer.values() for s in ss}
+        return on_disk != resident
 
     def _check(self, kept: Mapping[int, Sequence[int]], slots: int | None = None) -> dict[int, list[int]]:
         """{layer: sorted experts}: every MoE layer, one count everywhere (the slots are fixed), routable."""
@@ -219,20 +277,74 @@ class ExpertBank:
         sources = [*self._rows[layer], *next(iter(self._experts[layer].values()), [])]
         found = {id(s.place.tensor): s.place for s in sources}
         for place in found.values():
-            if place.tensor.shape[place.axis] != len(self.kept[layer]):
+            if place.tensor.shape[place.axis] != len(self.slots[layer]):
                 raise CheckpointError(f"layer {layer}: resident tensor of shape {tuple(place.tensor.shape)} does not "
-                                      f"have {len(self.kept[layer])} experts on axis {place.axis} after pruning")
+                                      f"have {len(self.slots[layer])} experts on axis {place.axis} after pruning")
         return list(found.values())
 
 
-def _in_place_order(moves: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Order (source slot, dest slot) moves so each is one copy that overwrites nothing still to be moved.
+class _SlotCache:
+    """Every expert of every MoE layer in the resident dtype, one contiguous slot-shaped record per (layer, expert).
 
-    Experts that stay keep their relative order (old and new slots are both
-    sorted by expert index), so they only shift: left movers in increasing
-    slot order never land on an unmoved expert, nor do right movers in
-    decreasing order, and a right mover never lands on a left mover's source.
+    A record is the concatenation of the expert's slices of the layer's slot
+    places, in the bank's place order, so one ``preadv`` fills a slot.
     """
-    left = sorted((m for m in moves if m[1] < m[0]), key=lambda m: m[1])
-    right = sorted((m for m in moves if m[1] > m[0]), key=lambda m: -m[1])
-    return right + left
+
+    def __init__(self, path: Path, record_bytes: dict[int, int], base: dict[int, int], temporary: bool):
+        self.path, self.record_bytes, self.base, self.temporary = path, record_bytes, base, temporary
+        self.fd = os.open(path, os.O_RDONLY)
+
+    @classmethod
+    @torch.no_grad()
+    def create(cls, bank: ExpertBank, where) -> "_SlotCache":
+        """Write the cache: for each layer and expert, assemble the slot in a scratch and append its bytes."""
+        temporary = where == "auto"
+        if temporary:
+            handle, name = tempfile.mkstemp(prefix="premoe-bank-", suffix=".slots")
+            os.close(handle)
+            path = Path(name)
+        else:
+            path = Path(where)
+            path.parent.mkdir(parents=True, exist_ok=True)
+        record_bytes, base, offset = {}, {}, 0
+        with open(path, "wb") as f:
+            for layer, places in bank._slots.items():
+                scratch = [torch.empty_like(place.slot(0)) for place in places]
+                by_tensor = {id(place.tensor): s for place, s in zip(places, scratch)}
+                record_bytes[layer] = sum(s.numel() * s.element_size() for s in scratch)
+                base[layer] = offset
+                for expert in range(bank.num_experts):
+                    bank._assemble(layer, expert, lambda place, into=by_tensor: into[id(place.tensor)])
+                    for s in scratch:
+                        f.write(_bytes_view(s))
+                offset += record_bytes[layer] * bank.num_experts
+        cache = cls(path, record_bytes, base, temporary)
+        if temporary:
+            weakref.finalize(bank, cache.close)
+        return cache
+
+    def offset(self, layer: int, expert: int) -> int:
+        return self.base[layer] + expert * self.record_bytes[layer]
+
+    def read(self, layer: int, expert: int, views: list[memoryview]) -> int:
+        """Read the record of (layer, expert) straight into a slot's byte views; returns bytes read."""
+        done = os.preadv(self.fd, views, self.offset(layer, expert))
+        if done != self.record_bytes[layer]:
+            raise CheckpointError(f"{self.path}: short read of layer {layer} expert {expert} "
+                                  f"({done} of {self.record_bytes[layer]} bytes); the slot cache is damaged")
+        return done
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.temporary:
+            self.path.unlink(missing_ok=True)
+
+
+def _bytes_view(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous tensor's memory (no copy)."""
+    if not tensor.is_contiguous():
+        raise CheckpointError("a slot slice is not contiguous in memory; the slot cache needs contiguous slots")
+    flat = tensor.as_strided((tensor.numel(),), (1,))  # contiguous: the same memory, any size-1 dims' strides aside
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")

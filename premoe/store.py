@@ -1,33 +1,36 @@
 """Pattern store for task-adaptive expert retrieval (TAER, DESIGN.md §2).
 
-For every calibrated domain the store keeps what retrieval and swapping need:
+A store keeps two separate things per domain, so that *what retrieval
+matches* and *which experts are kept* can each be chosen on their own:
 
-* its **layer-1 pattern**: the utility vector (experts,) of the first MoE
-  layer, which a request is matched against after running only that far;
-* its **expert ranking** in every MoE layer (a permutation, best first);
-* the scorer sums it was computed from, so adding a domain recomputes the
-  token-weighted generalist exactly and kept sets come from :func:`make_plan`
-  (the same experts a compiled specialist keeps).
+* **patterns** (:mod:`premoe.patterns`, :mod:`premoe.matchers`): calibration
+  patterns of the domain at several request lengths and the matcher fitted
+  on them (method, feature and every fitted tensor), plus per-length
+  fallback thresholds calibrated on held-out in-domain text;
+* **ranking** sums of one profiled scorer (default ``peu``, the planner's
+  default), so kept sets come from :func:`~premoe.plan.make_plan`: a
+  retrieved domain gets exactly the experts its compiled specialist keeps.
 
-Plus a ``generalist`` entry (the fallback for requests far from every domain)
-and the distance threshold beyond which retrieval falls back to it.
+Plus a ``generalist`` (token-weighted over all domains, eq. 11): the
+fallback for requests the matcher places beyond every domain's threshold.
 
 A store directory holds::
 
-    store.json             manifest: format, model identity, scorer, MoE layers, domains, threshold, params
-    patterns.safetensors   "<domain>/pattern" (experts,), "<domain>/ranking" (layers, experts) int64,
-                           "<domain>/sums" and "<domain>/routed" (layers, experts) float64
+    store.json             manifest: format, model identity, ranking scorer, matcher params + thresholds, domains
+    patterns.safetensors   "<domain>/sums", "<domain>/routed" (layers, experts) float64 ranking sums;
+                           "matcher/bank/<domain>/<T>" (n, features) calibration patterns of T tokens;
+                           "matcher/fit/<T>/<name>" the fitted matcher's tensors
 
 Example::
 
     profile = Profile.load("profiles/testbed")
-    store = build_store("testbed", profile, held_out=parse_sources(["testbed:val"]))
+    store = build_store("testbed", profile, parse_sources(["testbed"]), held_out=parse_sources(["testbed"], split="val"))
     store.save("stores/testbed")
     store.kept("python", 16)        # {layer: [experts]} of the python specialist at M = 16
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -35,34 +38,33 @@ import torch
 
 from premoe import __version__
 from premoe.capture import DomainStats
-from premoe.data import Source
+from premoe.data import Source, token_windows
 from premoe.errors import InputError
 from premoe.fileio import load_artefact, save_artefact
+from premoe.matchers import Matcher, MatchParams, calibrate, fit_matcher
+from premoe.patterns import PatternReader, chunk_means, prefix_means
 from premoe.profile import Profile
 
-FORMAT = "premoe-store/1"
+FORMAT = "premoe-store/2"
 GENERALIST = "generalist"
-METRICS = ("l2", "cosine")
+DEFAULT_RANKING = "peu"
 
 
 @dataclass
-class CalibrationParams:
-    """How the fallback threshold is set from held-out windows of the stored domains."""
+class PatternData:
+    """How much text becomes calibration and held-out patterns."""
 
-    tokens: int = 64  # request length the threshold is calibrated for (shorter requests are noisier)
-    windows: int = 64  # held-out windows per domain
-    quantile: float = 0.99  # of the distances of held-out windows to their own domain's pattern
-    margin: float = 1.25  # threshold = quantile x margin
+    tokens: int = 32768  # calibration tokens per domain (the matcher's training set)
+    held_out_tokens: int = 16384  # held-out tokens per domain (threshold calibration)
+    batch_size: int = 16  # windows per forward pass
 
 
 @dataclass
 class Store:
-    profile: Profile  # the stored domains' sums for the one scorer retrieval uses
-    scorer: str
-    threshold: dict[str, float] = field(default_factory=dict)  # metric -> nearest distance beyond which we fall back
-    calibration: dict = field(default_factory=dict)  # how the threshold was set, per-domain distance quantiles
-
-    # ------------------------------------------------------------------ queries
+    profile: Profile  # the stored domains' sums of the ranking scorer only
+    scorer: str  # ranking scorer: which experts a retrieved domain keeps
+    matcher: Matcher  # what a request is matched by
+    calibration: dict = field(default_factory=dict)  # how thresholds were set
 
     @property
     def model(self) -> dict:
@@ -74,29 +76,13 @@ class Store:
 
     @property
     def domains(self) -> list[str]:
-        return list(self.profile.domains)
-
-    @property
-    def scorer_spec(self):
-        """The :class:`~premoe.scores.ScorerSpec` patterns were computed with (retrieval must use the same)."""
-        from premoe.scores import ScorerSpec
-
-        info = self.profile.scorers[self.scorer]
-        return ScorerSpec(info["kind"], tuple(info["params"].items()), self.scorer)
+        return list(self.matcher.domains)
 
     def utility(self, target: str) -> torch.Tensor:
-        """(layers, experts) utility of a domain or of the generalist."""
+        """(layers, experts) ranking utility of a domain or of the generalist."""
         if target == GENERALIST:
             return self.profile.generalist_utility(self.scorer)
         return self.profile.utility(target, self.scorer)
-
-    def pattern(self, target: str) -> torch.Tensor:
-        """The layer-1 pattern (experts,) of a domain or of the generalist."""
-        return self.utility(target)[0]
-
-    def patterns(self) -> tuple[list[str], torch.Tensor]:
-        """Domain names and their stacked layer-1 patterns (domains, experts)."""
-        return self.domains, torch.stack([self.pattern(d) for d in self.domains])
 
     def ranking(self, target: str) -> torch.Tensor:
         """(layers, experts) int64: every layer's experts, best first."""
@@ -112,11 +98,11 @@ class Store:
 
     # ------------------------------------------------------------------ growing
 
-    def add_domain(self, profile: Profile) -> "Store":
-        """Add every domain of ``profile`` (the same model, profiled with this store's scorer).
+    def add_domain(self, profile: Profile, patterns: dict[str, dict[int, torch.Tensor]]) -> "Store":
+        """Add every domain of ``profile`` with its calibration ``patterns`` ({domain: {T: (n, F)}}).
 
-        The generalist is recomputed over all domains; the threshold is kept
-        (recalibrate with :func:`calibrate_threshold` when held-out text exists).
+        The matcher is refit on all domains' stored calibration patterns; the
+        thresholds are kept (recalibrate with :func:`calibrate_store`).
         """
         if profile.model["config_hash"] != self.model["config_hash"]:
             raise InputError(f"profile is of {profile.model['name']} (config {profile.model['config_hash']}), "
@@ -130,16 +116,17 @@ class Store:
         clashes = sorted(set(profile.domains) & set(self.profile.domains))
         if clashes:
             raise InputError(f"domain {', '.join(clashes)} is already in the store; rename it in the new profile")
+        _check_same_domains(list(profile.domains), list(patterns))
+        thresholds = self.matcher.thresholds
         self.profile = self.profile.merge(_one_scorer(profile, self.scorer))
+        self.matcher = fit_matcher(self.matcher.params, {**self.matcher.bank, **patterns})
+        self.matcher.thresholds = thresholds
         return self
 
     # ------------------------------------------------------------------ files
 
     def save(self, out: str | Path, force: bool = False) -> Path:
-        tensors = {}
-        for target in [*self.domains, GENERALIST]:
-            tensors[f"{target}/pattern"] = self.pattern(target).contiguous()
-            tensors[f"{target}/ranking"] = self.ranking(target).contiguous()
+        tensors = dict(self.matcher.tensors())
         for domain, stats in self.profile.domains.items():
             tensors[f"{domain}/sums"] = stats.sums[self.scorer].contiguous()
             tensors[f"{domain}/routed"] = stats.routed.contiguous()
@@ -149,7 +136,7 @@ class Store:
             "scorer": self.scorer, "scorer_info": p.scorers[self.scorer], "moe_layers": p.moe_layers,
             "num_experts": p.num_experts, "top_k": p.top_k,
             "domains": {d: {"tokens": s.tokens, "origin": p.data.get(d, "")} for d, s in p.domains.items()},
-            "threshold": self.threshold, "calibration": self.calibration, "profile_params": p.params,
+            "matcher": self.matcher.manifest(), "calibration": self.calibration, "profile_params": p.params,
             "architecture": p.architecture,
         }
         return save_artefact(out, "store.json", manifest, "patterns.safetensors", tensors, force=force)
@@ -157,7 +144,7 @@ class Store:
     @classmethod
     def load(cls, path: str | Path) -> "Store":
         m, tensors = load_artefact(path, "store.json", FORMAT, "patterns.safetensors",
-                                   f"premoe store build MODEL --profile P --out {path}")
+                                   f"premoe store build MODEL --profile P --data D --out {path}")
         scorer = m["scorer"]
         domains = {d: DomainStats(info["tokens"], {scorer: tensors[f"{d}/sums"]}, tensors[f"{d}/routed"])
                    for d, info in m["domains"].items()}
@@ -165,11 +152,11 @@ class Store:
                           {scorer: m["scorer_info"]}, domains, m["profile_params"],
                           {d: info["origin"] for d, info in m["domains"].items()},
                           architecture=m.get("architecture") or {})
-        return cls(profile, scorer, m["threshold"], m["calibration"])
+        return cls(profile, scorer, Matcher.load(m["matcher"], tensors), m["calibration"])
 
 
 def _one_scorer(profile: Profile, scorer: str) -> Profile:
-    """``profile`` restricted to one scorer (a store needs only the one retrieval uses)."""
+    """``profile`` restricted to one scorer (a store needs only the one that ranks)."""
     info = profile.check_scorer(scorer)
     domains = {d: DomainStats(s.tokens, {scorer: s.sums[scorer]}, s.routed) for d, s in profile.domains.items()}
     for name in domains:
@@ -180,69 +167,78 @@ def _one_scorer(profile: Profile, scorer: str) -> Profile:
                    {scorer: info}, domains, profile.params, profile.data, profile.timing, profile.architecture)
 
 
-def build_store(model, profile: Profile, scorer: str = "router_mass", held_out: Sequence[Source] | None = None,
-                calibration: CalibrationParams | None = None, loaded=None) -> Store:
-    """A store of ``profile``'s domains; with ``held_out`` text, a calibrated fallback threshold.
+def _check_same_domains(ranked: list[str], patterned: list[str]) -> None:
+    if sorted(ranked) != sorted(patterned):
+        raise InputError(f"the profile has domains {', '.join(ranked)} but the calibration text names "
+                         f"{', '.join(patterned)}; give text (--data NAME=PATH) for exactly the profiled domains")
+
+
+def read_patterns(reader: PatternReader, tokenizer, sources: Sequence[Source], lengths: Sequence[int],
+                  max_tokens: int, batch_size: int = 16, prefixes: bool = False) -> dict[str, dict[int, torch.Tensor]]:
+    """{domain: {T: (n, features)}} patterns of each source's windows of max(lengths) tokens.
+
+    Calibration (``prefixes=False``) takes every chunk of T tokens; held-out
+    text (``prefixes=True``) only each window's first T tokens, as a request
+    of T tokens would be.
+    """
+    seq = max(lengths)
+    out = {}
+    for source in sources:
+        windows = token_windows(source.texts, tokenizer, seq, max_tokens)  # (n, seq)
+        tokens = torch.cat([reader.tokens(windows[i: i + batch_size])
+                            for i in range(0, len(windows), batch_size)])  # (n, seq, F)
+        out[source.name] = (prefix_means(tokens, lengths) if prefixes
+                            else {t: chunk_means(tokens, t) for t in lengths if t <= tokens.shape[1]})
+    return out
+
+
+def build_store(model, profile: Profile, data: Sequence[Source], held_out: Sequence[Source] | None = None,
+                scorer: str = DEFAULT_RANKING, match: MatchParams | None = None, amounts: PatternData | None = None,
+                loaded=None) -> Store:
+    """A store of ``profile``'s domains matched on patterns of ``data``; ``held_out`` text sets the fallback.
 
     ``model`` is the checkpoint (path or ``testbed``) the profile was made
-    from; it is only loaded when held-out text needs running. ``loaded`` is an
-    optional ``(model, tokenizer)`` already in memory.
+    from; ``data`` is calibration text per profiled domain (use the split the
+    profile used), ``held_out`` other text of the same domains (the val
+    split): without it retrieval never falls back. ``scorer`` ranks the
+    experts a retrieved domain keeps. ``loaded`` is an optional
+    ``(model, tokenizer)`` already in memory.
 
-    The default scorer is ``router_mass``: a dense pattern (every expert's
-    gate probability) tells domains apart better from a few tokens than the
-    sparse, thresholded ``peu`` (testbed test windows, 64 tokens: 93.1% vs
-    91.7% correct; 16 tokens: 80.6% vs 77.8%). The same scorer ranks the
-    experts a retrieved domain loads.
-
-    >>> store = build_store("testbed", Profile.load("prof"), held_out=parse_sources(["testbed:val"]))
-    >>> store.threshold
-    {'l2': 0.41, 'cosine': 0.012}
+    >>> store = build_store("testbed", Profile.load("prof"), parse_sources(["testbed"]),
+    ...                     parse_sources(["testbed"], split="val"))
+    >>> store.matcher.params.method, store.matcher.thresholds[64]
+    ('lda', 1.23)
     """
-    from premoe.modeling import model_identity
+    from premoe.adapters import get_adapter
+    from premoe.modeling import load_model, load_tokenizer, model_identity
 
+    match, amounts = (match or MatchParams()).check(), amounts or PatternData()
     identity = model_identity(model)
     if identity["config_hash"] != profile.model["config_hash"]:
         raise InputError(f"the profile was made from {profile.model['name']}, not {identity['name']} "
                          "(different config); profile this model first")
-    store = Store(_one_scorer(profile, scorer), scorer)
+    ranked = _one_scorer(profile, scorer)
+    _check_same_domains(list(profile.domains), [s.name for s in data])
+    net, tokenizer = loaded or (load_model(model), load_tokenizer(model))
+    reader = PatternReader(net, get_adapter(net.config), match.feature, match.layers)
+    bank = read_patterns(reader, tokenizer, data, match.lengths, amounts.tokens, amounts.batch_size)
+    store = Store(ranked, scorer, fit_matcher(match, bank),
+                  {"data": {s.name: s.origin for s in data}, "amounts": asdict(amounts)})
     if held_out:
-        calibrate_threshold(store, model, held_out, calibration or CalibrationParams(), loaded)
+        calibrate_store(store, reader, tokenizer, held_out, amounts)
     return store
 
 
-def calibrate_threshold(store: Store, model, held_out: Sequence[Source], params: CalibrationParams,
-                        loaded=None) -> Store:
-    """Set ``store.threshold`` from held-out windows of the stored domains.
-
-    Each held-out window of ``params.tokens`` tokens gets its layer-1 pattern;
-    its distance to its own domain's pattern is what a request of that
-    domain looks like. The threshold is a high quantile of those distances
-    (over all domains) times a margin, per metric.
-    """
-    from premoe.adapters import get_adapter
-    from premoe.data import token_windows
-    from premoe.modeling import load_model, load_tokenizer
-    from premoe.retrieval import Retriever
-
-    usable = [s for s in held_out if s.name in store.profile.domains]
+def calibrate_store(store: Store, reader: PatternReader, tokenizer, held_out: Sequence[Source],
+                    amounts: PatternData | None = None) -> Store:
+    """Set the store's per-length fallback thresholds from held-out text of its domains (prefix patterns)."""
+    amounts = amounts or PatternData()
+    usable = [s for s in held_out if s.name in store.domains]
     if not usable:
         raise InputError(f"no held-out data names a stored domain ({', '.join(store.domains)}); "
                          "name held-out data after the domains, e.g. --held-out python=val.jsonl")
-    net, tokenizer = loaded or (load_model(model), load_tokenizer(model))
-    retriever = Retriever(net, get_adapter(net.config), store, tokenizer)
-    distances: dict[str, dict[str, list[float]]] = {metric: {} for metric in METRICS}
-    for source in usable:
-        windows = token_windows(source.texts, tokenizer, params.tokens, params.tokens * params.windows)
-        for metric in METRICS:
-            own = retriever.pattern_distances(windows, metric)[:, store.domains.index(source.name)]  # (windows,)
-            distances[metric][source.name] = own.tolist()
-    threshold, per_domain = {}, {}
-    for metric in METRICS:
-        everything = torch.tensor([d for values in distances[metric].values() for d in values], dtype=torch.float64)
-        threshold[metric] = float(everything.quantile(params.quantile)) * params.margin
-        per_domain[metric] = {d: round(float(torch.tensor(v).quantile(params.quantile)), 6)
-                              for d, v in distances[metric].items()}
-    store.threshold = threshold
-    store.calibration = {**vars(params), "domains": [s.name for s in usable],
-                         "origins": {s.name: s.origin for s in usable}, "quantile_per_domain": per_domain}
+    patterns = read_patterns(reader, tokenizer, usable, store.matcher.params.lengths, amounts.held_out_tokens,
+                             amounts.batch_size, prefixes=True)
+    seen = calibrate(store.matcher, patterns)
+    store.calibration = {**store.calibration, "held_out": {s.name: s.origin for s in usable}, **seen}
     return store

@@ -27,11 +27,12 @@ def make_store(model_dir: Path, loaded=None):
     """(profile, store) of the three domains, the threshold calibrated on held-out documents."""
     from premoe.modeling import load_model, load_tokenizer
     from premoe.profile import ProfileParams, profile_model
-    from premoe.store import CalibrationParams, build_store
+    from premoe.matchers import MatchParams
+    from premoe.store import PatternData, build_store
 
     loaded = loaded or (load_model(model_dir), load_tokenizer(model_dir))
     profile = profile_model(model_dir, sources(0), ["router_mass", "peu", "frequency"], ProfileParams(max_tokens=1024, seq_len=64),
                             progress=False, loaded=loaded)
-    store = build_store(model_dir, profile, "router_mass", sources(1000, 4), CalibrationParams(tokens=32, windows=16),
-                        loaded=loaded)
+    store = build_store(model_dir, profile, sources(0), sources(1000, 4), match=MatchParams(lengths=(8, 16, 32)),
+                        amounts=PatternData(tokens=2048, held_out_tokens=1024), loaded=loaded)
     return profile, store

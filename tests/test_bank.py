@@ -4,7 +4,7 @@ import torch
 
 import tiny
 from premoe.adapters import get_adapter, prune_in_memory
-from premoe.bank import ExpertBank, _in_place_order
+from premoe.bank import ExpertBank
 from premoe.errors import InputError, PlanError
 from premoe.modeling import load_model
 
@@ -45,10 +45,12 @@ LAYOUTS = {"qwen3_moe",  # per-expert gate/up/down fused into gate_up_proj rows
 
 @pytest.mark.parametrize("family", [f if f in LAYOUTS else pytest.param(f, marks=pytest.mark.slow)
                                     for f in tiny.FAMILIES])
-def test_swap_equals_the_pruned_specialist(family, tmp_path):
+@pytest.mark.parametrize("cache", ["slots", None])
+def test_swap_equals_the_pruned_specialist(family, cache, tmp_path):
     path = tiny.save(family, tmp_path / family)
     first, second = random_kept(load_model(path), 1), random_kept(load_model(path), 2)
-    bank = ExpertBank(path, first)
+    bank = ExpertBank(path, first, cache=cache and tmp_path / "bank.slots")
+    assert (bank.cache is not None) == (cache is not None)
     with torch.no_grad():
         assert torch.allclose(bank.model(IDS).logits, pruned_logits(path, first), rtol=0, atol=1e-5)
         bank.swap(second)
@@ -57,15 +59,17 @@ def test_swap_equals_the_pruned_specialist(family, tmp_path):
         assert torch.allclose(bank.model(IDS).logits, pruned_logits(path, first), rtol=0, atol=1e-5)
 
 
-def test_swap_reads_only_the_experts_that_differ(tiny_qwen3):
-    bank = ExpertBank(tiny_qwen3, {0: [0, 1, 2, 3], 1: [4, 5, 6, 7]})
-    target = {0: [1, 2, 3, 6], 1: [0, 4, 5, 7]}  # one new expert per layer; the others move slots
-    planned = sum(length for _, _, length, _ in bank.byte_ranges(target))
+@pytest.mark.parametrize("cache", [True, False])
+def test_swap_reads_only_the_experts_that_differ_into_freed_slots(tiny_qwen3, cache, tmp_path):
+    bank = ExpertBank(tiny_qwen3, {0: [0, 1, 2, 3], 1: [4, 5, 6, 7]}, cache=tmp_path / "c.slots" if cache else None)
+    target = {0: [1, 2, 3, 6], 1: [0, 4, 5, 7]}  # one new expert per layer, into the leaving expert's slot
+    planned = sum(length for _, _, length in bank.byte_ranges(target))
     report = bank.swap(target)
-    assert report.experts == 2 and report.moved == 3 + 2
+    assert report.experts == 2 and report.moved == 0
     assert report.bytes == bank.expert_bytes(0, 6) + bank.expert_bytes(1, 0) == planned
     # expert 6: gate + up + down of (16 x 32) fp32 each, plus its router row of 32 floats
     assert bank.expert_bytes(0, 6) == 3 * 16 * 32 * 4 + 32 * 4
+    assert bank.slots == {0: [6, 1, 2, 3], 1: [4, 5, 0, 7]}  # the others stay where they were
     assert bank.kept == target
     again = bank.swap(target)
     assert (again.experts, again.bytes, again.moved) == (0, 0, 0)
@@ -122,13 +126,27 @@ def test_swap_to_a_stored_domain_equals_its_compiled_specialist(tiny_qwen3, tmp_
             assert torch.allclose(bank.model(IDS).logits, load_model(compiled)(IDS).logits, rtol=0, atol=1e-5)
 
 
-def test_in_place_move_order_never_overwrites_a_pending_expert():
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        old = sorted(torch.randperm(12, generator=gen)[:6].tolist())
-        new = sorted(torch.randperm(12, generator=gen)[:6].tolist())
-        slots, slot_of = list(old), {e: i for i, e in enumerate(old)}
-        moves = [(slot_of[e], i) for i, e in enumerate(new) if e in slot_of and slot_of[e] != i]
-        for source, dest in _in_place_order(moves):
-            slots[dest] = slots[source]
-        assert [s for s, e in zip(slots, new) if e in slot_of] == [e for e in new if e in slot_of], (old, new)
+def test_slot_cache_is_removed_with_the_bank(tiny_qwen3):
+    import gc
+
+    import safetensors.torch
+
+    raw = safetensors.torch.load_file(str(tiny_qwen3 / "model.safetensors"))
+    bf16 = tiny_qwen3.parent / "bf16"
+    bf16.mkdir(exist_ok=True)
+    for f in tiny_qwen3.iterdir():
+        if f.name != "model.safetensors":
+            (bf16 / f.name).write_bytes(f.read_bytes())
+    safetensors.torch.save_file({k: v.to(torch.bfloat16) for k, v in raw.items()}, str(bf16 / "model.safetensors"))
+    model = load_model(bf16).float()  # resident fp32, checkpoint bf16: "auto" writes a cache
+    bank = ExpertBank(bf16, {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}, loaded=model)
+    assert bank.cache is not None and bank.cache.path.exists()
+    bank.swap({0: [4, 5, 6, 7], 1: [0, 1, 2, 7]})
+    slot = bank.slots[1].index(7)
+    got = bank.layers[1].experts.gate_up_proj[slot].chunk(2, dim=0)[0]  # (I, H) gate rows of expert 7
+    want = raw["model.layers.1.mlp.experts.7.gate_proj.weight"].to(torch.bfloat16).float()
+    assert got.dtype == torch.float32 and torch.equal(got, want)  # converted once, at start
+    path = bank.cache.path
+    del bank
+    gc.collect()
+    assert not path.exists()

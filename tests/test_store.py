@@ -1,4 +1,4 @@
-"""Pattern store: what it holds, round trip, adding domains, and the `premoe store` verbs."""
+"""Pattern store: what it keeps, round trip, adding domains, and the `premoe store` verbs."""
 import json
 
 import pytest
@@ -6,122 +6,159 @@ import torch
 from click.testing import CliRunner
 
 import domains
+from premoe.capture import DomainStats
 from premoe.errors import CheckpointError, InputError, MissingFileError, OutputExistsError
+from premoe.matchers import MatchParams, fit_matcher
 from premoe.modeling import load_model, load_tokenizer
-from premoe.plan import PlanRequest, make_plan
 from premoe.profile import Profile
-from premoe.store import FORMAT, GENERALIST, Store, build_store
+from premoe.scores import PRESETS
+from premoe.store import FORMAT, GENERALIST, PatternData, Store, build_store
+
+PEU = {"kind": "peu", "params": dict(PRESETS["peu"].params), "per_routed_token": False}
 
 
 @pytest.fixture(scope="module")
 def built(tiny_qwen3):
     loaded = load_model(tiny_qwen3), load_tokenizer(tiny_qwen3)
     profile, store = domains.make_store(tiny_qwen3, loaded)
-    return profile, store
+    return profile, store, loaded
 
 
-def test_patterns_and_rankings_come_from_the_profile(built):
-    profile, store = built
-    assert store.domains == list(domains.DOMAINS)
+def known_store(path) -> Store:
+    """Two domains with hand-made ranking sums: a (1 token) and b (3 tokens), 4 experts, 2 MoE layers."""
+    sums = {"a": [[0.1, 0.9, 0.5, 0.7], [0.4, 0.3, 0.2, 0.1]],  # a's means = sums / 1
+            "b": [[0.9, 0.05, 0.6, 0.2], [0.0, 0.3, 0.6, 0.9]]}  # b's means = sums / 3
+    tokens = {"a": 1, "b": 3}
+    stats = {d: DomainStats(tokens[d], {"peu": torch.tensor(s, dtype=torch.float64)}, torch.ones(2, 4)) for d, s in
+             sums.items()}
+    identity = {"name": "known", "path": str(path), "model_type": "qwen3_moe", "config_hash": "0" * 16}
+    profile = Profile(identity, "Qwen3-MoE", [0, 1], 4, 2, {"peu": PEU}, stats)
+    bank = {d: {8: torch.randn(4, 3, generator=torch.Generator().manual_seed(i))} for i, d in enumerate(sums)}
+    return Store(profile, "peu", fit_matcher(MatchParams(method="centroid", lengths=(8,)), bank))
+
+
+def test_kept_sets_are_the_top_experts_by_the_ranking_scorer(tmp_path):
+    store = known_store(tmp_path / "nowhere")
+    assert store.kept("a", 2) == {0: [1, 3], 1: [0, 1]}
+    assert store.kept("b", 2) == {0: [0, 2], 1: [2, 3]}
+    # token-weighted generalist (eq. 11): (sums_a + sums_b) / 4 = [[1.0, .95, 1.1, .9], [.4, .6, .8, 1.0]] / 4;
+    # the plain mean of the two domains' means ([.2, .46, .35, .38] in layer 0) would keep [1, 3] instead
+    assert store.kept(GENERALIST, 2) == {0: [0, 2], 1: [2, 3]}
+    assert store.kept(GENERALIST, 3) == {0: [0, 1, 2], 1: [1, 2, 3]}
+    assert store.ranking("a").tolist() == [[1, 3, 2, 0], [0, 1, 2, 3]]
+
+
+def test_ranking_uses_its_own_scorer_not_the_pattern_feature(built):
+    profile, store, _ = built
+    assert store.scorer == "peu" and store.matcher.params.feature == "router_input"
     for domain in domains.DOMAINS:
-        utility = profile.utility(domain, "router_mass")  # (layers, experts)
-        assert torch.equal(store.pattern(domain), utility[0])
-        ranking = store.ranking(domain)
-        assert sorted(ranking[1].tolist()) == list(range(profile.num_experts))  # a permutation
-        assert torch.all(utility.gather(1, ranking).diff(dim=1) <= 0)  # best first
-    assert torch.equal(store.pattern(GENERALIST), profile.generalist_utility("router_mass")[0])
+        assert torch.equal(store.utility(domain), profile.utility(domain, "peu"))
+    assert torch.equal(store.utility(GENERALIST), profile.generalist_utility("peu"))
+    assert store.profile.scorers == {"peu": profile.scorers["peu"]}  # only the ranking scorer is kept
 
 
-def test_kept_is_the_plans_choice(built):
-    profile, store = built
-    for domain in domains.DOMAINS:
-        assert store.kept(domain, 4) == make_plan(profile, PlanRequest(experts=4, domain=domain, scorer="router_mass")).kept
-    assert store.kept(GENERALIST, 4) == make_plan(profile, PlanRequest(experts=4, scorer="router_mass")).kept
+def test_thresholds_are_the_held_out_quantile(built, tiny_qwen3):
+    _, store, loaded = built
+    from premoe.adapters import get_adapter
+    from premoe.patterns import PatternReader
+    from premoe.store import read_patterns
 
-
-def test_threshold_is_calibrated_above_own_domain_distances(built):
-    _, store = built
-    assert set(store.threshold) == {"l2", "cosine"}
-    for metric, per_domain in store.calibration["quantile_per_domain"].items():
-        assert store.threshold[metric] >= max(per_domain.values())
-        assert store.threshold[metric] > 0
+    reader = PatternReader(loaded[0], get_adapter(loaded[0].config), "router_input")
+    held = read_patterns(reader, loaded[1], domains.sources(1000, 4), (8, 16, 32), 1024, prefixes=True)
+    for length, threshold in store.matcher.thresholds.items():
+        best = store.matcher.scores(torch.cat([held[d][length] for d in held]), length).min(1).values
+        assert threshold == pytest.approx(float(best.quantile(0.95)), rel=1e-12)
+        assert (best > threshold).double().mean().item() <= 0.05 + 1 / len(best)
 
 
 def test_round_trip(built, tmp_path):
-    _, store = built
+    _, store, _ = built
     store.save(tmp_path / "store")
     manifest = json.loads((tmp_path / "store" / "store.json").read_text())
-    assert manifest["format"] == FORMAT and manifest["scorer"] == "router_mass"
-    assert manifest["model"]["config_hash"] == store.model["config_hash"]
+    assert manifest["format"] == FORMAT == "premoe-store/2" and manifest["scorer"] == "peu"
+    assert manifest["matcher"]["params"]["method"] == "lda"
     again = Store.load(tmp_path / "store")
-    assert again.domains == store.domains and again.threshold == store.threshold
-    assert again.moe_layers == store.moe_layers
+    assert again.domains == store.domains and again.matcher.thresholds == store.matcher.thresholds
+    assert again.matcher.params == store.matcher.params and again.moe_layers == store.moe_layers
+    patterns = torch.randn(5, store.matcher.bank["code"][8].shape[1], generator=torch.Generator().manual_seed(0))
+    for length in (8, 16, 32):
+        assert torch.allclose(again.matcher.scores(patterns, length), store.matcher.scores(patterns, length),
+                              rtol=1e-12, atol=0)
     for target in [*store.domains, GENERALIST]:
-        assert torch.equal(again.pattern(target), store.pattern(target))
         assert torch.equal(again.ranking(target), store.ranking(target))
-        assert again.kept(target, 4) == store.kept(target, 4)
-    from safetensors.torch import load_file
-
-    saved = load_file(str(tmp_path / "store" / "patterns.safetensors"))
-    assert torch.equal(saved["code/pattern"], store.pattern("code"))
-    assert torch.equal(saved[f"{GENERALIST}/ranking"], store.ranking(GENERALIST))
     with pytest.raises(OutputExistsError):
         store.save(tmp_path / "store")
     store.save(tmp_path / "store", force=True)
 
 
-def test_add_domain_recomputes_the_generalist(built, tiny_qwen3):
-    profile, store = built
-    first = Profile(profile.model, profile.family, profile.moe_layers, profile.num_experts, profile.top_k,
-                    profile.scorers, {d: profile.domains[d] for d in ("code", "bible")}, profile.params)
-    third = Profile(profile.model, profile.family, profile.moe_layers, profile.num_experts, profile.top_k,
-                    profile.scorers, {"de": profile.domains["de"]}, profile.params)
-    grown = build_store(tiny_qwen3, first).add_domain(third)
+def test_add_domain_refits_on_every_domain(built, tiny_qwen3):
+    profile, store, loaded = built
+    sub = lambda names: Profile(profile.model, profile.family, profile.moe_layers, profile.num_experts,  # noqa: E731
+                                profile.top_k, profile.scorers, {d: profile.domains[d] for d in names}, profile.params)
+    amounts = PatternData(tokens=2048, held_out_tokens=1024)
+    first = build_store(tiny_qwen3, sub(["code", "bible"]), domains.sources(0)[:2], match=MatchParams(lengths=(8, 16, 32)),
+                        amounts=amounts, loaded=loaded)
+    grown = first.add_domain(sub(["de"]), {"de": store.matcher.bank["de"]})
     assert grown.domains == ["code", "bible", "de"]
-    assert torch.allclose(grown.pattern(GENERALIST), store.pattern(GENERALIST), rtol=0, atol=1e-12)
+    assert torch.allclose(grown.utility(GENERALIST), store.utility(GENERALIST), rtol=0, atol=1e-12)
+    for name, tensor in store.matcher.fitted.items():  # the same matcher as one fit on all three at once
+        assert torch.allclose(grown.matcher.fitted[name], tensor, rtol=1e-9, atol=1e-9), name
     with pytest.raises(InputError, match="already in the store"):
-        grown.add_domain(third)
+        grown.add_domain(sub(["de"]), {"de": store.matcher.bank["de"]})
     other = Profile({**profile.model, "config_hash": "0" * 16}, profile.family, profile.moe_layers,
                     profile.num_experts, profile.top_k, profile.scorers, {"x": profile.domains["de"]})
     with pytest.raises(InputError, match="profile the store's model"):
-        grown.add_domain(other)
+        grown.add_domain(other, {"x": store.matcher.bank["de"]})
 
 
 def test_bad_inputs(built, tiny_qwen3, tmp_path):
-    profile, _ = built
+    profile, _, loaded = built
     with pytest.raises(InputError, match="scorer 'reap' was not collected"):
-        build_store(tiny_qwen3, profile, "reap")
+        build_store(tiny_qwen3, profile, domains.sources(0), scorer="reap", loaded=loaded)
+    with pytest.raises(InputError, match="give text .* for exactly the profiled domains"):
+        build_store(tiny_qwen3, profile, domains.sources(0)[:2], loaded=loaded)
     with pytest.raises(InputError, match="no held-out data names a stored domain"):
-        build_store(tiny_qwen3, profile, held_out=[domains.Source("klingon", ["qapla"], "x")])
+        build_store(tiny_qwen3, profile, domains.sources(0), [domains.Source("klingon", ["qapla"], "x")],
+                    match=MatchParams(lengths=(8, 16)), loaded=loaded)
+    with pytest.raises(InputError, match="retrieval method must be one of"):
+        build_store(tiny_qwen3, profile, domains.sources(0), match=MatchParams(method="vibes"), loaded=loaded)
     with pytest.raises(MissingFileError, match="premoe store build"):
         Store.load(tmp_path / "nowhere")
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "store.json").write_text(json.dumps({"format": "premoe-store/0"}))
-    with pytest.raises(CheckpointError, match="premoe-store/1"):
+    (tmp_path / "bad" / "store.json").write_text(json.dumps({"format": "premoe-store/1"}))
+    with pytest.raises(CheckpointError, match="premoe-store/2"):
         Store.load(tmp_path / "bad")
 
 
 def test_cli_build_add_query(built, tiny_qwen3, tmp_path):
     from premoe.cli import cli
+    from premoe.cli.store import _METHODS
+    from premoe.matchers import METHODS
 
-    profile, _ = built
+    assert _METHODS == METHODS  # the CLI's copy (kept to answer --help without torch)
+
+    profile, _, _ = built
     two = Profile(profile.model, profile.family, profile.moe_layers, profile.num_experts, profile.top_k,
                   profile.scorers, {d: profile.domains[d] for d in ("code", "bible")}, profile.params)
     two.save(tmp_path / "prof2")
     Profile(profile.model, profile.family, profile.moe_layers, profile.num_experts, profile.top_k, profile.scorers,
             {"de": profile.domains["de"]}, profile.params).save(tmp_path / "prof-de")
-    held = []
+    data, held = [], []
+    for domain in domains.DOMAINS:
+        (tmp_path / f"{domain}.txt").write_text("".join(domains.texts(domain, 0, 6)))
+        (tmp_path / f"{domain}-val.txt").write_text("".join(domains.texts(domain, 1000, 4)))
     for domain in ("code", "bible"):
-        (tmp_path / f"{domain}.txt").write_text("".join(domains.texts(domain, 1000, 2)))
-        held += ["--held-out", f"{domain}={tmp_path / f'{domain}.txt'}"]
+        data += ["--data", f"{domain}={tmp_path / f'{domain}.txt'}"]
+        held += ["--held-out", f"{domain}={tmp_path / f'{domain}-val.txt'}"]
     runner = CliRunner()
     out = tmp_path / "store"
-    result = runner.invoke(cli, ["store", "build", str(tiny_qwen3), "--profile", str(tmp_path / "prof2"),
-                                 "--out", str(out), "--calib-tokens", "32", *held], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    assert "domains code, bible" in result.output and "l2" in result.output
-    result = runner.invoke(cli, ["store", "add", str(out), "--profile", str(tmp_path / "prof-de")],
+    result = runner.invoke(cli, ["store", "build", str(tiny_qwen3), "--profile", str(tmp_path / "prof2"), *data,
+                                 "--out", str(out), "--method", "knn", "--calib-tokens", "2048", *held],
                            catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "domains code, bible" in result.output and "matcher knn on router_input" in result.output
+    result = runner.invoke(cli, ["store", "add", str(out), "--profile", str(tmp_path / "prof-de"),
+                                 "--data", f"de={tmp_path / 'de.txt'}"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert Store.load(out).domains == ["code", "bible", "de"]
     text = domains.texts("code", 4000, 1)[0]
@@ -129,6 +166,18 @@ def test_cli_build_add_query(built, tiny_qwen3, tmp_path):
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
     hit = json.loads(result.stdout)
-    assert hit["tokens"] == 16 and set(hit["distances"]) == {"code", "bible", "de"}
-    result = runner.invoke(cli, ["store", "query", str(out), text, "--metric", "cosine"], catch_exceptions=False)
-    assert result.exit_code == 0 and "cosine" in result.output and "bible" in result.output
+    assert hit["tokens"] == 16 and hit["method"] == "knn" and set(hit["distances"]) == {"code", "bible", "de"}
+    assert hit["nearest"] == "code"
+    result = runner.invoke(cli, ["store", "query", str(out), text], catch_exceptions=False)
+    assert result.exit_code == 0 and "knn over" in result.output and "bible" in result.output
+
+
+def test_build_defaults_to_the_text_the_profile_was_made_from(tmp_path):
+    from premoe.cli.store import _profiled
+
+    profile = known_store(tmp_path).profile
+    profile.data = {"a": "testbed:python:calib", "b": "/data/b.jsonl"}
+    assert _profiled(profile) == ["python:calib", "b=/data/b.jsonl"]
+    profile.data = {"a": ""}
+    with pytest.raises(InputError, match="pass --data"):
+        _profiled(profile)

@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import click
 
-from premoe.cli.options import FRACTION, POSITIVE, POSITIVE_FLOAT, json_option, model_input
+from premoe.cli.options import FRACTION, POSITIVE, json_option, model_input
+
+_METHODS = ("centroid", "knn", "diagonal", "lda", "logistic")  # premoe.matchers.METHODS (no torch import for --help)
 
 
 @click.group("store")
 def command() -> None:
-    """Build and query pattern stores (layer-1 patterns + per-layer expert rankings per domain).
+    """Build and query pattern stores (request patterns + per-layer expert rankings per domain).
 
     \b
-    premoe store build MODEL --profile prof/ --out store/ --held-out testbed
-    premoe store add store/ --profile new-domain-prof/
+    premoe store build testbed --profile prof/ --data testbed --held-out testbed --out store/
+    premoe store add store/ --profile new-prof/ --data legal=legal-calib.jsonl
     premoe store query store/ "def main():" --tokens 64
     """
 
@@ -20,27 +22,39 @@ def command() -> None:
 @command.command("build")
 @click.argument("model")
 @click.option("--profile", "profile_path", required=True, type=click.Path(), help="Profile of MODEL's domains.")
+@click.option("--data", "data", multiple=True,
+              help="Calibration text per profiled domain (NAME=PATH or testbed names; testbed: the calib split). "
+                   "Default: the text the profile was made from.")
 @click.option("--out", required=True, type=click.Path(), help="Store directory to write.")
-@click.option("--scorer", default="router_mass", show_default=True,
-              help="Profiled scorer the patterns and rankings come from (dense patterns retrieve best).")
 @click.option("--held-out", "held_out", multiple=True,
-              help="Held-out text per domain (NAME=PATH or testbed names; testbed defaults to the val split) "
-                   "to calibrate the fallback threshold. Without it retrieval never falls back.")
-@click.option("--calib-tokens", default=64, show_default=True, type=POSITIVE, help="Request length the threshold is set for.")
-@click.option("--quantile", default=0.99, show_default=True, type=FRACTION, help="Quantile of held-out distances to their domain.")
-@click.option("--margin", default=1.25, show_default=True, type=POSITIVE_FLOAT, help="Threshold = quantile x margin.")
+              help="Held-out text per domain (testbed: the val split) to calibrate the fallback to the generalist. "
+                   "Without it retrieval never falls back.")
+@click.option("--scorer", default="peu", show_default=True, help="Profiled scorer that ranks the experts kept.")
+@click.option("--method", type=click.Choice(_METHODS), default="lda", show_default=True,
+              help="How requests are matched (centroid = the paper's nearest layer-1 pattern).")
+@click.option("--feature", default="router_input", show_default=True,
+              help="Token feature at the first router: router_input, router_logits, router_mass or a scorer preset.")
+@click.option("--pattern-layers", default=1, show_default=True, type=click.IntRange(1, 2),
+              help="MoE layers the feature is read from (1 or 2).")
+@click.option("--quantile", default=0.95, show_default=True, type=FRACTION,
+              help="Fallback threshold: this quantile of held-out in-domain scores (per request length).")
+@click.option("--calib-tokens", default=32768, show_default=True, type=POSITIVE, help="Calibration tokens per domain.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and premoe wrote it.")
-def build(model, profile_path, out, scorer, held_out, calib_tokens, quantile, margin, force) -> None:
-    """Store the patterns of every domain in --profile."""
+def build(model, profile_path, data, out, held_out, scorer, method, feature, pattern_layers, quantile, calib_tokens,
+          force) -> None:
+    """Store the patterns and rankings of every domain in --profile."""
     from premoe.data import data_paths
     from premoe.fileio import check_output
+    from premoe.matchers import MatchParams
     from premoe.profile import Profile
-    from premoe.store import CalibrationParams, build_store
+    from premoe.store import PatternData, build_store
 
-    check_output(out, inputs=[model_input(model), profile_path, *data_paths(held_out)], force=force)
-    params = CalibrationParams(tokens=calib_tokens, quantile=quantile, margin=margin)
-    sources = _held_out(model, held_out, params)
-    store = build_store(model, Profile.load(profile_path), scorer, sources, params)
+    check_output(out, inputs=[model_input(model), profile_path, *data_paths(data), *data_paths(held_out)], force=force)
+    profile = Profile.load(profile_path)
+    store = build_store(model, profile, _sources(model, data or _profiled(profile), "calib"),
+                        _sources(model, held_out, "val"), scorer,
+                        MatchParams(method=method, feature=feature, layers=pattern_layers, quantile=quantile),
+                        PatternData(tokens=calib_tokens))
     store.save(out, force=force)
     _describe(store, out)
 
@@ -48,24 +62,33 @@ def build(model, profile_path, out, scorer, held_out, calib_tokens, quantile, ma
 @command.command("add")
 @click.argument("store_path", type=click.Path())
 @click.option("--profile", "profile_path", required=True, type=click.Path(), help="Profile of the new domain(s).")
+@click.option("--data", "data", multiple=True, required=True, help="Calibration text of the new domain(s).")
 @click.option("--held-out", "held_out", multiple=True,
-              help="Recalibrate the threshold on this held-out text (name it after stored domains).")
-def add(store_path, profile_path, held_out) -> None:
+              help="Recalibrate the thresholds on this held-out text (name it after stored domains).")
+def add(store_path, profile_path, data, held_out) -> None:
     """Add the domains of --profile to a store (rewritten in place, atomically)."""
+    from premoe.adapters import get_adapter
     from premoe.data import data_paths
     from premoe.fileio import check_inputs
+    from premoe.modeling import load_model, load_tokenizer
+    from premoe.patterns import PatternReader
     from premoe.profile import Profile
-    from premoe.store import CalibrationParams, Store, calibrate_threshold
+    from premoe.store import PatternData, Store, calibrate_store, read_patterns
 
-    check_inputs(store_path, [profile_path, *data_paths(held_out)])  # the store is rewritten: no input inside it
-    store = Store.load(store_path).add_domain(Profile.load(profile_path))
+    check_inputs(store_path, [profile_path, *data_paths(data), *data_paths(held_out)])  # rewritten: no input inside
+    store = Store.load(store_path)
+    model = store.model["path"]
+    net, tokenizer = load_model(model), load_tokenizer(model)
+    params = store.matcher.params
+    reader = PatternReader(net, get_adapter(net.config), params.feature, params.layers)
+    amounts = PatternData(**store.calibration.get("amounts", {}))
+    patterns = read_patterns(reader, tokenizer, _sources(model, data, "calib"), params.lengths, amounts.tokens,
+                             amounts.batch_size)
+    store.add_domain(Profile.load(profile_path), patterns)
     if held_out:
-        model = store.model["path"]
-        fields = CalibrationParams.__dataclass_fields__
-        params = CalibrationParams(**{k: v for k, v in store.calibration.items() if k in fields})
-        calibrate_threshold(store, model, _held_out(model, held_out, params), params)
-    elif store.threshold:
-        click.echo("note: the fallback threshold was kept; pass --held-out to recalibrate it with the new domain",
+        calibrate_store(store, reader, tokenizer, _sources(model, held_out, "val"), amounts)
+    elif store.matcher.thresholds:
+        click.echo("note: the fallback thresholds were kept; pass --held-out to recalibrate them with the new domain",
                    err=True)
     store.save(store_path, force=True)
     _describe(store, store_path)
@@ -76,11 +99,13 @@ def add(store_path, profile_path, held_out) -> None:
 @click.argument("text")
 @click.option("--model", help="Checkpoint to run (default: the one the store was built from).")
 @click.option("--tokens", type=POSITIVE, help="Use only the first N tokens of TEXT.")
-@click.option("--metric", type=click.Choice(["l2", "cosine"]), default="l2", show_default=True)
+@click.option("--mixed", type=click.Choice(["whole", "halves", "tail"]), default="whole", show_default=True,
+              help="halves: fall back to the generalist when the two halves of TEXT retrieve different domains; "
+                   "tail: match only the second half of TEXT.")
 @json_option("Write the retrieval as JSON to FILE ('-' or a bare --json: stdout instead of the text).")
 @click.option("--force", is_flag=True, help="Replace the --json FILE if it exists and premoe wrote it.")
-def query(store_path, text, model, tokens, metric, json_out, force) -> None:
-    """Which stored domain TEXT retrieves, with its distance to every domain."""
+def query(store_path, text, model, tokens, mixed, json_out, force) -> None:
+    """Which stored domain TEXT retrieves, with its score for every domain (lower = nearer)."""
     from premoe.adapters import get_adapter
     from premoe.fileio import emit_json
     from premoe.modeling import load_model, load_tokenizer
@@ -90,29 +115,49 @@ def query(store_path, text, model, tokens, metric, json_out, force) -> None:
     store = Store.load(store_path)
     model = model or store.model["path"]
     net = load_model(model)
-    hit = Retriever(net, get_adapter(net.config), store, load_tokenizer(model), metric=metric).retrieve(text, tokens)
+    retriever = Retriever(net, get_adapter(net.config), store, load_tokenizer(model), mixed=mixed)
+    hit = retriever.retrieve(text, tokens)
     emit_json(json_out, hit.as_dict(), kind="retrieval", force=force, inputs=[store_path, model_input(model)])
     if json_out == "-":
         return
-    threshold = store.threshold.get(metric)
-    verdict = (f"fallback to generalist (nearest {hit.nearest} is beyond {threshold:.4g})" if hit.fallback
-               else hit.domain)
-    click.echo(f"{verdict}  [{metric} over {hit.tokens} tokens, {hit.seconds * 1000:.1f} ms]")
+    threshold = store.matcher.thresholds.get(store.matcher.bucket(hit.tokens))
+    if hit.mixed:
+        verdict = "fallback to generalist (the halves of the request retrieve different domains)"
+    elif hit.fallback:
+        verdict = f"fallback to generalist (nearest {hit.nearest} scores {hit.distance:.4g} > {threshold:.4g})"
+    else:
+        verdict = hit.domain
+    click.echo(f"{verdict}  [{hit.method} over {hit.tokens} tokens, {hit.seconds * 1000:.1f} ms]")
     for name, distance in sorted(hit.distances.items(), key=lambda kv: kv[1]):
         click.echo(f"  {name:<14} {distance:.6g}")
 
 
-def _held_out(model: str, specs, params) -> list:
+def _profiled(profile) -> list[str]:
+    """--data specs of the text each domain was profiled on (testbed:<domain>:<split> origins or paths)."""
+    from premoe.errors import InputError
+
+    specs = []
+    for domain, origin in profile.data.items():
+        if origin.startswith("testbed:"):
+            _, name, split = origin.split(":")
+            specs.append(f"{name}:{split}")
+        elif origin:
+            specs.append(f"{domain}={origin}")
+        else:
+            raise InputError(f"the profile does not record where domain {domain!r} came from; pass --data")
+    return specs
+
+
+def _sources(model: str, specs, split: str) -> list:
     from premoe.data import parse_sources
     from premoe.modeling import load_tokenizer
 
-    if not specs:
-        return []
-    return parse_sources(list(specs), tokenizer=load_tokenizer(model), split="val",
-                         max_tokens=params.tokens * params.windows)  # what calibration reads, no more
+    return parse_sources(list(specs), tokenizer=load_tokenizer(model), split=split) if specs else []
 
 
 def _describe(store, path) -> None:
-    threshold = ", ".join(f"{m} {v:.4g}" for m, v in store.threshold.items()) or "none (never falls back)"
-    click.echo(f"store {path}: {store.model['name']}, scorer {store.scorer}, domains {', '.join(store.domains)}; "
-               f"fallback threshold: {threshold}")
+    params = store.matcher.params
+    thresholds = ", ".join(f"{t}: {v:.4g}" for t, v in sorted(store.matcher.thresholds.items()))
+    click.echo(f"store {path}: {store.model['name']}, domains {', '.join(store.domains)}; ranking scorer "
+               f"{store.scorer}; matcher {params.method} on {params.feature} (layers {params.layers}); "
+               f"fallback thresholds by request tokens: {thresholds or 'none (never falls back)'}")
