@@ -32,7 +32,9 @@ def known_store(path) -> Store:
     stats = {d: DomainStats(tokens[d], {"peu": torch.tensor(s, dtype=torch.float64)}, torch.ones(2, 4)) for d, s in
              sums.items()}
     identity = {"name": "known", "path": str(path), "model_type": "qwen3_moe", "config_hash": "0" * 16}
-    profile = Profile(identity, "Qwen3-MoE", [0, 1], 4, 2, {"peu": PEU}, stats)
+    arch = {"top_k": 2, "n_group": 1, "topk_group": 1, "renormalises": True, "scoring": "softmax",
+            "gate_changes_when_pruned": False, "sizes": None}  # what a profile records (profile.architecture_of)
+    profile = Profile(identity, "Qwen3-MoE", [0, 1], 4, 2, {"peu": PEU}, stats, architecture=arch)
     bank = {d: {8: torch.randn(4, 3, generator=torch.Generator().manual_seed(i))} for i, d in enumerate(sums)}
     return Store(profile, "peu", fit_matcher(MatchParams(method="centroid", lengths=(8,)), bank))
 
