@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -42,12 +41,29 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads.")
     parser.add_argument("--quant", default="Q4_K_M", help="4-bit type for llama_model_quantize.")
+    parser.add_argument("--speed-rounds", type=int, default=5,
+                        help="Rounds of the speed pass, every GGUF once per round in turn (the median is kept).")
+    parser.add_argument("--respeed", action="store_true", help="Only redo the speed pass of bench/results/gguf.json.")
     parser.add_argument("--measure", nargs=2, metavar=("GGUF", "IDS"), help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--speed", nargs=2, metavar=("GGUF", "IDS"), help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(Path(args.measure[0]), Path(args.measure[1]), args.threads)))
         return
-    run(args)
+    if args.speed:
+        print(json.dumps(speed(Path(args.speed[0]), Path(args.speed[1]), args.threads)))
+        return
+    respeed(args) if args.respeed else run(args)
+
+
+def respeed(args) -> None:
+    """Redo only the speed pass on the GGUFs of an existing bench/results/gguf.json (``--respeed``)."""
+    result = json.loads((RESULTS / "gguf.json").read_text())
+    speed_pass(args, result["rows"])
+    result["load_average"] = os.getloadavg()
+    (RESULTS / "gguf.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "gguf.md").write_text(markdown(result))
+    print(markdown(result))
 
 
 def run(args) -> None:
@@ -69,6 +85,7 @@ def run(args) -> None:
             rows.append({"model": label, "type": kind, "file_mb": gguf.stat().st_size / 1e6, **m,
                          "transformers_ppl": hf_ppl, "ppl_vs_transformers": m["ppl"] / hf_ppl - 1})
             print(json.dumps(rows[-1]), flush=True)
+    speed_pass(args, rows)
     tokenizer_check = compare_tokenizers(args.work / "full-f32.gguf", models["full"], text)
     result = {"domain": args.domain, "windows": int(ids.shape[0]), "seq_len": args.seq_len, "threads": args.threads,
               "cpu": platform.processor() or platform.machine(), "load_average": os.getloadavg(),
@@ -155,7 +172,7 @@ def measure(gguf: Path, ids_file: Path, threads: int) -> dict:
     bindings()
     from llama_cpp import Llama
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _status_kb("VmRSS")
     llm = Llama(str(gguf), n_ctx=ids.shape[1], n_batch=ids.shape[1], n_threads=threads, logits_all=True,
                 verbose=False)
     nll, started = [], time.perf_counter()
@@ -168,9 +185,54 @@ def measure(gguf: Path, ids_file: Path, threads: int) -> dict:
     prompt_s = time.perf_counter() - started
     gen_tokens, started = generation(llm, ids[0])
     gen_s = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kb("VmHWM")  # this process's peak RSS (ru_maxrss would carry the parent's over exec)
     return {"ppl": float(np.exp(np.concatenate(nll).mean())), "prompt_tok_s": ids.size / prompt_s,
             "gen_tok_s": gen_tokens / gen_s, "peak_rss_mb": peak / 1024, "rss_over_python_mb": (peak - before) / 1024}
+
+
+def _status_kb(field: str) -> int:
+    """A memory field of /proc/self/status, in kB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def speed_pass(args, rows: list[dict]) -> None:
+    """Tokens/s again, every file in turn for --speed-rounds rounds (load swings 10x here); keeps the medians."""
+    import statistics
+
+    files = [args.work / f"{r['model'].rstrip('%')}-{r['type']}.gguf" for r in rows]
+    runs: list[list[dict]] = [[] for _ in rows]
+    for _ in range(args.speed_rounds):
+        for i, gguf in enumerate(files):
+            child = subprocess.run([sys.executable, __file__, "--work", str(args.work), "--threads", str(args.threads),
+                                    "--speed", str(gguf), str(args.work / "ids.npy")],
+                                   capture_output=True, text=True, check=True)
+            runs[i].append(json.loads(child.stdout.strip().splitlines()[-1]))
+    for row, done in zip(rows, runs):
+        for key in ("prompt_tok_s", "gen_tok_s"):
+            row[key] = statistics.median(d[key] for d in done)
+        row["speed_rounds"] = len(done)
+
+
+def speed(gguf: Path, ids_file: Path, threads: int) -> dict:
+    """Prompt tokens/s over 4 windows and generation tokens/s, in a fresh process."""
+    import numpy as np
+
+    ids = np.load(ids_file)[:4]  # (4, seq)
+    bindings()
+    from llama_cpp import Llama
+
+    llm = Llama(str(gguf), n_ctx=ids.shape[1], n_batch=ids.shape[1], n_threads=threads, logits_all=True,
+                verbose=False)
+    started = time.perf_counter()
+    for window in ids:
+        llm.reset()
+        llm.eval(window.tolist())
+    prompt_s = time.perf_counter() - started
+    gen_tokens, started = generation(llm, ids[0])
+    return {"prompt_tok_s": ids.size / prompt_s, "gen_tok_s": gen_tokens / (time.perf_counter() - started)}
 
 
 def generation(llm, window) -> tuple[int, float]:
@@ -202,13 +264,19 @@ def markdown(result: dict) -> str:
     lines = [f"# The testbed in llama.cpp ({result['domain']} test split, {result['windows']} windows x "
              f"{result['seq_len']} tokens, {result['threads']} threads, load average "
              f"{result['load_average'][0]:.1f})", "",
-             "| model | type | file MB | peak RSS MB | prompt tok/s | gen tok/s | ppl llama.cpp | ppl transformers | Δ |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | type | file MB | peak RSS MB | of which model MB | prompt tok/s | gen tok/s | ppl llama.cpp | "
+             "ppl transformers | Δ |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['type']} | {r['file_mb']:.1f} | {r['peak_rss_mb']:.0f} | "
                      f"{r['prompt_tok_s']:.0f} | {r['gen_tok_s']:.0f} | {r['ppl']:.3f} | {r['transformers_ppl']:.3f} | "
                      f"{100 * r['ppl_vs_transformers']:+.2f}% |")
     t = result["tokenizer"]
+    rounds = result["rows"][0].get("speed_rounds", 1)
+    lines += ["", f"Peak RSS is the whole process (Python, numpy, llama-cpp-python, a 256 x 8192 logits buffer); "
+              "'of which model' is the peak minus the RSS before the model was loaded. Tokens/s: median of "
+              f"{rounds} rounds, every file in turn, at the load average above (2 cores shared), so compare rows, "
+              "not with other machines. Perplexity: llama.cpp on the same token ids as transformers."]
     lines += ["", f"Tokenizer: llama.cpp gives {t['llama_cpp_tokens']} tokens, transformers {t['transformers_tokens']} "
               f"on {t['characters']} characters of the test text; identical: {t['identical']}."]
     return "\n".join(lines) + "\n"
