@@ -269,7 +269,7 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['type']} | {r['file_mb']:.1f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['prompt_tok_s']:.0f} | {r['gen_tok_s']:.0f} | {r['ppl']:.3f} | {r['transformers_ppl']:.3f} | "
+                     f"{r['rss_over_python_mb']:.0f} | {r['prompt_tok_s']:.0f} | {r['gen_tok_s']:.0f} | {r['ppl']:.3f} | {r['transformers_ppl']:.3f} | "
                      f"{100 * r['ppl_vs_transformers']:+.2f}% |")
     t = result["tokenizer"]
     rounds = result["rows"][0].get("speed_rounds", 1)
