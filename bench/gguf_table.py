@@ -11,9 +11,11 @@ Needs llama.cpp's source (PREMOE_LLAMA_CPP, with libllama built in build/bin) an
 sources of the same version (LLAMA_CPP_PYTHON: the unpacked sdist), e.g.:
 
     pip download llama-cpp-python==0.3.36 --no-binary :all: --no-deps && tar xzf llama_cpp_python-0.3.36.tar.gz
-    cd llama_cpp_python-0.3.36/vendor/llama.cpp && cmake -B build -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON \
-        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF && cmake --build build --target llama
-    PREMOE_LLAMA_CPP=$PWD LLAMA_CPP_PYTHON=$PWD/../.. python bench/gguf_table.py --work /tmp/gguf
+    export LLAMA_CPP_PYTHON=$PWD/llama_cpp_python-0.3.36 PREMOE_LLAMA_CPP=$PWD/llama_cpp_python-0.3.36/vendor/llama.cpp
+    cmake -S $PREMOE_LLAMA_CPP -B $PREMOE_LLAMA_CPP/build -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
+    cmake --build $PREMOE_LLAMA_CPP/build -j2 --target llama      # libllama only: ~25 min on 2 busy cores
+    python bench/gguf_table.py --work /tmp/gguf                    # ~16 min here; --respeed redoes only tokens/s
     # (python: one with numpy, diskcache and jinja2 beside premoe; llama-cpp-python is not installed, only imported)
 
 Writes bench/results/gguf.json and bench/results/gguf.md.
@@ -269,7 +271,8 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['type']} | {r['file_mb']:.1f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['rss_over_python_mb']:.0f} | {r['prompt_tok_s']:.0f} | {r['gen_tok_s']:.0f} | {r['ppl']:.3f} | {r['transformers_ppl']:.3f} | "
+                     f"{r['rss_over_python_mb']:.0f} | {r['prompt_tok_s']:.0f} | {r['gen_tok_s']:.0f} | "
+                     f"{r['ppl']:.3f} | {r['transformers_ppl']:.3f} | "
                      f"{100 * r['ppl_vs_transformers']:+.2f}% |")
     t = result["tokenizer"]
     rounds = result["rows"][0].get("speed_rounds", 1)
