@@ -24,6 +24,7 @@ class VllmExpectation:
     router_rows: tuple[str, ...]  # tensors with one row per expert
     fused: bool = False  # True: one tensor holds every expert (dim 0); False: one tensor per expert
     group_keys: tuple[str, ...] = ()  # grouped routing: (n_group field, topk_group field)
+    also_count_keys: tuple[str, ...] = ()  # other names of the count that must agree (other readers)
 
 
 _PER_EXPERT_MLP = ("mlp.experts.{expert}.gate_proj.weight", "mlp.experts.{expert}.up_proj.weight",
@@ -35,7 +36,8 @@ EXPECTATIONS: dict[str, VllmExpectation] = {
         "qwen3_moe.py :: Qwen3MoeSparseMoeBlock.__init__ (FusedMoE(num_experts=config.num_experts, "
         "top_k=config.num_experts_per_tok), gate ReplicatedLinear(hidden, num_experts)); "
         "Qwen3MoeModel.get_expert_mapping (gate_proj/down_proj/up_proj, num_experts=config.num_experts)",
-        "num_experts", "num_experts_per_tok", _PER_EXPERT_MLP, ("mlp.gate.weight",)),
+        "num_experts", "num_experts_per_tok", _PER_EXPERT_MLP, ("mlp.gate.weight",),
+        also_count_keys=("num_local_experts",)),  # what transformers 5 reads (and writes) for Qwen3-MoE
     "qwen2_moe": VllmExpectation(
         "Qwen2MoeForCausalLM",
         "qwen2_moe.py :: Qwen2MoeSparseMoeBlock.__init__ (gate ReplicatedLinear(hidden, config.num_experts), "
