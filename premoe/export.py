@@ -116,6 +116,15 @@ def converter_count_key(config: dict, path: Path) -> str:
                           "reads the expert count from these; recompile with `premoe compile` or add the field")
 
 
+def check_uniform(config: dict, path: Path) -> None:
+    """GGUF holds one expert count per model: refuse a compact checkpoint (different counts per layer)."""
+    info = config.get("premoe") or {}
+    if info.get("export") == "compact":
+        counts = sorted(set(info.get("experts_per_layer", {}).values()))
+        raise CheckpointError(f"{path} is a compact checkpoint ({counts} experts per layer); GGUF's single expert "
+                              "count cannot describe it; recompile with `premoe compile ... --export padded`")
+
+
 def fallback_pre_tokenizer(model_dir: Path) -> str | None:
     """``gpt-2`` when tokenizer.json is plain GPT-2 byte-level BPE (the converter's hash list aside), else None."""
     file = model_dir / "tokenizer.json"
@@ -150,7 +159,9 @@ def export_gguf(model: str | Path, out: str | Path, *, llama_cpp: str | Path | N
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists; pass --force to replace it")
     model_dir = resolve_model_path(model)
-    converter_count_key(read_config(model_dir), model_dir)
+    config = read_config(model_dir)
+    converter_count_key(config, model_dir)
+    check_uniform(config, model_dir)
     root = find_llama_cpp(llama_cpp)
     quantizer = find_quantize(root) if quantize else None
     pre = fallback_pre_tokenizer(model_dir)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from premoe.errors import CheckpointError, MissingFileError, OutputExistsError, PremoeError
-from premoe.export import (LLAMA_CPP_ENV, converter_count_key, export_gguf, fallback_pre_tokenizer,
-                           find_llama_cpp)
+from premoe.export import (LLAMA_CPP_ENV, check_uniform, converter_count_key, export_gguf,
+                           fallback_pre_tokenizer, find_llama_cpp)
 from premoe.modeling import resolve_model_path
 
 FAKE_BASE = '''
@@ -62,6 +62,13 @@ def test_the_converter_reads_the_expert_count(tmp_path):
     assert converter_count_key({"num_experts": 8}, tmp_path) == "num_experts"
     with pytest.raises(CheckpointError, match="none of num_local_experts, num_experts, n_routed_experts"):
         converter_count_key({"moe_num_experts": 8}, tmp_path)
+
+
+def test_compact_checkpoints_are_refused(tmp_path):
+    check_uniform({"premoe": {"export": "uniform"}}, tmp_path)
+    check_uniform({}, tmp_path)
+    with pytest.raises(CheckpointError, match=r"compact checkpoint \(\[4, 6\] experts per layer\).*--export padded"):
+        check_uniform({"premoe": {"export": "compact", "experts_per_layer": {"0": 4, "1": 6}}}, tmp_path)
 
 
 def test_gpt2_pre_tokenizer_only_for_plain_byte_level_bpe(tmp_path):
