@@ -137,3 +137,25 @@ def test_real_llama_cpp_converts_the_testbed(tmp_path):
     assert field("tokenizer.ggml.pre") == "gpt-2"
     gate = next(t for t in reader.tensors if t.name == "blk.0.ffn_gate_exps.weight")
     assert gate.shape.tolist() == [config["hidden_size"], config["moe_intermediate_size"], config["num_local_experts"]]
+
+
+@pytest.mark.slow
+def test_real_llama_quantize(tmp_path):
+    """With llama.cpp's llama-quantize built: --quantize Q4_K_M writes a smaller GGUF of file type Q4_K_M (15)."""
+    if not os.environ.get(LLAMA_CPP_ENV):
+        pytest.skip(f"set {LLAMA_CPP_ENV} to a llama.cpp source directory")
+    from premoe.export import find_quantize
+
+    root = find_llama_cpp()
+    try:
+        find_quantize(root)
+    except MissingFileError:
+        pytest.skip("llama-quantize is not built")
+    sys.path.insert(0, str(root / "gguf-py"))
+    from gguf import GGUFReader
+
+    f16 = export_gguf("testbed", tmp_path / "f16.gguf").out
+    q4 = export_gguf("testbed", tmp_path / "q4.gguf", quantize="Q4_K_M").out
+    assert q4.stat().st_size < 0.4 * f16.stat().st_size
+    field = GGUFReader(str(q4)).fields["general.file_type"]
+    assert (field.contents() if hasattr(field, "contents") else field.parts[field.data[0]][0]) == 15
