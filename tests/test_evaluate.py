@@ -180,18 +180,59 @@ def test_cli_eval_json_with_plan(tiny_qwen3, tmp_path):
     assert full["kl"] == 0.0 and pruned["kl"] > 0 and full["windows"] == 2
 
 
-def test_lm_eval_on_a_local_task(tiny_qwen3, tmp_path):
-    """Runs only where lm_eval is installed (pip install 'premoe[eval]'); offline thanks to a local JSON task."""
-    pytest.importorskip("lm_eval")
-    rows = [{"question": "def add(a, b):\n    return a", "choices": [" + b", " Fuchs"], "answer": 0},
-            {"question": "In the beginning God created the", "choices": [" heaven", " return"], "answer": 0}]
-    (tmp_path / "toy.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (tmp_path / "toy.yaml").write_text(
-        "task: premoe_toy\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {tmp_path / 'toy.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+def math_choice_task(folder, count: int = 48) -> str:
+    """An offline lm-eval task from the shipped math test split: which of 4 expressions answers this problem?
+
+    A problem and "Answer:" are the context; the choices are its own expression (" 7 * 62", which copies the
+    problem's numbers) and the expressions of the next three problems (chance: 25%). The testbed cannot do
+    the arithmetic itself, so the task asks for what it learned: reading the problem into the answer.
+    """
+    import gzip
+    import re
+
+    from premoe import testbed
+
+    with gzip.open(testbed.corpus_path() / "math" / "test.jsonl.gz", "rt") as f:
+        text = "".join(json.loads(line)["text"] for line in f)
+    pairs = re.findall(r"(Problem \d+\. [^\n]+)\nAnswer:( [^=\n]+?) =", text)[: count + 3]
+    rows = [{"question": f"{problem}\nAnswer:", "choices": [expr] + [e for _, e in pairs[i + 1:i + 4]], "answer": 0}
+            for i, (problem, expr) in enumerate(pairs[:count])]
+    (folder / "math.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (folder / "math.yaml").write_text(
+        "task: premoe_math\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {folder / 'math.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
         'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
         "metric_list:\n  - metric: acc\n")
-    plan = _plan_for(tiny_qwen3, KEPT)
-    for applied in (None, plan):
-        results = run_lm_eval(tiny_qwen3, ["premoe_toy"], plan=applied, include_path=tmp_path, batch_size=2)
-        assert 0 <= results["premoe_toy"]["acc,none"] <= 1
+    return "premoe_math"
+
+
+def test_lm_eval_full_testbed_beats_random_experts(tmp_path, monkeypatch):
+    """lm-evaluation-harness for real (CI installs premoe[eval]), offline on a local task from the math split.
+
+    Measured (torch 2.13 CPU, lm_eval 0.4.13): the full testbed 41/48 (acc 0.854), a random 8 of 32 experts per
+    layer 19/48 (0.396). About 25 s of CPU (lm_eval import, two runs of 192 loglikelihood requests).
+    """
+    pytest.importorskip("lm_eval")
+    import torch
+
+    from premoe.adapters import get_adapter
+    from premoe.modeling import load_model, load_tokenizer, model_identity
+    from premoe.plan import Plan
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    task = math_choice_task(tmp_path)
+    net, tokenizer = load_model("testbed"), load_tokenizer("testbed")
+    adapter = get_adapter(net.config)
+    layers = [l.index for l in adapter.moe_layers(net)]
+    generator = torch.Generator().manual_seed(0)
+    kept = {l: sorted(torch.randperm(32, generator=generator)[:8].tolist()) for l in layers}
+    random_plan = Plan(model_identity("testbed"), adapter.name, 32, 4, layers, kept,
+                       {l: kept[l] + [e for e in range(32) if e not in kept[l]] for l in layers},
+                       {"scorer": "random", "ranking": "local"}, "random", {})
+    full = run_lm_eval("testbed", [task], include_path=tmp_path, batch_size=16, loaded=(net, tokenizer))
+    pruned = run_lm_eval("testbed", [task], plan=random_plan, include_path=tmp_path, batch_size=16,
+                         loaded=(net, tokenizer))
+    full_acc, random_acc = full[task]["acc,none"], pruned[task]["acc,none"]
+    assert full_acc >= 0.8, full_acc  # measured 41/48 = 0.854 (chance 0.25)
+    assert full_acc - random_acc >= 0.35, (full_acc, random_acc)  # measured 0.854 - 0.396 (19/48) = 0.458

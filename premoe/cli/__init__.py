@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "store": ("premoe.cli.store", "Build and query pattern stores for task-adaptive expert retrieval."),
     "serve": ("premoe.cli.serve", "OpenAI-compatible server that retrieves and swaps experts per request."),
     "route": ("premoe.cli.route", "OpenAI-compatible router in front of per-domain servers (a fleet)."),
+    "export": ("premoe.cli.export", "Convert a checkpoint to GGUF with llama.cpp's converter (and quantize)."),
     "demo": ("premoe.cli.demo", "Profile, compile, verify and evaluate the embedded testbed in one go."),
     "testbed": ("premoe.cli.testbed", "Build the offline corpus, train and measure the embedded testbed model."),
 }
