@@ -288,3 +288,30 @@ def test_an_old_profile_without_architecture_and_model_is_refused_not_planned_un
     old = profile_of(GLOBAL, architecture={})
     with pytest.raises(InputError, match="profile the model again"):
         make_plan(old, PlanRequest(experts=4, domain="a", scorer="router_mass"))
+
+
+# --------------------------------------------------------------------------- pinned by surviving mutants
+
+
+def test_keep_fraction_rounds_to_the_nearest_count():
+    # 0.45 x 8 experts = 3.6: the nearest count is 4 (truncating would keep 3)
+    assert len(make_plan(toy_profile(), PlanRequest(keep=0.45, domain="a", scorer="router_mass")).kept[0]) == 4
+    assert len(make_plan(toy_profile(), PlanRequest(keep=0.3, domain="a", scorer="router_mass")).kept[0]) == 2
+
+
+def test_global_ranking_compares_shares_not_raw_utilities():
+    # layer 0's raw utilities are 10x larger, but its shares (1/6 each) are below layer 1's third expert (0.20):
+    # ranked by share, the 2 experts left after the top-k floor go one to each layer; by raw utility both to layer 0
+    scaled = {"a": [[10, 10, 10, 10, 10, 10, 0, 0], [0.30, 0.25, 0.20, 0.15, 0.10, 0, 0, 0]]}
+    plan = make_plan(profile_of(scaled), PlanRequest(experts=3, domain="a", scorer="router_mass", ranking="global"))
+    assert plan.kept[1] == [0, 1, 2]
+    assert len(plan.kept[0]) == 3
+
+
+def test_validate_plan_refuses_uneven_groups_even_with_two_per_group():
+    plan = valid_plan()
+    plan.kept = {0: [0, 1, 4, 5, 6, 7], 1: [0, 1, 4, 5]}  # layer 0: 2 experts in group 0, 4 in group 1
+    with pytest.raises(PlanError, match=r"layer 0 keeps \[2, 4\] experts per group"):
+        validate_plan(plan, 8, 2, (2, 1))
+    plan.kept[0] = [0, 1, 4, 5]
+    validate_plan(plan, 8, 2, (2, 1))
