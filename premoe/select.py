@@ -216,3 +216,57 @@ def refine(sample: LayerSample, kept: Sequence[int], routing: Routing, rounds: i
             break
         best, current = move
     return current
+
+
+# --------------------------------------------------------------------------- plan-time entry point
+
+STRIDE = 4  # keep every 4th calibration token: a sample spanning 4x more text than its size
+
+
+@torch.no_grad()
+def record_hidden(model: nn.Module, adapter: MoEAdapter, windows: torch.Tensor, tokens: int,
+                  stride: int = STRIDE, batch_size: int = 8) -> dict[int, torch.Tensor]:
+    """{decoder layer: (≤ tokens, hidden)} router inputs on every ``stride``-th token of ``windows`` (n, seq)."""
+    from premoe.capture import HiddenRecorder
+
+    with HiddenRecorder(model, adapter, tokens=tokens, stride=stride) as rec:
+        for start in range(0, windows.shape[0], batch_size):
+            if rec.full:
+                break
+            model(input_ids=windows[start : start + batch_size], use_cache=False)
+    return rec.hidden
+
+
+def reconstruct(profile, domains: Sequence[str], m: int, tokens: int = 2048,
+                loaded=None) -> tuple[torch.Tensor, list[list[int]]]:
+    """The reconstruction plan's (layers, experts) utility (greedy order) and kept rows (after swaps) at M = ``m``.
+
+    Re-reads the profile's calibration text (the origins it recorded) and the
+    model (``profile.model["path"]``, or ``loaded``) to sample ``tokens`` router
+    inputs per layer and domain; a generalist pools the domains equally, at most
+    2 × ``tokens`` in all. ``loaded`` is an optional (model, tokenizer) pair.
+    """
+    from premoe.adapters import get_adapter
+    from premoe.data import parse_sources, token_windows
+    from premoe.modeling import load_model, load_tokenizer
+    from premoe.sweep import calib_specs_of
+
+    net, tokenizer = loaded or (load_model(profile.model["path"]), load_tokenizer(profile.model["path"]))
+    adapter = get_adapter(net.config)
+    per_domain = tokens if len(domains) == 1 else max(1, 2 * tokens // len(domains))
+    specs = {s.partition("=")[0].partition(":")[0]: s for s in calib_specs_of(profile)}
+    seq_len = int(profile.params.get("seq_len", 256))
+    pooled: dict[int, list[torch.Tensor]] = {}
+    for domain in domains:
+        texts = parse_sources([specs[domain]], tokenizer=tokenizer)[0].texts
+        windows = token_windows(texts, tokenizer, seq_len, per_domain * STRIDE)  # (n, seq)
+        for layer, x in record_hidden(net, adapter, windows, per_domain).items():
+            pooled.setdefault(layer, []).append(x)
+    utility, kept = [], []
+    for layer in adapter.moe_layers(net):
+        sample = layer_sample(adapter, layer, torch.cat(pooled[layer.index]))
+        routing = routing_of(adapter, net.config, layer)
+        order = eliminate(sample, routing)
+        utility.append(order_utility(order))
+        kept.append(refine(sample, order[:m], routing))
+    return torch.stack(utility), kept  # (layers, experts), per layer the kept experts

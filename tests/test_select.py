@@ -150,3 +150,32 @@ def test_refine_never_worsens_and_fixes_a_bad_start():
     fixed = refine(sample, [0, 1, 2], routing)  # keeping both twins wastes a slot: a swap brings 3 back
     assert fixed in ([0, 2, 3], [1, 2, 3])
     assert reconstruction_error(sample, fixed, routing) == 0.0
+
+
+def test_plan_select_reconstruct_writes_a_valid_plan_that_reconstructs_better(tiny_qwen3, tmp_path):
+    from premoe.data import parse_sources, token_windows
+    from premoe.errors import InputError
+    from premoe.modeling import load_model, load_tokenizer
+    from premoe.plan import PlanRequest, make_plan, validate_plan
+    from premoe.profile import ProfileParams, profile_model
+    from premoe.select import record_hidden
+
+    (tmp_path / "code.txt").write_text(tiny.TEXT)
+    sources = parse_sources([f"code={tmp_path / 'code.txt'}"])
+    profile = profile_model(tiny_qwen3, sources, ["router_mass"], ProfileParams(max_tokens=512, seq_len=32),
+                            progress=False)
+    request = PlanRequest(experts=3, domain="code", scorer="router_mass", select="reconstruct", sample_tokens=96)
+    plan = make_plan(profile, request)
+    validate_plan(plan, 8, 2, moe_layers=[0, 1])
+    assert all(len(v) == 3 for v in plan.kept.values()) and plan.request["select"] == "reconstruct"
+    top = make_plan(profile, PlanRequest(experts=3, domain="code", scorer="router_mass"))
+    net, tok = load_model(tiny_qwen3), load_tokenizer(tiny_qwen3)
+    adapter = get_adapter(net.config)
+    hidden = record_hidden(net, adapter, token_windows(sources[0].texts, tok, 32, 96 * 4), 96)
+    for layer in adapter.moe_layers(net):
+        sample, routing = layer_sample(adapter, layer, hidden[layer.index]), routing_of(adapter, net.config, layer)
+        assert (reconstruction_error(sample, plan.kept[layer.index], routing)
+                <= reconstruction_error(sample, top.kept[layer.index], routing) * (1 + 1e-6))
+    with pytest.raises(InputError, match="ranking local"):
+        make_plan(profile, PlanRequest(experts=4, domain="code", select="reconstruct", ranking="global",
+                                       scorer="router_mass"))

@@ -19,18 +19,24 @@ import click
 @click.option("--scorer", default="peu", show_default=True, help="Which profiled scorer ranks the experts.")
 @click.option("--ranking", type=click.Choice(["local", "global"]), default="local", show_default=True,
               help="local: top M per layer; global: top L*M (layer, expert) pairs overall.")
+@click.option("--select", "select", type=click.Choice(["top", "reconstruct"]), default="top", show_default=True,
+              help="top: the scorer's top M; reconstruct: per layer, the M experts that best reproduce the layer's "
+                   "output on calibration tokens (reloads the model and calibration text).")
+@click.option("--sample-tokens", type=int, default=2048, show_default=True,
+              help="--select reconstruct: router inputs sampled per layer and domain.")
 @click.option("--out", type=click.Path(), help="Plan JSON to write (omit with --dry-run).")
 @click.option("--dry-run", "--explain", "dry_run", is_flag=True, help="Print the plan and sizes; write nothing.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def command(profile, keep, experts, budget_gb, domain, generalist, domains, weighting, scorer, ranking, out,
-            dry_run, force, as_json) -> None:
+def command(profile, keep, experts, budget_gb, domain, generalist, domains, weighting, scorer, ranking, select,
+            sample_tokens, out, dry_run, force, as_json) -> None:
     """Turn PROFILE into a plan: which experts each MoE layer keeps.
 
     \b
     premoe plan prof/ --keep 0.5 --domain python --out python-50.json
     premoe plan prof/ --experts 8 --generalist --domains python,math --explain
     premoe plan prof/ --budget-gb 0.02 --generalist --ranking global --out g.json
+    premoe plan prof/ --keep 0.25 --domain de --select reconstruct --out de-25.json
     """
     from premoe.errors import InputError
     from premoe.plan import PlanRequest, explain, make_plan
@@ -43,7 +49,7 @@ def command(profile, keep, experts, budget_gb, domain, generalist, domains, weig
     loaded = Profile.load(profile)
     request = PlanRequest(keep=keep, experts=experts, budget_gb=budget_gb, domain=domain,
                           domains=domains.split(",") if domains else None, weighting=weighting, scorer=scorer,
-                          ranking=ranking)
+                          ranking=ranking, select=select, sample_tokens=sample_tokens)
     plan = make_plan(loaded, request, profile_path=str(profile))
     sizes = loaded.sizes()  # recorded at profile time: the model directory may have moved
     if as_json:
