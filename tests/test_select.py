@@ -179,3 +179,43 @@ def test_plan_select_reconstruct_writes_a_valid_plan_that_reconstructs_better(ti
     with pytest.raises(InputError, match="ranking local"):
         make_plan(profile, PlanRequest(experts=4, domain="code", select="reconstruct", ranking="global",
                                        scorer="router_mass"))
+
+
+def test_math_problems_take_questions_with_worked_examples_before_them():
+    from premoe.generation import math_problems
+
+    text = ("Problem 1. Compute 1 + 1.\nAnswer: 1 + 1 = 2.\n\nProblem 2. Compute 2 + 2.\nAnswer: 2 + 2 = 4.\n\n"
+            "Problem 3. Solve for x: 2x = 4.\nSolution: x = 4 / 2 = 2.\n\nProblem 4. Compute 3 + 3.\nAnswer: 3 + 3 = 6.")
+    problems = math_problems([text], count=5)
+    assert [p.answer for p in problems] == ["Solution: x = 4 / 2 = 2.", "Answer: 3 + 3 = 6."]
+    assert problems[0].prompt.endswith("Problem 3. Solve for x: 2x = 4.\n")
+    assert math_problems([text], count=1, min_context=0)[0].answer == "Answer: 1 + 1 = 2."
+
+
+def test_repetition_rate_counts_repeated_ngrams():
+    from premoe.generation import repetition_rate
+
+    assert repetition_rate([1, 2, 3, 4, 1, 2, 3, 4], n=4) == pytest.approx(0.2)
+    assert repetition_rate([7] * 10, n=4) == pytest.approx(6 / 7)
+    assert repetition_rate(list(range(10))) == 0.0 and repetition_rate([1, 2]) == 0.0
+
+
+def test_generation_metrics_score_a_model_that_answers_from_memory(tiny_qwen3):
+    from premoe.generation import MathProblem, generation_metrics
+    from premoe.modeling import load_model, load_tokenizer
+
+    net, tok = load_model(tiny_qwen3), load_tokenizer(tiny_qwen3)
+    prompt = "Problem 3. Compute 1 + 1.\n"
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    produced = tok.decode(net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                       min_new_tokens=8, do_sample=False, pad_token_id=0)[0, ids.shape[1]:])
+    right = MathProblem(prompt, produced.split("\n", 1)[0])  # the model's own greedy line is "correct"
+    wrong = MathProblem(prompt, right.answer + "x")
+    out = generation_metrics(net, tok, [right, wrong], max_new_tokens=8)
+    assert out["math_exact"] == 0.5 and out["problems"] == 2
+    kept = {0: [0, 1], 1: [0, 1]}
+    with get_adapter(net.config).restrict_routing(net, kept):  # the masked model's own line
+        masked_line = tok.decode(net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                              min_new_tokens=8, do_sample=False, pad_token_id=0)[0, ids.shape[1]:])
+    masked = MathProblem(prompt, masked_line.split("\n", 1)[0])
+    assert generation_metrics(net, tok, [masked], kept=kept, max_new_tokens=8)["math_exact"] == 1.0
