@@ -98,6 +98,55 @@ def reconstruction_error(sample: LayerSample, kept: Sequence[int], routing: Rout
     return float(((pruned - full) ** 2).sum())
 
 
+class _Search:
+    """The current kept set, each token's routing under it and its squared error; trial changes re-route few tokens.
+
+    When the gates of a token depend only on its own top-k (renormalised
+    softmax, or sigmoid) a change of the kept set re-routes only the tokens
+    that lose an expert or gain a better one; a softmax without renormalisation
+    re-weights every token, so then every token is re-routed.
+    """
+
+    def __init__(self, sample: LayerSample, routing: Routing, alive: torch.Tensor):
+        self.logits, self.outputs, self.routing = sample.logits.double(), sample.outputs, routing
+        self.local = routing.renormalise or routing.scoring == "sigmoid"
+        everyone = torch.ones(self.logits.shape[1], dtype=torch.bool)
+        self.full = combine(self.outputs, *route(self.logits, everyone, routing))  # (tokens, hidden) reference
+        self.alive = alive.clone()
+        self.selected, self.gates = route(self.logits, self.alive, routing)  # (tokens, k) each
+        self.error = self._error(torch.arange(self.logits.shape[0]), self.selected, self.gates)  # (tokens,)
+
+    def _error(self, rows: torch.Tensor, selected: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        return ((combine(self.outputs[rows], selected, gates) - self.full[rows]) ** 2).sum(-1).double()
+
+    def _choice(self) -> torch.Tensor:
+        probs = self.logits if self.routing.scoring == "softmax" else self.logits.sigmoid()  # same order as softmax
+        return probs if self.routing.correction_bias is None else probs + self.routing.correction_bias
+
+    def trial(self, out: int, into: int | None = None) -> tuple[float, tuple]:
+        """The change in total error if ``out`` leaves (and ``into`` joins), and what :meth:`apply` needs."""
+        alive = self.alive.clone()
+        alive[out] = False
+        if into is not None:
+            alive[into] = True
+        if self.local:
+            hit = (self.selected == out).any(dim=1)  # (tokens,) lose an expert
+            if into is not None:
+                choice = self._choice()  # (tokens, experts)
+                hit |= choice[:, into] > choice.gather(1, self.selected).min(dim=1).values  # gain a better one
+            rows = hit.nonzero(as_tuple=True)[0]
+        else:
+            rows = torch.arange(self.logits.shape[0])
+        selected, gates = route(self.logits[rows], alive, self.routing)
+        error = self._error(rows, selected, gates)
+        return float(error.sum() - self.error[rows].sum()), (alive, rows, selected, gates, error)
+
+    def apply(self, change: tuple) -> None:
+        alive, rows, selected, gates, error = change
+        self.alive = alive
+        self.selected[rows], self.gates[rows], self.error[rows] = selected, gates, error
+
+
 def eliminate(sample: LayerSample, routing: Routing) -> list[int]:
     """Every expert, best first: greedy backward elimination of the layer's reconstruction error.
 
@@ -105,31 +154,18 @@ def eliminate(sample: LayerSample, routing: Routing) -> list[int]:
     (for any M ≥ top-k). The last ``top_k`` survivors, which a router always
     needs, are ordered by how much gate weight they carry on the sample.
     """
-    logits, outputs = sample.logits.double(), sample.outputs  # outputs stay float32: (tokens, experts, hidden)
-    tokens, experts = logits.shape
+    experts = sample.logits.shape[1]
     size = experts // max(routing.n_group, 1)
-    alive = torch.ones(experts, dtype=torch.bool)
-    full = combine(outputs, *route(logits, alive, routing))  # (tokens, hidden) the reference
-    selected, gates = route(logits, alive, routing)  # (tokens, k) current routing
-    error = torch.zeros(tokens, dtype=torch.float64)  # (tokens,) current per-token squared error
+    search = _Search(sample, routing, torch.ones(experts, dtype=torch.bool))
     removed: list[int] = []
-    while int(alive.sum()) > routing.top_k and _removable(alive, size, routing):
-        best = None
-        for j in _removable(alive, size, routing):
-            rows = (selected == j).any(dim=1).nonzero(as_tuple=True)[0]  # tokens that lose expert j
-            trial = alive.clone()
-            trial[j] = False
-            sel, g = route(logits[rows], trial, routing)
-            new = ((combine(outputs[rows], sel, g) - full[rows]) ** 2).sum(-1).double()  # (affected,)
-            cost = float(new.sum() - error[rows].sum())
-            if best is None or cost < best[0]:
-                best = (cost, j, rows, sel, g, new)
-        _, j, rows, sel, g, new = best
-        alive[j] = False
-        selected[rows], gates[rows], error[rows] = sel, g, new
+    while int(search.alive.sum()) > routing.top_k and _removable(search.alive, size, routing):
+        trials = [(search.trial(j), j) for j in _removable(search.alive, size, routing)]
+        (_, change), j = min(trials, key=lambda t: t[0][0])
+        search.apply(change)
         removed.append(j)
-    survivors = alive.nonzero(as_tuple=True)[0]
-    weight = torch.zeros(experts, dtype=torch.float64).scatter_add_(0, selected.reshape(-1), gates.reshape(-1))
+    survivors = search.alive.nonzero(as_tuple=True)[0]
+    weight = torch.zeros(experts, dtype=torch.float64).scatter_add_(0, search.selected.reshape(-1),
+                                                                    search.gates.reshape(-1).double())
     survivors = survivors[weight[survivors].argsort(descending=True)].tolist()
     return survivors + removed[::-1]
 
@@ -200,22 +236,23 @@ def refine(sample: LayerSample, kept: Sequence[int], routing: Routing, rounds: i
     """
     experts = sample.logits.shape[1]
     size = experts // max(routing.n_group, 1)
-    current = sorted(kept)
-    best = reconstruction_error(sample, current, routing)
+    alive = torch.zeros(experts, dtype=torch.bool)
+    alive[list(kept)] = True
+    search = _Search(sample, routing, alive)
+    total = float(search.error.sum())
     for _ in range(rounds):
-        move = None
-        for out in current:
-            for into in (e for e in range(experts) if e not in current):
-                if routing.n_group > 1 and out // size != into // size:
-                    continue
-                trial = sorted([e for e in current if e != out] + [into])
-                error = reconstruction_error(sample, trial, routing)
-                if error < best * (1 - 1e-9) and (move is None or error < move[0]):
-                    move = (error, trial)
-        if move is None:
+        kept_now = search.alive.nonzero(as_tuple=True)[0].tolist()
+        dropped = (~search.alive).nonzero(as_tuple=True)[0].tolist()
+        swaps = [(out, into) for out in kept_now for into in dropped
+                 if routing.n_group <= 1 or out // size == into // size]
+        if not swaps:
             break
-        best, current = move
-    return current
+        (delta, change) = min((search.trial(out, into) for out, into in swaps), key=lambda t: t[0])
+        if delta >= -1e-9 * max(total, 1e-30):
+            break
+        search.apply(change)
+        total += delta
+    return search.alive.nonzero(as_tuple=True)[0].tolist()
 
 
 # --------------------------------------------------------------------------- plan-time entry point

@@ -24,9 +24,11 @@ import click
 @click.option("--lm-eval-limit", type=int, help="Examples per lm-eval task (quick checks).")
 @click.option("--lm-eval-include", type=click.Path(exists=True, file_okay=False),
               help="Directory of extra lm-eval task YAMLs (e.g. local data via dataset_path: json, for offline use).")
+@click.option("--generation", type=int, default=0, show_default=True,
+              help="Also greedy-decode N held-out problems of the 'math' data: exact-match and repetition rate.")
 @click.option("--json", "json_out", type=click.Path(), help="Also write the results as JSON to this file ('-': stdout only).")
 def command(model, plans, data, reference, seq_len, max_windows, batch_size, no_kl, lm_eval_tasks, lm_eval_limit,
-            lm_eval_include, json_out) -> None:
+            lm_eval_include, generation, json_out) -> None:
     """Evaluate MODEL (and each --plan applied to it) on every --data domain.
 
     \b
@@ -35,6 +37,7 @@ def command(model, plans, data, reference, seq_len, max_windows, batch_size, no_
     premoe eval ckpt/ --data code=held_out.jsonl --plan code-25.json --json eval.json
     premoe eval testbed --plan python-50.json --lm-eval hellaswag,arc_easy --lm-eval-limit 200
     premoe eval testbed --plan python-50.json --lm-eval mytask --lm-eval-include tasks/
+    premoe eval testbed --data math --plan math-50.json --generation 64
     """
     from premoe.data import parse_sources
     from premoe.errors import InputError
@@ -68,6 +71,8 @@ def command(model, plans, data, reference, seq_len, max_windows, batch_size, no_
     evaluator = Evaluator(net, tokenizer, sources, reference=load_model(reference) if reference else None,
                           seq_len=seq_len, max_windows=max_windows or None, batch_size=batch_size, name=model,
                           progress=json_out != "-")
+    if generation:
+        _generation(net, tokenizer, sources, generation, loaded_plans)
     results = [evaluator.evaluate(kl=not no_kl)]
     results += [evaluator.evaluate(plan.kept, kl=not no_kl, label=plan.target) for plan in loaded_plans]
     if json_out:
@@ -84,3 +89,19 @@ def command(model, plans, data, reference, seq_len, max_windows, batch_size, no_
             click.echo("  Δ ppl vs full (± SE, paired over windows): "
                        + ", ".join(f"{d} {delta}" for d, delta in deltas.items()))
         click.echo("")
+
+
+def _generation(net, tokenizer, sources, count: int, plans) -> None:
+    """Exact-match and repetition rate of greedy answers to the 'math' source's problems, full model and plans."""
+    from premoe.errors import InputError
+    from premoe.generation import generation_metrics, math_problems
+
+    source = next((s for s in sources if s.name == "math"), None)
+    problems = math_problems(source.texts, count) if source else []
+    if not problems:
+        raise InputError("--generation needs a 'math' data source of numbered problems with answer lines "
+                         "(for the testbed: --data math)")
+    for label, kept in [("full", None)] + [(plan.target, plan.kept) for plan in plans]:
+        metrics = generation_metrics(net, tokenizer, problems, kept=kept)
+        click.echo(f"generation [{label}]: exact match {metrics['math_exact']:.1%} on {metrics['problems']} math "
+                   f"problems, repetition {metrics['repetition']:.3f}")
