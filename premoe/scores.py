@@ -26,7 +26,7 @@ PEU (the paper's "predicted expert utility") is one parameterised scorer:
    ``logits`` rule), ``sigmoid_bias`` (the router's biased choice score; the
    gate probability on routers without a correction bias) or ``gate_norm``
    (the gate probability times the expert's output norm ‖f_i(x)‖, REAP's
-   token score; needs expert outputs, premoe.select).
+   token score; needs expert outputs).
 
 On routers without a correction bias or groups the three candidate rules agree
 (up to ties). On biased, grouped routers they do not, and which rule ranks

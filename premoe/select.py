@@ -286,8 +286,11 @@ def reconstruct(profile, domains: Sequence[str], m: int, tokens: int = 2048,
     from premoe.adapters import get_adapter
     from premoe.data import parse_sources, token_windows
     from premoe.modeling import load_model, load_tokenizer
+    from premoe.errors import InputError
     from premoe.sweep import calib_specs_of
 
+    if tokens < 1:
+        raise InputError(f"--sample-tokens must be ≥ 1, got {tokens}")
     net, tokenizer = loaded or (load_model(profile.model["path"]), load_tokenizer(profile.model["path"]))
     adapter = get_adapter(net.config)
     per_domain = tokens if len(domains) == 1 else max(1, 2 * tokens // len(domains))
