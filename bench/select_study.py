@@ -109,7 +109,7 @@ def kept_for(method: str, keep: float, target: str, profile: Profile, recon: dic
     m = round(keep * profile.num_experts)
     kept = {l: sorted(row.topk(m).indices.tolist()) for l, row in zip(profile.moe_layers, recon[target])}
     if method == REFINED:
-        kept = {l: refine(*samples(target, l), kept[l]) for l in kept}
+        kept = {l: refine(samples(target, l)[0], kept[l], samples(target, l)[1], rounds=2) for l in kept}
     return kept
 
 
@@ -143,6 +143,9 @@ def main() -> None:
     ap.add_argument("--generalist", action="store_true", help="Also the 50%% generalist of each method.")
     ap.add_argument("--tokens", type=int, default=8192, help="Calibration tokens per domain.")
     ap.add_argument("--sample", type=int, default=2048, help="Hidden states kept per layer and domain.")
+    ap.add_argument("--generation", type=int, default=0,
+                    help="Instead of perplexity: greedy answers to N held-out math problems (exact match, repetition) "
+                         "for the full model and each method's math specialist and generalist at --keep.")
     ap.add_argument("--out", default="runs/select")
     args = ap.parse_args()
     out = Path(args.out)
@@ -154,6 +157,8 @@ def main() -> None:
     samples = sample_source(net, hidden, 4096)
     costs = {"profile_s": profile_s, "forward_s": forward_s, "reconstruct_s": recon_s}
     print(json.dumps(costs))
+    if args.generation:
+        return generation_study(net, tok, profile, recon, samples, args, out)
     evaluator = Evaluator(net, tok, parse_sources([f"{d}:{args.split}" for d in DOMAINS]), max_windows=args.windows)
     cache_path = out / "evals.jsonl"
     cache = {}
@@ -183,6 +188,23 @@ def main() -> None:
     summary["costs"] = costs
     (out / f"summary-{args.split}.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(render(summary))
+
+
+def generation_study(net, tok, profile: Profile, recon: dict, samples, args, out: Path) -> None:
+    """Exact match and repetition of greedy answers on held-out math: full, specialists, generalists."""
+    from premoe.generation import generation_metrics, math_problems
+
+    problems = math_problems(parse_sources([f"math:{args.split}"])[0].texts, args.generation)
+    rows = {"full": generation_metrics(net, tok, problems)}
+    for keep in (float(k) for k in args.keep.split(",")):
+        for method in args.methods.split(","):
+            for target in ("math", "__all__"):
+                kept = kept_for(method, keep, target, profile, recon, samples)
+                label = f"{method}/{keep}/{'specialist' if target == 'math' else 'generalist'}"
+                rows[label] = generation_metrics(net, tok, problems, kept=kept)
+                print(label, rows[label], flush=True)
+    (out / f"generation-{args.split}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(json.dumps(rows, indent=1))
 
 
 def _nll(cache: dict, split: str, windows: int, method: str, keep: float, target: str, domain: str) -> torch.Tensor:
