@@ -8,7 +8,9 @@ on reference text does not show that, greedy generation does. Two metrics:
   ``Solution: 7x = -42, so x = -6.``). The prompt is the document up to and
   including a problem's question line (the earlier problems serve as worked
   examples); the model's greedy continuation up to the first newline must equal
-  the reference answer line exactly.
+  the reference answer line exactly. ``math_setup`` is the looser share whose
+  line matches the reference up to its last `` = `` (the problem set up right,
+  the arithmetic aside): a 15M-parameter testbed rarely gets the sums right.
 * ``repetition``: on greedy continuations of the same prompts, the share of
   4-grams of generated tokens that repeat an earlier 4-gram of the same
   continuation (0: no repeats; looping text tends to 1).
@@ -70,13 +72,14 @@ def generation_metrics(model, tokenizer, problems: Sequence[MathProblem], *,
     """Greedy-decode every problem (with ``kept`` applied by masking the router) and score it.
 
     The prompt keeps its last ``context_tokens`` tokens. Returns
-    ``math_exact`` (share of exact answer lines), ``repetition`` (mean over
+    ``math_exact`` (share of exact answer lines), ``math_setup`` (lines right up
+    to their last `` = ``), ``repetition`` (mean over
     problems of :func:`repetition_rate` of the whole continuation) and ``problems``.
     """
     from premoe.adapters import get_adapter
 
     adapter = get_adapter(model.config)
-    exact, repeats = 0, []
+    exact, setup, repeats = 0, 0, []
     restriction = adapter.restrict_routing(model, kept) if kept else contextlib.nullcontext()
     with restriction:
         for problem in problems:
@@ -86,7 +89,10 @@ def generation_metrics(model, tokenizer, problems: Sequence[MathProblem], *,
                                  min_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:]
             text = tokenizer.decode(out, skip_special_tokens=True)
-            exact += text.split("\n", 1)[0].strip() == problem.answer.strip()
+            line = text.split("\n", 1)[0].strip()
+            exact += line == problem.answer.strip()
+            setup += line.rpartition(" = ")[0] == problem.answer.strip().rpartition(" = ")[0]
             repeats.append(repetition_rate(out.tolist()))
     count = max(len(problems), 1)
-    return {"math_exact": exact / count, "repetition": sum(repeats) / count, "problems": len(problems)}
+    return {"math_exact": exact / count, "math_setup": setup / count, "repetition": sum(repeats) / count,
+            "problems": len(problems)}

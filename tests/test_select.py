@@ -213,6 +213,9 @@ def test_generation_metrics_score_a_model_that_answers_from_memory(tiny_qwen3):
     wrong = MathProblem(prompt, right.answer + "x")
     out = generation_metrics(net, tok, [right, wrong], max_new_tokens=8)
     assert out["math_exact"] == 0.5 and out["problems"] == 2
+    assert out["math_setup"] == 1.0  # the wrong answer differs only after its last " = "
+    other = MathProblem(prompt, "Answer: zzz = 1.")  # set up differently from anything the model says
+    assert generation_metrics(net, tok, [other], max_new_tokens=8)["math_setup"] == 0.0
     kept = {0: [0, 1], 1: [0, 1]}
     with get_adapter(net.config).restrict_routing(net, kept):  # the masked model's own line
         masked_line = tok.decode(net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,

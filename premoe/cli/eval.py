@@ -103,5 +103,6 @@ def _generation(net, tokenizer, sources, count: int, plans) -> None:
                          "(for the testbed: --data math)")
     for label, kept in [("full", None)] + [(plan.target, plan.kept) for plan in plans]:
         metrics = generation_metrics(net, tokenizer, problems, kept=kept)
-        click.echo(f"generation [{label}]: exact match {metrics['math_exact']:.1%} on {metrics['problems']} math "
-                   f"problems, repetition {metrics['repetition']:.3f}")
+        click.echo(f"generation [{label}]: exact match {metrics['math_exact']:.1%} (set up right "
+                   f"{metrics['math_setup']:.1%}) on {metrics['problems']} math problems, "
+                   f"repetition {metrics['repetition']:.3f}")
