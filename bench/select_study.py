@@ -203,7 +203,8 @@ def generation_study(net, tok, profile: Profile, recon: dict, samples, args, out
                 label = f"{method}/{keep}/{'specialist' if target == 'math' else 'generalist'}"
                 rows[label] = generation_metrics(net, tok, problems, kept=kept)
                 print(label, rows[label], flush=True)
-    (out / f"generation-{args.split}-{args.methods.replace(',', '-')}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    name = f"generation-{args.split}-{args.methods.replace(',', '-')}.json"
+    (out / name).write_text(json.dumps(rows, indent=1) + "\n")
     print(json.dumps(rows, indent=1))
 
 
