@@ -367,8 +367,9 @@ def _utility_share(utility: torch.Tensor, kept: dict[int, list[int]], layers: Se
 
 def explain(plan: Plan, sizes=None) -> str:
     """A readable account of the plan: kept experts per layer, sizes, utility kept."""
-    lines = [f"plan for {plan.model['name']} ({plan.family}): {plan.target}, scorer {plan.request['scorer']}, "
-             f"{plan.request['ranking']} ranking"]
+    how = ("reconstruction search" if plan.request.get("select") == "reconstruct"
+           else f"scorer {plan.request['scorer']}")
+    lines = [f"plan for {plan.model['name']} ({plan.family}): {plan.target}, {how}, {plan.request['ranking']} ranking"]
     for layer, experts in plan.kept.items():
         lines.append(f"  layer {layer:>3}: keep {len(experts):>3}/{plan.num_experts}  {format_ranges(experts)}")
     if sizes is not None:
