@@ -162,3 +162,49 @@ class RouterCapture:
 
 def _dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
+
+
+class HiddenRecorder:
+    """Hook the routers of ``model`` and keep up to ``tokens`` of each MoE layer's router inputs.
+
+    What reconstruction-guided selection (premoe.select) needs: the hidden
+    states entering each MoE layer on calibration text. Memory is bounded by
+    ``tokens × hidden`` per layer; every ``stride``-th token is kept so a sample
+    spans many windows rather than the first few.
+
+    Example::
+
+        with HiddenRecorder(model, adapter, tokens=2048, stride=4) as rec:
+            model(input_ids=windows)
+        rec.hidden   # {decoder layer: (≤ 2048, hidden) float32}
+    """
+
+    def __init__(self, model: nn.Module, adapter: MoEAdapter, tokens: int, stride: int = 1):
+        if tokens < 1 or stride < 1:
+            raise ValueError(f"tokens and stride must be ≥ 1, got {tokens} and {stride}")
+        self.layers = adapter.moe_layers(model)
+        self.tokens, self.stride = tokens, stride
+        self.hidden: dict[int, torch.Tensor] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "HiddenRecorder":
+        for layer in self.layers:
+            self._handles.append(layer.router.register_forward_hook(functools.partial(self._on_router, layer.index)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def full(self) -> bool:
+        return len(self.hidden) == len(self.layers) and all(len(h) >= self.tokens for h in self.hidden.values())
+
+    def _on_router(self, index: int, module: nn.Module, args, output) -> None:
+        have = self.hidden.get(index)
+        room = self.tokens - (0 if have is None else len(have))
+        if room <= 0 or not args:
+            return
+        x = args[0].detach().float().reshape(-1, args[0].shape[-1])[:: self.stride][:room]  # (≤ room, hidden)
+        self.hidden[index] = x.clone() if have is None else torch.cat([have, x])

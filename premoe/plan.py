@@ -36,6 +36,8 @@ class PlanRequest:
     weighting: str = "tokens"  # generalist weighting: "tokens" (eq. 11) or "balanced"
     scorer: str = "peu"
     ranking: str = "local"  # "local": top-M per layer; "global": top L*M (layer, expert) pairs
+    select: str = "top"  # "top": top-M by the scorer; "reconstruct": minimise each layer's output error (premoe.select)
+    sample_tokens: int = 2048  # --select reconstruct: router inputs sampled per layer and domain
 
 
 @dataclass
@@ -281,7 +283,16 @@ def make_plan(profile: Profile, request: PlanRequest, profile_path: str = "") ->
         names = request.domains or list(profile.domains)
         utility = profile.generalist_utility(request.scorer, names, request.weighting)
         target = f"generalist:{','.join(names)}"
-    if request.ranking == "local":
+    if request.select == "reconstruct":
+        if request.ranking != "local":
+            raise InputError("--select reconstruct chooses M experts in every layer; use --ranking local")
+        from premoe.select import reconstruct
+
+        utility, kept_rows = reconstruct(profile, [request.domain] if request.domain else names, m,
+                                         request.sample_tokens)
+    elif request.select != "top":
+        raise InputError(f"--select must be top or reconstruct, got {request.select!r}")
+    elif request.ranking == "local":
         kept_rows = [_top_in_groups(row, m, groups[0]) for row in utility]
     elif request.ranking == "global":
         kept_rows = _global_top(utility, m, profile.top_k, groups[0])
@@ -348,8 +359,9 @@ def _utility_share(utility: torch.Tensor, kept: dict[int, list[int]], layers: Se
 
 def explain(plan: Plan, sizes=None) -> str:
     """A readable account of the plan: kept experts per layer, sizes, utility kept."""
-    lines = [f"plan for {plan.model['name']} ({plan.family}): {plan.target}, scorer {plan.request['scorer']}, "
-             f"{plan.request['ranking']} ranking"]
+    how = ("reconstruction search" if plan.request.get("select") == "reconstruct"
+           else f"scorer {plan.request['scorer']}")
+    lines = [f"plan for {plan.model['name']} ({plan.family}): {plan.target}, {how}, {plan.request['ranking']} ranking"]
     for layer, experts in plan.kept.items():
         lines.append(f"  layer {layer:>3}: keep {len(experts):>3}/{plan.num_experts}  {format_ranges(experts)}")
     if sizes is not None:

@@ -50,8 +50,9 @@ class SweepConfig:
     """What to sweep. The optional studies are off unless their fields are set."""
 
     keep: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.375, 0.25, 0.125])  # fraction of experts kept
-    scorers: list[str] = field(default_factory=lambda: ["peu", "tcess", "tcess_top1", "frequency", "router_mass",
-                                                        "reap", "reap_softmax", "ean_sum", "ean_mean", "random"])
+    scorers: list[str] = field(default_factory=lambda: ["peu", "peu_norm", "tcess", "tcess_top1", "frequency",
+                                                        "router_mass", "reap", "reap_softmax", "ean_sum", "ean_mean",
+                                                        "random"])
     default_scorer: str = "peu"  # the scorer of the cross-domain, ranking and optional studies
     cross_keep: float = 0.25  # keep ratio of the cross-domain matrix
     seq_len: int = 256  # tokens per evaluation window

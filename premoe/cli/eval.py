@@ -23,10 +23,12 @@ from premoe.cli.options import NON_NEGATIVE, POSITIVE, SEQ_LEN, json_option, mod
 @click.option("--lm-eval-limit", type=POSITIVE, help="Examples per lm-eval task (quick checks).")
 @click.option("--lm-eval-include", type=click.Path(exists=True, file_okay=False),
               help="Directory of extra lm-eval task YAMLs (e.g. local data via dataset_path: json, for offline use).")
+@click.option("--generation", type=NON_NEGATIVE, default=0, show_default=True,
+              help="Also greedy-decode N held-out problems of the 'math' data: exact-match and repetition rate.")
 @json_option("Also write the results as JSON to FILE ('-' or a bare --json: stdout instead of the tables).")
 @click.option("--force", is_flag=True, help="Replace the --json FILE if it exists and premoe wrote it.")
 def command(model, plans, data, reference, seq_len, max_windows, batch_size, no_kl, lm_eval_tasks, lm_eval_limit,
-            lm_eval_include, json_out, force) -> None:
+            lm_eval_include, generation, json_out, force) -> None:
     """Evaluate MODEL (and each --plan applied to it) on every --data domain.
 
     \b
@@ -35,6 +37,7 @@ def command(model, plans, data, reference, seq_len, max_windows, batch_size, no_
     premoe eval ckpt/ --data code=held_out.jsonl --plan code-25.json --json eval.json
     premoe eval testbed --plan python-50.json --lm-eval hellaswag,arc_easy --lm-eval-limit 200
     premoe eval testbed --plan python-50.json --lm-eval mytask --lm-eval-include tasks/
+    premoe eval testbed --data math --plan math-50.json --generation 64
     """
     from premoe.data import data_paths, parse_sources
     from premoe.errors import InputError
@@ -73,6 +76,8 @@ def command(model, plans, data, reference, seq_len, max_windows, batch_size, no_
     evaluator = Evaluator(net, tokenizer, sources, reference=load_model(reference) if reference else None,
                           seq_len=seq_len, max_windows=max_windows or None, batch_size=batch_size, name=model,
                           progress=json_out != "-")
+    if generation:
+        _generation(net, tokenizer, sources, generation, loaded_plans)
     # MODEL itself: "full" only when it is not measured against another checkpoint (a compiled one is not full)
     first = "full" if reference is None else (identity.get("name") or str(model))
     results = [evaluator.evaluate(kl=not no_kl, label=first)]
@@ -89,3 +94,20 @@ def command(model, plans, data, reference, seq_len, max_windows, batch_size, no_
             click.echo(f"  Δ ppl vs {full.label} (± SE, paired over windows): "
                        + ", ".join(f"{d} {delta}" for d, delta in deltas.items()))
         click.echo("")
+
+
+def _generation(net, tokenizer, sources, count: int, plans) -> None:
+    """Exact-match and repetition rate of greedy answers to the 'math' source's problems, full model and plans."""
+    from premoe.errors import InputError
+    from premoe.generation import generation_metrics, math_problems
+
+    source = next((s for s in sources if s.name == "math"), None)
+    problems = math_problems(source.texts, count) if source else []
+    if not problems:
+        raise InputError("--generation needs a 'math' data source of numbered problems with answer lines "
+                         "(for the testbed: --data math)")
+    for label, kept in [("full", None)] + [(plan.target, plan.kept) for plan in plans]:
+        metrics = generation_metrics(net, tokenizer, problems, kept=kept)
+        click.echo(f"generation [{label}]: exact match {metrics['math_exact']:.1%} (set up right "
+                   f"{metrics['math_setup']:.1%}) on {metrics['problems']} math problems, "
+                   f"repetition {metrics['repetition']:.3f}")

@@ -19,18 +19,24 @@ from premoe.cli.options import FRACTION, POSITIVE, POSITIVE_FLOAT, json_option
 @click.option("--scorer", default="peu", show_default=True, help="Which profiled scorer ranks the experts.")
 @click.option("--ranking", type=click.Choice(["local", "global"]), default="local", show_default=True,
               help="local: top M per layer; global: top L*M (layer, expert) pairs overall.")
+@click.option("--select", "select", type=click.Choice(["top", "reconstruct"]), default="top", show_default=True,
+              help="top: the scorer's top M; reconstruct: per layer, the M experts that best reproduce the layer's "
+                   "output on calibration tokens (reloads the model and calibration text).")
+@click.option("--sample-tokens", type=POSITIVE, default=2048, show_default=True,
+              help="--select reconstruct: router inputs sampled per layer and domain.")
 @click.option("--out", type=click.Path(), help="Plan JSON to write (omit with --dry-run).")
 @click.option("--dry-run", "--explain", "dry_run", is_flag=True, help="Print the plan and sizes; write nothing.")
 @click.option("--force", is_flag=True, help="Replace --out (and the --json FILE) if it exists and premoe wrote it.")
 @json_option("Write the plan and its sizes as JSON to FILE ('-' or a bare --json: stdout instead of the text).")
-def command(profile, keep, experts, budget_gb, domain, generalist, domains, weighting, scorer, ranking, out,
-            dry_run, force, json_out) -> None:
+def command(profile, keep, experts, budget_gb, domain, generalist, domains, weighting, scorer, ranking, select,
+            sample_tokens, out, dry_run, force, json_out) -> None:
     """Turn PROFILE into a plan: which experts each MoE layer keeps.
 
     \b
     premoe plan prof/ --keep 0.5 --domain python --out python-50.json
     premoe plan prof/ --experts 8 --generalist --domains python,math --explain
     premoe plan prof/ --budget-gb 0.02 --generalist --ranking global --out g.json
+    premoe plan prof/ --keep 0.25 --domain de --select reconstruct --out de-25.json
     """
     from premoe.errors import InputError
     from premoe.fileio import check_output, emit_json
@@ -46,7 +52,7 @@ def command(profile, keep, experts, budget_gb, domain, generalist, domains, weig
     loaded = Profile.load(profile)
     request = PlanRequest(keep=keep, experts=experts, budget_gb=budget_gb, domain=domain,
                           domains=domains.split(",") if domains else None, weighting=weighting, scorer=scorer,
-                          ranking=ranking)
+                          ranking=ranking, select=select, sample_tokens=sample_tokens)
     plan = make_plan(loaded, request, profile_path=str(profile))
     sizes = loaded.sizes()  # recorded at profile time: the model directory may have moved
     if json_out:
