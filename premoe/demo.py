@@ -28,7 +28,7 @@ class DemoConfig:
     out: Path = Path("premoe-demo")
     specialist: str = "python"  # domain of the specialist that is compiled
     keep: float = 0.5  # experts kept by the compiled models
-    scorer: str = "peu"  # premoe's default scorer
+    scorer: str = "peu_norm"  # premoe's default scorer (premoe.scores.DEFAULT_SCORER)
     baseline: str = "frequency"  # the usual baseline: how often an expert is routed to
     calib_tokens: int = 8192  # per domain
     eval_windows: int = 16  # test windows of 256 tokens per domain

@@ -20,6 +20,7 @@ import torch
 from premoe import __version__
 from premoe.errors import InputError, MissingFileError, PlanError
 from premoe.profile import Profile
+from premoe.scores import DEFAULT_SCORER
 
 FORMAT = "premoe-plan/1"
 
@@ -34,7 +35,7 @@ class PlanRequest:
     domain: str | None = None  # a specialist for this domain
     domains: list[str] | None = None  # a generalist over these (default: all in the profile)
     weighting: str = "tokens"  # generalist weighting: "tokens" (eq. 11) or "balanced"
-    scorer: str = "peu"
+    scorer: str = DEFAULT_SCORER
     ranking: str = "local"  # "local": top-M per layer; "global": top L*M (layer, expert) pairs
     select: str = "top"  # "top": top-M by the scorer; "reconstruct": minimise each layer's output error (premoe.select)
     sample_tokens: int = 2048  # --select reconstruct: router inputs sampled per layer and domain

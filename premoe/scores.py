@@ -276,16 +276,17 @@ PRESETS: dict[str, ScorerSpec] = {
 # premoe's default PEU: TCESS's confidence filter (top-2 candidates, local softmax ≥ 0.55) with the router's own
 # probability as the token score instead of the raw logit. A softmax router's logits are only defined up to a
 # per-token shift, so summing raw logits mixes in that arbitrary offset; the gate probability does not. Chosen on
-# the testbed's *validation* split (a grid of candidates x threshold x transform, docs/results.md reports the grid on
-# the test split): at 25% of experts kept it had the lowest mean NLL increase of all settings and baselines.
+# the validation split of a mid-training testbed checkpoint (docs/scorer_selection.md); premoe's default until
+# peu_norm below.
 PRESETS["peu"] = ScorerSpec("peu", (("candidates", 2), ("threshold", 0.55), ("transform", "gate")), "peu")
 
 # PEU's confidence filter with REAP's token score (gate · ‖f(x)‖): the expert must be confidently chosen *and* move
 # the output. Chosen on the testbed's validation split (docs/selection.md): best of all settings at 50% kept, second
 # (0.007 nats behind reconstruction-guided selection) at 25%, and the only one beating official REAP on ≥ 5/6 domains
-# at both ratios; proposed as the default. Needs expert outputs at profile time, like REAP.
+# at both ratios. premoe's default (DEFAULT_SCORER). Needs expert outputs at profile time, like REAP.
 PRESETS["peu_norm"] = ScorerSpec("peu", (("candidates", 2), ("threshold", 0.55), ("transform", "gate_norm")),
                                  "peu_norm")
+DEFAULT_SCORER = "peu_norm"  # what plan, store, sweep and demo rank experts by unless told otherwise
 
 DEFAULT_SCORERS = ("peu", "peu_norm", "tcess", "tcess_top1", "frequency", "router_mass", "reap", "reap_softmax",
                    "ean_sum", "ean_mean", "random")

@@ -44,10 +44,11 @@ from premoe.fileio import load_artefact, save_artefact
 from premoe.matchers import Matcher, MatchParams, calibrate, fit_matcher
 from premoe.patterns import PatternReader, chunk_means, prefix_means
 from premoe.profile import Profile
+from premoe.scores import DEFAULT_SCORER
 
 FORMAT = "premoe-store/2"
 GENERALIST = "generalist"
-DEFAULT_RANKING = "peu"
+DEFAULT_RANKING = DEFAULT_SCORER
 
 
 @dataclass

@@ -40,6 +40,7 @@ from premoe.errors import InputError, PlanError
 from premoe.fileio import write_text_atomic
 from premoe.plan import PlanRequest, make_plan
 from premoe.profile import Profile, ProfileParams, profile_model
+from premoe.scores import DEFAULT_SCORER
 
 FORMAT = "premoe-sweep/1"
 PARTIAL_EVERY_S = 30.0  # seconds between rewrites of results.json while rows are computed
@@ -53,7 +54,7 @@ class SweepConfig:
     scorers: list[str] = field(default_factory=lambda: ["peu", "peu_norm", "tcess", "tcess_top1", "frequency",
                                                         "router_mass", "reap", "reap_softmax", "ean_sum", "ean_mean",
                                                         "random"])
-    default_scorer: str = "peu"  # the scorer of the cross-domain, ranking and optional studies
+    default_scorer: str = DEFAULT_SCORER  # the scorer of the cross-domain, ranking and optional studies
     cross_keep: float = 0.25  # keep ratio of the cross-domain matrix
     seq_len: int = 256  # tokens per evaluation window
     max_windows: int | None = 128  # evaluation windows per domain (None: all)

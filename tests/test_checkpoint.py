@@ -202,3 +202,13 @@ def test_flipped_and_truncated_files_are_refused_cleanly(position, value, cut):
     file = WORK / "flipped.safetensors"
     file.write_bytes(bytes(raw[: max(cut, 0) or None]))
     agrees_with_safetensors(file)
+
+
+def test_an_index_that_puts_a_tensor_in_the_wrong_shard_is_refused(tmp_path):
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "model-1.safetensors"))
+    save_file({"b": torch.ones(3)}, str(tmp_path / "model-2.safetensors"))
+    (tmp_path / INDEX).write_text(json.dumps({"weight_map": {"a": "model-1.safetensors", "b": "model-2.safetensors"}}))
+    assert {k: i.shard for k, i in tensors(tmp_path).items()} == {"a": "model-1.safetensors", "b": "model-2.safetensors"}
+    (tmp_path / INDEX).write_text(json.dumps({"weight_map": {"a": "model-2.safetensors", "b": "model-1.safetensors"}}))
+    with pytest.raises(CheckpointError, match="puts a in model-2.safetensors, but model-1.safetensors holds it"):
+        tensors(tmp_path)

@@ -377,3 +377,15 @@ def test_the_output_folder_is_ready_to_upload(qwen3, tmp_path):
     metadata = ModelCard.load(out / "README.md").data.to_dict()
     assert {k: metadata[k] for k in ("library_name", "pipeline_tag")} == {"library_name": "transformers",
                                                                           "pipeline_tag": "text-generation"}
+
+
+def test_byte_ranges_of_a_tensor_sliced_along_an_inner_axis():
+    from premoe.compile import TensorWrite
+
+    # source (2, 4, 3) float32 sliced along axis 1 (experts), keeping experts 1 and 3: for each of the 2 outer
+    # indices, experts' blocks of 3 x 4 bytes at (outer * 4 + expert) * 12
+    write = TensorWrite("k", "k", "s", "F32", (2, 2, 3), (1, 3), (100, 100 + 96), (2, 4, 3), axis=1)
+    assert write.ranges == [(112, 124), (136, 148), (160, 172), (184, 196)]
+    assert write.nbytes == 48
+    merged = TensorWrite("k", "k", "s", "F32", (2, 2, 3), (2, 3), (0, 96), (2, 4, 3), axis=1)
+    assert merged.ranges == [(24, 48), (72, 96)]  # adjacent experts merge into one copy

@@ -16,7 +16,8 @@ from premoe.cli.options import FRACTION, POSITIVE, POSITIVE_FLOAT, json_option
 @click.option("--domains", help="Comma-separated domains for --generalist.")
 @click.option("--weighting", type=click.Choice(["tokens", "balanced"]), default="tokens", show_default=True,
               help="Generalist: every calibration token counts once (tokens) or every domain equally.")
-@click.option("--scorer", default="peu", show_default=True, help="Which profiled scorer ranks the experts.")
+@click.option("--scorer", default="peu_norm", show_default=True,  # premoe.scores.DEFAULT_SCORER; --help loads no torch
+              help="Which profiled scorer ranks the experts.")
 @click.option("--ranking", type=click.Choice(["local", "global"]), default="local", show_default=True,
               help="local: top M per layer; global: top L*M (layer, expert) pairs overall.")
 @click.option("--select", "select", type=click.Choice(["top", "reconstruct"]), default="top", show_default=True,

@@ -29,7 +29,8 @@ def command() -> None:
 @click.option("--held-out", "held_out", multiple=True,
               help="Held-out text per domain (testbed: the val split) to calibrate the fallback to the generalist. "
                    "Without it retrieval never falls back.")
-@click.option("--scorer", default="peu", show_default=True, help="Profiled scorer that ranks the experts kept.")
+@click.option("--scorer", default="peu_norm", show_default=True,  # premoe.scores.DEFAULT_SCORER
+              help="Profiled scorer that ranks the experts kept.")
 @click.option("--method", type=click.Choice(_METHODS), default="lda", show_default=True,
               help="How requests are matched (centroid = the paper's nearest layer-1 pattern).")
 @click.option("--feature", default="router_input", show_default=True,

@@ -30,10 +30,10 @@ def _names(text: str) -> list[str]:
               help="Calibration text for studies that re-profile (default: what --profile used).")
 @click.option("--keep", default="0.75,0.5,0.375,0.25,0.125", show_default=True, type=ListOf(FRACTION),
               help="Keep ratios, each in (0, 1].")
-@click.option("--scorers", default="peu,tcess,tcess_top1,frequency,router_mass,reap,reap_softmax,ean_sum,ean_mean,random",
+@click.option("--scorers", default="peu_norm,peu,tcess,tcess_top1,frequency,router_mass,reap,reap_softmax,ean_sum,ean_mean,random",
               show_default=True,
               help="Scorers (must be in the profile).")
-@click.option("--default-scorer", default="peu", show_default=True,
+@click.option("--default-scorer", default="peu_norm", show_default=True,  # premoe.scores.DEFAULT_SCORER
               help="Scorer of the cross-domain, ranking and optional studies.")
 @click.option("--cross-keep", default=0.25, show_default=True, type=FRACTION, help="Keep ratio of the cross-domain matrix.")
 @click.option("--seq-len", default=256, show_default=True, type=SEQ_LEN, help="Tokens per evaluation window.")
