@@ -100,6 +100,9 @@ def test_bf16_bytes_are_copied_exactly_and_rows_sliced(tmp_path):
         assert torch.equal(tensor, expected), key
     forced, _ = forced_difference(load(tmp_path / "out"), model, adapter, plan.kept)
     assert forced <= TOL
+    # the data section starts 8-byte aligned (as safetensors writes it), so loaders can map tensors in place
+    raw = (tmp_path / "out" / "model.safetensors").read_bytes()
+    assert int.from_bytes(raw[:8], "little") % 8 == 0
 
 
 def test_sharded_checkpoint_keeps_its_split_and_index(tmp_path):
