@@ -6,7 +6,9 @@ starts fast and runs anywhere the results file is copied to.
 Every Δ is a *paired* comparison: the pruned model and the full model are
 scored on the same windows, so the standard error is that of the per-window
 NLL differences, much smaller than the spread of perplexity across windows.
-Δ% = exp(mean ΔNLL) − 1, and its SE is exp(mean ΔNLL) · SE(ΔNLL).
+Δ% = exp(mean ΔNLL) − 1, and its SE is exp(mean ΔNLL) · SE(ΔNLL). A mean over
+domains averages ΔNLL (nats) across domains and then exponentiates: it is the
+*geometric* mean of the perplexity ratios, and every table says so.
 
 Example::
 
@@ -218,7 +220,8 @@ def _goals(report: Report, res: Results) -> None:
                          "the baseline goal is not checked."))
         return
     table, summary = verdict
-    report.add(Table(["baseline", "mean specialist Δ vs full", f"{res.default} − baseline (nats)", "in SEs",
+    report.add(Table(["baseline", "specialist Δ vs full (geometric mean over domains)",
+                      f"{res.default} − baseline (nats, mean over domains)", "in SEs",
                       f"domains {res.default} is better"], table, summary))
 
 
@@ -293,7 +296,8 @@ def _study_tables(report: Report, res: Results, study: str, title: str) -> None:
             kls.append(f"{statistics.fmean(r['kl'] for r in results):.4f}" if ok else "—")
         mean_rows.append([scorer, *deltas])
         kl_rows.append([scorer, *kls])
-    report.add(Table(["scorer"] + header[2:], mean_rows, "Mean Δ perplexity over domains (± SE)."),
+    report.add(Table(["scorer"] + header[2:], mean_rows,
+                     "Mean Δ perplexity over domains (± SE), geometric: exp(mean ΔNLL over domains) − 1."),
                Table(["scorer"] + header[2:], kl_rows, "Mean KL(full ‖ pruned) per token over domains (nats)."),
                _keep_plot(res, study, domains))
 
@@ -474,7 +478,7 @@ def _peu_grid(report: Report, res: Results) -> None:
                      for d in res.plan_domains]
             mean = _cell(mean_delta(found)) if found and all(found) else "—"
             rows.append([scorer, *map(_cell, found), mean])
-        report.add(Table(["scorer"] + res.plan_domains + ["mean"], rows, f"Δ perplexity at keep {keep:g}."))
+        report.add(Table(["scorer"] + res.plan_domains + ["geometric mean"], rows, f"Δ perplexity at keep {keep:g}."))
 
 
 def _generate(report: Report, res: Results) -> None:
