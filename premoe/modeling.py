@@ -1,4 +1,4 @@
-"""Resolve, identify and load checkpoints. ``testbed`` names the shipped model."""
+"""Resolve, identify and load checkpoints. ``testbed`` and ``testbed-dsv3`` name the shipped models."""
 from __future__ import annotations
 
 import hashlib
@@ -8,19 +8,40 @@ from pathlib import Path
 from premoe.errors import CheckpointError, MissingFileError
 
 
-def resolve_model_path(model: str | Path) -> Path:
-    """A checkpoint directory: ``testbed`` or a local path holding config.json."""
-    if str(model) == "testbed":
-        from premoe import testbed
+# MODEL names of the shipped testbeds -> (folder under premoe/testbed, how to train and ship it)
+TESTBEDS = {
+    "testbed": ("model", "`premoe testbed train` and `premoe testbed ship`"),
+    "testbed-dsv3": ("model_dsv3", "`premoe testbed train --arch deepseek_v3` and `premoe testbed export WORK --ship testbed-dsv3`"),
+}
 
-        path = testbed.path()
+
+def shipped_dir(name: str) -> Path:
+    """Folder of a shipped testbed (``testbed``: Qwen3-MoE; ``testbed-dsv3``: DeepSeek-V3 router), present or not."""
+    from premoe import testbed
+
+    return testbed.path().parent / TESTBEDS[name][0]
+
+
+def is_testbed(model: str | Path) -> bool:
+    """Whether ``model`` names or points at a shipped testbed (whose corpus splits are the default data)."""
+    if str(model) in TESTBEDS:
+        return True
+    path = Path(model).resolve()
+    return any(path == shipped_dir(name).resolve() for name in TESTBEDS)
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A checkpoint directory: a shipped testbed's name (see TESTBEDS) or a local path holding config.json."""
+    if str(model) in TESTBEDS:
+        path = shipped_dir(str(model))
         if not (path / "config.json").exists():
-            raise MissingFileError(f"the testbed model is missing from {path}; reinstall premoe, or train and ship it "
-                                   "with `premoe testbed train` and `premoe testbed ship`")
+            raise MissingFileError(f"the {model} model is not shipped in {path} yet; reinstall premoe, or train and "
+                                   f"ship it with {TESTBEDS[str(model)][1]}")
         return path
     path = Path(model)
     if not path.is_dir():
-        raise MissingFileError(f"model directory {path} does not exist; pass a local checkpoint directory or 'testbed'")
+        raise MissingFileError(f"model directory {path} does not exist; pass a local checkpoint directory or one of "
+                               f"{', '.join(TESTBEDS)}")
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path} has no config.json; is it a Hugging Face checkpoint directory?")
     return path

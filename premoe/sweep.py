@@ -367,8 +367,10 @@ class _ProfileSource:
 
 
 def _eval_sources(identity: dict, eval_data: Sequence[str] | None, tokenizer, config: SweepConfig) -> list[Source]:
+    from premoe.modeling import is_testbed
+
     if not eval_data:
-        if identity["name"] != "testbed":
+        if not is_testbed(identity["name"]):
             raise InputError("give held-out evaluation text with --data NAME=PATH (one per profiled domain)")
         eval_data = ["testbed"]
     max_tokens = config.max_windows * config.seq_len if config.max_windows else None

@@ -155,14 +155,12 @@ def _check_source(source: Source, net, reference, adapter, kept: dict[int, list[
 def _sources(data, original: str | Path, tokenizer) -> list[Source]:
     """The verification text: what was given, else the testbed's test split when verifying the testbed."""
     from premoe.data import parse_sources
-    from premoe.modeling import resolve_model_path
+    from premoe.modeling import is_testbed
 
     if data:
         specs = [d for d in data if not isinstance(d, Source)]
         return [d for d in data if isinstance(d, Source)] + (parse_sources(specs, tokenizer, split="test") if specs else [])
-    from premoe import testbed
-
-    if resolve_model_path(original).resolve() == testbed.path().resolve():
+    if is_testbed(original):
         return parse_sources(["testbed"], tokenizer, split="test")
     raise InputError(f"no data to verify {original} on; pass --data NAME=PATH (text, .jsonl) — only the testbed "
                      "has default data")

@@ -43,7 +43,7 @@ def command(model, plans, data, reference, seq_len, max_windows, batch_size, no_
     from premoe.errors import InputError
     from premoe.evaluate import Evaluator, run_lm_eval
     from premoe.fileio import check_output, emit_json
-    from premoe.modeling import load_model, load_tokenizer, model_identity
+    from premoe.modeling import is_testbed, load_model, load_tokenizer, model_identity
     from premoe.plan import Plan
     from premoe.report import paired_delta
 
@@ -68,7 +68,7 @@ def command(model, plans, data, reference, seq_len, max_windows, batch_size, no_
         emit_json(json_out or "-", {"model": identity, "lm_eval": results}, kind="lm-eval", force=force, inputs=inputs)
         return
     if not data:
-        if identity["name"] != "testbed":
+        if not is_testbed(identity["name"]):
             raise InputError("give held-out text with --data NAME=PATH (one per domain)")
         data = ("testbed",)
     sources = parse_sources(list(data), tokenizer=tokenizer, split="test",
