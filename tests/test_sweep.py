@@ -31,8 +31,9 @@ def setup(tiny_qwen3, tmp_path_factory):
 
 
 def _config(**overrides) -> SweepConfig:
+    # default_scorer peu: these tests are about the sweep's mechanics, and peu needs no expert outputs (fast)
     return SweepConfig(**{"keep": [0.5, 0.25, 0.125], "scorers": SCORERS, "seq_len": 16, "max_windows": 2,
-                          "study_keep": [0.5], **overrides})
+                          "study_keep": [0.5], "default_scorer": "peu", **overrides})
 
 
 @pytest.fixture
@@ -59,7 +60,7 @@ def counting(monkeypatch):
 
 
 def test_row_specs_compute_shared_rows_once():
-    config = SweepConfig(keep=[0.5, 0.25], scorers=["peu", "frequency"], cross_keep=0.25)
+    config = SweepConfig(keep=[0.5, 0.25], scorers=["peu", "frequency"], cross_keep=0.25, default_scorer="peu")
     rows = row_specs(config, ["a", "b"], ["a", "b", "c"])
     params = [json.dumps(r.params, sort_keys=True) for r in rows]
     assert len(params) == len(set(params))
@@ -158,7 +159,7 @@ def test_cli_sweep_json(setup, tmp_path):
 
     model, profile, data, _ = setup
     args = ["sweep", str(model), "--profile", str(profile), "--out", str(tmp_path / "s"), "--keep", "0.5,0.25",
-            "--scorers", "peu,frequency", "--seq-len", "16", "--max-windows", "2", "--json"]
+            "--scorers", "peu,frequency", "--default-scorer", "peu", "--seq-len", "16", "--max-windows", "2", "--json"]
     for spec in data:
         args += ["--data", spec]
     result = CliRunner().invoke(cli, args)
@@ -198,7 +199,7 @@ def test_cli_dry_run_prints_rows_and_eta(setup, tmp_path):
 
     model, profile, data, _ = setup
     args = ["sweep", str(model), "--profile", str(profile), "--out", str(tmp_path / "s"), "--seq-len", "16",
-            "--max-windows", "2", "--scorers", "peu", "--keep", "0.5", "--dry-run", *sum((["--data", d] for d in data), [])]
+            "--max-windows", "2", "--scorers", "peu", "--default-scorer", "peu", "--keep", "0.5", "--dry-run", *sum((["--data", d] for d in data), [])]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "to compute" in result.stdout and "ETA about" in result.stdout and not (tmp_path / "s").exists()
