@@ -73,13 +73,14 @@ def run(mutant: Mutant, tree: Path, timeout: float) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", help="run only mutants whose name starts with this")
+    parser.add_argument("--only", help="run only mutants whose name starts with one of these (comma-separated)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant before it counts as killed")
     parser.add_argument("--out", default=str(ROOT / "bench/results/mutation.json"))
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
-    selected = [m for m in mutants() if not args.only or m.name.startswith(args.only)]
+    prefixes = tuple(args.only.split(",")) if args.only else ("",)
+    selected = [m for m in mutants() if m.name.startswith(prefixes)]
     if args.list:
         for m in selected:
             print(f"{m.name:40s} {m.path}  tests: {' '.join(m.tests)}")
