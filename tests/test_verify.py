@@ -3,6 +3,7 @@ import json
 import math
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import tiny
@@ -171,3 +172,31 @@ def test_verify_card_records_the_measured_quality_in_the_model_card(tmp_path):
     assert "Not measured at compile time" not in after.text
     assert after.text.count("## Quality") == 1 and "## Limitations" in after.text and "## Provenance" in after.text
     assert not list(out.glob(".README.md.tmp"))
+
+
+def _routing(selected, scores=None):
+    """A recorded routing of one layer (index 3), as premoe.verify._Routing leaves it."""
+    from premoe.verify import _Routing
+
+    routing = _Routing.__new__(_Routing)
+    routing.selected = {3: torch.tensor(selected).sort(dim=-1).values}
+    routing.scores = {} if scores is None else {3: torch.tensor(scores)}
+    return routing
+
+
+def test_a_near_tie_flip_leaves_out_its_token_and_what_follows_only():
+    from premoe.verify import _positions_to_compare
+
+    # one window of 3 tokens, top-2 of 4 experts; token 1 chose 2 (forced) vs 3 (compiled), scored 1e-7 apart
+    scores = [[0.9, 0.8, 0.1, 0.0], [0.9, 0.1, 0.5, 0.5 - 1e-7], [0.9, 0.8, 0.1, 0.0]]
+    forced = _routing([[0, 1], [0, 2], [0, 1]], scores)
+    compare, flips = _positions_to_compare(_routing([[0, 1], [0, 3], [0, 1]]), forced, (1, 3))
+    assert flips == 1 and compare.tolist() == [[True, False, False]]
+    # the same swap between clearly different scores is a wrong model, not rounding: it stays in the comparison
+    scores[1][3] = 0.4
+    compare, flips = _positions_to_compare(_routing([[0, 1], [0, 3], [0, 1]]), _routing([[0, 1], [0, 2], [0, 1]],
+                                                                                          scores), (1, 3))
+    assert flips == 0 and compare.all()
+    # identical routing: everything is compared
+    compare, flips = _positions_to_compare(_routing([[0, 1]] * 3), _routing([[0, 1]] * 3, scores), (1, 3))
+    assert flips == 0 and compare.all()
