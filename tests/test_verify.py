@@ -174,11 +174,12 @@ def test_verify_card_records_the_measured_quality_in_the_model_card(tmp_path):
     assert not list(out.glob(".README.md.tmp"))
 
 
-def _routing(selected, scores=None):
+def _routing(selected, scores=None, n_group=1):
     """A recorded routing of one layer (index 3), as premoe.verify._Routing leaves it."""
     from premoe.verify import _Routing
 
     routing = _Routing.__new__(_Routing)
+    routing.n_group = n_group
     routing.selected = {3: torch.tensor(selected).sort(dim=-1).values}
     routing.scores = {} if scores is None else {3: torch.tensor(scores)}
     return routing
@@ -199,4 +200,16 @@ def test_a_near_tie_flip_leaves_out_its_token_and_what_follows_only():
     assert flips == 0 and compare.all()
     # identical routing: everything is compared
     compare, flips = _positions_to_compare(_routing([[0, 1]] * 3), _routing([[0, 1]] * 3, scores), (1, 3))
+    assert flips == 0 and compare.all()
+
+
+def test_a_group_level_near_tie_flip_is_rounding_too():
+    from premoe.verify import _positions_to_compare
+
+    # 8 experts in 4 groups of 2, top-2 from the best group: groups 0 (0.5 + 0.3) and 3 (0.6 + 0.2 - 1e-7) tie
+    scores = [[0.5, 0.3, 0.1, 0.1, 0.1, 0.1, 0.6, 0.2 - 1e-7]]
+    compare, flips = _positions_to_compare(_routing([[6, 7]]), _routing([[0, 1]], scores, n_group=4), (1, 1))
+    assert flips == 1 and not compare.any()
+    scores[0][7] = 0.1  # group 3 now clearly behind: the same swap is a wrong model
+    compare, flips = _positions_to_compare(_routing([[6, 7]]), _routing([[0, 1]], scores, n_group=4), (1, 1))
     assert flips == 0 and compare.all()
