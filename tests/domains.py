@@ -31,7 +31,7 @@ def make_store(model_dir: Path, loaded=None):
     from premoe.store import PatternData, build_store
 
     loaded = loaded or (load_model(model_dir), load_tokenizer(model_dir))
-    profile = profile_model(model_dir, sources(0), ["router_mass", "peu", "frequency"], ProfileParams(max_tokens=1024, seq_len=64),
+    profile = profile_model(model_dir, sources(0), ["router_mass", "peu", "peu_norm", "frequency"], ProfileParams(max_tokens=1024, seq_len=64),
                             progress=False, loaded=loaded)
     store = build_store(model_dir, profile, sources(0), sources(1000, 4), match=MatchParams(lengths=(8, 16, 32)),
                         amounts=PatternData(tokens=2048, held_out_tokens=1024), loaded=loaded)

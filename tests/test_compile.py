@@ -157,7 +157,7 @@ def test_profile_plan_compile(qwen3, tmp_path):
     from premoe.profile import ProfileParams, profile_model
 
     path, model, adapter = qwen3
-    profile = profile_model(path, [Source("text", [tiny.TEXT], "tiny")], ["peu"],
+    profile = profile_model(path, [Source("text", [tiny.TEXT], "tiny")], ["peu_norm"],
                             ProfileParams(max_tokens=256, seq_len=64), progress=False)
     plan = make_plan(profile, PlanRequest(keep=0.5, domain="text"))
     compile_checkpoint(path, plan, tmp_path / "out", progress=False)
@@ -201,7 +201,7 @@ def test_the_model_card_describes_the_compiled_checkpoint(tmp_path):
     (path / "README.md").write_text("---\nlicense: apache-2.0\ntags: [base]\n---\n# The original model\nAll 8 experts.\n")
     for artefact in ("card.json", "loss.png", "training.json", "train.log", "events.out.tfevents.1.host"):
         (path / artefact).write_text("source only")
-    profile = profile_model(path, [Source("text", [tiny.TEXT], "tiny")], ["peu"],
+    profile = profile_model(path, [Source("text", [tiny.TEXT], "tiny")], ["peu_norm"],
                             ProfileParams(max_tokens=256, seq_len=64), progress=False)
     profile.save(tmp_path / "prof")
     plan = make_plan(profile, PlanRequest(keep=0.5, domain="text"), profile_path=str(tmp_path / "prof"))
@@ -218,7 +218,7 @@ def test_the_model_card_describes_the_compiled_checkpoint(tmp_path):
     assert "All 8 experts" not in text and "pruned to 4 of 8 routed experts" in text
     for layer, experts in plan.kept.items():
         assert f"| {layer} | {format_ranges(experts)} |" in text
-    assert "| target | specialist:text |" in text and "| scorer / ranking | peu / local |" in text
+    assert "| target | specialist:text |" in text and "| scorer / ranking | peu_norm / local |" in text
     tokens = profile.domains["text"].tokens
     assert f"text: {tokens} tokens (profile `{tmp_path / 'prof'}`)" in text
     assert f"({report.plan.bytes_after / report.plan.bytes_before:.1%})" in text

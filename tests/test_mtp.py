@@ -35,7 +35,7 @@ def source(request, tmp_path_factory):
     path, model, adapter = save_family(request.param, tmp_path_factory.mktemp("src") / request.param,
                                        max_shard_size="60KB")
     tiny.add_mtp_layer(path, request.param)
-    profile = profile_model(path, TEXT, ["peu"], ProfileParams(max_tokens=256, seq_len=64), progress=False)
+    profile = profile_model(path, TEXT, ["peu_norm"], ProfileParams(max_tokens=256, seq_len=64), progress=False)
     plan = make_plan(profile, PlanRequest(keep=0.5, domain="text"))
     return path, adapter, plan, model.config.num_hidden_layers
 

@@ -112,7 +112,7 @@ def test_streaming_profile_reads_fp8_scales(profiles):
 def test_bf16_profile_plan_compile_verify(written, profiles, tmp_path, keep, mtp):
     from premoe.verify import verify
 
-    plan = make_plan(profiles["bf16"], PlanRequest(keep=keep, domain="code"))
+    plan = make_plan(profiles["bf16"], PlanRequest(keep=keep, domain="code", scorer="peu"))
     assert {len(v) for v in plan.kept.values()} == {int(256 * keep)}
     out = _compile(written["bf16"], plan, tmp_path, mtp)
     config = json.loads((out / "config.json").read_text())
@@ -132,7 +132,7 @@ def test_bf16_profile_plan_compile_verify(written, profiles, tmp_path, keep, mtp
 def test_fp8_compile_carries_scales_with_their_experts(written, profiles, tmp_path):
     from safetensors import safe_open
 
-    plan = make_plan(profiles["fp8"], PlanRequest(keep=0.25, domain="prose"))
+    plan = make_plan(profiles["fp8"], PlanRequest(keep=0.25, domain="prose", scorer="peu"))
     out = _compile(written["fp8"], plan, tmp_path, "prune")
     source, compiled = tensors(written["fp8"]), tensors(out)
     for layer, kept in plan.kept.items():
@@ -153,7 +153,7 @@ def test_layout_variant_profile_plan_compile_verify(written, profiles, tmp_path)
 
     profile = profiles["variant"]
     assert profile.moe_layers == [1, 2]
-    plan = make_plan(profile, PlanRequest(keep=0.25, domain="code"))
+    plan = make_plan(profile, PlanRequest(keep=0.25, domain="code", scorer="peu"))
     out = _compile(written["variant"], plan, tmp_path, "drop")
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     assert set(index.values()) == {p.name for p in out.glob("*.safetensors")}  # shards left empty are not written
@@ -174,7 +174,8 @@ def test_store_and_swaps_at_256_experts(written, profiles):
     from premoe.bank import ExpertBank
     from premoe.store import build_store
 
-    store = build_store(written["bf16"], profiles["bf16"], scorer="router_mass")
+    sources = [Source(name, [text], name) for name, text in TEXTS.items()]
+    store = build_store(written["bf16"], profiles["bf16"], sources, scorer="router_mass")
     start = store.kept("code", 64)
     assert sorted(start) == [3, 4] and {len(v) for v in start.values()} == {64}
     bank = ExpertBank(written["bf16"], start)

@@ -52,11 +52,11 @@ def test_kept_sets_are_the_top_experts_by_the_ranking_scorer(tmp_path):
 
 def test_ranking_uses_its_own_scorer_not_the_pattern_feature(built):
     profile, store, _ = built
-    assert store.scorer == "peu" and store.matcher.params.feature == "router_input"
+    assert store.scorer == "peu_norm" and store.matcher.params.feature == "router_input"
     for domain in domains.DOMAINS:
-        assert torch.equal(store.utility(domain), profile.utility(domain, "peu"))
-    assert torch.equal(store.utility(GENERALIST), profile.generalist_utility("peu"))
-    assert store.profile.scorers == {"peu": profile.scorers["peu"]}  # only the ranking scorer is kept
+        assert torch.equal(store.utility(domain), profile.utility(domain, "peu_norm"))
+    assert torch.equal(store.utility(GENERALIST), profile.generalist_utility("peu_norm"))
+    assert store.profile.scorers == {"peu_norm": profile.scorers["peu_norm"]}  # only the ranking scorer is kept
 
 
 def test_thresholds_are_the_held_out_quantile(built, tiny_qwen3):
@@ -77,7 +77,7 @@ def test_round_trip(built, tmp_path):
     _, store, _ = built
     store.save(tmp_path / "store")
     manifest = json.loads((tmp_path / "store" / "store.json").read_text())
-    assert manifest["format"] == FORMAT == "premoe-store/2" and manifest["scorer"] == "peu"
+    assert manifest["format"] == FORMAT == "premoe-store/2" and manifest["scorer"] == "peu_norm"
     assert manifest["matcher"]["params"]["method"] == "lda"
     again = Store.load(tmp_path / "store")
     assert again.domains == store.domains and again.matcher.thresholds == store.matcher.thresholds
