@@ -64,6 +64,12 @@ class OpenAIRequest:
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE or self.top_p == 0
 
+    @property
+    def latest_user_message(self) -> str | None:
+        """The last non-blank user turn of a chat (it says what the task is now); None for completions or none."""
+        users = [m["content"] for m in self.messages if m["role"] == "user" and m["content"].strip()]
+        return users[-1] if users else None
+
 
 def parse_request(raw: bytes, chat: bool) -> OpenAIRequest:
     """Validate the raw body of /v1/chat/completions (``chat``) or /v1/completions."""

@@ -370,8 +370,7 @@ def _retrieval_text(request: OpenAIRequest) -> str:
     """What retrieval matches: the prompt, or the latest user message of a chat (as ``premoe serve`` does)."""
     if not request.chat:
         return request.prompt
-    users = [m["content"] for m in request.messages if m["role"] == "user" and m["content"].strip()]
-    return users[-1] if users else "\n".join(m["content"] for m in request.messages) or " "
+    return request.latest_user_message or "\n".join(m["content"] for m in request.messages) or " "
 
 
 async def _read_unless_client_leaves(request: Request, response: httpx.Response) -> bytes | None:

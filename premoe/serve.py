@@ -293,8 +293,7 @@ def make_job(engine: Engine, request: OpenAIRequest) -> Job:
     limit = min(engine.limits.max_prompt_tokens, engine.context - 1)
     if request.chat:
         prompt = _render(engine.tokenizer, request.messages)
-        users = [m["content"] for m in request.messages if m["role"] == "user" and m["content"].strip()]
-        retrieval_text = users[-1] if users else prompt  # the latest user turn says what the task is now
+        retrieval_text = request.latest_user_message or prompt
     else:
         prompt = retrieval_text = request.prompt
     too_long = f"this server accepts at most {limit} prompt tokens"
