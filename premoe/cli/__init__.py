@@ -14,6 +14,8 @@ import sys
 
 import click
 
+from premoe import threads
+
 # verb -> (module, one-line help). Modules are imported lazily so `premoe --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("premoe.cli.profile", "Measure per-domain expert utility from router logits."),
@@ -62,6 +64,7 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; every failure ends as one line on stderr and a non-zero exit (``PREMOE_DEBUG=1``: traceback)."""
+    threads.configure()  # before any verb imports torch: OpenMP reads its settings once
     try:
         cli.main(args=argv, prog_name="premoe", standalone_mode=False)
     except click.exceptions.Abort:
