@@ -281,7 +281,7 @@ EXPECTATIONS: dict[str, VllmExpectation] = {
         "layer >= num_dense_layers",
         "num_experts", "num_experts_per_tok", _PER_EXPERT_MLP, ("mlp.router.gate.weight", "mlp.expert_bias"),
         expert_shapes=_MLP_SHAPES, intermediate_keys=_MOE_I, shared_keys=_shared("mlp.shared_experts"),
-        config_gaps=("n_group", "topk_group", "mup_enabled")),  # vLLM routes in groups; premoe's adapter does not
+        config_gaps=("n_group", "topk_group")),  # vLLM routes in groups; premoe's AFMoE adapter has no group_keys
     "lfm2_moe": VllmExpectation(
         "Lfm2MoeForCausalLM",
         "lfm2_moe.py @030ea52e :: Lfm2MoeSparseMoeBlock.__init__ (gate ReplicatedLinear(hidden, "
@@ -316,8 +316,8 @@ EXPECTATIONS: dict[str, VllmExpectation] = {
         "router.layer -> gate)", **_GRANITE),
     "granitemoeshared": VllmExpectation(
         "GraniteMoeSharedForCausalLM",
-        "granitemoeshared.py :: GraniteMoeSharedDecoderLayer (GraniteMoeMoE + shared_mlp), load_weights (the "
-        "input_linear/output_linear/router.layer mapping of granitemoe.py)",
+        "granitemoeshared.py @055e47c2 :: GraniteMoeSharedDecoderLayer (block_sparse_moe + shared_mlp), "
+        "GraniteMoeSharedModel.load_weights = GraniteMoeModel.load_weights (granitemoe.py's mapping)",
         shared_keys=_GRANITE_SHARED, **_GRANITE),
     "granitemoehybrid": VllmExpectation(
         "GraniteMoeHybridForCausalLM",
