@@ -173,7 +173,8 @@ HY_V3 = MoEAdapter(
 KOLIBRI1 = MoEAdapter(
     name="Kolibri-1",
     model_types=("kolibri1",),
-    expert_count_keys=("num_local_experts",),
+    # transformers writes num_local_experts (num_experts is its alias); vLLM's kolibri1.py reads num_experts: both
+    expert_count_keys=("num_local_experts", "num_experts"),
     scoring="sigmoid",  # top-k of logit + bias, sigmoid of the chosen logits
     correction_bias="gate.e_score_correction_bias",
     correction_bias_added_to="logit",
