@@ -3,6 +3,10 @@ from pathlib import Path
 
 import pytest
 
+from premoe import threads
+
+threads.configure()  # as the CLI does, before torch loads: passive OpenMP waits, free cores only
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny  # noqa: E402
