@@ -7,7 +7,8 @@ evaluates specialists (plan for d, evaluated on d) at 50% and 25% kept, and the
 checkpoint routes). Every evaluation is cached in ``OUT/evals.jsonl``, so a
 rerun skips what is done.
 
-Run (OMP_NUM_THREADS=1; val first, choose on val, then test)::
+Run (OMP_NUM_THREADS=1; val first, choose on val, then test; ``--model testbed-dsv3`` for the
+DeepSeek-V3-router testbed, which adds the candidate-rule question: ``peu_norm_routed``/``_biased``)::
 
     python bench/select_study.py --split val --windows 32
     python bench/select_study.py --split test --windows 48 --methods peu,tcess,tcess_top1,reap,reconstruct
@@ -41,12 +42,18 @@ SCORERS = {  # method name -> profiled scorer
     "peu": "peu", "tcess": "tcess", "tcess_top1": "tcess_top1", "reap": "reap",
     "peu_gate_norm": "peu(candidates=2,threshold=0.55,transform=gate_norm)",
     "all_gate_norm": "peu(candidates=4,threshold=0.0,transform=gate_norm)",
+    # PEU's candidate rule on biased, grouped (DeepSeek-V3) routers: the authors' raw logits, what the router
+    # really chose, or the biased choice scores (scores.py); identical on routers without a bias
+    "peu_norm_routed": "peu(candidates=2,threshold=0.55,transform=gate_norm,candidates_from=routed)",
+    "peu_norm_biased": "peu(candidates=2,threshold=0.55,transform=gate_norm,candidates_from=biased)",
+    "peu_routed": "peu(candidates=2,threshold=0.55,transform=gate,candidates_from=routed)",
+    "peu_biased": "peu(candidates=2,threshold=0.55,transform=gate,candidates_from=biased)",
 }
 RECONSTRUCT = "reconstruct"  # greedy backward elimination: the first M of its order
 REFINED = "reconstruct_swap"  # the same, then single swaps at the target M
 
 
-def profile_with_hidden(net, tok, out: Path, tokens: int, sample: int) -> tuple[Profile, dict, float, float]:
+def profile_with_hidden(model: str, net, tok, out: Path, tokens: int, sample: int) -> tuple[Profile, dict, float, float]:
     """The calibration profile, each domain's hidden sample, and the seconds spent on each (cached in ``out``)."""
     if (out / "prof" / "profile.json").exists():
         saved = torch.load(out / "hidden.pt")
@@ -56,7 +63,7 @@ def profile_with_hidden(net, tok, out: Path, tokens: int, sample: int) -> tuple[
     merged, hidden, started = None, {}, time.time()
     for domain in DOMAINS:
         with HiddenRecorder(net, adapter, tokens=sample, stride=max(1, tokens // sample)) as rec:
-            one = profile_model("testbed", parse_sources([f"{domain}:calib"]), list(SCORERS.values()), params,
+            one = profile_model(model, parse_sources([f"{domain}:calib"]), list(SCORERS.values()), params,
                                 progress=False, loaded=(net, tok))
         hidden[domain] = rec.hidden
         merged = one if merged is None else merged.merge(one)
@@ -136,6 +143,7 @@ def sample_source(net, hidden: dict, pooled_tokens: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="testbed", help="testbed or testbed-dsv3 (the shipped trained models)")
     ap.add_argument("--split", default="val", choices=["val", "test"])
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--keep", default="0.5,0.25")
@@ -146,13 +154,13 @@ def main() -> None:
     ap.add_argument("--generation", type=int, default=0,
                     help="Instead of perplexity: greedy answers to N held-out math problems (exact match, repetition) "
                          "for the full model and each method's math specialist and generalist at --keep.")
-    ap.add_argument("--out", default="runs/select")
+    ap.add_argument("--out", help="cache directory (default runs/select, or runs/select-<model>)")
     args = ap.parse_args()
-    out = Path(args.out)
+    out = Path(args.out or ("runs/select" if args.model == "testbed" else f"runs/select-{args.model}"))
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    net, tok = load_model("testbed"), load_tokenizer("testbed")
-    profile, hidden, profile_s, forward_s = profile_with_hidden(net, tok, out, args.tokens, args.sample)
+    net, tok = load_model(args.model), load_tokenizer(args.model)
+    profile, hidden, profile_s, forward_s = profile_with_hidden(args.model, net, tok, out, args.tokens, args.sample)
     recon, recon_s = reconstruction_utilities(net, hidden, out, 4096)
     samples = sample_source(net, hidden, 4096)
     costs = {"profile_s": profile_s, "forward_s": forward_s, "reconstruct_s": recon_s}

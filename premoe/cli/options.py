@@ -49,6 +49,19 @@ class ListOf(click.ParamType):
         return [self.item.convert(x.strip(), param, ctx) for x in str(value).split(",") if x.strip()]
 
 
+def split_names(text: str) -> list[str]:
+    """Comma-separated names; commas inside parentheses belong to a scorer spec like ``peu(a=1,b=2)``."""
+    names, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            names.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    return [n for n in [*names, current.strip()] if n]
+
+
 class Device(click.ParamType):
     """A torch device that exists here: ``cpu``, ``cuda``, ``cuda:N`` (N below the GPU count) or ``mps``."""
 

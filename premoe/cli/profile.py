@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from premoe.cli.options import NON_NEGATIVE, POSITIVE, SEQ_LEN, Device, json_option, model_input
+from premoe.cli.options import NON_NEGATIVE, POSITIVE, SEQ_LEN, Device, json_option, model_input, split_names
 
 
 class _ProfileGroup(click.Group):
@@ -62,7 +62,7 @@ def run(model, data, out, scorers, max_tokens, seq_len, batch_size, generate, st
     sources = parse_sources(list(data), tokenizer=load_tokenizer(model), max_tokens=max_tokens)
     params = ProfileParams(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, generate=generate,
                            device=device)
-    names = scorers.split(",") if scorers else None
+    names = split_names(scorers) if scorers else None
     if stream:
         from premoe.streaming import profile_streaming
 

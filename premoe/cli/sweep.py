@@ -4,20 +4,7 @@ from __future__ import annotations
 import click
 
 from premoe.cli.options import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, SEQ_LEN, FiniteFloat, ListOf,
-                                json_option, model_input)
-
-
-def _names(text: str) -> list[str]:
-    """Comma-separated names; commas inside parentheses belong to a scorer spec like peu(a=1,b=2)."""
-    names, depth, current = [], 0, ""
-    for ch in text:
-        depth += (ch == "(") - (ch == ")")
-        if ch == "," and depth == 0:
-            names.append(current.strip())
-            current = ""
-        else:
-            current += ch
-    return [n for n in [*names, current.strip()] if n]
+                                json_option, model_input, split_names)
 
 
 @click.command("sweep")
@@ -73,11 +60,11 @@ def command(model, profile, out, data, calib_data, keep, scorers, default_scorer
     from premoe.sweep import SweepConfig, estimate_sweep, run_sweep
 
     config = SweepConfig(
-        keep=keep, scorers=_names(scorers), default_scorer=default_scorer, cross_keep=cross_keep,
+        keep=keep, scorers=split_names(scorers), default_scorer=default_scorer, cross_keep=cross_keep,
         seq_len=seq_len, max_windows=max_windows or None, batch_size=batch_size, kl=not no_kl, cache_gb=cache_gb,
         study_keep=study_keep, calib_tokens=calib_tokens, peu_grid=peu_grid,
         grid_candidates=grid_candidates, grid_thresholds=grid_thresholds,
-        grid_transforms=_names(grid_transforms), generate=generate,
+        grid_transforms=split_names(grid_transforms), generate=generate,
     )
     inputs = [model_input(model), profile, *data_paths(data), *data_paths(calib_data), out]
     if json_out not in (None, "-"):
