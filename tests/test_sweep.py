@@ -171,7 +171,7 @@ def test_cli_sweep_json(setup, tmp_path):
 
 
 def test_cli_scorer_lists_keep_parenthesised_specs_whole():
-    from premoe.cli.sweep import _names
+    from premoe.cli.options import split_names as _names
 
     assert _names("peu, peu(candidates=2,threshold=0.55,transform=logit),random") == [
         "peu", "peu(candidates=2,threshold=0.55,transform=logit)", "random"]
