@@ -52,7 +52,7 @@ def synthetic(shifts: dict) -> dict:
     }
 
 
-def _shifts(peu_half: float = math.log(1.02), peu_quarter: float = 0.10) -> dict:
+def _shifts(peu_half: float = math.log(1.01), peu_quarter: float = 0.10) -> dict:
     shifts = {}
     for d in ("python", "bible"):
         shifts.update({(d, "peu", 0.5): peu_half, (d, "frequency", 0.5): 0.05, (d, "random", 0.5): 0.3,
@@ -74,14 +74,34 @@ def test_paired_delta_by_hand():
 
 def test_goal_checks_pass():
     report = build_report(synthetic(_shifts()))
-    goal = _table(report, "within 3%")
+    goal = _table(report, "within 1.5%")
     assert [row[2] for row in goal.rows] == ["pass", "pass"]
-    assert goal.rows[0][1].startswith("+2.00%")
+    assert goal.rows[0][1].startswith("+1.00%")
     assert goal.caption.endswith("every domain: pass.")
     baseline = _table(report, "peu − baseline (nats")
     assert [row[0] for row in baseline.rows] == ["frequency", "random"]
     assert "best baseline (frequency): pass: peu beats it by 0.1000 nats" in baseline.caption
     assert "better on 2 of 2 domains" in baseline.caption and baseline.rows[0][-1] == "2/2"
+
+
+def _with_generalist(data: dict, shift: float) -> dict:
+    for d in ("python", "bible"):
+        data["rows"].append(_row({"profile": "main", "target": "generalist", "scorer": "peu", "keep": 0.5,
+                                  "ranking": "local", "eval": d}, shift))
+    return data
+
+
+@pytest.mark.parametrize(("shift", "outcome"), [(math.log(1.025), "pass, +1.50 points"),
+                                                (math.log(1.035), "fail, +2.50 points")])
+def test_generalist_goal_is_two_points_over_the_specialists(shift, outcome):
+    report = build_report(_with_generalist(synthetic(_shifts()), shift))  # specialists +1.00% on both domains
+    text = next(b[1] for b in report.blocks if isinstance(b, tuple) and "generalist (" in b[1])
+    assert text.endswith(f"geometric means over domains): {outcome}.")
+
+
+def test_generalist_goal_without_rows_says_so():
+    report = build_report(synthetic(_shifts()))
+    assert any(isinstance(b, tuple) and "generalist goal is not checked: rows missing" in b[1] for b in report.blocks)
 
 
 def test_baseline_goal_needs_most_domains():
@@ -95,7 +115,7 @@ def test_baseline_goal_needs_most_domains():
 
 def test_goal_checks_fail():
     report = build_report(synthetic(_shifts(peu_half=math.log(1.05), peu_quarter=0.20)))
-    goal = _table(report, "within 3%")
+    goal = _table(report, "within 1.5%")
     assert [row[2] for row in goal.rows] == ["fail", "fail"] and goal.caption.endswith("fail.")
     assert "fail: within one SE" in _table(report, "peu − baseline (nats").caption
 
@@ -107,8 +127,8 @@ def test_tables_hold_ppl_delta_and_missing_rows():
     assert specialists.header == ["domain", "scorer", "0.5 (16/32)", "0.25 (8/32)"]
     python_peu = specialists.rows[0]
     assert python_peu[0].startswith("python (full ") and python_peu[1] == "peu"
-    ppl = math.exp(sum(FULL) / 4 + math.log(1.02) + sum(NOISE) / 4)
-    assert python_peu[2] == f"{ppl:.4g} (+2.00% ± 0.09)"  # SE: exp(Δ) · stdev(NOISE) / √4
+    ppl = math.exp(sum(FULL) / 4 + math.log(1.01) + sum(NOISE) / 4)
+    assert python_peu[2] == f"{ppl:.4g} (+1.00% ± 0.09)"  # SE: exp(Δ) · stdev(NOISE) / √4
     generalist = [b for b in report.blocks if isinstance(b, Table) and b.header[:2] == ["domain", "scorer"]][1]
     assert all(cell == "—" for row in generalist.rows for cell in row[2:])  # no generalist rows computed
     html = render_html(report)
@@ -136,7 +156,7 @@ def test_report_files_render(tmp_path):
     markdown = (out / "report.md").read_text()
     for name in re.findall(r"\]\(([\w.]+\.png)\)", markdown):
         assert (out / name).read_bytes().startswith(b"\x89PNG")
-    assert "| domain | specialist Δ (peu) | within 3% | generalist Δ |" in markdown
+    assert "| domain | specialist Δ (peu) | within 1.5% | generalist Δ |" in markdown
     with pytest.raises(OutputExistsError):
         write_report(tmp_path / "sweep", out)
     assert write_report(tmp_path / "sweep", out, force=True) == out
