@@ -147,7 +147,9 @@ class Profile:
         if not size:
             return None
         return SizeBreakdown(size["total_bytes"], size["base_bytes"],
-                             {int(l): b for l, b in size["expert_bytes"].items()}, self.num_experts)
+                             {int(l): b for l, b in size["expert_bytes"].items()}, self.num_experts,
+                             header_bytes=size.get("header_bytes"),  # absent in profiles before premoe counted it
+                             expert_header_bytes={int(l): b for l, b in (size.get("expert_header_bytes") or {}).items()})
 
     # ------------------------------------------------------------------ merge
 
@@ -280,7 +282,9 @@ def architecture_of(adapter, config, model_path: Path | None, num_experts: int) 
 
         sizes = size_breakdown(Path(model_path), adapter, num_experts)
         arch["sizes"] = {"total_bytes": sizes.total_bytes, "base_bytes": sizes.base_bytes,
-                         "expert_bytes": {str(l): b for l, b in sizes.expert_bytes.items()}}
+                         "expert_bytes": {str(l): b for l, b in sizes.expert_bytes.items()},
+                         "header_bytes": sizes.header_bytes,
+                         "expert_header_bytes": {str(l): b for l, b in sizes.expert_header_bytes.items()}}
     return arch
 
 
