@@ -517,19 +517,18 @@ def _size(nbytes: int) -> str:
 
 def write_checkpoint(plan: WritePlan, progress: bool = True) -> Path:
     """Carry out a :class:`WritePlan`: shards, other files, index, config.json, then one rename."""
-    from tqdm import tqdm
-
     from premoe.fileio import write_dir
+    from premoe.progress import bar
 
     def write(tmp: Path) -> None:
         with gc_paused():  # header JSON of tens of thousands of tensors, in and out
             _write_all(tmp)
 
     def _write_all(tmp: Path) -> None:
-        with tqdm(total=plan.bytes_after, unit="B", unit_scale=True, desc="compile", disable=not progress) as bar:
+        with bar(plan.bytes_after, "compile", "B", enabled=progress, unit_scale=True) as shown:
             for shard, writes in plan.shards().items():
                 _write_shard(plan.model_path / shard, plan.data_start[shard], writes, tmp / shard,
-                             plan.shard_metadata[shard], bar.update)
+                             plan.shard_metadata[shard], shown.update)
         for name in plan.files:
             shutil.copy2(plan.model_path / name, tmp / name)
         (tmp / "README.md").write_text(plan.card)
@@ -704,6 +703,7 @@ def load_compact(path: str | Path, dtype=None):
     from premoe.adapters import get_adapter
     from premoe.adapters.base import prune_in_memory
     from premoe.modeling import resolve_model_path
+    from premoe.progress import loading
 
     path = resolve_model_path(path)
     counts = {int(layer): n for layer, n in compiled_info(path)["experts_per_layer"].items()}
@@ -728,6 +728,7 @@ def load_compact(path: str | Path, dtype=None):
             pad[axis] = largest - counts[layer]
             state[key] = torch.cat([rows, rows.new_zeros(pad)], dim=axis)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype or torch.float32)
+    with loading(path):  # transformers' bar only for a long load on a terminal (premoe.progress)
+        model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype or torch.float32)
     prune_in_memory(model, adapter, {layer: list(range(n)) for layer, n in counts.items()})
     return model.eval()
