@@ -333,12 +333,16 @@ def make_plan(profile: Profile, request: PlanRequest, profile_path: str = "") ->
         utility = profile.generalist_utility(request.scorer, names, request.weighting)
         target = f"generalist:{','.join(names)}"
     utility, kept_rows = _choose(profile, request, utility, names, m)
+    fitting = m  # with a budget: the largest uniform M that fits
     while request.budget_gb is not None and m > 1 and not _fits(profile, kept_rows, request.budget_gb):
         m -= 1  # global ranking: padding the largest layer outgrew the budget (top-k per layer always fits)
         utility, kept_rows = _choose(profile, request, utility, names, m)
     order = {l: row.argsort(descending=True).tolist() for l, row in zip(profile.moe_layers, utility)}
     kept = {l: sorted(rows) for l, rows in zip(profile.moe_layers, kept_rows)}
     notes = _count_notes(kept, request.ranking)
+    if request.budget_gb is not None and fitting > max(export_counts(kept).values()):
+        notes.append(f"the {request.budget_gb:g} GB budget holds M = {fitting} in every layer: --ranking local keeps "
+                     f"that many, more than this padded global plan's {max(export_counts(kept).values())}")
     if arch.get("gate_changes_when_pruned"):
         notes.append(f"{profile.family} routes with a softmax over all experts without top-k renormalisation: "
                      "after pruning the kept experts' gate weights grow (the compiled model renormalises over "

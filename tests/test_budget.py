@@ -72,6 +72,9 @@ def test_the_written_checkpoint_meets_the_budget_and_is_the_largest_that_does(pr
         assert safetensors_bytes(out) == report.plan.file_bytes <= budget
         m = plan.max_kept  # every layer holds this many on disk (padded)
         assert report.plan.config["premoe"]["experts_per_layer"] == {str(l): m for l in plan.kept}
+        local = make_plan(profile, PlanRequest(budget_gb=budget / 1e9, scorer="router_mass")).max_kept
+        assert m <= local
+        assert (m < local) == any(f"holds M = {local} in every layer" in n for n in plan.notes), plan.notes
         bigger = m + profile.groups[0]  # the next count the architecture accepts
         if bigger <= E and ranking == "local":
             more = make_plan(profile, PlanRequest(experts=bigger, scorer="router_mass"))
