@@ -241,9 +241,9 @@ def _experts_for_budget(profile: Profile, budget_gb: float) -> int:
         raise InputError("this profile records no checkpoint sizes (the model was not on disk when profiled); "
                          "use --keep or --experts, or profile the model from its directory")
     valid = [m for m in range(1, profile.num_experts + 1) if _is_valid(m, profile)]
-    fitting = [m for m in valid if compiled_bytes(sizes, {l: m for l in sizes.expert_bytes}) <= budget_gb * 1e9]
+    fitting = [m for m in valid if sizes.file_bytes_with({l: m for l in sizes.expert_bytes}) <= budget_gb * 1e9]
     if not fitting:
-        smallest = compiled_bytes(sizes, {l: valid[0] for l in sizes.expert_bytes})
+        smallest = sizes.file_bytes_with({l: valid[0] for l in sizes.expert_bytes})
         raise PlanError(f"--budget-gb {budget_gb:g} is below the smallest checkpoint this model compiles to, "
                         f"{smallest} bytes of .safetensors (M = {valid[0]} experts per layer); "
                         f"pass --budget-gb {gb_at_least(smallest)} or more")
@@ -262,14 +262,6 @@ def gb_at_least(nbytes: int) -> str:
     while float(text) * 1e9 < nbytes:  # float rounding: step up by one in the last digit
         text = f"{float(text) + 10 ** -digits:.{max(digits, 0)}f}"
     return text
-
-
-def compiled_bytes(sizes, counts: dict[int, int]) -> int:
-    """The .safetensors bytes compile writes (default ``--mtp drop``) for these per-layer expert counts.
-
-    Tensor bytes exactly, shard headers at most (:func:`premoe.checkpoint.header_bound`).
-    """
-    return sizes.file_bytes_with(counts)
 
 
 def export_counts(kept: dict[int, list[int]]) -> dict[int, int]:
@@ -377,7 +369,7 @@ def _choose(profile: Profile, request: PlanRequest, utility: torch.Tensor, names
 
 def _fits(profile: Profile, kept_rows: list[list[int]], budget_gb: float) -> bool:
     kept = dict(zip(profile.moe_layers, kept_rows))
-    return compiled_bytes(profile.sizes(), export_counts(kept)) <= budget_gb * 1e9
+    return profile.sizes().file_bytes_with(export_counts(kept)) <= budget_gb * 1e9
 
 
 def _count_notes(kept: dict[int, list[int]], ranking: str) -> list[str]:
@@ -449,7 +441,7 @@ def explain(plan: Plan, sizes=None) -> str:
         before = sizes.total_bytes
         after = sizes.bytes_with(export_counts(plan.kept))
         lines.append(f"  checkpoint size: {before / 1e9:.4f} GB -> {after / 1e9:.4f} GB ({after / before:.1%})"
-                     f" of tensors, {compiled_bytes(sizes, export_counts(plan.kept)) / 1e9:.6f} GB of .safetensors "
+                     f" of tensors, {sizes.file_bytes_with(export_counts(plan.kept)) / 1e9:.6f} GB of .safetensors "
                      "files at most")
         if plan.request.get("budget_gb") is not None:
             lines.append(f"  budget: {plan.request['budget_gb']:g} GB, checked again by compile against the exact "

@@ -19,7 +19,7 @@ from premoe.cli import main
 from premoe.compile import compile_checkpoint
 from premoe.data import Source
 from premoe.errors import PlanError
-from premoe.plan import PlanRequest, compiled_bytes, make_plan
+from premoe.plan import PlanRequest, make_plan
 from premoe.profile import ProfileParams, profile_model
 
 TEXT = [Source("code", [tiny.TEXT[:600]], "tiny"), Source("bible", [tiny.TEXT[600:1700]], "tiny")]
@@ -48,7 +48,7 @@ def exact_bytes(path, plan, tmp_path, **options) -> int:
 
 
 def uniform(profile, m: int) -> int:
-    return compiled_bytes(profile.sizes(), {layer: m for layer in profile.moe_layers})
+    return profile.sizes().file_bytes_with({layer: m for layer in profile.moe_layers})
 
 
 def smallest_m(profile) -> int:

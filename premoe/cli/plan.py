@@ -41,7 +41,7 @@ def command(profile, keep, experts, budget_gb, domain, generalist, domains, weig
     """
     from premoe.errors import InputError
     from premoe.fileio import check_output, emit_json
-    from premoe.plan import PlanRequest, compiled_bytes, explain, export_counts, make_plan
+    from premoe.plan import PlanRequest, explain, export_counts, make_plan
     from premoe.profile import Profile
 
     if bool(domain) == generalist:
@@ -60,7 +60,7 @@ def command(profile, keep, experts, budget_gb, domain, generalist, domains, weig
         counts = export_counts(plan.kept)  # what compile writes by default: padded to one count per layer
         emit_json(json_out, {**plan.__dict__, "size_before": sizes and sizes.total_bytes,
                              "size_after": sizes and sizes.bytes_with(counts),
-                             "safetensors_bytes_at_most": sizes and compiled_bytes(sizes, counts)},
+                             "safetensors_bytes_at_most": sizes and sizes.file_bytes_with(counts)},
                   kind="plan-summary", force=force, inputs=[profile, out])
     if json_out != "-":
         click.echo(explain(plan, sizes))
