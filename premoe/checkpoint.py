@@ -11,7 +11,7 @@ import gc
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -204,6 +204,39 @@ def tensors(path: Path, read: dict[str, tuple[dict, int]] | None = None) -> dict
     return found
 
 
+def encode_header(entries: dict[str, dict], metadata: dict | None = None) -> bytes:
+    """A safetensors header as compile writes it: compact JSON, space-padded so the data starts 8-byte aligned.
+
+    One encoder for the writer and for size estimates, so a budget counts the
+    header bytes that are really written (without the 8-byte length prefix).
+
+    >>> len(encode_header({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})) % 8
+    0
+    """
+    header = {"__metadata__": metadata, **entries} if metadata else dict(entries)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)
+
+
+def entry_bytes(key: str, info: dict, data_bytes: int) -> int:
+    """Bytes one tensor's entry (and its comma) can take in the header of a pruned copy of its shard, at most.
+
+    A pruned shard keeps a subset of the entries, renumbers experts to smaller
+    indices, shrinks shapes and holds at most ``data_bytes`` of data, so every
+    offset in it has at most the digits of ``data_bytes``: the entry encoded
+    with both offsets set to ``data_bytes`` is never shorter than the one
+    compile writes (:func:`encode_header`).
+    """
+    entry = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [data_bytes, data_bytes]}
+    return len(json.dumps(key)) + 1 + len(json.dumps(entry, separators=(",", ":"))) + 1
+
+
+def _fixed_header_bytes(header: dict) -> int:
+    """A shard's header bytes that do not depend on its tensors: length prefix, braces, metadata, padding."""
+    metadata = header.get("__metadata__")
+    return 8 + 2 + 7 + (len(encode_header({}, metadata)) + 1 if metadata else 0)
+
+
 @dataclass(frozen=True)
 class SizeBreakdown:
     total_bytes: int  # everything on disk, multi-token-prediction layers included
@@ -211,28 +244,50 @@ class SizeBreakdown:
     expert_bytes: dict[int, int]  # decoder layer -> bytes of ONE routed expert in that layer (incl. its router row)
     num_experts: int
     mtp_bytes: int = 0  # the MTP layers (DeepSeek-V3's model.layers.61), which compile drops by default
+    header_bytes: int | None = None  # shard headers compile writes, less per-expert entries, at most; None: not recorded
+    expert_header_bytes: dict[int, int] = field(default_factory=dict)  # layer -> ONE expert's header entries, at most
 
     def bytes_with(self, kept_per_layer: dict[int, int]) -> int:
-        """Size of a compiled checkpoint keeping these counts, with compile's default ``--mtp drop``."""
+        """Tensor bytes of a compiled checkpoint keeping these counts, with compile's default ``--mtp drop``."""
         return self.base_bytes + sum(self.expert_bytes[l] * n for l, n in kept_per_layer.items())
+
+    def file_bytes_with(self, kept_per_layer: dict[int, int]) -> int:
+        """The .safetensors files' bytes for these counts: tensors exactly, headers at most (within a few bytes
+        per entry); what a ``--budget-gb`` promise measures."""
+        headers = (self.header_bytes or 0) + sum(self.expert_header_bytes.get(l, 0) * n
+                                                 for l, n in kept_per_layer.items())
+        return self.bytes_with(kept_per_layer) + headers
 
 
 def size_breakdown(path: Path, adapter, num_experts: int) -> SizeBreakdown:
-    """How the checkpoint's bytes split between routed experts, MTP layers and the rest."""
+    """How the checkpoint's bytes split between routed experts, MTP layers, the rest, and shard headers."""
     from premoe.modeling import read_config
 
     config = read_config(path)
     per_layer: dict[int, int] = {}
-    total = mtp = 0
-    for info in tensors(path).values():
-        total += info.nbytes
-        if adapter.mtp_layer(info.key, config) is not None:
-            mtp += info.nbytes
-            continue
-        kind = adapter.classify_key(info.key)
-        if kind is None:
-            continue
-        layer = kind[1]
-        per_layer[layer] = per_layer.get(layer, 0) + info.nbytes
+    expert_entries: dict[tuple[int, int], int] = {}  # (layer, expert) -> its per-expert header entries' bytes
+    total = mtp = header = 0
+    read = headers(path)
+    tensors(path, read)  # the same checks as every reader: no key in two shards, the index agrees
+    for shard, (entries, start) in read.items():
+        data_bytes = (path / shard).stat().st_size - start
+        header += _fixed_header_bytes(entries)
+        for key, info in entries.items():
+            if key == "__metadata__":
+                continue
+            nbytes, entry = info["data_offsets"][1] - info["data_offsets"][0], entry_bytes(key, info, data_bytes)
+            total += nbytes
+            if adapter.mtp_layer(key, config) is not None:  # dropped by compile's default --mtp drop
+                mtp += nbytes
+                continue
+            kind = adapter.classify_key(key)
+            if kind is not None:
+                per_layer[kind[1]] = per_layer.get(kind[1], 0) + nbytes
+            if kind is not None and kind[0] == "expert":
+                expert_entries[kind[1], kind[2]] = expert_entries.get((kind[1], kind[2]), 0) + entry
+            else:
+                header += entry  # kept whatever the plan (router rows and fused tensors keep their one entry)
     expert_bytes = {l: b // num_experts for l, b in per_layer.items()}
-    return SizeBreakdown(total, total - mtp - sum(per_layer.values()), expert_bytes, num_experts, mtp)
+    expert_header = {l: max((b for (layer, _), b in expert_entries.items() if layer == l), default=0) for l in per_layer}
+    return SizeBreakdown(total, total - mtp - sum(per_layer.values()), expert_bytes, num_experts, mtp, header,
+                         expert_header)

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Callable
 
 from premoe import __version__
-from premoe.checkpoint import DTYPE_BYTES, INDEX, shard_files, tensors
+from premoe.checkpoint import DTYPE_BYTES, INDEX, encode_header, shard_files, tensors
 from premoe.checkpoint import gc_paused
 from premoe.checkpoint import headers as read_headers
 from premoe.errors import CheckpointError, DiskSpaceError, InputError, OutputExistsError, PlanError
@@ -184,6 +184,12 @@ class WritePlan:
     @property
     def bytes_after(self) -> int:
         return sum(w.nbytes for w in self.writes)
+
+    @functools.cached_property
+    def file_bytes(self) -> int:
+        """The .safetensors files' exact size on disk, headers included: what a ``--budget-gb`` promise measures."""
+        return sum(8 + len(_shard_layout(writes, self.shard_metadata[shard])[0]) + sum(w.nbytes for w in writes)
+                   for shard, writes in self.shards().items())
 
     @property
     def largest_tensor(self) -> int:
@@ -327,6 +333,7 @@ def _plan_writes(model: str | Path, plan: Plan, out: str | Path, *, force: bool,
         indexed=(path / INDEX).exists(), config=new_config, files=files, skipped=skipped,
         free_bytes=shutil.disk_usage(_existing_parent(out)).free, mtp=mtp_choice, notes=notes,
     )
+    _check_budget(write_plan, plan.request.get("budget_gb"), mtp)
     from premoe.modelcard import compiled_card
 
     write_plan.card = compiled_card(write_plan, plan, base_model)
@@ -335,6 +342,26 @@ def _plan_writes(model: str | Path, plan: Plan, out: str | Path, *, force: bool,
         raise DiskSpaceError(f"the compiled checkpoint needs {_size(needed)} but {_existing_parent(out)} has "
                              f"{_size(write_plan.free_bytes)} free; free some space or pass --out on another disk")
     return write_plan
+
+
+def _check_budget(write_plan: WritePlan, budget_gb: float | None, mtp: str) -> None:
+    """Keep a plan's ``--budget-gb`` promise: refuse a compile whose .safetensors files would exceed it, saying why."""
+    if budget_gb is None:
+        return
+    budget = budget_gb * 1e9
+    got = write_plan.file_bytes
+    if got <= budget:
+        write_plan.notes.append(f"budget {budget_gb:g} GB kept: the .safetensors files take {got / 1e9:.6f} GB")
+        return
+    if mtp == "prune" and write_plan.mtp and write_plan.mtp.written:
+        fix = "pass --mtp drop (the plan's budget counts no MTP layer)"
+    elif write_plan.export == "padded":
+        fix = ("pass --export compact (load it with premoe.compile.load_compact), or make the plan again with this "
+               "premoe, whose budget counts the padding")
+    else:
+        fix = "make the plan again with this premoe (its budget counts what compile writes)"
+    raise PlanError(f"the plan was made for --budget-gb {budget_gb:g} but this compile would write "
+                    f"{got / 1e9:.6f} GB of .safetensors (export {write_plan.export}, --mtp {mtp}); {fix}")
 
 
 def _export_kept(plan: Plan, export: str) -> tuple[str, dict[int, list[int]]]:
@@ -490,19 +517,18 @@ def _size(nbytes: int) -> str:
 
 def write_checkpoint(plan: WritePlan, progress: bool = True) -> Path:
     """Carry out a :class:`WritePlan`: shards, other files, index, config.json, then one rename."""
-    from tqdm import tqdm
-
     from premoe.fileio import write_dir
+    from premoe.progress import bar
 
     def write(tmp: Path) -> None:
         with gc_paused():  # header JSON of tens of thousands of tensors, in and out
             _write_all(tmp)
 
     def _write_all(tmp: Path) -> None:
-        with tqdm(total=plan.bytes_after, unit="B", unit_scale=True, desc="compile", disable=not progress) as bar:
+        with bar(plan.bytes_after, "compile", "B", enabled=progress, unit_scale=True) as shown:
             for shard, writes in plan.shards().items():
                 _write_shard(plan.model_path / shard, plan.data_start[shard], writes, tmp / shard,
-                             plan.shard_metadata[shard], bar.update)
+                             plan.shard_metadata[shard], shown.update)
         for name in plan.files:
             shutil.copy2(plan.model_path / name, tmp / name)
         (tmp / "README.md").write_text(plan.card)
@@ -583,28 +609,32 @@ def _write_index(plan: WritePlan, file: Path) -> None:
     file.write_text(json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2) + "\n")
 
 
-def _write_shard(source: Path, data_start: int, writes: list[TensorWrite], dest: Path, metadata: dict,
-                 advance: Callable[[int], object]) -> None:
-    """One output shard: a fresh header, then every kept byte range copied from the source shard.
+def _shard_layout(writes: list[TensorWrite], metadata: dict) -> tuple[bytes, list[tuple[int, int]]]:
+    """One output shard's header and the source byte ranges to copy after it, in order.
 
     Tensors keep their source order within each dtype width, widest first (as
     safetensors lays them out), so every tensor stays aligned to its element
     size and the kept bytes of neighbouring tensors merge into long copies.
     """
     ordered = sorted(writes, key=lambda w: (-DTYPE_BYTES.get(w.dtype, 1), w.span[0]))
-    header: dict = {"__metadata__": metadata} if metadata else {}
+    entries: dict = {}
     offset = 0
     ranges: list[tuple[int, int]] = []
     for w in ordered:
-        header[w.key] = {"dtype": w.dtype, "shape": list(w.shape), "data_offsets": [offset, offset + w.nbytes]}
+        entries[w.key] = {"dtype": w.dtype, "shape": list(w.shape), "data_offsets": [offset, offset + w.nbytes]}
         offset += w.nbytes
         for begin, end in w.ranges:
             if ranges and ranges[-1][1] == begin:
                 ranges[-1] = (ranges[-1][0], end)
             else:
                 ranges.append((begin, end))
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # data section starts 8-byte aligned
+    return encode_header(entries, metadata), ranges
+
+
+def _write_shard(source: Path, data_start: int, writes: list[TensorWrite], dest: Path, metadata: dict,
+                 advance: Callable[[int], object]) -> None:
+    """One output shard: a fresh header, then every kept byte range copied from the source shard."""
+    raw, ranges = _shard_layout(writes, metadata)
     with open(source, "rb") as src, open(dest, "wb") as dst:
         dst.write(struct.pack("<Q", len(raw)) + raw)
         dst.flush()
@@ -673,6 +703,7 @@ def load_compact(path: str | Path, dtype=None):
     from premoe.adapters import get_adapter
     from premoe.adapters.base import prune_in_memory
     from premoe.modeling import resolve_model_path
+    from premoe.progress import loading
 
     path = resolve_model_path(path)
     counts = {int(layer): n for layer, n in compiled_info(path)["experts_per_layer"].items()}
@@ -697,6 +728,7 @@ def load_compact(path: str | Path, dtype=None):
             pad[axis] = largest - counts[layer]
             state[key] = torch.cat([rows, rows.new_zeros(pad)], dim=axis)
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype or torch.float32)
+    with loading(path):  # transformers' bar only for a long load on a terminal (premoe.progress)
+        model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype or torch.float32)
     prune_in_memory(model, adapter, {layer: list(range(n)) for layer, n in counts.items()})
     return model.eval()

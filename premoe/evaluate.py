@@ -27,7 +27,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -112,7 +112,7 @@ class Evaluator:
     def evaluate(self, kept: Mapping[int, Sequence[int]] | None = None, *, domains: Sequence[str] | None = None,
                  kl: bool = True, label: str | None = None) -> EvalResult:
         """Evaluate with routing restricted to ``kept`` ({decoder layer: experts}; None: the full model)."""
-        from tqdm import tqdm
+        from premoe.progress import bar
 
         names = list(domains or self.windows)
         unknown = [d for d in names if d not in self.windows]
@@ -123,28 +123,33 @@ class Evaluator:
         trivial_kl = kept is None and self.reference is None  # the reference is this very model
         started = time.time()
         results = {}
-        for domain in names:
-            windows = self.windows[domain]
-            nll, kls = [], []
-            bar = tqdm(total=windows.shape[0], desc=f"eval {domain}", unit="win", disable=not self.progress, leave=False)
-            for start in range(0, windows.shape[0], self.batch_size):
-                batch = windows[start : start + self.batch_size].to(self.device)  # (batch, seq)
-                restriction = self.adapter.restrict_routing(self.model, kept) if kept else contextlib.nullcontext()
-                with restriction:
-                    logits = self.model(input_ids=batch).logits[:, :-1]  # (batch, seq-1, vocab)
-                log_probs = torch.log_softmax(logits.float(), dim=-1)  # (batch, seq-1, vocab)
-                nll.append(token_nll(log_probs, batch[:, 1:], normalized=True).mean(1))  # (batch,)
-                if trivial_kl:  # these are the reference log-probs: keep them for the plans evaluated next
-                    self._remember((domain, start), log_probs)
-                elif kl:
-                    reference = self._reference(domain, start, batch)  # (batch, seq-1, vocab) log-probs
-                    kls.append(kl_divergence(reference, log_probs, normalized=True).mean(1))  # (batch,)
-                bar.update(batch.shape[0])
-            bar.close()
-            results[domain] = _domain_eval(domain, torch.cat(nll), torch.cat(kls) if kls else None,
-                                           windows.shape[1] - 1, trivial_kl and kl)
+        with bar(sum(self.windows[d].shape[0] for d in names), "eval", "win", enabled=self.progress) as shown:
+            for domain in names:
+                shown.set_postfix_str(domain, refresh=False)
+                results[domain] = self._evaluate_domain(domain, kept, kl, trivial_kl, shown.update)
         return EvalResult(self.name, label or ("full" if kept is None else "restricted"), kept, self.seq_len, results,
                           round(time.time() - started, 3))
+
+    def _evaluate_domain(self, domain: str, kept: dict[int, list[int]] | None, kl: bool, trivial_kl: bool,
+                         advance: Callable[[int], object]) -> DomainEval:
+        """One domain's windows, batch by batch; ``advance(windows)`` after each batch."""
+        windows = self.windows[domain]
+        nll, kls = [], []
+        for start in range(0, windows.shape[0], self.batch_size):
+            batch = windows[start : start + self.batch_size].to(self.device)  # (batch, seq)
+            restriction = self.adapter.restrict_routing(self.model, kept) if kept else contextlib.nullcontext()
+            with restriction:
+                logits = self.model(input_ids=batch).logits[:, :-1]  # (batch, seq-1, vocab)
+            log_probs = torch.log_softmax(logits.float(), dim=-1)  # (batch, seq-1, vocab)
+            nll.append(token_nll(log_probs, batch[:, 1:], normalized=True).mean(1))  # (batch,)
+            if trivial_kl:  # these are the reference log-probs: keep them for the plans evaluated next
+                self._remember((domain, start), log_probs)
+            elif kl:
+                reference = self._reference(domain, start, batch)  # (batch, seq-1, vocab) log-probs
+                kls.append(kl_divergence(reference, log_probs, normalized=True).mean(1))  # (batch,)
+            advance(batch.shape[0])
+        return _domain_eval(domain, torch.cat(nll), torch.cat(kls) if kls else None, windows.shape[1] - 1,
+                            trivial_kl and kl)
 
     def _reference(self, domain: str, start: int, batch: torch.Tensor) -> torch.Tensor:
         """Reference log-probs (batch, seq-1, vocab), from the cache or computed (and cached while room is left)."""

@@ -75,9 +75,12 @@ def load_model(model: str | Path, device: str = "cpu"):
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    from premoe.progress import loading
+
     path = resolve_model_path(model)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with loading(path):  # transformers' "Loading weights" bar: only for a long load on a terminal
+            loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # SafetensorError: a truncated shard
         raise CheckpointError(f"could not load the checkpoint in {path}: {str(e).splitlines()[0]}") from e
     return loaded.to(device).eval()

@@ -229,19 +229,54 @@ def experts_for(profile: Profile, request: PlanRequest) -> int:
 
 
 def _experts_for_budget(profile: Profile, budget_gb: float) -> int:
+    """The largest valid M whose uniform checkpoint's .safetensors files fit the budget, or one PlanError.
+
+    Sizes come from the profile (tensor bytes exactly, shard headers at most);
+    a smaller budget is refused with the smallest size this model compiles to.
+    """
     if not math.isfinite(budget_gb) or budget_gb <= 0:
         raise InputError(f"--budget-gb must be a positive number, got {budget_gb}")
     sizes = profile.sizes()
     if sizes is None:
         raise InputError("this profile records no checkpoint sizes (the model was not on disk when profiled); "
                          "use --keep or --experts, or profile the model from its directory")
-    budget = budget_gb * 1e9
-    per_m = sum(sizes.expert_bytes.values())  # bytes added by one more expert in every layer
-    m = math.floor((budget - sizes.base_bytes) / per_m) if per_m else 0
-    if m < 1:
-        raise PlanError(f"a {budget_gb} GB budget cannot hold even the non-expert weights "
-                        f"({sizes.base_bytes / 1e9:.3f} GB) plus one expert per layer ({per_m / 1e9:.3f} GB)")
-    return min(m, profile.num_experts)
+    valid = [m for m in range(1, profile.num_experts + 1) if _is_valid(m, profile)]
+    fitting = [m for m in valid if sizes.file_bytes_with({l: m for l in sizes.expert_bytes}) <= budget_gb * 1e9]
+    if not fitting:
+        smallest = sizes.file_bytes_with({l: valid[0] for l in sizes.expert_bytes})
+        raise PlanError(f"--budget-gb {budget_gb:g} is below the smallest checkpoint this model compiles to, "
+                        f"{smallest} bytes of .safetensors (M = {valid[0]} experts per layer); "
+                        f"pass --budget-gb {gb_at_least(smallest)} or more")
+    return fitting[-1]
+
+
+def gb_at_least(nbytes: int) -> str:
+    """The shortest GB figure (4 significant digits) that is not below ``nbytes``: a budget the user can pass.
+
+    >>> gb_at_least(8_976_131)
+    '0.008977'
+    """
+    value = nbytes / 1e9
+    digits = 3 - math.floor(math.log10(value)) if value > 0 else 0
+    text = f"{math.ceil(value * 10 ** digits) / 10 ** digits:.{max(digits, 0)}f}"
+    while float(text) * 1e9 < nbytes:  # float rounding: step up by one in the last digit
+        text = f"{float(text) + 10 ** -digits:.{max(digits, 0)}f}"
+    return text
+
+
+def export_counts(kept: dict[int, list[int]]) -> dict[int, int]:
+    """Experts per layer in the checkpoint compile writes by default: vanilla loaders read one count, so every
+    layer is padded to the largest (``--export compact`` keeps the real counts)."""
+    largest = max(len(v) for v in kept.values())
+    return {layer: largest for layer in kept}
+
+
+def _is_valid(m: int, profile: Profile) -> bool:
+    try:
+        check_experts(m, profile, profile.groups)
+    except PlanError:
+        return False
+    return True
 
 
 def check_experts(m: int, profile: Profile, groups: tuple[int, int]) -> None:
@@ -269,7 +304,11 @@ def check_experts(m: int, profile: Profile, groups: tuple[int, int]) -> None:
 
 
 def make_plan(profile: Profile, request: PlanRequest, profile_path: str = "") -> Plan:
-    """Rank experts by utility and keep the best, respecting the architecture the profile recorded."""
+    """Rank experts by utility and keep the best, respecting the architecture the profile recorded.
+
+    With ``budget_gb``, M is the largest whose compiled checkpoint (padded to
+    one count per layer, as compile writes it by default) fits the budget.
+    """
     arch = profile.require_architecture()
     groups = profile.groups
     m = experts_for(profile, request)
@@ -278,41 +317,74 @@ def make_plan(profile: Profile, request: PlanRequest, profile_path: str = "") ->
         raise InputError("give either --domain (a specialist) or --generalist [--domains], not both")
     if request.domain:
         profile.check_domain(request.domain)
+        names = [request.domain]
         utility = profile.utility(request.domain, request.scorer)
         target = f"specialist:{request.domain}"
     else:
         names = request.domains or list(profile.domains)
         utility = profile.generalist_utility(request.scorer, names, request.weighting)
         target = f"generalist:{','.join(names)}"
-    if request.select == "reconstruct":
-        if request.ranking != "local":
-            raise InputError("--select reconstruct chooses M experts in every layer; use --ranking local")
-        from premoe.select import reconstruct
-
-        utility, kept_rows = reconstruct(profile, [request.domain] if request.domain else names, m,
-                                         request.sample_tokens)
-    elif request.select != "top":
-        raise InputError(f"--select must be top or reconstruct, got {request.select!r}")
-    elif request.ranking == "local":
-        kept_rows = [_top_in_groups(row, m, groups[0]) for row in utility]
-    elif request.ranking == "global":
-        kept_rows = _global_top(utility, m, profile.top_k, groups[0])
-    else:
-        raise InputError(f"--ranking must be local or global, got {request.ranking!r}")
+    utility, kept_rows = _choose(profile, request, utility, names, m)
+    fitting = m  # with a budget: the largest uniform M that fits
+    while request.budget_gb is not None and m > 1 and not _fits(profile, kept_rows, request.budget_gb):
+        m -= 1  # global ranking: padding the largest layer outgrew the budget (top-k per layer always fits)
+        utility, kept_rows = _choose(profile, request, utility, names, m)
     order = {l: row.argsort(descending=True).tolist() for l, row in zip(profile.moe_layers, utility)}
     kept = {l: sorted(rows) for l, rows in zip(profile.moe_layers, kept_rows)}
-    notes = []
-    if m % 4:
-        notes.append(f"M = {m} is not a multiple of 4; serving kernels (vLLM fused MoE) run best with multiples of 4")
+    notes = _count_notes(kept, request.ranking)
+    if request.budget_gb is not None and fitting > max(export_counts(kept).values()):
+        notes.append(f"the {request.budget_gb:g} GB budget holds M = {fitting} in every layer: --ranking local keeps "
+                     f"that many, more than this padded global plan's {max(export_counts(kept).values())}")
     if arch.get("gate_changes_when_pruned"):
         notes.append(f"{profile.family} routes with a softmax over all experts without top-k renormalisation: "
                      "after pruning the kept experts' gate weights grow (the compiled model renormalises over "
                      "the kept experts only)")
+    if request.budget_gb is not None and profile.sizes().header_bytes is None:
+        notes.append("this profile predates header sizes: the budget counts tensor bytes only (compile checks "
+                     "the files); profile again for an exact budget")
     share = {d: _utility_share(profile.utility(d, request.scorer), kept, profile.moe_layers) for d in profile.domains}
     plan = Plan(profile.model, profile.family, profile.num_experts, profile.top_k, profile.moe_layers, kept, order,
                 asdict(request), target, share, notes, profile_path)
     validate_plan(plan, profile.num_experts, profile.top_k, groups, profile.moe_layers)
     return plan
+
+
+def _choose(profile: Profile, request: PlanRequest, utility: torch.Tensor, names: list[str],
+            m: int) -> tuple[torch.Tensor, list[list[int]]]:
+    """The experts each layer keeps at M = ``m``, and the utility (layers, experts) that ranks the rest."""
+    if request.select == "reconstruct":
+        if request.ranking != "local":
+            raise InputError("--select reconstruct chooses M experts in every layer; use --ranking local")
+        from premoe.select import reconstruct
+
+        return reconstruct(profile, names, m, request.sample_tokens)
+    if request.select != "top":
+        raise InputError(f"--select must be top or reconstruct, got {request.select!r}")
+    if request.ranking == "local":
+        return utility, [_top_in_groups(row, m, profile.groups[0]) for row in utility]
+    if request.ranking == "global":
+        return utility, _global_top(utility, m, profile.top_k, profile.groups[0])
+    raise InputError(f"--ranking must be local or global, got {request.ranking!r}")
+
+
+def _fits(profile: Profile, kept_rows: list[list[int]], budget_gb: float) -> bool:
+    kept = dict(zip(profile.moe_layers, kept_rows))
+    return profile.sizes().file_bytes_with(export_counts(kept)) <= budget_gb * 1e9
+
+
+def _count_notes(kept: dict[int, list[int]], ranking: str) -> list[str]:
+    """Notes on the expert count the compiled file holds (the padded one, for uneven global plans)."""
+    counts = sorted({len(v) for v in kept.values()})
+    written = counts[-1]
+    notes = []
+    if len(counts) > 1:
+        notes.append(f"{ranking} ranking keeps {counts[0]}-{written} experts per layer; the checkpoint compile writes "
+                     f"by default pads every layer to M = {written} with its next-best experts (one count in "
+                     "config.json, what from_pretrained and vLLM load); --export compact keeps the real counts")
+    if written % 4:
+        notes.append(f"M = {written} is not a multiple of 4; serving kernels (vLLM fused MoE) run best with "
+                     "multiples of 4")
+    return notes
 
 
 def _top_in_groups(row: torch.Tensor, m: int, n_group: int) -> list[int]:
@@ -367,8 +439,13 @@ def explain(plan: Plan, sizes=None) -> str:
         lines.append(f"  layer {layer:>3}: keep {len(experts):>3}/{plan.num_experts}  {format_ranges(experts)}")
     if sizes is not None:
         before = sizes.total_bytes
-        after = sizes.bytes_with({l: len(v) for l, v in plan.padded().kept.items()})
-        lines.append(f"  checkpoint size: {before / 1e9:.4f} GB -> {after / 1e9:.4f} GB ({after / before:.1%})")
+        after = sizes.bytes_with(export_counts(plan.kept))
+        lines.append(f"  checkpoint size: {before / 1e9:.4f} GB -> {after / 1e9:.4f} GB ({after / before:.1%})"
+                     f" of tensors, {sizes.file_bytes_with(export_counts(plan.kept)) / 1e9:.6f} GB of .safetensors "
+                     "files at most")
+        if plan.request.get("budget_gb") is not None:
+            lines.append(f"  budget: {plan.request['budget_gb']:g} GB, checked again by compile against the exact "
+                         "file sizes")
     lines.append("  utility kept: " + ", ".join(f"{d} {s:.1%}" for d, s in plan.utility_kept.items()))
     lines += [f"  note: {n}" for n in plan.notes]
     return "\n".join(lines)

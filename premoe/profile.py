@@ -147,7 +147,9 @@ class Profile:
         if not size:
             return None
         return SizeBreakdown(size["total_bytes"], size["base_bytes"],
-                             {int(l): b for l, b in size["expert_bytes"].items()}, self.num_experts)
+                             {int(l): b for l, b in size["expert_bytes"].items()}, self.num_experts,
+                             header_bytes=size.get("header_bytes"),  # absent in profiles before premoe counted it
+                             expert_header_bytes={int(l): b for l, b in (size.get("expert_header_bytes") or {}).items()})
 
     # ------------------------------------------------------------------ merge
 
@@ -280,7 +282,9 @@ def architecture_of(adapter, config, model_path: Path | None, num_experts: int) 
 
         sizes = size_breakdown(Path(model_path), adapter, num_experts)
         arch["sizes"] = {"total_bytes": sizes.total_bytes, "base_bytes": sizes.base_bytes,
-                         "expert_bytes": {str(l): b for l, b in sizes.expert_bytes.items()}}
+                         "expert_bytes": {str(l): b for l, b in sizes.expert_bytes.items()},
+                         "header_bytes": sizes.header_bytes,
+                         "expert_header_bytes": {str(l): b for l, b in sizes.expert_header_bytes.items()}}
     return arch
 
 
@@ -310,10 +314,9 @@ def profile_model(model: str | Path, sources: Sequence[Source], scorers: Sequenc
 
     ``loaded`` is an optional ``(model, tokenizer)`` pair already in memory.
     """
-    from tqdm import tqdm
-
     from premoe.adapters import get_adapter
     from premoe.modeling import load_model, load_tokenizer, model_identity
+    from premoe.progress import bar
 
     params = params or ProfileParams()
     check_sources(sources)
@@ -323,18 +326,19 @@ def profile_model(model: str | Path, sources: Sequence[Source], scorers: Sequenc
     adapter = get_adapter(net.config)
     started = time.time()
     domains: dict[str, DomainStats] = {}
-    with RouterCapture(net, adapter, specs) as capture:
-        for source in sources:
-            windows = token_windows(source.texts, tokenizer, params.seq_len - params.generate, params.max_tokens)
-            bar = tqdm(total=windows.shape[0], desc=f"profile {source.name}", unit="win", disable=not progress, leave=False)
-            for start in range(0, windows.shape[0], params.batch_size):
-                batch = windows[start : start + params.batch_size].to(params.device)  # (batch, seq)
+    windows = {s.name: token_windows(s.texts, tokenizer, params.seq_len - params.generate, params.max_tokens)
+               for s in sources}  # name -> (windows, seq): tokenised first, so one bar spans every domain
+    with RouterCapture(net, adapter, specs) as capture, \
+            bar(sum(w.shape[0] for w in windows.values()), "profile", "win", enabled=progress) as shown:
+        for name, domain_windows in windows.items():
+            shown.set_postfix_str(name, refresh=False)
+            for start in range(0, domain_windows.shape[0], params.batch_size):
+                batch = domain_windows[start : start + params.batch_size].to(params.device)  # (batch, seq)
                 if params.generate:
                     batch = _continue(net, batch, params.generate, tokenizer)
                 capture.run(batch)
-                bar.update(batch.shape[0])
-            bar.close()
-            domains[source.name] = capture.reset()
+                shown.update(batch.shape[0])
+            domains[name] = capture.reset()
     return assemble_profile(identity, adapter, net.config, capture.layers, specs, domains, params, sources, started)
 
 

@@ -219,12 +219,14 @@ def load_first_layers(model: str | Path, layers: int):
     from transformers.utils import logging as hf_logging
 
     from premoe.modeling import load_model, resolve_model_path
+    from premoe.progress import loading
 
     path = resolve_model_path(model)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "weights of layers N.. not used" is the point, not a problem
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, num_hidden_layers=layers).eval()
+        with loading(path):  # transformers' bar only for a long load on a terminal (premoe.progress)
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, num_hidden_layers=layers).eval()
     except (ValueError, TypeError, RuntimeError, OSError):
         return load_model(model)
     finally:

@@ -80,11 +80,11 @@ def profile_streaming(model: str | Path, sources: Sequence[Source], scorers: Seq
     so the hidden states never cost more than the layer itself; 0 forces the
     file). Text only: ``params.generate`` needs the whole model in memory.
     """
-    from tqdm import tqdm
     from transformers import AutoConfig
 
     from premoe.adapters import get_adapter
     from premoe.modeling import load_tokenizer, model_identity, resolve_model_path
+    from premoe.progress import bar
 
     params = params or ProfileParams()
     if params.generate:
@@ -114,18 +114,16 @@ def profile_streaming(model: str | Path, sources: Sequence[Source], scorers: Seq
         with loader.loaded(loader.prelude_keys(), net.get_input_embeddings(), "the input embeddings"):
             batches = _embed(net, layers, windows, params, store)
         per_layer: dict[str, list[DomainStats]] = {s.name: [] for s in sources}
-        bar = tqdm(total=len(layers) * rows, desc="profile (streaming)", unit="tok", unit_scale=True,
-                   disable=not progress, leave=False)
-        for index, layer in enumerate(layers):
-            with loader.loaded(loader.layer_keys(index), layer, f"decoder layer {index}"):
-                capture = RouterCapture(net, adapter, specs, layers=[index]) if index in moe else None
-                with capture or contextlib.nullcontext():
-                    for batch, last_of_domain in _with_domain_ends(batches):
-                        _run_layer(layer, index, batch, store, capture, params.device)
-                        bar.update(batch.rows)
-                        if capture and last_of_domain:
-                            per_layer[batch.domain].append(capture.reset())
-        bar.close()
+        with bar(len(layers) * rows, "profile (streaming)", "tok", enabled=progress, unit_scale=True) as shown:
+            for index, layer in enumerate(layers):
+                with loader.loaded(loader.layer_keys(index), layer, f"decoder layer {index}"):
+                    capture = RouterCapture(net, adapter, specs, layers=[index]) if index in moe else None
+                    with capture or contextlib.nullcontext():
+                        for batch, last_of_domain in _with_domain_ends(batches):
+                            _run_layer(layer, index, batch, store, capture, params.device)
+                            shown.update(batch.rows)
+                            if capture and last_of_domain:
+                                per_layer[batch.domain].append(capture.reset())
     domains = {name: _stack_layers(rows_) for name, rows_ in per_layer.items()}
     return assemble_profile(identity, adapter, config, list(moe.values()), specs, domains, params, sources, started,
                             mode="streaming", hidden_states="file" if store.path else "memory")

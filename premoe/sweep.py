@@ -135,9 +135,8 @@ def run_sweep(model: str | Path, profile: str | Path, out: str | Path, config: S
     testbed: each domain's ``test`` split); ``calib_data`` the calibration
     text for the studies that re-profile (default: what the profile used).
     """
-    from tqdm import tqdm
-
     from premoe.evaluate import Evaluator
+    from premoe.progress import bar
     from premoe.modeling import load_model, load_tokenizer, model_identity
 
     config = config or SweepConfig()
@@ -173,14 +172,16 @@ def run_sweep(model: str | Path, profile: str | Path, out: str | Path, config: S
     with open(cache_path, "a") as sink:
         if cache_path.stat().st_size and not cache_path.read_bytes().endswith(b"\n"):
             sink.write("\n")  # end a line an interruption cut short, so the next record starts clean
-        for done, row in enumerate(tqdm(todo, desc="sweep", unit="row", disable=not progress), 1):
-            record = {"key": row.key, "params": row.params, **_compute(row.params, profiles, evaluator, config)}
-            sink.write(json.dumps(record) + "\n")
-            sink.flush()
-            cache[row.key] = record
-            if time.time() - saved_at > PARTIAL_EVERY_S and done < len(todo):
-                save(done)
-                saved_at = time.time()
+        with bar(len(todo), "sweep", "row", enabled=progress) as shown:  # the rows' profiles and evals: no bars
+            for done, row in enumerate(todo, 1):
+                record = {"key": row.key, "params": row.params, **_compute(row.params, profiles, evaluator, config)}
+                sink.write(json.dumps(record) + "\n")
+                sink.flush()
+                cache[row.key] = record
+                shown.update()
+                if time.time() - saved_at > PARTIAL_EVERY_S and done < len(todo):
+                    save(done)
+                    saved_at = time.time()
     return save(len(todo))
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from premoe.data import Source
 from premoe.errors import InputError
@@ -121,7 +121,9 @@ def verify(original: str | Path, compiled: str | Path, data: Sequence[str] | Seq
     """
     from premoe.adapters import get_adapter
     from premoe.compile import check_compiled, compiled_info, kept_experts, load_compact
+    from premoe.data import token_windows
     from premoe.modeling import config_hash, load_model, load_tokenizer, read_config
+    from premoe.progress import bar
 
     info = compiled_info(compiled)
     if info["source"]["config_hash"] != config_hash(read_config(original)):
@@ -134,8 +136,12 @@ def verify(original: str | Path, compiled: str | Path, data: Sequence[str] | Seq
     net = load_compact(compiled) if info["export"] == "compact" else load_model(compiled)
     reference = load_model(original)
     adapter = get_adapter(reference.config)
-    checks = [_check_source(source, net, reference, adapter, kept, tokenizer, seq_len, max_tokens, batch_size,
-                            progress) for source in sources]
+    windows = {s.name: token_windows(s.texts, tokenizer, seq_len, max_tokens) for s in sources}  # (windows, seq)
+    with bar(sum(w.shape[0] for w in windows.values()), "verify", "win", enabled=progress) as shown:
+        checks = []
+        for name, domain_windows in windows.items():
+            shown.set_postfix_str(name, refresh=False)
+            checks.append(_check_source(name, domain_windows, net, reference, adapter, kept, batch_size, shown.update))
     gate_changes = adapter.gate_changes_when_pruned(reference.config)
     notes = []
     if gate_changes:
@@ -149,21 +155,17 @@ def verify(original: str | Path, compiled: str | Path, data: Sequence[str] | Seq
                         checks, gate_changes, notes)
 
 
-def _check_source(source: Source, net, reference, adapter, kept: dict[int, list[int]], tokenizer, seq_len: int,
-                  max_tokens: int, batch_size: int, progress: bool) -> DomainCheck:
-    """Run one source's windows through the compiled, the full and the forced-routing original model."""
+def _check_source(name: str, windows, net, reference, adapter, kept: dict[int, list[int]], batch_size: int,
+                  advance: Callable[[int], object]) -> DomainCheck:
+    """Run one domain's windows (windows, seq) through the compiled, the full and the forced-routing original model."""
     import torch
-    from tqdm import tqdm
 
-    from premoe.data import token_windows
     from premoe.metrics import kl_divergence, perplexity, token_nll
 
-    windows = token_windows(source.texts, tokenizer, seq_len, max_tokens)  # (windows, seq)
     nll_full, nll_comp, kl = [], [], []
     diff = diff_full = 0.0
     flips = excluded = 0
-    for start in tqdm(range(0, windows.shape[0], batch_size), desc=f"verify {source.name}", unit="batch",
-                      disable=not progress, leave=False):
+    for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size]  # (batch, seq)
         with torch.no_grad():
             with _Routing(net, adapter, kept) as routed_compiled:
@@ -181,8 +183,9 @@ def _check_source(source: Source, net, reference, adapter, kept: dict[int, list[
         if compare.any():
             diff = max(diff, float((compiled - forced).abs()[compare].max()))
         diff_full = max(diff_full, float((compiled - full).abs().max()))
+        advance(batch.shape[0])
     kl_all = torch.cat(kl)  # (tokens,)
-    return DomainCheck(source.name, windows.shape[0], kl_all.numel(), diff, perplexity(torch.cat(nll_full)),
+    return DomainCheck(name, windows.shape[0], kl_all.numel(), diff, perplexity(torch.cat(nll_full)),
                        perplexity(torch.cat(nll_comp)), float(kl_all.mean()), diff_full, flips, excluded)
 
 

@@ -66,7 +66,8 @@ def test_keep_fraction_budget_and_errors():
     assert len(make_plan(toy_profile(), PlanRequest(keep=0.5, domain="a", scorer="router_mass")).kept[0]) == 4
     # budget: 200 base bytes + M x (30 + 20) bytes ≤ 400 -> M = 4, from the sizes the profile recorded
     assert len(make_plan(toy_profile(), PlanRequest(budget_gb=400e-9, domain="a", scorer="router_mass")).kept[0]) == 4
-    with pytest.raises(PlanError, match="cannot hold"):
+    # below the smallest (M = top-k = 2: 200 + 2 x 50 = 300 bytes): refused with the budget that fits
+    with pytest.raises(PlanError, match=r"below the smallest .* 300 bytes .* pass --budget-gb 0\.0000003000 or more"):
         make_plan(toy_profile(), PlanRequest(budget_gb=240e-9, domain="a", scorer="router_mass"))
     with pytest.raises(InputError, match="--budget-gb must be a positive number"):
         make_plan(toy_profile(), PlanRequest(budget_gb=float("nan"), domain="a", scorer="router_mass"))

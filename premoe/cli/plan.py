@@ -10,7 +10,7 @@ from premoe.cli.options import FRACTION, POSITIVE, POSITIVE_FLOAT, json_option
 @click.argument("profile", type=click.Path())
 @click.option("--keep", type=FRACTION, help="Fraction of routed experts kept per layer, e.g. 0.5.")
 @click.option("--experts", type=POSITIVE, help="M, experts kept per layer.")
-@click.option("--budget-gb", type=POSITIVE_FLOAT, help="Checkpoint size budget in GB; M is derived from real tensor sizes.")
+@click.option("--budget-gb", type=POSITIVE_FLOAT, help="Size budget in GB (1e9 bytes) for the .safetensors files compile writes (padding and headers counted): the largest M that fits, or an error saying the smallest that does.")
 @click.option("--domain", help="Make a specialist for this profiled domain.")
 @click.option("--generalist", is_flag=True, help="Make one generalist over --domains (default: all).")
 @click.option("--domains", help="Comma-separated domains for --generalist.")
@@ -41,7 +41,7 @@ def command(profile, keep, experts, budget_gb, domain, generalist, domains, weig
     """
     from premoe.errors import InputError
     from premoe.fileio import check_output, emit_json
-    from premoe.plan import PlanRequest, explain, make_plan
+    from premoe.plan import PlanRequest, explain, export_counts, make_plan
     from premoe.profile import Profile
 
     if bool(domain) == generalist:
@@ -57,8 +57,10 @@ def command(profile, keep, experts, budget_gb, domain, generalist, domains, weig
     plan = make_plan(loaded, request, profile_path=str(profile))
     sizes = loaded.sizes()  # recorded at profile time: the model directory may have moved
     if json_out:
-        after = sizes and sizes.bytes_with({l: len(v) for l, v in plan.padded().kept.items()})
-        emit_json(json_out, {**plan.__dict__, "size_before": sizes and sizes.total_bytes, "size_after": after},
+        counts = export_counts(plan.kept)  # what compile writes by default: padded to one count per layer
+        emit_json(json_out, {**plan.__dict__, "size_before": sizes and sizes.total_bytes,
+                             "size_after": sizes and sizes.bytes_with(counts),
+                             "safetensors_bytes_at_most": sizes and sizes.file_bytes_with(counts)},
                   kind="plan-summary", force=force, inputs=[profile, out])
     if json_out != "-":
         click.echo(explain(plan, sizes))
