@@ -53,13 +53,14 @@ RECONSTRUCT = "reconstruct"  # greedy backward elimination: the first M of its o
 REFINED = "reconstruct_swap"  # the same, then single swaps at the target M
 
 
-def profile_with_hidden(model: str, net, tok, out: Path, tokens: int, sample: int) -> tuple[Profile, dict, float, float]:
+def profile_with_hidden(model: str, net, tok, out: Path, tokens: int, sample: int,
+                        generate: int = 0) -> tuple[Profile, dict, float, float]:
     """The calibration profile, each domain's hidden sample, and the seconds spent on each (cached in ``out``)."""
     if (out / "prof" / "profile.json").exists():
         saved = torch.load(out / "hidden.pt")
         return Profile.load(out / "prof"), saved["hidden"], saved["profile_s"], saved["forward_s"]
     adapter = get_adapter(net.config)
-    params = ProfileParams(max_tokens=tokens)
+    params = ProfileParams(max_tokens=tokens, generate=generate)
     merged, hidden, started = None, {}, time.time()
     for domain in DOMAINS:
         with HiddenRecorder(net, adapter, tokens=sample, stride=max(1, tokens // sample)) as rec:
@@ -154,15 +155,21 @@ def main() -> None:
     ap.add_argument("--generation", type=int, default=0,
                     help="Instead of perplexity: greedy answers to N held-out math problems (exact match, repetition) "
                          "for the full model and each method's math specialist and generalist at --keep.")
+    ap.add_argument("--generate", type=int, default=0,
+                    help="Profile each calibration window plus N tokens the model writes after it (premoe profile "
+                         "--generate); use its own --out.")
     ap.add_argument("--out", help="cache directory (default runs/select, or runs/select-<model>)")
     args = ap.parse_args()
     out = Path(args.out or ("runs/select" if args.model == "testbed" else f"runs/select-{args.model}"))
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     net, tok = load_model(args.model), load_tokenizer(args.model)
-    profile, hidden, profile_s, forward_s = profile_with_hidden(args.model, net, tok, out, args.tokens, args.sample)
-    recon, recon_s = reconstruction_utilities(net, hidden, out, 4096)
-    samples = sample_source(net, hidden, 4096)
+    profile, hidden, profile_s, forward_s = profile_with_hidden(args.model, net, tok, out, args.tokens, args.sample,
+                                                                args.generate)
+    recon, recon_s, samples = {}, {}, None
+    if {RECONSTRUCT, REFINED} & set(args.methods.split(",")):  # the search costs ≈ 9 forward passes: only if asked
+        recon, recon_s = reconstruction_utilities(net, hidden, out, 4096)
+        samples = sample_source(net, hidden, 4096)
     costs = {"profile_s": profile_s, "forward_s": forward_s, "reconstruct_s": recon_s}
     print(json.dumps(costs))
     if args.generation:
