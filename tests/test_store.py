@@ -12,7 +12,8 @@ from premoe.matchers import MatchParams, fit_matcher
 from premoe.modeling import load_model, load_tokenizer
 from premoe.profile import Profile
 from premoe.scores import PRESETS
-from premoe.store import FORMAT, GENERALIST, PatternData, Store, build_store
+from premoe.novelty import NoveltyParams
+from premoe.store import FORMAT, GENERALIST, PatternData, Store, build_store, calibration_ids
 
 PEU = {"kind": "peu", "params": dict(PRESETS["peu"].params), "per_routed_token": False}
 
@@ -77,7 +78,7 @@ def test_round_trip(built, tmp_path):
     _, store, _ = built
     store.save(tmp_path / "store")
     manifest = json.loads((tmp_path / "store" / "store.json").read_text())
-    assert manifest["format"] == FORMAT == "premoe-store/2" and manifest["scorer"] == "peu_norm"
+    assert manifest["format"] == FORMAT == "premoe-store/3" and manifest["scorer"] == "peu_norm"
     assert manifest["matcher"]["params"]["method"] == "lda"
     again = Store.load(tmp_path / "store")
     assert again.domains == store.domains and again.matcher.thresholds == store.matcher.thresholds
@@ -100,8 +101,13 @@ def test_add_domain_refits_on_every_domain(built, tiny_qwen3):
     amounts = PatternData(tokens=2048, held_out_tokens=1024)
     first = build_store(tiny_qwen3, sub(["code", "bible"]), domains.sources(0)[:2], match=MatchParams(lengths=(8, 16, 32)),
                         amounts=amounts, loaded=loaded)
-    grown = first.add_domain(sub(["de"]), {"de": store.matcher.bank["de"]})
-    assert grown.domains == ["code", "bible", "de"]
+    de_ids = calibration_ids(loaded[1], domains.sources(0)[2:], 1 << 18)
+    with pytest.raises(InputError, match="novelty tables; give the new domains' calibration token ids"):
+        first.add_domain(sub(["de"]), {"de": store.matcher.bank["de"]})
+    grown = first.add_domain(sub(["de"]), {"de": store.matcher.bank["de"]}, de_ids)
+    assert grown.domains == ["code", "bible", "de"] == grown.detector.domains
+    for name, tensor in store.detector.tensors().items():  # the same tables as built with all three at once
+        assert torch.equal(grown.detector.tensors()[name], tensor), name
     assert torch.allclose(grown.utility(GENERALIST), store.utility(GENERALIST), rtol=0, atol=1e-12)
     for name, tensor in store.matcher.fitted.items():  # the same matcher as one fit on all three at once
         assert torch.allclose(grown.matcher.fitted[name], tensor, rtol=1e-9, atol=1e-9), name
@@ -128,7 +134,9 @@ def test_bad_inputs(built, tiny_qwen3, tmp_path):
         Store.load(tmp_path / "nowhere")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "store.json").write_text(json.dumps({"format": "premoe-store/1"}))
-    with pytest.raises(CheckpointError, match="premoe-store/2"):
+    with pytest.raises(InputError, match="fallback score must be one of"):
+        build_store(tiny_qwen3, profile, domains.sources(0), novelty=NoveltyParams(method="vibes"), loaded=loaded)
+    with pytest.raises(CheckpointError, match="premoe-store/3"):
         Store.load(tmp_path / "bad")
 
 
