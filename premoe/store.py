@@ -289,9 +289,9 @@ def calibrate_store(store: Store, reader: PatternReader, tokenizer, held_out: Se
     patterns = read_patterns(reader, tokenizer, usable, store.matcher.params.lengths, amounts.held_out_tokens,
                              amounts.batch_size, prefixes=True)
     seen = calibrate(store.matcher, patterns)
-    if store.detector is not None:
-        windows = {s.name: token_windows(s.texts, tokenizer, max(store.matcher.params.lengths), amounts.held_out_tokens)
-                   for s in usable}  # the windows read_patterns read: (n, seq) each
+    if store.detector is not None:  # needs no model run: all held-out text up to max_tokens, not held_out_tokens
+        windows = {s.name: token_windows(s.texts, tokenizer, max(store.matcher.params.lengths),
+                                         store.detector.params.max_tokens) for s in usable}  # (n, seq) each
         seen["novelty_requests_per_length"] = calibrate_detector(store.detector, windows, store.matcher.params.quantile)
     store.calibration = {**store.calibration, "held_out": {s.name: s.origin for s in usable}, **seen}
     return store

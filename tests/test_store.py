@@ -72,6 +72,14 @@ def test_thresholds_are_the_held_out_quantile(built, tiny_qwen3):
         best = store.matcher.scores(torch.cat([held[d][length] for d in held]), length).min(1).values
         assert threshold == pytest.approx(float(best.quantile(0.95)), rel=1e-12)
         assert (best > threshold).double().mean().item() <= 0.05 + 1 / len(best)
+    from premoe.data import token_windows
+
+    windows = [token_windows(src.texts, loaded[1], 32, 1 << 18) for src in domains.sources(1000, 4)]  # all held-out text
+    assert sorted(store.detector.thresholds) == [8, 16, 32] and store.fallback_method == "ngram"
+    for length, threshold in store.detector.thresholds.items():
+        novelty = store.detector.score(torch.cat([w[:, :length] for w in windows]))
+        assert threshold == pytest.approx(float(novelty.quantile(0.95)), rel=1e-12)
+        assert store.fallback_threshold(length) == threshold
 
 
 def test_round_trip(built, tmp_path):
@@ -83,6 +91,8 @@ def test_round_trip(built, tmp_path):
     again = Store.load(tmp_path / "store")
     assert again.domains == store.domains and again.matcher.thresholds == store.matcher.thresholds
     assert again.matcher.params == store.matcher.params and again.moe_layers == store.moe_layers
+    assert again.detector.manifest() == store.detector.manifest() == manifest["novelty"]
+    assert all(torch.equal(again.detector.tensors()[k], v) for k, v in store.detector.tensors().items())
     patterns = torch.randn(5, store.matcher.bank["code"][8].shape[1], generator=torch.Generator().manual_seed(0))
     for length in (8, 16, 32):
         assert torch.allclose(again.matcher.scores(patterns, length), store.matcher.scores(patterns, length),
@@ -191,3 +201,13 @@ def test_build_defaults_to_the_text_the_profile_was_made_from(tmp_path):
     profile.data = {"a": ""}
     with pytest.raises(InputError, match="pass --data"):
         _profiled(profile)
+
+
+def test_a_nearest_store_thresholds_the_matchers_score(tmp_path):
+    store = known_store(tmp_path / "nowhere")  # built without novelty tables
+    store.matcher.thresholds = {8: 1.5}
+    store.save(tmp_path / "s")
+    assert json.loads((tmp_path / "s" / "store.json").read_text())["novelty"] == {"params": {"method": "nearest"}}
+    again = Store.load(tmp_path / "s")
+    assert again.detector is None and again.fallback_method == "nearest" and again.fallback_threshold(8) == 1.5
+    assert again.fallback_score(None, 2.0) == 2.0 and again.fallback_threshold(100) == 1.5
