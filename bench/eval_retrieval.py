@@ -97,7 +97,7 @@ def main() -> None:
                "splits": {"fit": "calib", "choose + thresholds": "val", "report": "test + unseen"}}
     results["selection"] = selection(model, adapter, tokenizer, s, windows, args) if "selection" not in args.skip else None
     tokens = {split: {n: retriever.reader.tokens(w) for n, w in ws.items()} for split, ws in windows.items()}
-    results["fallback_selection"] = fallback_selection(retriever, s, tokenizer, windows["val"], tokens["val"], args)
+    results["fallback_selection"] = fallback_selection(retriever, s, tokenizer, windows["val"], args)
     results["accuracy"] = accuracy(retriever, tokens["test"], s, args.tokens, tokenizer, windows["test"], own)
     results["unseen_fallback"] = unseen(retriever, s, tokenizer, args, own)
     results["roc"] = roc(retriever, tokens["test"], windows["test"], s, args, results["unseen_fallback"], own)
@@ -177,12 +177,13 @@ def _cost(model, reader, ids: torch.Tensor, rounds: int = 9) -> float:
 # --------------------------------------------------------------------------- 3a. which fallback score (val)
 
 
-def fallback_selection(retriever, s, tokenizer, windows: dict, tokens: dict, args) -> dict:
+def fallback_selection(retriever, s, tokenizer, windows: dict, args) -> dict:
     """Candidate fallback scores, chosen on val only: fallback of foreign val requests at the val-set threshold.
 
     Each candidate is fit on the calib split of the stored domains; its
     threshold per T is the store's quantile of in-domain val requests'
-    scores. Foreign requests: each stored domain in turn, left out of the fit
+    scores, over all of the val split (as the store calibrates novelty), not
+    only the ``--windows`` windows. Foreign requests: each stored domain in turn, left out of the fit
     and the threshold (leave-one-domain-out), and the val splits of the
     unseen testbed domains. Rule: the highest mean fallback over those
     foreign sets at T = ``--prompt-tokens``.
@@ -196,10 +197,10 @@ def fallback_selection(retriever, s, tokenizer, windows: dict, tokens: dict, arg
     vocab = _vocab(retriever.model, tokenizer)
     foreign_val = [u.origin.removeprefix("testbed:").replace(":test", ":val") for u in s.unseen
                    if u.origin.startswith("testbed:") and u.origin.endswith(":test")]
-    val = {d: (windows[d], tokens[d]) for d in store.domains}
-    for src in parse_sources(foreign_val, tokenizer) if foreign_val else []:
-        w = _windows(src, tokenizer, args.seq_len, args.windows)
-        val[src.name] = (w, retriever.reader.tokens(w))
+    val = {}
+    for src in [*s.val, *(parse_sources(foreign_val, tokenizer) if foreign_val else [])]:
+        w = _windows(src, tokenizer, args.seq_len, NoveltyParams().max_tokens // args.seq_len)  # (n, seq)
+        val[src.name] = (w, torch.cat([retriever.reader.tokens(w[i: i + 16]) for i in range(0, len(w), 16)]))
     rows = []
     for method, extra in OOD_GRID:
         row = {"method": method, **extra, "val": {}}
