@@ -48,7 +48,7 @@ class NoveltyParams:
     """What decides a fallback. Defaults chosen on the testbed's val split (docs/results/retrieval.md)."""
 
     method: str = "ngram"  # one of METHODS; "nearest" stores no detector and thresholds the matcher's score
-    unigram_weight: float = 1.0  # ngram: weight of never-seen tokens beside never-seen bigrams (val: 0, .5, 1 within 0.02)
+    unigram_weight: float = 0.0  # ngram: weight of never-seen tokens beside never-seen bigrams (val: 0, .5, 1 within 0.01)
     max_tokens: int = 1 << 18  # ngram: calibration (and held-out) tokens per domain read (tokenised only)
 
     def check(self) -> "NoveltyParams":

@@ -177,6 +177,7 @@ def test_cli_build_add_query(built, tiny_qwen3, tmp_path):
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "domains code, bible" in result.output and "matcher knn on router_input" in result.output
+    assert "fallback score ngram, thresholds by request tokens: 16:" in result.output
     result = runner.invoke(cli, ["store", "add", str(out), "--profile", str(tmp_path / "prof-de"),
                                  "--data", f"de={tmp_path / 'de.txt'}"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -188,8 +189,18 @@ def test_cli_build_add_query(built, tiny_qwen3, tmp_path):
     hit = json.loads(result.stdout)
     assert hit["tokens"] == 16 and hit["method"] == "knn" and set(hit["distances"]) == {"code", "bible", "de"}
     assert hit["nearest"] == "code"
+    assert hit["threshold"] == Store.load(out).detector.thresholds[16] and hit["fallback_score"] >= 0
     result = runner.invoke(cli, ["store", "query", str(out), text], catch_exceptions=False)
     assert result.exit_code == 0 and "knn over" in result.output and "bible" in result.output
+    assert "(novelty " in result.output and "ms]" in result.output
+    result = runner.invoke(cli, ["store", "query", str(out), "日本語のテキストです。" * 8, "--tokens", "16"], catch_exceptions=False)
+    assert "fallback to generalist (novelty 1 > " in result.output  # every bigram and token new
+    nearest = tmp_path / "nearest"
+    result = runner.invoke(cli, ["store", "build", str(tiny_qwen3), "--profile", str(tmp_path / "prof2"), *data,
+                                 "--out", str(nearest), "--fallback-score", "nearest", "--calib-tokens", "2048", *held],
+                           catch_exceptions=False)
+    assert result.exit_code == 0 and "fallback score nearest" in result.output
+    assert Store.load(nearest).detector is None and Store.load(nearest).fallback_threshold(16) is not None
 
 
 def test_build_defaults_to_the_text_the_profile_was_made_from(tmp_path):
