@@ -127,5 +127,5 @@ class Retriever:
         fallback = threshold is not None and fallback_score > threshold
         return Retrieval(GENERALIST if fallback else names[best], names[best], round(score, 6),
                          {n: round(float(s), 6) for n, s in zip(names, scores)}, fallback,
-                         self.store.matcher.params.method, tokens, 0.0, fallback_score=round(fallback_score, 6),
-                         threshold=threshold)
+                         self.store.matcher.params.method, tokens, 0.0, fallback_score=fallback_score,
+                         threshold=threshold)  # unrounded: novelty ties the threshold often (it is k / (T - 1))
