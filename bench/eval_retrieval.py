@@ -5,6 +5,7 @@ Run (from the repository root; ~5 min on 1 CPU thread)::
     OMP_NUM_THREADS=1 .venv/bin/python bench/eval_retrieval.py --store runs/store \\
         --json docs/results/retrieval.json --roc docs/results/retrieval_roc.png | tee docs/results/retrieval.txt
     OMP_NUM_THREADS=1 .venv/bin/python bench/eval_retrieval.py --quick        # tiny random model, seconds
+    OMP_NUM_THREADS=1 .venv/bin/python bench/eval_retrieval.py --store runs/store --skip selection perplexity mixed
 
 Splits: the store's matcher is fit on the **calib** split, thresholds and
 every choice below are made on the **val** split, and every number reported
@@ -19,9 +20,13 @@ unseen domains (c_headers, es and the texts in tests/data/unseen).
    the winner; the script says so if it is not.
 2. **accuracy** of the default store on test: per domain and T, with the
    fallback rate (fallbacks count as misses); the misses' text is listed.
-3. **unseen**: fallback rate per unseen source and T; the ROC curve of the
-   fallback score (nearest-domain score) in-domain test vs unseen, with the
-   operating point the val-calibrated thresholds give.
+3. **unseen**: (3a, val only) which fallback score: the matcher's nearest
+   score, k-NN distance, unigram log-likelihood, n-gram novelty, each judged
+   by the fallback of foreign val requests (each domain left out in turn +
+   the unseen domains' val splits) at the val threshold; then on test, the
+   store's fallback rate per unseen source and T, and the ROC curve of its
+   fallback score, in-domain test vs unseen, with the operating point the
+   val-calibrated thresholds give.
 4. **perplexity** of what retrieval serves (M experts per layer, the store's
    ranking scorer): each test window (256 tokens) is scored by the full
    model, its own domain's specialist and the experts retrieved from its
