@@ -5,6 +5,7 @@ Run (from the repository root; ~5 min on 1 CPU thread)::
     OMP_NUM_THREADS=1 .venv/bin/python bench/eval_retrieval.py --store runs/store \\
         --json docs/results/retrieval.json --roc docs/results/retrieval_roc.png | tee docs/results/retrieval.txt
     OMP_NUM_THREADS=1 .venv/bin/python bench/eval_retrieval.py --quick        # tiny random model, seconds
+    OMP_NUM_THREADS=1 .venv/bin/python bench/eval_retrieval.py --store runs/store --skip selection perplexity mixed
 
 Splits: the store's matcher is fit on the **calib** split, thresholds and
 every choice below are made on the **val** split, and every number reported
@@ -19,9 +20,13 @@ unseen domains (c_headers, es and the texts in tests/data/unseen).
    the winner; the script says so if it is not.
 2. **accuracy** of the default store on test: per domain and T, with the
    fallback rate (fallbacks count as misses); the misses' text is listed.
-3. **unseen**: fallback rate per unseen source and T; the ROC curve of the
-   fallback score (nearest-domain score) in-domain test vs unseen, with the
-   operating point the val-calibrated thresholds give.
+3. **unseen**: (3a, val only) which fallback score: the matcher's nearest
+   score, k-NN distance, unigram log-likelihood, n-gram novelty, each judged
+   by the fallback of foreign val requests (each domain left out in turn +
+   the unseen domains' val splits) at the val threshold; then on test, the
+   store's fallback rate per unseen source and T, and the ROC curve of its
+   fallback score, in-domain test vs unseen, with the operating point the
+   val-calibrated thresholds give.
 4. **perplexity** of what retrieval serves (M experts per layer, the store's
    ranking scorer): each test window (256 tokens) is scored by the full
    model, its own domain's specialist and the experts retrieved from its
@@ -55,6 +60,9 @@ import taer_setup
 
 METHOD_GRID = [("centroid", {}), ("knn", {}), ("diagonal", {}), ("lda", {"shrinkage": 0.1}),
                ("lda", {"shrinkage": 0.01}), ("logistic", {})]
+OOD_GRID = [("nearest", {}), ("knn", {"k": 10}), ("unigram", {"alpha": 0.1}), ("ngram", {"unigram_weight": 0.0}),
+            ("ngram", {"unigram_weight": 0.5}), ("ngram", {"unigram_weight": 1.0})]
+SECTIONS = ("selection", "perplexity", "mixed")  # the slow ones --skip can leave out
 FEATURE_GRID = [("router_input", 1), ("router_logits", 1), ("router_mass", 1), ("tcess", 1), ("router_logits", 2)]
 
 
@@ -67,6 +75,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64, help="tokens retrieval sees before serving")
     parser.add_argument("--json", type=str, help="write the results here")
     parser.add_argument("--roc", type=str, help="write the ROC plot (png) here")
+    parser.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="leave these slow sections out")
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.windows, args.seq_len, args.prompt_tokens = [8, 16, 32], 12, 32, 16
@@ -87,16 +96,19 @@ def main() -> None:
                        for src in sources} for split, sources in (("val", s.val), ("test", [*s.test, *s.unseen]))}
     results = {"model": str(s.model), "domains": store.domains, "unseen": [u.name for u in s.unseen],
                "experts": s.experts, "store": {"matcher": store.matcher.manifest(), "ranking_scorer": store.scorer,
+                                               "fallback": store.fallback_method,
+                                               "novelty": store.detector.manifest() if store.detector else None,
                                                "calibration": store.calibration},
                "splits": {"fit": "calib", "choose + thresholds": "val", "report": "test + unseen"}}
-    results["selection"] = selection(model, adapter, tokenizer, s, windows, args)
+    results["selection"] = selection(model, adapter, tokenizer, s, windows, args) if "selection" not in args.skip else None
     tokens = {split: {n: retriever.reader.tokens(w) for n, w in ws.items()} for split, ws in windows.items()}
+    results["fallback_selection"] = fallback_selection(retriever, s, tokenizer, windows["val"], args)
     results["accuracy"] = accuracy(retriever, tokens["test"], s, args.tokens, tokenizer, windows["test"], own)
     results["unseen_fallback"] = unseen(retriever, s, tokenizer, args, own)
-    results["roc"] = roc(retriever, tokens["test"], s, args, results["unseen_fallback"], own)
-    results["perplexity"] = perplexity(retriever, windows["test"], s, args)
-    results["mixed"] = mixed(retriever, tokens["test"], windows["test"], s, args)
-    results["conversation"] = conversation(retriever, tokens["test"], s, args.prompt_tokens)
+    results["roc"] = roc(retriever, tokens["test"], windows["test"], s, args, results["unseen_fallback"], own)
+    results["perplexity"] = perplexity(retriever, windows["test"], s, args) if "perplexity" not in args.skip else None
+    results["mixed"] = mixed(retriever, tokens["test"], windows["test"], s, args) if "mixed" not in args.skip else None
+    results["conversation"] = conversation(retriever, tokens["test"], windows["test"], s, args.prompt_tokens)
     results["seconds"] = round(time.time() - started, 1)
     results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print_results(results)
@@ -167,6 +179,108 @@ def _cost(model, reader, ids: torch.Tensor, rounds: int = 9) -> float:
     return round(statistics.median(ratios), 4)
 
 
+# --------------------------------------------------------------------------- 3a. which fallback score (val)
+
+
+def fallback_selection(retriever, s, tokenizer, windows: dict, args) -> dict:
+    """Candidate fallback scores, chosen on val only: fallback of foreign val requests at the val-set threshold.
+
+    Each candidate is fit on the calib split of the stored domains; its
+    threshold per T is the store's quantile of in-domain val requests'
+    scores, over all of the val split (as the store calibrates novelty), not
+    only the ``--windows`` windows. Foreign requests: each stored domain in turn, left out of the fit
+    and the threshold (leave-one-domain-out), and the val splits of the
+    unseen testbed domains. Rule: the highest mean fallback over those
+    foreign sets at T = ``--prompt-tokens``.
+    """
+    from premoe.data import parse_sources
+    from premoe.novelty import NoveltyParams
+    from premoe.store import _vocab, calibration_ids
+
+    store, q = s.store, s.store.matcher.params.quantile
+    ids = calibration_ids(tokenizer, s.calib, NoveltyParams().max_tokens)
+    vocab = _vocab(retriever.model, tokenizer)
+    foreign_val = [u.origin.removeprefix("testbed:").replace(":test", ":val") for u in s.unseen
+                   if u.origin.startswith("testbed:") and u.origin.endswith(":test")]
+    val = {}
+    for src in [*s.val, *(parse_sources(foreign_val, tokenizer) if foreign_val else [])]:
+        w = _windows(src, tokenizer, args.seq_len, NoveltyParams().max_tokens // args.seq_len)  # (n, seq)
+        val[src.name] = (w, torch.cat([retriever.reader.tokens(w[i: i + 16]) for i in range(0, len(w), 16)]))
+    rows = []
+    for method, extra in OOD_GRID:
+        row = {"method": method, **extra, "val": {}}
+        for length in args.tokens:
+            req = {d: (w[:, :length], x[:, :length].mean(1)) for d, (w, x) in val.items() if w.shape[1] >= length}
+            cell = {}
+            for left_out in [None, *store.domains]:
+                fitted = [d for d in store.domains if d != left_out]
+                score = _candidate(method, extra, store, {d: ids[d] for d in fitted}, vocab)
+                threshold = torch.cat([score(*req[d], length) for d in fitted]).quantile(q)
+                targets = [left_out] if left_out else [d for d in req if d not in store.domains]
+                for d in targets:
+                    key = f"left out {d}" if left_out else d
+                    cell[key] = round(float((score(*req[d], length) > threshold).double().mean()), 4)
+                if left_out is None:
+                    cell["in-domain"] = round(float(torch.cat([score(*req[d], length) > threshold
+                                                                for d in fitted]).double().mean()), 4)
+            cell["foreign mean"] = round(statistics.mean(v for k, v in cell.items() if k != "in-domain"), 4)
+            row["val"][length] = cell
+        rows.append(row)
+    best = max(rows, key=lambda r: r["val"][args.prompt_tokens]["foreign mean"])
+    chosen = {"method": store.fallback_method, **({"unigram_weight": store.detector.params.unigram_weight}
+                                                  if store.detector is not None else {})}
+    return {"rule": f"max mean fallback of foreign val requests (leave-one-domain-out + unseen val) at T = "
+                    f"{args.prompt_tokens}, threshold = {q} quantile of in-domain val", "rows": rows,
+            "best": {k: v for k, v in best.items() if k != "val"},
+            "store_is_best": {k: v for k, v in best.items() if k != "val"} == chosen,
+            "cost_vs_forward": _novelty_cost(retriever, windows[store.domains[0]][:1, :args.prompt_tokens]),
+            "cost_tokens": args.prompt_tokens}
+
+
+def _candidate(method: str, extra: dict, store, ids: dict, vocab: int):
+    """score(ids (n, T), patterns (n, F), T) -> (n,) of one candidate fallback score fit on ``ids``' domains."""
+    from premoe.matchers import fit_matcher
+    from premoe.novelty import NoveltyParams, fit_detector
+
+    domains = list(ids)
+    if method == "ngram":
+        detector = fit_detector(NoveltyParams(**extra), ids, vocab, store.matcher.params.lengths)
+        return lambda w, p, t: detector.score(w)
+    if method == "unigram":  # per-domain add-alpha unigram; score = -max over domains of mean log-prob per token
+        counts = torch.stack([torch.bincount(ids[d], minlength=vocab).double() + extra["alpha"] for d in domains])
+        logp = (counts / counts.sum(1, keepdim=True)).log()  # (D, vocab)
+        return lambda w, p, t: -logp[:, w].mean(-1).max(0).values
+    matcher = fit_matcher(store.matcher.params, {d: store.matcher.bank[d] for d in domains})
+    if method == "nearest":
+        return lambda w, p, t: matcher.scores(p, t).min(1).values
+    bank = {t: torch.cat([store.matcher.bank[d][t] for d in domains]).double() for t in store.matcher.params.lengths}
+
+    def knn(w, p, t):  # k-th nearest calibration pattern of any domain, standardised features, cosine distance
+        x = bank[matcher.bucket(t)]  # (N, F)
+        shift, scale = x.mean(0), x.std(0) + 1e-6
+        unit = lambda v: torch.nn.functional.normalize((v.double() - shift) / scale, dim=-1)  # noqa: E731
+        return (1 - unit(p) @ unit(x).T).topk(extra["k"], dim=1, largest=False).values[:, -1]
+    return knn
+
+
+@torch.no_grad()
+def _novelty_cost(retriever, ids: torch.Tensor, rounds: int = 9) -> float | None:
+    """Median over alternating rounds of (fallback score time / full forward time) on the same request (1, T)."""
+    detector = retriever.store.detector
+    if detector is None:
+        return None
+    ratios = []
+    for round_ in range(rounds + 1):
+        times = {}
+        for side in (("score", "forward") if round_ % 2 else ("forward", "score")):
+            start = time.perf_counter()
+            detector.score(ids) if side == "score" else retriever.model(input_ids=ids, use_cache=False)
+            times[side] = time.perf_counter() - start
+        if round_:
+            ratios.append(times["score"] / times["forward"])
+    return round(statistics.median(ratios), 4)
+
+
 # --------------------------------------------------------------------------- 2. accuracy
 
 
@@ -178,7 +292,7 @@ def accuracy(retriever, tokens: dict, s, lengths, tokenizer, windows: dict, own:
         for domain, x in tokens.items():
             if domain not in s.store.domains or x.shape[1] < length:
                 continue
-            hits = [retriever.decide(w[:length].mean(0), length) for w in x]
+            hits = [retriever.decide(w[:length].mean(0), length, ids[:length]) for w, ids in zip(x, windows[domain])]
             wrong = [i for i, h in enumerate(hits) if h.domain != domain]
             rows[domain] = {"windows": len(hits), "accuracy": round(1 - len(wrong) / len(hits), 4),
                             "nearest_accuracy": round(sum(h.nearest == domain for h in hits) / len(hits), 4),
@@ -193,8 +307,9 @@ def accuracy(retriever, tokens: dict, s, lengths, tokenizer, windows: dict, own:
 # --------------------------------------------------------------------------- 3. unseen + ROC
 
 
-def _unseen_patterns(retriever, source, tokenizer, length: int, seq_len: int, count: int, own: set) -> torch.Tensor:
-    """(n, F) request patterns of ``length`` tokens from an unseen source.
+def _unseen_patterns(retriever, source, tokenizer, length: int, seq_len: int, count: int,
+                     own: set) -> tuple[torch.Tensor, torch.Tensor]:
+    """((n, F) request patterns, (n, length) their ids) of ``length``-token requests from an unseen source.
 
     Testbed splits: the first ``length`` tokens of each ``seq_len`` window,
     as for stored domains; the short texts written for this project: every
@@ -204,10 +319,11 @@ def _unseen_patterns(retriever, source, tokenizer, length: int, seq_len: int, co
 
     if source.name in own:
         pieces = token_windows(source.texts, tokenizer, length, None)
-        pieces = pieces if pieces.shape[1] == length else pieces[:, :0]
-        return retriever.reader.tokens(pieces).mean(1) if len(pieces) else torch.zeros(0, 1)
-    x = retriever.reader.tokens(_windows(source, tokenizer, seq_len, count))
-    return x[:, :length].mean(1) if x.shape[1] >= length else torch.zeros(0, 1)
+        pieces = pieces if pieces.shape[1] == length else pieces[:0]
+        return (retriever.reader.tokens(pieces).mean(1), pieces) if len(pieces) else (torch.zeros(0, 1), pieces)
+    windows = _windows(source, tokenizer, seq_len, count)
+    x = retriever.reader.tokens(windows)
+    return (x[:, :length].mean(1), windows[:, :length]) if x.shape[1] >= length else (torch.zeros(0, 1), windows[:0])
 
 
 def unseen(retriever, s, tokenizer, args, own: set) -> dict:
@@ -216,13 +332,13 @@ def unseen(retriever, s, tokenizer, args, own: set) -> dict:
     for length in args.tokens:
         rows = {}
         for source in s.unseen:
-            patterns = _unseen_patterns(retriever, source, tokenizer, length, args.seq_len, args.windows, own)
+            patterns, ids = _unseen_patterns(retriever, source, tokenizer, length, args.seq_len, args.windows, own)
             if not len(patterns):
                 continue
-            hits = [retriever.decide(p, length) for p in patterns]
+            hits = [retriever.decide(p, length, i) for p, i in zip(patterns, ids)]
             rows[source.name] = {"requests": len(hits), "fallback": round(sum(h.fallback for h in hits) / len(hits), 4),
                                  "chosen": dict(Counter(h.domain for h in hits).most_common()),
-                                 "scores": [h.distance for h in hits]}
+                                 "scores": [h.fallback_score for h in hits]}
         if rows:
             rows["all unseen"] = {"requests": sum(r["requests"] for r in rows.values()),
                                   "fallback": round(sum(r["fallback"] * r["requests"] for r in rows.values())
@@ -231,13 +347,14 @@ def unseen(retriever, s, tokenizer, args, own: set) -> dict:
     return out
 
 
-def roc(retriever, tokens: dict, s, args, unseen_rows: dict, own: set) -> dict:
+def roc(retriever, tokens: dict, windows: dict, s, args, unseen_rows: dict, own: set) -> dict:
     """ROC of the fallback score (in-domain test = negatives, unseen = positives) per T; plot if --roc."""
     out = {}
     curves = {}
     for length in args.tokens:
-        neg = [retriever.decide(w[:length].mean(0), length).distance
-               for d, x in tokens.items() if d in s.store.domains and x.shape[1] >= length for w in x]
+        neg = [retriever.decide(w[:length].mean(0), length, ids[:length]).fallback_score
+               for d, x in tokens.items() if d in s.store.domains and x.shape[1] >= length
+               for w, ids in zip(x, windows[d])]
         pos = [v for name, row in unseen_rows[length].items() if name != "all unseen" for v in row["scores"]]
         if not neg or not pos:
             continue
@@ -246,7 +363,7 @@ def roc(retriever, tokens: dict, s, args, unseen_rows: dict, own: set) -> dict:
         fpr = [(neg_t > c).double().mean().item() for c in cuts] + [1.0]
         tpr = [(pos_t > c).double().mean().item() for c in cuts] + [1.0]
         auc = sum((fpr[i + 1] - fpr[i]) * (tpr[i + 1] + tpr[i]) / 2 for i in range(len(fpr) - 1))
-        threshold = s.store.matcher.thresholds.get(s.store.matcher.bucket(length))
+        threshold = s.store.fallback_threshold(length)
         point = None if threshold is None else {"threshold": round(threshold, 4),
                                                 "in_domain_fallback": round((neg_t > threshold).double().mean().item(), 4),
                                                 "unseen_fallback": round((pos_t > threshold).double().mean().item(), 4)}
@@ -270,7 +387,9 @@ def roc(retriever, tokens: dict, s, args, unseen_rows: dict, own: set) -> dict:
         ax.axhline(0.9, color="grey", lw=0.5)
         ax.set_xlabel("in-domain test requests falling back (FPR)")
         ax.set_ylabel("unseen-domain requests falling back (TPR)")
-        ax.set_title(f"fallback score ROC: {s.store.matcher.params.method} on {s.store.matcher.params.feature}\n"
+        score = (f"nearest-domain {s.store.matcher.params.method} score on {s.store.matcher.params.feature}"
+                 if s.store.fallback_method == "nearest" else f"{s.store.fallback_method} novelty of the request's tokens")
+        ax.set_title(f"fallback score ROC: {score}\n"
                      "dots: thresholds calibrated on val; goal region top-left of the grey lines", fontsize=8)
         ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
@@ -367,8 +486,9 @@ def mixed(retriever, tokens: dict, windows: dict, s, args) -> dict:
                 a, b = windows[code][i][:half], windows[p][i][:half]
                 window = torch.cat([a, b] if order == "code first" else [b, a])  # (seq,)
                 features = retriever.reader.tokens(window.unsqueeze(0))[0]  # (seq, F)
-                whole = retriever.decide(features.mean(0), len(window))
-                first, second = (retriever.decide(part.mean(0), len(part)) for part in (features[:half], features[half:]))
+                whole = retriever.decide(features.mean(0), len(window), window)
+                first, second = (retriever.decide(part.mean(0), len(part), ids) for part, ids in
+                                 ((features[:half], window[:half]), (features[half:], window[half:])))
                 chosen = {"whole rule": whole.domain,
                           "halves rule": GENERALIST if whole.fallback or first.nearest != second.nearest else whole.domain,
                           "tail rule": second.domain}
@@ -387,12 +507,12 @@ def mixed(retriever, tokens: dict, windows: dict, s, args) -> dict:
         for domain, x in tokens.items():
             if domain not in s.store.domains or x.shape[1] < length:
                 continue
-            for w in x:
+            for w, ids in zip(x, windows[domain]):
                 h = length // 2
-                one, two = (retriever.decide(part.mean(0), h) for part in (w[:h], w[h:length]))
+                one, two = (retriever.decide(part.mean(0), h, i) for part, i in ((w[:h], ids[:h]), (w[h:length], ids[h:length])))
                 flips += one.nearest != two.nearest
                 tail_wrong += two.domain != domain
-                whole_wrong += retriever.decide(w[:length].mean(0), length).domain != domain
+                whole_wrong += retriever.decide(w[:length].mean(0), length, ids[:length]).domain != domain
                 total += 1
         cost[length] = {"halves_rule_extra_fallback": round(flips / max(total, 1), 4),
                         "whole_rule_served_wrong": round(whole_wrong / max(total, 1), 4),
@@ -400,13 +520,13 @@ def mixed(retriever, tokens: dict, windows: dict, s, args) -> dict:
     return {"code": code, "prose": prose, "orders": out, "in_domain_cost": cost}
 
 
-def conversation(retriever, tokens: dict, s, length: int) -> dict:
+def conversation(retriever, tokens: dict, windows: dict, s, length: int) -> dict:
     """Per domain: share of consecutive same-topic requests (test windows) that retrieve a different domain."""
     out = {}
     for domain, x in tokens.items():
         if domain not in s.store.domains or x.shape[1] < length:
             continue
-        picks = [retriever.decide(w[:length].mean(0), length).domain for w in x]
+        picks = [retriever.decide(w[:length].mean(0), length, ids[:length]).domain for w, ids in zip(x, windows[domain])]
         out[domain] = round(sum(a != b for a, b in zip(picks, picks[1:])) / max(len(picks) - 1, 1), 4)
     return {"tokens": length, "swap_rate_between_consecutive_turns": out}
 
@@ -418,8 +538,9 @@ def print_results(r: dict) -> None:
     store = r["store"]["matcher"]
     print(f"model {r['model']}, M = {r['experts']}, ranking scorer {r['store']['ranking_scorer']}; matcher "
           f"{store['params']['method']} on {store['params']['feature']} (layers {store['params']['layers']}), "
-          f"fallback quantile {store['params']['quantile']}; splits {r['splits']}")
-    sel = r["selection"]
+          f"fallback score {r['store']['fallback']}, quantile {store['params']['quantile']}; splits {r['splits']}")
+    sel = r["selection"] or {"rows": [], "rule": "skipped (--skip selection)", "best": None, "default_is_best": None,
+                             "cost_vs_forward": None}
     print(f"\n1. matcher selection ({sel['rule']}); accuracy min / mean over domains, val | test:")
     lengths = list(r["accuracy"])
     for row in sel["rows"]:
@@ -444,6 +565,14 @@ def print_results(r: dict) -> None:
     for domain in r["domains"]:
         for miss in r["accuracy"][t_mid].get(domain, {}).get("misses", []):
             print(f"    {domain}: {miss}")
+    fs = r["fallback_selection"]
+    print(f"\n3a. fallback score selection ({fs['rule']}); fallback rate of val requests per T:")
+    for row in fs["rows"]:
+        name = row["method"] + "".join(f" {k}={v}" for k, v in row.items() if k not in ("method", "val"))
+        for t, cell in row["val"].items():
+            print(f"  {name:<24} T={t:<4} " + " ".join(f"{k}: {v:.2f}" for k, v in cell.items()))
+    print(f"  best on val: {fs['best']}; the store's fallback score is the best: {fs['store_is_best']}; "
+          f"its cost / a full forward of {fs['cost_tokens']} tokens: {fs['cost_vs_forward']}")
     print("\n3. unseen sources: fallback rate to the generalist (requests)")
     for name in [*r["unseen"], "all unseen"]:
         cells = [f"{r['unseen_fallback'][t][name]['fallback']:.2f} ({r['unseen_fallback'][t][name]['requests']})"
@@ -453,13 +582,13 @@ def print_results(r: dict) -> None:
         print(f"  ROC T={t}: AUROC {row['auroc']:.3f}, unseen caught at 5% in-domain fallback {row['tpr_at_fpr_0.05']:.2f};"
               f" val-calibrated threshold gives {row['operating_point']}")
     print("\n4. perplexity (test, 256-token windows; retrieval from the first prompt tokens):")
-    for domain, row in r["perplexity"].items():
+    for domain, row in (r["perplexity"] or {}).items():
         gap = row["gap_from_wrong_retrievals"]
         print(f"  {domain:<12} full {row['full']['ppl']:>9.3f}  {row['own_is']} {row['own']['ppl']:>9.3f}  retrieval "
               f"{row['retrieval']['ppl']:>9.3f} ({row['retrieval_vs_own_pct']:+.2f}%)  wrong {gap['windows']} "
               f"(mean dNLL {gap['mean_nll_delta_per_wrong_window']:+.4f}), right windows dNLL "
               f"{gap['right_windows_nll_delta']:g}  served {row['served']}")
-    m = r["mixed"]
+    m = r["mixed"] or {"code": "-", "prose": ["skipped"], "orders": {}, "in_domain_cost": None}
     print(f"\n5. mixed requests (half {m['code']} + half one of {', '.join(m['prose'])}), served ppl per rule:")
     for order, row in m["orders"].items():
         print(f"  {order} ({row['requests']} requests): " + ", ".join(

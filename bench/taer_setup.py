@@ -4,11 +4,11 @@ Not run on its own; ``eval_retrieval.py`` and ``bench_serve.py`` import it.
 
 * a real model (default ``testbed``): the store is read from ``--store`` if
   that directory exists, else the trained domains' calib split is profiled
-  (PEU, the ranking scorer) and a store is built with the default matcher on
+  (the store's default ranking scorer) and a store is built with the default matcher on
   the calib split and the val split as held-out text, then saved there; test
   text is the test split, unseen text ``c_headers:test``, ``es:test`` and the
   texts written for this project in ``tests/data/unseen`` (cooking prose,
-  JSON, a shell script, Italian);
+  JSON, a shell script, Italian, YAML config, SQL, JavaScript, English news);
 * ``--quick``: a tiny random Qwen3-MoE from ``tests/tiny.py`` and the three
   synthetic domains of ``tests/domains.py`` (unseen: random digits), so the
   scripts run in seconds anywhere. Its numbers mean nothing about PreMoE.
@@ -55,7 +55,7 @@ def _real(args) -> Setup:
     from premoe.data import parse_sources
     from premoe.modeling import load_tokenizer, resolve_model_path
     from premoe.profile import ProfileParams, profile_model
-    from premoe.store import Store, build_store
+    from premoe.store import DEFAULT_RANKING, Store, build_store
 
     model = resolve_model_path(args.model)
     tokenizer = load_tokenizer(model)
@@ -64,7 +64,7 @@ def _real(args) -> Setup:
     if args.store and (args.store / "store.json").exists():
         store = Store.load(args.store)
     else:
-        profile = profile_model(args.model, calib, ["peu"], ProfileParams(max_tokens=args.calib_tokens))
+        profile = profile_model(args.model, calib, [DEFAULT_RANKING], ProfileParams(max_tokens=args.calib_tokens))
         store = build_store(args.model, profile, calib, val)
         if args.store:
             store.save(args.store)

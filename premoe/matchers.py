@@ -74,14 +74,13 @@ class Matcher:
 
     def bucket(self, tokens: int) -> int:
         """The length bucket of a request of ``tokens`` tokens: the longest fitted length not above it."""
-        usable = [t for t in self.params.lengths if t <= tokens]
-        return usable[-1] if usable else self.params.lengths[0]
+        return bucket(self.params.lengths, tokens)
 
     def scores(self, patterns: torch.Tensor, tokens: int) -> torch.Tensor:
         """(n, domains) scores of patterns (n, features) from ``tokens``-token requests; lower = nearer."""
-        bucket = self.bucket(tokens)
+        length = self.bucket(tokens)
         x = patterns.double()
-        f = lambda name: self.fitted[f"{bucket}/{name}"]  # noqa: E731
+        f = lambda name: self.fitted[f"{length}/{name}"]  # noqa: E731
         method = self.params.method
         if method == "centroid":
             return torch.cdist(x, f("mean"))
@@ -193,6 +192,12 @@ def _fit_logistic(params: MatchParams, bank: dict, domains: list[str]) -> dict[s
     with torch.enable_grad():
         opt.step(loss)
     return {"all/shift": shift, "all/scale": scale, "all/weight": weight.detach(), "all/bias": bias.detach()}
+
+
+def bucket(lengths: tuple[int, ...], tokens: int) -> int:
+    """The length bucket of a request of ``tokens`` tokens: the longest of ``lengths`` not above it."""
+    usable = [t for t in lengths if t <= tokens]
+    return usable[-1] if usable else lengths[0]
 
 
 def calibrate(matcher: Matcher, held_out: dict[str, dict[int, torch.Tensor]]) -> dict:

@@ -3,8 +3,10 @@
 A request runs only up to the first MoE router (about 1/L of a forward
 pass); its pattern is the mean of its token features (:mod:`premoe.patterns`)
 and the store's matcher (:mod:`premoe.matchers`) scores it against every
-stored domain. The nearest domain serves it, unless the score is beyond the
-threshold of the request's length bucket: then the ``generalist`` does.
+stored domain. The nearest domain serves it, unless the request's fallback
+score (its n-gram novelty, :mod:`premoe.novelty`, or for a ``nearest`` store
+the nearest domain's score) is beyond the threshold of the request's length
+bucket: then the ``generalist`` does.
 
 Mixed requests: ``mixed="whole"`` (default) matches the whole request;
 ``"halves"`` also matches its two halves and serves the generalist when they
@@ -39,11 +41,13 @@ class Retrieval:
     nearest: str  # the nearest stored domain, even when it was too far
     distance: float  # the matcher's score of the nearest domain (lower = nearer)
     distances: dict[str, float]  # every stored domain's score
-    fallback: bool  # the nearest score exceeded the threshold, or (mixed="halves") the halves disagreed
+    fallback: bool  # the fallback score exceeded its threshold, or (mixed="halves") the halves disagreed
     method: str  # the matcher's method
     tokens: int  # request tokens the pattern was computed from
     seconds: float
     mixed: bool = False  # the halves of the request matched different domains
+    fallback_score: float | None = None  # what the threshold is compared with (novelty, or the nearest score)
+    threshold: float | None = None  # the fallback threshold of the request's length bucket (None: never falls back)
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -99,19 +103,29 @@ class Retriever:
         features = self.reader.tokens(ids)[0]  # (seq, F)
         if self.mixed == "tail" and features.shape[0] >= 2 * self.store.matcher.params.lengths[0]:
             features = features[features.shape[0] // 2:]  # (seq - seq // 2, F)
-        hit = self.decide(features.mean(0), int(features.shape[0]))
+        ids = ids[0, ids.shape[1] - features.shape[0]:]  # (seq,) the tokens the pattern averages
+        hit = self.decide(features.mean(0), int(features.shape[0]), ids)
         if self.mixed == "halves" and not hit.fallback and features.shape[0] >= 2 * self.store.matcher.params.lengths[0]:
             half = features.shape[0] // 2
-            halves = {self.decide(part.mean(0), len(part)).nearest for part in (features[:half], features[half:])}
+            halves = {self.decide(part.mean(0), len(part), part_ids).nearest
+                      for part, part_ids in ((features[:half], ids[:half]), (features[half:], ids[half:]))}
             if len(halves) > 1:
                 hit.domain, hit.fallback, hit.mixed = GENERALIST, True, True
         hit.seconds = round(time.perf_counter() - started, 6)
         return hit
 
-    def decide(self, pattern: torch.Tensor, tokens: int) -> Retrieval:
-        """The retrieval of one pattern (features,) of a ``tokens``-token request (no model run)."""
+    def decide(self, pattern: torch.Tensor, tokens: int, ids: torch.Tensor | None = None) -> Retrieval:
+        """The retrieval of one pattern (features,) of a ``tokens``-token request with ids (tokens,) (no model run).
+
+        ``ids`` may be left out only for a store whose fallback score is the
+        nearest domain's score (``store.fallback_method == "nearest"``).
+        """
         names = self.store.domains
-        best, score, scores, fallback = self.store.matcher.decide(pattern, tokens)
+        best, score, scores, _ = self.store.matcher.decide(pattern, tokens)
+        fallback_score = self.store.fallback_score(ids, score)
+        threshold = self.store.fallback_threshold(tokens)
+        fallback = threshold is not None and fallback_score > threshold
         return Retrieval(GENERALIST if fallback else names[best], names[best], round(score, 6),
                          {n: round(float(s), 6) for n, s in zip(names, scores)}, fallback,
-                         self.store.matcher.params.method, tokens, 0.0)
+                         self.store.matcher.params.method, tokens, 0.0, fallback_score=fallback_score,
+                         threshold=threshold)  # unrounded: novelty ties the threshold often (it is k / (T - 1))

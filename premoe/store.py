@@ -7,19 +7,25 @@ matches* and *which experts are kept* can each be chosen on their own:
   patterns of the domain at several request lengths and the matcher fitted
   on them (method, feature and every fitted tensor), plus per-length
   fallback thresholds calibrated on held-out in-domain text;
+* **novelty** tables (:mod:`premoe.novelty`): the distinct bigrams and
+  tokens of each domain's calibration text, the fallback score (``ngram``,
+  the default) with its own per-length thresholds; a store built with
+  ``nearest`` has none and thresholds the matcher's nearest-domain score;
 * **ranking** sums of one profiled scorer (default ``peu``, the planner's
   default), so kept sets come from :func:`~premoe.plan.make_plan`: a
   retrieved domain gets exactly the experts its compiled specialist keeps.
 
 Plus a ``generalist`` (token-weighted over all domains, eq. 11): the
-fallback for requests the matcher places beyond every domain's threshold.
+fallback for requests whose fallback score is beyond its threshold.
 
 A store directory holds::
 
-    store.json             manifest: format, model identity, ranking scorer, matcher params + thresholds, domains
+    store.json             manifest: format, model identity, ranking scorer, matcher params + thresholds,
+                           novelty params + thresholds, domains
     patterns.safetensors   "<domain>/sums", "<domain>/routed" (layers, experts) float64 ranking sums;
                            "matcher/bank/<domain>/<T>" (n, features) calibration patterns of T tokens;
-                           "matcher/fit/<T>/<name>" the fitted matcher's tensors
+                           "matcher/fit/<T>/<name>" the fitted matcher's tensors;
+                           "novelty/bigrams/<domain>", "novelty/unigrams/<domain>" sorted int64 tables
 
 Example::
 
@@ -42,11 +48,12 @@ from premoe.data import Source, token_windows
 from premoe.errors import InputError
 from premoe.fileio import load_artefact, save_artefact
 from premoe.matchers import Matcher, MatchParams, calibrate, fit_matcher
+from premoe.novelty import Detector, NoveltyParams, calibrate_detector, fit_detector
 from premoe.patterns import PatternReader, chunk_means, prefix_means
 from premoe.profile import Profile
 from premoe.scores import DEFAULT_SCORER
 
-FORMAT = "premoe-store/2"
+FORMAT = "premoe-store/3"  # 3: novelty tables (the fallback score) beside the matcher
 GENERALIST = "generalist"
 DEFAULT_RANKING = DEFAULT_SCORER
 
@@ -66,6 +73,7 @@ class Store:
     scorer: str  # ranking scorer: which experts a retrieved domain keeps
     matcher: Matcher  # what a request is matched by
     calibration: dict = field(default_factory=dict)  # how thresholds were set
+    detector: Detector | None = None  # the fallback score; None: the matcher's nearest-domain score decides
 
     @property
     def model(self) -> dict:
@@ -97,13 +105,35 @@ class Store:
                               **({} if target == GENERALIST else {"domain": target}))
         return make_plan(self.profile, request).kept
 
+    # ------------------------------------------------------------------ fallback
+
+    @property
+    def fallback_method(self) -> str:
+        return "nearest" if self.detector is None else self.detector.params.method
+
+    def fallback_score(self, ids: torch.Tensor | None, nearest: float) -> float:
+        """The score a request's fallback is decided by: its novelty (ids (T,) needed), or ``nearest``."""
+        if self.detector is None:
+            return float(nearest)
+        if ids is None:
+            raise InputError("this store decides fallbacks by the request's tokens (novelty); pass its ids")
+        return float(self.detector.score(ids.reshape(1, -1))[0])
+
+    def fallback_threshold(self, tokens: int) -> float | None:
+        """The fallback threshold of a ``tokens``-token request (None: never falls back)."""
+        scored = self.matcher if self.detector is None else self.detector
+        return scored.thresholds.get(self.matcher.bucket(tokens))
+
     # ------------------------------------------------------------------ growing
 
-    def add_domain(self, profile: Profile, patterns: dict[str, dict[int, torch.Tensor]]) -> "Store":
+    def add_domain(self, profile: Profile, patterns: dict[str, dict[int, torch.Tensor]],
+                   ids: dict[str, torch.Tensor] | None = None) -> "Store":
         """Add every domain of ``profile`` with its calibration ``patterns`` ({domain: {T: (n, F)}}).
 
-        The matcher is refit on all domains' stored calibration patterns; the
-        thresholds are kept (recalibrate with :func:`calibrate_store`).
+        ``ids`` ({domain: (tokens,)}, calibration token ids) add the domains'
+        novelty tables; a store with novelty tables needs them. The matcher is
+        refit on all domains' stored calibration patterns; the thresholds are
+        kept (recalibrate with :func:`calibrate_store`).
         """
         if profile.model["config_hash"] != self.model["config_hash"]:
             raise InputError(f"profile is of {profile.model['name']} (config {profile.model['config_hash']}), "
@@ -118,6 +148,11 @@ class Store:
         if clashes:
             raise InputError(f"domain {', '.join(clashes)} is already in the store; rename it in the new profile")
         _check_same_domains(list(profile.domains), list(patterns))
+        if self.detector is not None:
+            if ids is None:
+                raise InputError("this store has novelty tables; give the new domains' calibration token ids")
+            _check_same_domains(list(profile.domains), list(ids))
+            self.detector.add(ids)
         thresholds = self.matcher.thresholds
         self.profile = self.profile.merge(_one_scorer(profile, self.scorer))
         self.matcher = fit_matcher(self.matcher.params, {**self.matcher.bank, **patterns})
@@ -128,6 +163,7 @@ class Store:
 
     def save(self, out: str | Path, force: bool = False) -> Path:
         tensors = dict(self.matcher.tensors())
+        tensors.update(self.detector.tensors() if self.detector is not None else {})
         for domain, stats in self.profile.domains.items():
             tensors[f"{domain}/sums"] = stats.sums[self.scorer].contiguous()
             tensors[f"{domain}/routed"] = stats.routed.contiguous()
@@ -137,7 +173,8 @@ class Store:
             "scorer": self.scorer, "scorer_info": p.scorers[self.scorer], "moe_layers": p.moe_layers,
             "num_experts": p.num_experts, "top_k": p.top_k,
             "domains": {d: {"tokens": s.tokens, "origin": p.data.get(d, "")} for d, s in p.domains.items()},
-            "matcher": self.matcher.manifest(), "calibration": self.calibration, "profile_params": p.params,
+            "matcher": self.matcher.manifest(), "calibration": self.calibration,
+            "novelty": self.detector.manifest() if self.detector is not None else {"params": {"method": "nearest"}}, "profile_params": p.params,
             "architecture": p.architecture,
         }
         return save_artefact(out, "store.json", manifest, "patterns.safetensors", tensors, force=force)
@@ -153,7 +190,9 @@ class Store:
                           {scorer: m["scorer_info"]}, domains, m["profile_params"],
                           {d: info["origin"] for d, info in m["domains"].items()},
                           architecture=m.get("architecture") or {})
-        return cls(profile, scorer, Matcher.load(m["matcher"], tensors), m["calibration"])
+        novelty = m.get("novelty") or {"params": {"method": "nearest"}}
+        detector = None if novelty["params"].get("method") == "nearest" else Detector.load(novelty, tensors)
+        return cls(profile, scorer, Matcher.load(m["matcher"], tensors), m["calibration"], detector)
 
 
 def _one_scorer(profile: Profile, scorer: str) -> Profile:
@@ -172,6 +211,11 @@ def _check_same_domains(ranked: list[str], patterned: list[str]) -> None:
     if sorted(ranked) != sorted(patterned):
         raise InputError(f"the profile has domains {', '.join(ranked)} but the calibration text names "
                          f"{', '.join(patterned)}; give text (--data NAME=PATH) for exactly the profiled domains")
+
+
+def calibration_ids(tokenizer, sources: Sequence[Source], max_tokens: int) -> dict[str, torch.Tensor]:
+    """{domain: (tokens,)} ids of each source's documents joined by EOS, at most ``max_tokens`` (novelty tables)."""
+    return {s.name: token_windows(s.texts, tokenizer, max_tokens, max_tokens).reshape(-1) for s in sources}
 
 
 def read_patterns(reader: PatternReader, tokenizer, sources: Sequence[Source], lengths: Sequence[int],
@@ -195,25 +239,27 @@ def read_patterns(reader: PatternReader, tokenizer, sources: Sequence[Source], l
 
 def build_store(model, profile: Profile, data: Sequence[Source], held_out: Sequence[Source] | None = None,
                 scorer: str = DEFAULT_RANKING, match: MatchParams | None = None, amounts: PatternData | None = None,
-                loaded=None) -> Store:
+                loaded=None, novelty: NoveltyParams | None = None) -> Store:
     """A store of ``profile``'s domains matched on patterns of ``data``; ``held_out`` text sets the fallback.
 
     ``model`` is the checkpoint (path or ``testbed``) the profile was made
     from; ``data`` is calibration text per profiled domain (use the split the
     profile used), ``held_out`` other text of the same domains (the val
     split): without it retrieval never falls back. ``scorer`` ranks the
-    experts a retrieved domain keeps. ``loaded`` is an optional
-    ``(model, tokenizer)`` already in memory.
+    experts a retrieved domain keeps; ``novelty`` says what decides a
+    fallback (default: n-gram novelty, :mod:`premoe.novelty`). ``loaded`` is
+    an optional ``(model, tokenizer)`` already in memory.
 
     >>> store = build_store("testbed", Profile.load("prof"), parse_sources(["testbed"]),
     ...                     parse_sources(["testbed"], split="val"))
-    >>> store.matcher.params.method, store.matcher.thresholds[64]
-    ('lda', 1.23)
+    >>> store.matcher.params.method, store.fallback_method, store.fallback_threshold(64)
+    ('lda', 'ngram', 0.41)
     """
     from premoe.adapters import get_adapter
     from premoe.modeling import load_model, load_tokenizer, model_identity
 
     match, amounts = (match or MatchParams()).check(), amounts or PatternData()
+    novelty = (novelty or NoveltyParams()).check()
     identity = model_identity(model)
     if identity["config_hash"] != profile.model["config_hash"]:
         raise InputError(f"the profile was made from {profile.model['name']}, not {identity['name']} "
@@ -223,8 +269,10 @@ def build_store(model, profile: Profile, data: Sequence[Source], held_out: Seque
     net, tokenizer = loaded or (load_model(model), load_tokenizer(model))
     reader = PatternReader(net, get_adapter(net.config), match.feature, match.layers)
     bank = read_patterns(reader, tokenizer, data, match.lengths, amounts.tokens, amounts.batch_size)
+    detector = None if novelty.method == "nearest" else fit_detector(
+        novelty, calibration_ids(tokenizer, data, novelty.max_tokens), _vocab(net, tokenizer), match.lengths)
     store = Store(ranked, scorer, fit_matcher(match, bank),
-                  {"data": {s.name: s.origin for s in data}, "amounts": asdict(amounts)})
+                  {"data": {s.name: s.origin for s in data}, "amounts": asdict(amounts)}, detector)
     if held_out:
         calibrate_store(store, reader, tokenizer, held_out, amounts)
     return store
@@ -232,7 +280,7 @@ def build_store(model, profile: Profile, data: Sequence[Source], held_out: Seque
 
 def calibrate_store(store: Store, reader: PatternReader, tokenizer, held_out: Sequence[Source],
                     amounts: PatternData | None = None) -> Store:
-    """Set the store's per-length fallback thresholds from held-out text of its domains (prefix patterns)."""
+    """Set the store's per-length fallback thresholds from held-out text of its domains (request prefixes)."""
     amounts = amounts or PatternData()
     usable = [s for s in held_out if s.name in store.domains]
     if not usable:
@@ -241,5 +289,14 @@ def calibrate_store(store: Store, reader: PatternReader, tokenizer, held_out: Se
     patterns = read_patterns(reader, tokenizer, usable, store.matcher.params.lengths, amounts.held_out_tokens,
                              amounts.batch_size, prefixes=True)
     seen = calibrate(store.matcher, patterns)
+    if store.detector is not None:  # needs no model run: all held-out text up to max_tokens, not held_out_tokens
+        windows = {s.name: token_windows(s.texts, tokenizer, max(store.matcher.params.lengths),
+                                         store.detector.params.max_tokens) for s in usable}  # (n, seq) each
+        seen["novelty_requests_per_length"] = calibrate_detector(store.detector, windows, store.matcher.params.quantile)
     store.calibration = {**store.calibration, "held_out": {s.name: s.origin for s in usable}, **seen}
     return store
+
+
+def _vocab(model, tokenizer) -> int:
+    """Token ids are below this: the larger of the model's embedding rows and the tokenizer's size."""
+    return max(int(getattr(model.config, "vocab_size", 0) or 0), len(tokenizer))

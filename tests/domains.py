@@ -23,8 +23,11 @@ def sources(start: int = 0, count: int = 6) -> list[Source]:
     return [Source(d, texts(d, start, count), f"synthetic:{d}") for d in DOMAINS]
 
 
-def make_store(model_dir: Path, loaded=None):
-    """(profile, store) of the three domains, the threshold calibrated on held-out documents."""
+def make_store(model_dir: Path, loaded=None, novelty=None):
+    """(profile, store) of the three domains, the threshold calibrated on held-out documents.
+
+    ``novelty`` (premoe.novelty.NoveltyParams) defaults to the store's default fallback score.
+    """
     from premoe.modeling import load_model, load_tokenizer
     from premoe.profile import ProfileParams, profile_model
     from premoe.matchers import MatchParams
@@ -34,5 +37,5 @@ def make_store(model_dir: Path, loaded=None):
     profile = profile_model(model_dir, sources(0), ["router_mass", "peu", "peu_norm", "frequency"], ProfileParams(max_tokens=1024, seq_len=64),
                             progress=False, loaded=loaded)
     store = build_store(model_dir, profile, sources(0), sources(1000, 4), match=MatchParams(lengths=(8, 16, 32)),
-                        amounts=PatternData(tokens=2048, held_out_tokens=1024), loaded=loaded)
+                        amounts=PatternData(tokens=2048, held_out_tokens=1024), loaded=loaded, novelty=novelty)
     return profile, store

@@ -116,19 +116,26 @@ def test_fallback_and_the_mixed_rule(retriever):
     hit = retriever.retrieve(text, tokens=8)
     assert hit.tokens == 8 and set(hit.distances) == set(domains.DOMAINS)
     assert hit.distance == min(hit.distances.values())
-    saved = dict(retriever.store.matcher.thresholds)
-    retriever.store.matcher.thresholds = {t: -1.0 for t in saved}
+    assert not hit.fallback and hit.fallback_score < hit.threshold == retriever.store.detector.thresholds[8]
+    saved = dict(retriever.store.detector.thresholds)
+    retriever.store.detector.thresholds = {t: -1.0 for t in saved}
     try:
         hit = retriever.retrieve(text)
         assert hit.fallback and hit.domain == GENERALIST and hit.nearest in domains.DOMAINS and not hit.mixed
+        assert hit.threshold == -1.0 and hit.fallback_score >= 0
     finally:
-        retriever.store.matcher.thresholds = saved
+        retriever.store.detector.thresholds = saved
     code = retriever.tokenize(domains.texts("code", 3000, 1)[0], 32)
     german = retriever.tokenize(domains.texts("de", 3000, 1)[0], 32)
     both = torch.cat([code, german], dim=1)  # (1, 64): half code, half German prose
-    whole = retriever.retrieve(both)
-    halves = Retriever(retriever.model, retriever.adapter, retriever.store, retriever.tokenizer, mixed="halves")
-    split = halves.retrieve(both)
+    assert retriever.retrieve(both).fallback  # half code, half German: novel to each domain alone
+    retriever.store.detector.thresholds = {}  # the halves rule alone (a store that never falls back)
+    try:
+        whole = retriever.retrieve(both)
+        halves = Retriever(retriever.model, retriever.adapter, retriever.store, retriever.tokenizer, mixed="halves")
+        split = halves.retrieve(both)
+    finally:
+        retriever.store.detector.thresholds = saved
     assert split.mixed and split.domain == GENERALIST and split.nearest == whole.nearest
     assert not halves.retrieve(torch.cat([code, code], dim=1)).mixed
     tail = Retriever(retriever.model, retriever.adapter, retriever.store, retriever.tokenizer, mixed="tail").retrieve(both)

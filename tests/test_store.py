@@ -12,7 +12,8 @@ from premoe.matchers import MatchParams, fit_matcher
 from premoe.modeling import load_model, load_tokenizer
 from premoe.profile import Profile
 from premoe.scores import PRESETS
-from premoe.store import FORMAT, GENERALIST, PatternData, Store, build_store
+from premoe.novelty import NoveltyParams
+from premoe.store import FORMAT, GENERALIST, PatternData, Store, build_store, calibration_ids
 
 PEU = {"kind": "peu", "params": dict(PRESETS["peu"].params), "per_routed_token": False}
 
@@ -71,17 +72,27 @@ def test_thresholds_are_the_held_out_quantile(built, tiny_qwen3):
         best = store.matcher.scores(torch.cat([held[d][length] for d in held]), length).min(1).values
         assert threshold == pytest.approx(float(best.quantile(0.95)), rel=1e-12)
         assert (best > threshold).double().mean().item() <= 0.05 + 1 / len(best)
+    from premoe.data import token_windows
+
+    windows = [token_windows(src.texts, loaded[1], 32, 1 << 18) for src in domains.sources(1000, 4)]  # all held-out text
+    assert sorted(store.detector.thresholds) == [8, 16, 32] and store.fallback_method == "ngram"
+    for length, threshold in store.detector.thresholds.items():
+        novelty = store.detector.score(torch.cat([w[:, :length] for w in windows]))
+        assert threshold == pytest.approx(float(novelty.quantile(0.95)), rel=1e-12)
+        assert store.fallback_threshold(length) == threshold
 
 
 def test_round_trip(built, tmp_path):
     _, store, _ = built
     store.save(tmp_path / "store")
     manifest = json.loads((tmp_path / "store" / "store.json").read_text())
-    assert manifest["format"] == FORMAT == "premoe-store/2" and manifest["scorer"] == "peu_norm"
+    assert manifest["format"] == FORMAT == "premoe-store/3" and manifest["scorer"] == "peu_norm"
     assert manifest["matcher"]["params"]["method"] == "lda"
     again = Store.load(tmp_path / "store")
     assert again.domains == store.domains and again.matcher.thresholds == store.matcher.thresholds
     assert again.matcher.params == store.matcher.params and again.moe_layers == store.moe_layers
+    assert again.detector.manifest() == store.detector.manifest() == manifest["novelty"]
+    assert all(torch.equal(again.detector.tensors()[k], v) for k, v in store.detector.tensors().items())
     patterns = torch.randn(5, store.matcher.bank["code"][8].shape[1], generator=torch.Generator().manual_seed(0))
     for length in (8, 16, 32):
         assert torch.allclose(again.matcher.scores(patterns, length), store.matcher.scores(patterns, length),
@@ -100,8 +111,13 @@ def test_add_domain_refits_on_every_domain(built, tiny_qwen3):
     amounts = PatternData(tokens=2048, held_out_tokens=1024)
     first = build_store(tiny_qwen3, sub(["code", "bible"]), domains.sources(0)[:2], match=MatchParams(lengths=(8, 16, 32)),
                         amounts=amounts, loaded=loaded)
-    grown = first.add_domain(sub(["de"]), {"de": store.matcher.bank["de"]})
-    assert grown.domains == ["code", "bible", "de"]
+    de_ids = calibration_ids(loaded[1], domains.sources(0)[2:], 1 << 18)
+    with pytest.raises(InputError, match="novelty tables; give the new domains' calibration token ids"):
+        first.add_domain(sub(["de"]), {"de": store.matcher.bank["de"]})
+    grown = first.add_domain(sub(["de"]), {"de": store.matcher.bank["de"]}, de_ids)
+    assert grown.domains == ["code", "bible", "de"] == grown.detector.domains
+    for name, tensor in store.detector.tensors().items():  # the same tables as built with all three at once
+        assert torch.equal(grown.detector.tensors()[name], tensor), name
     assert torch.allclose(grown.utility(GENERALIST), store.utility(GENERALIST), rtol=0, atol=1e-12)
     for name, tensor in store.matcher.fitted.items():  # the same matcher as one fit on all three at once
         assert torch.allclose(grown.matcher.fitted[name], tensor, rtol=1e-9, atol=1e-9), name
@@ -128,7 +144,9 @@ def test_bad_inputs(built, tiny_qwen3, tmp_path):
         Store.load(tmp_path / "nowhere")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "store.json").write_text(json.dumps({"format": "premoe-store/1"}))
-    with pytest.raises(CheckpointError, match="premoe-store/2"):
+    with pytest.raises(InputError, match="fallback score must be one of"):
+        build_store(tiny_qwen3, profile, domains.sources(0), novelty=NoveltyParams(method="vibes"), loaded=loaded)
+    with pytest.raises(CheckpointError, match="premoe-store/3"):
         Store.load(tmp_path / "bad")
 
 
@@ -159,6 +177,7 @@ def test_cli_build_add_query(built, tiny_qwen3, tmp_path):
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "domains code, bible" in result.output and "matcher knn on router_input" in result.output
+    assert "fallback score ngram, thresholds by request tokens: 16:" in result.output
     result = runner.invoke(cli, ["store", "add", str(out), "--profile", str(tmp_path / "prof-de"),
                                  "--data", f"de={tmp_path / 'de.txt'}"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -170,8 +189,18 @@ def test_cli_build_add_query(built, tiny_qwen3, tmp_path):
     hit = json.loads(result.stdout)
     assert hit["tokens"] == 16 and hit["method"] == "knn" and set(hit["distances"]) == {"code", "bible", "de"}
     assert hit["nearest"] == "code"
+    assert hit["threshold"] == Store.load(out).detector.thresholds[16] and hit["fallback_score"] >= 0
     result = runner.invoke(cli, ["store", "query", str(out), text], catch_exceptions=False)
     assert result.exit_code == 0 and "knn over" in result.output and "bible" in result.output
+    assert "(novelty " in result.output and "ms]" in result.output
+    result = runner.invoke(cli, ["store", "query", str(out), "日本語のテキストです。" * 8, "--tokens", "16"], catch_exceptions=False)
+    assert "fallback to generalist (novelty 1 > " in result.output  # every bigram and token new
+    nearest = tmp_path / "nearest"
+    result = runner.invoke(cli, ["store", "build", str(tiny_qwen3), "--profile", str(tmp_path / "prof2"), *data,
+                                 "--out", str(nearest), "--fallback-score", "nearest", "--calib-tokens", "2048", *held],
+                           catch_exceptions=False)
+    assert result.exit_code == 0 and "fallback score nearest" in result.output
+    assert Store.load(nearest).detector is None and Store.load(nearest).fallback_threshold(16) is not None
 
 
 def test_build_defaults_to_the_text_the_profile_was_made_from(tmp_path):
@@ -183,3 +212,13 @@ def test_build_defaults_to_the_text_the_profile_was_made_from(tmp_path):
     profile.data = {"a": ""}
     with pytest.raises(InputError, match="pass --data"):
         _profiled(profile)
+
+
+def test_a_nearest_store_thresholds_the_matchers_score(tmp_path):
+    store = known_store(tmp_path / "nowhere")  # built without novelty tables
+    store.matcher.thresholds = {8: 1.5}
+    store.save(tmp_path / "s")
+    assert json.loads((tmp_path / "s" / "store.json").read_text())["novelty"] == {"params": {"method": "nearest"}}
+    again = Store.load(tmp_path / "s")
+    assert again.detector is None and again.fallback_method == "nearest" and again.fallback_threshold(8) == 1.5
+    assert again.fallback_score(None, 2.0) == 2.0 and again.fallback_threshold(100) == 1.5

@@ -6,6 +6,7 @@ import click
 from premoe.cli.options import FRACTION, POSITIVE, json_option, model_input
 
 _METHODS = ("centroid", "knn", "diagonal", "lda", "logistic")  # premoe.matchers.METHODS (no torch import for --help)
+_FALLBACK = ("ngram", "nearest")  # premoe.novelty.METHODS
 
 
 @click.group("store")
@@ -37,16 +38,20 @@ def command() -> None:
               help="Token feature at the first router: router_input, router_logits, router_mass or a scorer preset.")
 @click.option("--pattern-layers", default=1, show_default=True, type=click.IntRange(1, 2),
               help="MoE layers the feature is read from (1 or 2).")
+@click.option("--fallback-score", "fallback_score", type=click.Choice(_FALLBACK), default="ngram", show_default=True,
+              help="What decides a fallback to the generalist: ngram = the request's bigrams and tokens never seen "
+                   "in any domain's calibration text; nearest = the matcher's nearest-domain score.")
 @click.option("--quantile", default=0.95, show_default=True, type=FRACTION,
               help="Fallback threshold: this quantile of held-out in-domain scores (per request length).")
 @click.option("--calib-tokens", default=32768, show_default=True, type=POSITIVE, help="Calibration tokens per domain.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and premoe wrote it.")
-def build(model, profile_path, data, out, held_out, scorer, method, feature, pattern_layers, quantile, calib_tokens,
-          force) -> None:
+def build(model, profile_path, data, out, held_out, scorer, method, feature, pattern_layers, fallback_score, quantile,
+          calib_tokens, force) -> None:
     """Store the patterns and rankings of every domain in --profile."""
     from premoe.data import data_paths
     from premoe.fileio import check_output
     from premoe.matchers import MatchParams
+    from premoe.novelty import NoveltyParams
     from premoe.profile import Profile
     from premoe.store import PatternData, build_store
 
@@ -55,7 +60,7 @@ def build(model, profile_path, data, out, held_out, scorer, method, feature, pat
     store = build_store(model, profile, _sources(model, data or _profiled(profile), "calib"),
                         _sources(model, held_out, "val"), scorer,
                         MatchParams(method=method, feature=feature, layers=pattern_layers, quantile=quantile),
-                        PatternData(tokens=calib_tokens))
+                        PatternData(tokens=calib_tokens), novelty=NoveltyParams(method=fallback_score))
     store.save(out, force=force)
     _describe(store, out)
 
@@ -74,7 +79,7 @@ def add(store_path, profile_path, data, held_out) -> None:
     from premoe.modeling import load_model, load_tokenizer
     from premoe.patterns import PatternReader
     from premoe.profile import Profile
-    from premoe.store import PatternData, Store, calibrate_store, read_patterns
+    from premoe.store import PatternData, Store, calibrate_store, calibration_ids, read_patterns
 
     check_inputs(store_path, [profile_path, *data_paths(data), *data_paths(held_out)])  # rewritten: no input inside
     store = Store.load(store_path)
@@ -83,12 +88,13 @@ def add(store_path, profile_path, data, held_out) -> None:
     params = store.matcher.params
     reader = PatternReader(net, get_adapter(net.config), params.feature, params.layers)
     amounts = PatternData(**store.calibration.get("amounts", {}))
-    patterns = read_patterns(reader, tokenizer, _sources(model, data, "calib"), params.lengths, amounts.tokens,
-                             amounts.batch_size)
-    store.add_domain(Profile.load(profile_path), patterns)
+    calib = _sources(model, data, "calib")
+    patterns = read_patterns(reader, tokenizer, calib, params.lengths, amounts.tokens, amounts.batch_size)
+    ids = calibration_ids(tokenizer, calib, store.detector.params.max_tokens) if store.detector is not None else None
+    store.add_domain(Profile.load(profile_path), patterns, ids)
     if held_out:
         calibrate_store(store, reader, tokenizer, _sources(model, held_out, "val"), amounts)
-    elif store.matcher.thresholds:
+    elif store.fallback_threshold(params.lengths[0]) is not None:
         click.echo("note: the fallback thresholds were kept; pass --held-out to recalibrate them with the new domain",
                    err=True)
     store.save(store_path, force=True)
@@ -121,11 +127,13 @@ def query(store_path, text, model, tokens, mixed, json_out, force) -> None:
     emit_json(json_out, hit.as_dict(), kind="retrieval", force=force, inputs=[store_path, model_input(model)])
     if json_out == "-":
         return
-    threshold = store.matcher.thresholds.get(store.matcher.bucket(hit.tokens))
+    what = "novelty" if store.detector is not None else f"nearest {hit.nearest} scores"
     if hit.mixed:
         verdict = "fallback to generalist (the halves of the request retrieve different domains)"
     elif hit.fallback:
-        verdict = f"fallback to generalist (nearest {hit.nearest} scores {hit.distance:.4g} > {threshold:.4g})"
+        verdict = f"fallback to generalist ({what} {hit.fallback_score:.4g} > {hit.threshold:.4g}; nearest {hit.nearest})"
+    elif hit.threshold is not None:
+        verdict = f"{hit.domain} ({what} {hit.fallback_score:.4g} <= {hit.threshold:.4g})"
     else:
         verdict = hit.domain
     click.echo(f"{verdict}  [{hit.method} over {hit.tokens} tokens, {hit.seconds * 1000:.1f} ms]")
@@ -158,7 +166,9 @@ def _sources(model: str, specs, split: str) -> list:
 
 def _describe(store, path) -> None:
     params = store.matcher.params
-    thresholds = ", ".join(f"{t}: {v:.4g}" for t, v in sorted(store.matcher.thresholds.items()))
+    scored = store.matcher if store.detector is None else store.detector
+    thresholds = ", ".join(f"{t}: {v:.4g}" for t, v in sorted(scored.thresholds.items()))
     click.echo(f"store {path}: {store.model['name']}, domains {', '.join(store.domains)}; ranking scorer "
                f"{store.scorer}; matcher {params.method} on {params.feature} (layers {params.layers}); "
-               f"fallback thresholds by request tokens: {thresholds or 'none (never falls back)'}")
+               f"fallback score {store.fallback_method}, thresholds by request tokens: "
+               f"{thresholds or 'none (never falls back)'}")

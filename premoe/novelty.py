@@ -1,0 +1,192 @@
+"""Whether a request belongs to *any* stored domain: n-gram novelty of its token ids (the fallback score).
+
+The matcher (:mod:`premoe.matchers`) answers *which* stored domain is
+nearest; this module answers whether the nearest is near enough, so that a
+request from a domain the store has never seen falls back to the generalist.
+
+The score needs only token ids, no model run: for every stored domain d,
+
+    novelty_d(request) = share of the request's bigrams never seen in d's calibration text
+                         + unigram_weight * share of its tokens never seen there
+
+and the request's score is the minimum over domains (novel to every domain
+= foreign). The per-domain tables are the sorted distinct bigram codes
+(``prev * vocab + next``) and token ids of the calibration text. Chosen on the
+testbed's val split (bench/eval_retrieval.py, section 3a) over the matcher's
+nearest-domain score, k-NN distance to calibration patterns and per-domain
+unigram log-likelihood: Spanish man pages share the layer-1 routing of French
+ones, but not their bigrams.
+
+As with the matcher, each request-length bucket has its own threshold: the
+``quantile`` of held-out in-domain requests' scores. Held-out text costs
+only tokenising here, so the store calibrates on all of it (up to
+``max_tokens``), not only the windows the matcher reads: on the testbed the
+first 64 val windows per domain put the 64-token threshold where 14–18% of
+the rest of the val split of python, en_docs, de and fr fell back.
+
+Example::
+
+    detector = fit_detector(NoveltyParams(), {"python": ids_py, "de": ids_de}, vocab=8192, lengths=(16, 64))
+    calibrate_detector(detector, {"python": val_windows_py, "de": val_windows_de}, quantile=0.95)
+    detector.score(request_ids)             # (n,) lower = more familiar
+    detector.foreign(request_ids, 64)       # (n,) bool: beyond the 64-token bucket's threshold
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from premoe.errors import InputError
+from premoe.matchers import bucket
+
+METHODS = ("nearest", "ngram")  # nearest: the matcher's nearest-domain score (the old rule); ngram: this module
+
+
+@dataclass
+class NoveltyParams:
+    """What decides a fallback. Defaults chosen on the testbed's val split (docs/results/retrieval.md)."""
+
+    method: str = "ngram"  # one of METHODS; "nearest" stores no detector and thresholds the matcher's score
+    unigram_weight: float = 0.0  # ngram: weight of never-seen tokens beside never-seen bigrams (val: 0, .5, 1 within 0.01)
+    max_tokens: int = 1 << 18  # ngram: calibration (and held-out) tokens per domain read (tokenised only)
+
+    def check(self) -> "NoveltyParams":
+        if self.method not in METHODS:
+            raise InputError(f"fallback score must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not self.unigram_weight >= 0:
+            raise InputError(f"novelty unigram weight must be >= 0, got {self.unigram_weight}")
+        if self.max_tokens < 2:
+            raise InputError(f"novelty calibration tokens must be >= 2, got {self.max_tokens}")
+        return self
+
+
+def bigram_codes(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(..., seq - 1) int64 codes ``prev * vocab + next`` of consecutive tokens of ``ids`` (..., seq)."""
+    ids = ids.long()
+    return ids[..., :-1] * vocab + ids[..., 1:]
+
+
+def _unseen(table: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(same shape as values) float64: 1 where a value is not in the sorted 1-D ``table``, else 0."""
+    if len(table) == 0:
+        return torch.ones(values.shape, dtype=torch.float64)
+    pos = torch.searchsorted(table, values.contiguous()).clamp(max=len(table) - 1)
+    return (table[pos] != values).double()
+
+
+@dataclass
+class Detector:
+    params: NoveltyParams
+    vocab: int  # bigram codes are prev * vocab + next
+    lengths: tuple[int, ...]  # request-length buckets (the matcher's)
+    bigrams: dict[str, torch.Tensor]  # domain -> sorted distinct bigram codes (int64) of its calibration text
+    unigrams: dict[str, torch.Tensor]  # domain -> sorted distinct token ids (int64) of its calibration text
+    thresholds: dict[int, float] = field(default_factory=dict)  # length bucket -> fallback score
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.bigrams)
+
+    def scores(self, ids: torch.Tensor) -> torch.Tensor:
+        """(n, domains) novelty of requests ``ids`` (n, T) to each domain; lower = more familiar."""
+        ids = ids.long().reshape(len(ids), -1)  # (n, T)
+        codes = bigram_codes(ids, self.vocab)  # (n, T-1)
+        out = []
+        for domain in self.domains:
+            uni = _unseen(self.unigrams[domain], ids).mean(1)  # (n,)
+            bi = _unseen(self.bigrams[domain], codes).mean(1) if codes.shape[1] else uni  # (n,): 1 token = its unigram
+            out.append(bi + self.params.unigram_weight * uni)
+        return torch.stack(out, dim=1)  # (n, D)
+
+    def score(self, ids: torch.Tensor) -> torch.Tensor:
+        """(n,) novelty to the most familiar domain of requests ``ids`` (n, T)."""
+        return self.scores(ids).min(1).values
+
+    def threshold(self, tokens: int) -> float | None:
+        """The fallback threshold of a ``tokens``-token request (None: not calibrated, never falls back)."""
+        return self.thresholds.get(bucket(self.lengths, tokens))
+
+    def foreign(self, ids: torch.Tensor, tokens: int | None = None) -> torch.Tensor:
+        """(n,) bool: requests ``ids`` (n, T) whose novelty is beyond the threshold of their length bucket."""
+        threshold = self.threshold(tokens or ids.shape[-1])
+        if threshold is None:
+            return torch.zeros(len(ids), dtype=torch.bool)
+        return self.score(ids) > threshold
+
+    def add(self, ids: dict[str, torch.Tensor]) -> "Detector":
+        """Add domains from their calibration ids ``{domain: (tokens,)}``; thresholds are kept (recalibrate)."""
+        clashes = sorted(set(ids) & set(self.bigrams))
+        if clashes:
+            raise InputError(f"domain {', '.join(clashes)} already has a novelty table; rename the new domain")
+        for domain, tokens in ids.items():
+            self.bigrams[domain], self.unigrams[domain] = _tables(tokens, self.vocab, domain)
+        return self
+
+    # ------------------------------------------------------------------ files
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"novelty/bigrams/{d}": t.contiguous() for d, t in self.bigrams.items()}
+        out.update({f"novelty/unigrams/{d}": t.contiguous() for d, t in self.unigrams.items()})
+        return out
+
+    def manifest(self) -> dict:
+        return {"params": asdict(self.params), "vocab": self.vocab, "lengths": list(self.lengths),
+                "domains": self.domains, "thresholds": {str(t): v for t, v in self.thresholds.items()}}
+
+    @classmethod
+    def load(cls, manifest: dict, tensors: dict[str, torch.Tensor]) -> "Detector":
+        domains = manifest["domains"]
+        missing = [d for d in domains if f"novelty/bigrams/{d}" not in tensors or f"novelty/unigrams/{d}" not in tensors]
+        if missing:
+            raise InputError(f"the store's novelty tables lack domain {', '.join(missing)}; rebuild the store")
+        return cls(NoveltyParams(**manifest["params"]).check(), int(manifest["vocab"]),
+                   tuple(int(t) for t in manifest["lengths"]),
+                   {d: tensors[f"novelty/bigrams/{d}"].long() for d in domains},
+                   {d: tensors[f"novelty/unigrams/{d}"].long() for d in domains},
+                   {int(t): float(v) for t, v in manifest["thresholds"].items()})
+
+
+def _tables(ids: torch.Tensor, vocab: int, domain: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted distinct bigram codes, sorted distinct token ids) of one domain's calibration ids (tokens,)."""
+    ids = ids.long().reshape(-1)
+    if len(ids) < 2:
+        raise InputError(f"domain {domain!r} has {len(ids)} calibration tokens; novelty tables need at least 2")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise InputError(f"domain {domain!r} has token ids outside [0, {vocab}); is the vocabulary size right?")
+    return bigram_codes(ids, vocab).unique(), ids.unique()  # unique() sorts
+
+
+def fit_detector(params: NoveltyParams, ids: dict[str, torch.Tensor], vocab: int,
+                 lengths: tuple[int, ...]) -> Detector:
+    """Novelty tables of every domain from its calibration ids ``{domain: (tokens,)}`` (documents EOS-joined)."""
+    params.check()
+    if params.method != "ngram":
+        raise InputError(f"fit_detector builds the 'ngram' fallback score, not {params.method!r}")
+    if not ids:
+        raise InputError("no domains to build novelty tables for; give calibration text for at least one domain")
+    if not lengths or any(t < 1 for t in lengths):
+        raise InputError(f"request-length buckets must be positive, got {lengths}")
+    return Detector(params, int(vocab), tuple(sorted(lengths)), {}, {}).add(ids)
+
+
+def calibrate_detector(detector: Detector, held_out: dict[str, torch.Tensor], quantile: float) -> dict:
+    """Set every length bucket's threshold from held-out in-domain windows ``{domain: (n, seq)}``; returns counts.
+
+    A request of T tokens is a window's first T tokens (as in
+    :func:`premoe.matchers.calibrate`); the threshold is the ``quantile`` of
+    their scores, so about 1 − quantile of in-domain requests fall back.
+    """
+    usable = {d: w for d, w in held_out.items() if d in detector.bigrams}
+    if not usable:
+        raise InputError(f"no held-out data names a stored domain ({', '.join(detector.domains)}); "
+                         "name held-out data after the domains, e.g. --held-out python=val.jsonl")
+    seen = {}
+    for length in detector.lengths:
+        rows = [w[:, :length] for w in usable.values() if w.shape[1] >= length]
+        if not rows:
+            continue
+        scores = detector.score(torch.cat(rows))  # (n,)
+        detector.thresholds[length] = float(scores.quantile(quantile))
+        seen[str(length)] = len(scores)
+    return seen
