@@ -335,6 +335,10 @@ def markdown(result: dict) -> str:
              f"(`python bench/bench_rehearsal.py`, {result['date']}).", "",
              f"| measure | {a} shards | {b} shards | goal |", "|---|---|---|---|"]
     lines += [f"| {name} | {x} | {y} | {goal} |" for name, x, y, goal, _ in rows]
+    if "compile_rerun" in result:
+        rerun = result["compile_rerun"]
+        lines += ["", f"The compile rows were rerun on {rerun['date']} with `{rerun['command']}` (medians of "
+                  f"{len(c['fp8']['compile_s'])} alternating rounds); the other rows are from the full run."]
     lines += ["", f"Largest decoder layer {p['largest_layer_fp32_bytes'] / 1e6:.1f} MB fp32; the baseline process "
               f"(Python, torch, transformers, tokens, empty model) holds {p['baseline_peak_rss'] / 1e6:.0f} MB, so at "
               "toy width the whole-process ratio measures the interpreter, not premoe."]
@@ -397,11 +401,20 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=1.0, help="seconds after each delete before the next run")
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/rehearsal.json")
     parser.add_argument("--md", type=Path, default=ROOT / "bench/results/rehearsal.md")
+    parser.add_argument("--only", choices=("compile",), help="rerun only the compile rows, keeping the others from "
+                        "--json (needs the plan-50-local.json an earlier full run left in --work)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     layout = dsv3_layout.Layout(layers=args.layers)
     models, fp8, gen_seconds = make_models(layout, args.work)
     print(f"written in {gen_seconds}", flush=True)
+    if args.only == "compile":
+        result = json.loads(args.json.read_text())
+        result["compile"] = compile_rows(models, fp8, args.work / "plan-50-local.json", args)
+        result["compile_rerun"] = {"date": time.strftime("%Y-%m-%d"),
+                                   "command": "python bench/bench_rehearsal.py " + " ".join(sys.argv[1:])}
+        _save(result, args)
+        return
     result = {"layout": {"layers": layout.layers, "experts": layout.experts, "hidden": layout.hidden,
                          "moe_intermediate": layout.moe_intermediate},
               "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "generate_s": gen_seconds,
@@ -417,11 +430,24 @@ def main() -> None:
     print("headers", json.dumps(result["headers_plan"]), flush=True)
     result["swap"] = {str(s): swap_cost(m, args.swaps, 0.25) for s, m in models.items()}
     print("swap", json.dumps(result["swap"]), flush=True)
-    result["compile"] = {f"bf16_{s}": compile_throughput(m, plan[s], args.work, args.rounds, args.settle)
-                         for s, m in models.items()}
-    result["compile"]["fp8"] = compile_throughput(fp8, retarget(plans["50-local"], fp8, args.work / "plan-fp8.json"),
-                                                  args.work, args.rounds, args.settle)
-    print("compile", json.dumps({k: v["ratio_median"] for k, v in result["compile"].items()}), flush=True)
+    result["compile"] = compile_rows(models, fp8, plans["50-local"], args)
+    result.pop("compile_rerun", None)
+    _save(result, args)
+
+
+def compile_rows(models: dict[int, Path], fp8: Path, plan: Path, args) -> dict:
+    """Compile vs kernel copy, bf16 at every shard count and FP8, for the same kept experts (``plan``)."""
+    if not plan.exists():
+        raise SystemExit(f"{plan} not found: run the full benchmark once with --work {args.work}")
+    rows = {f"bf16_{s}": compile_throughput(m, retarget(plan, m, args.work / f"plan-{s}.json"), args.work,
+                                            args.rounds, args.settle) for s, m in models.items()}
+    rows["fp8"] = compile_throughput(fp8, retarget(plan, fp8, args.work / "plan-fp8.json"), args.work, args.rounds,
+                                     args.settle)
+    print("compile", json.dumps({k: v["ratio_median"] for k, v in rows.items()}), flush=True)
+    return rows
+
+
+def _save(result: dict, args) -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     args.md.write_text(markdown(result))

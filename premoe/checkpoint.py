@@ -13,7 +13,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from premoe.errors import CheckpointError, MissingFileError
 
@@ -23,8 +23,9 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "U32": 4, "U64": 8, "C64": 8}
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):  # a NamedTuple, not a frozen dataclass: built per tensor (~90k), 6x cheaper to make
+    """Where one tensor of a checkpoint lives and what it is, from its shard's header."""
+
     key: str
     shard: str  # file name inside the checkpoint directory
     dtype: str  # safetensors dtype string, e.g. "BF16"
@@ -135,8 +136,11 @@ def _check_layout(file: Path, header: dict, data_bytes: int) -> None:
     """
     spans: list[tuple[int, int, str]] = []
     for key, info in header.items():
-        if type(info) is tuple:  # a JSON object
-            info = header[key] = _object(file, info)
+        if type(info) is tuple:  # a JSON object, as pairs (_object inlined: this loop runs per tensor)
+            pairs, info = info, dict(info)
+            if len(info) != len(pairs):
+                _object(file, pairs)  # raises, naming the duplicate key
+            header[key] = info
         if key == "__metadata__":
             if info is not None and not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
                 raise CheckpointError(f"{file}: __metadata__ must map strings to strings; the header is corrupt")
