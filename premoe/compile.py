@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from premoe import __version__
-from premoe.checkpoint import DTYPE_BYTES, INDEX, shard_files, tensors
+from premoe.checkpoint import DTYPE_BYTES, INDEX, read_index, shard_files, tensors
 from premoe.checkpoint import gc_paused
 from premoe.checkpoint import headers as read_headers
 from premoe.errors import CheckpointError, DiskSpaceError, InputError, OutputExistsError, PlanError
@@ -177,6 +177,7 @@ class WritePlan:
     data_start: dict[str, int]  # shard -> byte offset of its data section
     shard_metadata: dict[str, dict]  # shard -> its "__metadata__"
     indexed: bool  # the input has model.safetensors.index.json (so does the output)
+    index_metadata: dict  # the input index's "metadata", which the output's keeps (total_size rewritten)
     config: dict  # the output config.json
     files: list[str]  # other files copied unchanged (tokenizer, generation config, ...)
     skipped: list[str]  # entries not copied: other weight formats, directories
@@ -310,8 +311,9 @@ def _plan_writes(model: str | Path, plan: Plan, out: str | Path, *, force: bool,
     if plan.num_experts != adapter.num_experts(config):
         raise PlanError(f"the plan is for {plan.num_experts} experts per layer, {path} has {adapter.num_experts(config)}")
     adapter.check_kept(config, kept)  # distinct, ≥ top-k, the same count in every routing group
-    headers = read_headers(path)  # every header checked, read once; raises on missing / truncated / corrupt shards
-    infos = tensors(path, headers)
+    index = read_index(path)  # read once (DeepSeek-V3's maps ~90k tensors)
+    headers = read_headers(path, index)  # every header checked, read once; raises on missing/truncated/corrupt shards
+    infos = tensors(path, headers, index)
     mtp_keys = {k: infos[k] for k in adapter.mtp_layers(infos, config)}
     mtp_choice = _mtp_choice(mtp, adapter, config, mtp_keys, kept)
     mtp_dropped = sorted(mtp_keys) if mtp == "drop" else []
@@ -328,8 +330,8 @@ def _plan_writes(model: str | Path, plan: Plan, out: str | Path, *, force: bool,
         writes=writes, dropped=dropped + sorted(mtp_dropped), bytes_before=sum(i.nbytes for i in infos.values()),
         data_start={s: start for s, (_, start) in headers.items()},
         shard_metadata={s: header.get("__metadata__") or {} for s, (header, _) in headers.items()},
-        indexed=(path / INDEX).exists(), config=new_config, files=files, skipped=skipped,
-        free_bytes=shutil.disk_usage(_existing_parent(out)).free, mtp=mtp_choice, notes=notes,
+        indexed=index is not None, index_metadata=(index or {}).get("metadata", {}), config=new_config, files=files,
+        skipped=skipped, free_bytes=shutil.disk_usage(_existing_parent(out)).free, mtp=mtp_choice, notes=notes,
     )
     from premoe.modelcard import compiled_card
 
@@ -549,7 +551,8 @@ def check_compiled(path: str | Path) -> None:
     if wrong or max(expected.values(), default=count) != count:
         raise CheckpointError(f"{path}/config.json declares {count} experts per layer but the plan wrote "
                               f"{wrong or expected}; the compiled checkpoint is inconsistent")
-    found = tensors(path)
+    index = read_index(path)
+    found = tensors(path, index=index)
     experts: dict[int, set[int]] = {layer: set() for layer in expected}
     rows: set[int] = set()
     for key, tensor in found.items():
@@ -576,13 +579,12 @@ def check_compiled(path: str | Path) -> None:
     if len(mtp_layers) != adapter.mtp_declared(config):
         raise CheckpointError(f"{path}: config.json declares {adapter.mtp_declared(config)} MTP layers, the shards "
                               f"hold {len(mtp_layers)}")
-    if (path / INDEX).exists() and set(json.loads((path / INDEX).read_text())["weight_map"]) != set(found):
+    if index is not None and index["weight_map"].keys() != found.keys():
         raise CheckpointError(f"{path}/{INDEX} does not list exactly the tensors the shards hold")
 
 
 def _write_index(plan: WritePlan, file: Path) -> None:
-    source = json.loads((plan.model_path / INDEX).read_text())
-    metadata = {**source.get("metadata", {}), "total_size": plan.bytes_after}
+    metadata = {**plan.index_metadata, "total_size": plan.bytes_after}
     weight_map = dict(sorted((w.key, w.shard) for w in plan.writes))
     file.write_text(_dumps_index(metadata, weight_map) + "\n")
 
@@ -646,7 +648,8 @@ def _copy_runs(src: int, dst: int, runs: list[tuple[int, int]], name: Path, adva
     low = high = 0  # the source window they span
     for begin, end in runs:
         if end > size:
-            raise CheckpointError(f"{name} ends at byte {size}, before byte {end} of a kept tensor; the shard is truncated")
+            raise CheckpointError(f"{name} ends at byte {size}, before byte {end} of a kept tensor; the shard is "
+                                  "truncated")
         if end - begin >= _KERNEL_RUN:
             _gather(src, dst, pending, low, high, advance)
             pending = []
