@@ -43,6 +43,7 @@ import functools
 import json
 import math
 import mmap
+import operator
 import os
 import shutil
 import struct
@@ -379,7 +380,7 @@ def _tensor_writes(infos: dict, adapter, kept: dict[int, list[int]],
     renumber = {layer: {e: i for i, e in enumerate(experts)} for layer, experts in kept.items()}
     seen_experts: dict[int, set[int]] = {layer: set() for layer in kept}
     routers: set[int] = set()  # layers with tensors sliced along experts (router, fused experts)
-    for info in sorted(infos.values(), key=lambda i: (i.shard, i.key)):
+    for info in sorted(infos.values(), key=operator.attrgetter("shard", "key")):
         kind = adapter.classify_key(info.key)
         if kind is None:
             writes.append(TensorWrite(info.key, info.key, info.shard, info.dtype, info.shape, None, info.offsets))
