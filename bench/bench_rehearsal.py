@@ -348,10 +348,10 @@ def markdown(result: dict) -> str:
              f"(`python bench/bench_rehearsal.py`, {result['date']}).", "",
              f"| measure | {a} shards | {b} shards | goal |", "|---|---|---|---|"]
     lines += [f"| {name} | {x} | {y} | {goal} |" for name, x, y, goal, _ in rows]
-    if "compile_rerun" in result:
-        rerun = result["compile_rerun"]
-        lines += ["", f"The compile rows were rerun on {rerun['date']} with `{rerun['command']}` (medians of "
-                  f"{len(c['fp8']['compile_s'])} alternating rounds); the other rows are from the full run."]
+    if "rerun" in result:
+        rerun = result["rerun"]
+        lines += ["", f"The {' and '.join(rerun['rows'])} rows were rerun on {rerun['date']} with `{rerun['command']}` "
+                  "(medians of alternating rounds); the other rows are from the full run."]
     lines += ["", f"Largest decoder layer {p['largest_layer_fp32_bytes'] / 1e6:.1f} MB fp32; the baseline process "
               f"(Python, torch, transformers, tokens, empty model) holds {p['baseline_peak_rss'] / 1e6:.0f} MB, so at "
               "toy width the whole-process ratio measures the interpreter, not premoe."]
@@ -422,18 +422,25 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=1.0, help="seconds after each delete before the next run")
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/rehearsal.json")
     parser.add_argument("--md", type=Path, default=ROOT / "bench/results/rehearsal.md")
-    parser.add_argument("--only", choices=("compile",), help="rerun only the compile rows, keeping the others from "
-                        "--json (needs the plan-50-local.json an earlier full run left in --work)")
+    parser.add_argument("--only", choices=("compile", "headers"), action="append",
+                        help="rerun only these rows (repeatable), keeping the others from --json (needs the "
+                        "plan-50-local.json an earlier full run left in --work)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     layout = dsv3_layout.Layout(layers=args.layers)
     models, fp8, gen_seconds = make_models(layout, args.work)
     print(f"written in {gen_seconds}", flush=True)
-    if args.only == "compile":
-        result = json.loads(args.json.read_text())
-        result["compile"] = compile_rows(models, fp8, args.work / "plan-50-local.json", args)
-        result["compile_rerun"] = {"date": time.strftime("%Y-%m-%d"),
-                                   "command": "python bench/bench_rehearsal.py " + " ".join(sys.argv[1:])}
+    if args.only:
+        result, plan = json.loads(args.json.read_text()), args.work / "plan-50-local.json"
+        if "headers" in args.only:
+            big = max(SHARD_COUNTS)
+            big_plan = retarget(plan, models[big], args.work / f"plan-{big}.json")
+            result["headers_plan"] = headers_and_plan(models, big_plan, args.work, args.rounds)
+            result["headers_plan"].pop("tensors")
+        if "compile" in args.only:
+            result["compile"] = compile_rows(models, fp8, plan, args)
+        result["rerun"] = {"rows": sorted(set(args.only)), "date": time.strftime("%Y-%m-%d"),
+                           "command": "python bench/bench_rehearsal.py " + " ".join(sys.argv[1:])}
         _save(result, args)
         return
     result = {"layout": {"layers": layout.layers, "experts": layout.experts, "hidden": layout.hidden,
@@ -452,7 +459,7 @@ def main() -> None:
     result["swap"] = {str(s): swap_cost(m, args.swaps, 0.25) for s, m in models.items()}
     print("swap", json.dumps(result["swap"]), flush=True)
     result["compile"] = compile_rows(models, fp8, plans["50-local"], args)
-    result.pop("compile_rerun", None)
+    result.pop("rerun", None)
     _save(result, args)
 
 
