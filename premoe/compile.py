@@ -676,7 +676,7 @@ def _gather(src: int, dst: int, runs: list[tuple[int, int]], low: int, high: int
         with memoryview(window) as view:
             parts = [view[begin - start : end - start] for begin, end in runs]
             try:
-                _write_all(dst, parts)
+                _writev_all(dst, parts)
             finally:
                 for part in parts:  # the map cannot close while a slice of it is alive
                     part.release()
@@ -685,7 +685,7 @@ def _gather(src: int, dst: int, runs: list[tuple[int, int]], low: int, high: int
     advance(sum(end - begin for begin, end in runs))
 
 
-def _write_all(fd: int, parts: list[memoryview]) -> None:
+def _writev_all(fd: int, parts: list[memoryview]) -> None:
     """Write ``parts`` in order with one ``writev``, finishing a short write (or no writev) with plain writes."""
     done = os.writev(fd, parts) if hasattr(os, "writev") else 0
     for part in parts:
