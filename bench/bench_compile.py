@@ -59,10 +59,10 @@ from premoe.plan import Plan
 def status(field):
     return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
 rss_after_imports = status("VmRSS:")
-start = time.perf_counter()
+start, cpu_start = time.perf_counter(), time.process_time()
 report = compile_checkpoint(sys.argv[1], Plan.load(sys.argv[2]), sys.argv[3], force=True, progress=False)
-seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "bytes": report.plan.bytes_after, "largest_tensor": report.plan.largest_tensor,
+seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "bytes": report.plan.bytes_after, "largest_tensor": report.plan.largest_tensor,
                   "peak_rss": status("VmHWM:"),
                   "rss_after_imports": rss_after_imports,
                   "kept_per_shard": {s: sum(w.nbytes for w in ws) for s, ws in report.plan.shards().items()}}))

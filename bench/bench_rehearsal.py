@@ -170,8 +170,20 @@ def compile_throughput(model: Path, plan: Path, work: Path, rounds: int, settle:
     out = work / "compiled"
     first = bench_compile.run_compile(model, plan, out)
     kept = first["kept_per_shard"]
-    runs = {"compile": lambda: bench_compile.run_compile(model, plan, out)["seconds"],
-            "copy": lambda: bench_compile.run_kernel_copy(model, kept, out)}
+    cpu = {"compile": [], "copy": []}  # CPU seconds (user + system): what other jobs on a shared machine do not inflate
+
+    def compile_run():
+        done = bench_compile.run_compile(model, plan, out)
+        cpu["compile"].append(done["cpu_seconds"])
+        return done["seconds"]
+
+    def copy_run():
+        started = time.process_time()
+        seconds = bench_compile.run_kernel_copy(model, kept, out)
+        cpu["copy"].append(time.process_time() - started)
+        return seconds
+
+    runs = {"compile": compile_run, "copy": copy_run}
 
     def fresh(fn):
         def run():
@@ -188,7 +200,8 @@ def compile_throughput(model: Path, plan: Path, work: Path, rounds: int, settle:
     overhead = statistics.median(results["compile"]) - statistics.median(results["copy"])
     return {"kept_bytes": first["bytes"], "compile_s": results["compile"], "copy_s": results["copy"],
             "tensors": count, "overhead_s": overhead, "overhead_us_per_tensor": 1e6 * overhead / count,
-            "ratio_median": statistics.median(ratios),
+            "ratio_median": statistics.median(ratios), "compile_cpu_s": cpu["compile"], "copy_cpu_s": cpu["copy"],
+            "cpu_ratio_median": statistics.median(c / m for c, m in zip(cpu["copy"], cpu["compile"])),
             "compile_MBps_median": first["bytes"] / statistics.median(results["compile"]) / 1e6,
             "peak_rss": first["peak_rss"], "rss_after_imports": first["rss_after_imports"]}
 
@@ -335,6 +348,10 @@ def markdown(result: dict) -> str:
              f"(`python bench/bench_rehearsal.py`, {result['date']}).", "",
              f"| measure | {a} shards | {b} shards | goal |", "|---|---|---|---|"]
     lines += [f"| {name} | {x} | {y} | {goal} |" for name, x, y, goal, _ in rows]
+    if "rerun" in result:
+        rerun = result["rerun"]
+        lines += ["", f"The {' and '.join(rerun['rows'])} rows were rerun on {rerun['date']} with `{rerun['command']}` "
+                  "(medians of alternating rounds); the other rows are from the full run."]
     lines += ["", f"Largest decoder layer {p['largest_layer_fp32_bytes'] / 1e6:.1f} MB fp32; the baseline process "
               f"(Python, torch, transformers, tokens, empty model) holds {p['baseline_peak_rss'] / 1e6:.0f} MB, so at "
               "toy width the whole-process ratio measures the interpreter, not premoe."]
@@ -359,7 +376,9 @@ def _explanations(result: dict) -> list[str]:
     per_swap = s[big]["experts_read"] / s[big]["swaps"]
     lines = ["", "What the ratios are made of:",
              f"- compile: the fixed cost is {fp8['overhead_us_per_tensor']:.0f} µs per tensor (header parsing and "
-             f"checks in and out, planning, one header per shard); at toy width a kept expert tensor is "
+             f"checks in and out, planning, one header per shard, the check of what was written, the model card's "
+             f"imports); the bytes themselves go as runs (adjacent kept tensors merged; runs under 64 kB gathered "
+             f"into one writev per window, longer ones copy_file_range); at toy width a kept expert tensor is "
              f"8-16 kB, so {fp8['tensors']} tensors cost {fp8['overhead_s']:.1f} s against "
              f"{statistics.median(fp8['copy_s']):.2f} s of copying. The release has the same key layout "
              f"(~{fp8['tensors'] // 1000}k tensors) but ~{release_kept / 1e9:.0f} GB kept at 50%: at this machine's "
@@ -371,6 +390,12 @@ def _explanations(result: dict) -> list[str]:
              "reading its bytes (bf16 -> fp32 conversion into the slots and per-tensor Python), which a "
              "49 kB toy expert cannot amortise. The bank loads the whole model first (from_pretrained, fp32): "
              f"{s[big]['bank_load_s']:.0f} s here; impossible at DeepSeek-V3's real size."]
+    if "cpu_ratio_median" in fp8:
+        a, b = SHARD_COUNTS
+        lines.append(f"- compile in CPU time (user + system, which the other jobs on this shared machine do not "
+                     f"inflate as they do wall time): copy / compile = {c[f'bf16_{a}']['cpu_ratio_median']:.2f}x "
+                     f"(bf16, {a} shards), {c[f'bf16_{b}']['cpu_ratio_median']:.2f}x (bf16, {b} shards), "
+                     f"{fp8['cpu_ratio_median']:.2f}x (FP8).")
     hr = result.get("swap_h_retrieval")
     if hr:
         lines.append(f"- the same swaps with {hr['branch']}'s bank ({hr['commit']}: fp32 slot cache, preadv into "
@@ -397,11 +422,27 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=1.0, help="seconds after each delete before the next run")
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/rehearsal.json")
     parser.add_argument("--md", type=Path, default=ROOT / "bench/results/rehearsal.md")
+    parser.add_argument("--only", choices=("compile", "headers"), action="append",
+                        help="rerun only these rows (repeatable), keeping the others from --json (needs the "
+                        "plan-50-local.json an earlier full run left in --work)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     layout = dsv3_layout.Layout(layers=args.layers)
     models, fp8, gen_seconds = make_models(layout, args.work)
     print(f"written in {gen_seconds}", flush=True)
+    if args.only:
+        result, plan = json.loads(args.json.read_text()), args.work / "plan-50-local.json"
+        if "headers" in args.only:
+            big = max(SHARD_COUNTS)
+            big_plan = retarget(plan, models[big], args.work / f"plan-{big}.json")
+            result["headers_plan"] = headers_and_plan(models, big_plan, args.work, args.rounds)
+            result["headers_plan"].pop("tensors")
+        if "compile" in args.only:
+            result["compile"] = compile_rows(models, fp8, plan, args)
+        result["rerun"] = {"rows": sorted(set(args.only)), "date": time.strftime("%Y-%m-%d"),
+                           "command": "python bench/bench_rehearsal.py " + " ".join(sys.argv[1:])}
+        _save(result, args)
+        return
     result = {"layout": {"layers": layout.layers, "experts": layout.experts, "hidden": layout.hidden,
                          "moe_intermediate": layout.moe_intermediate},
               "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "generate_s": gen_seconds,
@@ -417,11 +458,24 @@ def main() -> None:
     print("headers", json.dumps(result["headers_plan"]), flush=True)
     result["swap"] = {str(s): swap_cost(m, args.swaps, 0.25) for s, m in models.items()}
     print("swap", json.dumps(result["swap"]), flush=True)
-    result["compile"] = {f"bf16_{s}": compile_throughput(m, plan[s], args.work, args.rounds, args.settle)
-                         for s, m in models.items()}
-    result["compile"]["fp8"] = compile_throughput(fp8, retarget(plans["50-local"], fp8, args.work / "plan-fp8.json"),
-                                                  args.work, args.rounds, args.settle)
-    print("compile", json.dumps({k: v["ratio_median"] for k, v in result["compile"].items()}), flush=True)
+    result["compile"] = compile_rows(models, fp8, plans["50-local"], args)
+    result.pop("rerun", None)
+    _save(result, args)
+
+
+def compile_rows(models: dict[int, Path], fp8: Path, plan: Path, args) -> dict:
+    """Compile vs kernel copy, bf16 at every shard count and FP8, for the same kept experts (``plan``)."""
+    if not plan.exists():
+        raise SystemExit(f"{plan} not found: run the full benchmark once with --work {args.work}")
+    rows = {f"bf16_{s}": compile_throughput(m, retarget(plan, m, args.work / f"plan-{s}.json"), args.work,
+                                            args.rounds, args.settle) for s, m in models.items()}
+    rows["fp8"] = compile_throughput(fp8, retarget(plan, fp8, args.work / "plan-fp8.json"), args.work, args.rounds,
+                                     args.settle)
+    print("compile", json.dumps({k: v["ratio_median"] for k, v in rows.items()}), flush=True)
+    return rows
+
+
+def _save(result: dict, args) -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     args.md.write_text(markdown(result))

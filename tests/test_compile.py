@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 from collections import namedtuple
+from pathlib import Path
 
 import pytest
 import torch
@@ -392,3 +393,106 @@ def test_byte_ranges_of_a_tensor_sliced_along_an_inner_axis():
     assert write.nbytes == 48
     merged = TensorWrite("k", "k", "s", "F32", (2, 2, 3), (2, 3), (0, 96), (2, 4, 3), axis=1)
     assert merged.ranges == [(24, 48), (72, 96)]  # adjacent experts merge into one copy
+
+
+# --------------------------------------------------------------------------- the byte copy (coalesced runs)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _dsv3_fp8(tmp_path):
+    """DeepSeek-V3's FP8 release layout at toy width: FP8 weights and F32 block scales interleaved, 11 shards."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import dsv3_layout
+
+    layout = dsv3_layout.Layout(layers=5, hidden=64, moe_intermediate=32, intermediate=128, heads=2, q_lora_rank=48,
+                                kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, shards=11,
+                                fp8=True)
+    path = dsv3_layout.write(layout, tmp_path / "fp8")
+    generator = torch.Generator().manual_seed(3)
+    # 12 of every routing group's 32 experts, at random: runs of 1-4 experts cut by dropped ones
+    kept = {layer: sorted(g * 32 + e for g in range(8) for e in torch.randperm(32, generator=generator)[:12].tolist())
+            for layer in (3, 4)}
+    from premoe.modeling import model_identity
+
+    plan = Plan(model_identity(path), "DeepSeek-V3", 256, 8, [3, 4], kept, {l: list(range(256)) for l in kept},
+                {"scorer": "random"}, "specialist:test", {})
+    return path, plan
+
+
+def test_every_copy_path_writes_the_same_bytes_and_each_tensor_is_its_source(tmp_path, monkeypatch):
+    """Kernel copies, gathered writev batches (one run per window, several windows) and the default mix write
+    byte-identical checkpoints, whose every tensor is its source tensor (rows sliced) and whose shards keep their
+    source's metadata."""
+    import premoe.compile as compile_module
+
+    path, plan = _dsv3_fp8(tmp_path)
+    outs = {}
+    for name, kernel_run, iov_max, chunk in [("default", compile_module._KERNEL_RUN, 1024, 64 << 20),
+                                              ("kernel", 0, 1024, 64 << 20), ("gathered", 1 << 40, 3, 20_000)]:
+        monkeypatch.setattr(compile_module, "_KERNEL_RUN", kernel_run)
+        monkeypatch.setattr(compile_module, "_IOV_MAX", iov_max)
+        monkeypatch.setattr(compile_module, "_CHUNK", chunk)
+        report = compile_checkpoint(path, plan, tmp_path / name / "out", mtp="prune", progress=False)
+        outs[name] = report.plan.out
+    files = sorted(p.name for p in outs["default"].iterdir())
+    assert len([f for f in files if f.endswith(".safetensors")]) == 11
+    for name in ("kernel", "gathered"):
+        assert sorted(p.name for p in outs[name].iterdir()) == files
+        for file in files:
+            assert (outs[name] / file).read_bytes() == (outs["default"] / file).read_bytes(), (name, file)
+    source, written = _shards(path), _shards(outs["default"])
+    sliced = 0
+    for write in report.plan.writes:
+        expected = source[write.shard][0][write.source]
+        if write.rows is not None:
+            expected = expected.index_select(write.axis, torch.tensor(write.rows))
+            sliced += 1
+        got = written[write.shard][0][write.key]
+        assert got.dtype == expected.dtype and got.shape == expected.shape, write.key
+        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), write.key
+    assert sliced == 2 * 3  # router weight and correction bias of layers 3, 4 and the MTP layer 5
+    assert all(written[shard][1] == source[shard][1] for shard in written)  # each shard's __metadata__
+
+
+def _shards(path) -> dict:
+    """shard name -> (its tensors, its metadata), read by safetensors itself."""
+    found = {}
+    for file in path.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            found[file.name] = ({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
+    return found
+
+
+def test_a_short_writev_is_finished_and_a_shard_cut_after_planning_is_refused(tmp_path, monkeypatch):
+    import premoe.compile as compile_module
+    from premoe.compile import plan_writes, write_checkpoint
+
+    path, plan = _dsv3_fp8(tmp_path)
+    reference = compile_checkpoint(path, plan, tmp_path / "ref", progress=False).plan.out
+    real = compile_module.os.writev
+    monkeypatch.setattr(compile_module, "_KERNEL_RUN", 1 << 40)  # every run gathered
+    for name, fake in [("half", lambda fd, parts: real(fd, [parts[0][: len(parts[0]) // 2]])),  # a short writev
+                       ("none", lambda fd, parts: 0)]:  # and one that writes nothing
+        monkeypatch.setattr(compile_module.os, "writev", fake)
+        out = compile_checkpoint(path, plan, tmp_path / name, progress=False).plan.out
+        for file in reference.glob("*.safetensors"):
+            assert (out / file.name).read_bytes() == file.read_bytes()  # finished by plain writes
+    monkeypatch.undo()
+    written = plan_writes(path, plan, tmp_path / "cut")
+    shard, writes = next(iter(written.shards().items()))
+    last = max(end for w in writes for _, end in w.ranges)  # the last kept byte, within the data section
+    with open(path / shard, "r+b") as f:
+        f.truncate(written.data_start[shard] + last - 1)
+    with pytest.raises(CheckpointError, match=f"{shard} ends at byte .* the shard is truncated"):
+        write_checkpoint(written, progress=False)
+    assert_nothing_written(tmp_path / "cut")
+
+
+def test_the_index_is_written_as_json_indents_it():
+    from premoe.compile import _dumps_index
+
+    for metadata, weight_map in [({}, {}), ({"total_size": 5, "nested": {"a": [1, 2]}}, {'a"b': "é", "b\n": "s"}),
+                                 ({"total_size": 1}, {"k": "v"})]:
+        assert _dumps_index(metadata, weight_map) == json.dumps({"metadata": metadata, "weight_map": weight_map},
+                                                                indent=2)

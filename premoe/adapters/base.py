@@ -24,7 +24,7 @@ import contextlib
 import functools
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -170,12 +170,26 @@ class MoEAdapter:
         >>> DEEPSEEK_V3.mtp_layer("model.layers.61.eh_proj.weight", {"num_hidden_layers": 61})
         61
         """
+        return self.mtp_layers([key], config).get(key)
+
+    def mtp_layers(self, keys: Iterable[str], config) -> dict[str, int]:
+        """Of ``keys``, those in MTP layers, with their layer: :meth:`mtp_layer` for a whole checkpoint at once.
+
+        >>> DEEPSEEK_V3.mtp_layers(["model.layers.60.mlp.gate.weight", "model.layers.61.eh_proj.weight"],
+        ...                        {"num_hidden_layers": 61})
+        {'model.layers.61.eh_proj.weight': 61}
+        """
         if not self.mtp_count_keys:
-            return None
-        match = self._decoder_layer.match(key)
-        if match is None or int(match.group(1)) < self.num_hidden_layers(config):
-            return None
-        return int(match.group(1))
+            return {}
+        first, found = None, {}
+        for key in keys:
+            match = self._decoder_layer.match(key)
+            if match is None:
+                continue
+            first = self.num_hidden_layers(config) if first is None else first  # read once, only for layer keys
+            if int(match.group(1)) >= first:
+                found[key] = int(match.group(1))
+        return found
 
     def mtp_declared(self, config) -> int:
         """How many MTP layers the config says the checkpoint carries (0 when it says nothing)."""
@@ -337,7 +351,7 @@ class MoEAdapter:
         if not match:
             return None
         layer, rest = int(match.group("layer")), match.group("rest")
-        expert = re.match(rf"{re.escape(self.experts)}\.(\d+)\.", rest)
+        expert = self._expert_prefix.match(rest)
         if expert:
             return "expert", layer, int(expert.group(1))
         if rest.startswith(f"{self.experts}.") or rest in self.disk_fused_experts or rest in self._disk_router_rows:
@@ -390,6 +404,10 @@ class MoEAdapter:
     def _disk_block(self) -> re.Pattern:
         blocks = "|".join(map(re.escape, self.disk_blocks or (self.moe_block,)))
         return re.compile(rf"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?:{blocks})\.(?P<rest>.+)$")
+
+    @functools.cached_property
+    def _expert_prefix(self) -> re.Pattern:
+        return re.compile(rf"{re.escape(self.experts)}\.(\d+)\.")  # compiled once: classify_key runs per tensor
 
     @functools.cached_property
     def _disk_router_rows(self) -> tuple[str, ...]:
