@@ -542,7 +542,8 @@ def bodies(draw, path: str) -> bytes:
         elif key == "messages" and draw(st.booleans()):  # mutate inside the nested message
             message = {"role": draw(st.sampled_from(["user", "system", "assistant", "tool"]) | TEXT),
                        "content": draw(VALUES)}
-            body["messages"] = [message, *body.get("messages", [])[:1]]
+            earlier = body.get("messages")  # an earlier draw may have set it to any value
+            body["messages"] = [message, *(earlier[:1] if isinstance(earlier, list) else [])]
         else:
             body[key] = draw(VALUES)
     body["max_tokens"] = body.get("max_tokens", 2) if draw(st.booleans()) else 2
