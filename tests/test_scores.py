@@ -2,6 +2,8 @@
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from premoe.errors import InputError
@@ -209,3 +211,20 @@ def test_parse_scorer_takes_the_candidate_rule():
     assert dict(spec.params)["candidates_from"] == "routed"
     with pytest.raises(InputError, match="candidates_from must be one of"):
         parse_scorer("peu(candidates=2,threshold=0,transform=logit,candidates_from=groups)")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 12), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_biased_rule_without_a_bias_is_the_logits_rule(experts, candidates, seed):
+    """premoe's default (peu_norm: candidates_from=biased) ranks exactly as the authors' rule where no bias exists,
+    even when the router's probabilities are sparse (a softmax over the routed top-k only, as GPT-OSS does)."""
+    candidates = min(candidates, experts)
+    logits = torch.randn(5, experts, generator=torch.Generator().manual_seed(seed))
+    top = logits.topk(1, dim=-1).indices
+    sparse = torch.zeros_like(logits).scatter(1, top, 1.0)  # the top-1 expert's probability, zeros elsewhere
+    for probs in (logits.softmax(-1), sparse):
+        b = RouterBatch(logits, probs, top)
+        assert torch.equal(candidate_experts(b, candidates, "biased"), candidate_experts(b, candidates, "logits"))
+        assert torch.equal(peu(b, candidates=candidates, threshold=0.55, transform="gate", candidates_from="biased"),
+                           peu(b, candidates=candidates, threshold=0.55, transform="gate"))
+    assert dict(PRESETS["peu_norm"].params)["candidates_from"] == "biased"
