@@ -110,7 +110,7 @@ def test_baseline_goal_needs_most_domains():
     shifts[("python", "peu", 0.25)] = 0.0
     baseline = _table(build_report(synthetic(shifts)), "peu − baseline (nats")
     assert baseline.rows[0][-1] == "1/2"
-    assert "fail: peu beats it by" in baseline.caption and "(not most)" in baseline.caption
+    assert "fail: peu beats it by" in baseline.caption and "better on 1 of 2 domains (needed 2)" in baseline.caption
 
 
 def test_goal_checks_fail():
@@ -188,3 +188,13 @@ def test_cli_report(tmp_path):
     assert result.exit_code == 0, result.output
     files = json.loads(result.stdout)["files"]
     assert any(f.endswith("report.html") for f in files) and any(f.endswith("coverage.png") for f in files)
+
+
+def test_baseline_goal_needs_more_than_two_standard_errors():
+    from premoe.report import Delta, _verdict
+
+    assert _verdict("d", Delta(-0.03, 0.01), won=6, domains=6).startswith("pass: d beats it by 0.0300 nats, 3.0 SE")
+    assert _verdict("d", Delta(-0.015, 0.01), won=6, domains=6).startswith("fail: d beats it by 0.0150 nats, 1.5 SE")
+    assert _verdict("d", Delta(-0.03, 0.01), won=4, domains=6).startswith("fail:")  # 5 of 6 needed
+    assert _verdict("d", Delta(-0.03, 0.01), won=5, domains=6).startswith("pass:")
+    assert _verdict("d", Delta(0.005, 0.01), won=2, domains=6).startswith("fail: within one SE")
