@@ -198,3 +198,17 @@ def test_baseline_goal_needs_more_than_two_standard_errors():
     assert _verdict("d", Delta(-0.03, 0.01), won=4, domains=6).startswith("fail:")  # 5 of 6 needed
     assert _verdict("d", Delta(-0.03, 0.01), won=5, domains=6).startswith("pass:")
     assert _verdict("d", Delta(0.005, 0.01), won=2, domains=6).startswith("fail: within one SE")
+
+
+def test_official_reap_verdict_is_named_beside_a_stronger_baseline():
+    """When another baseline beats REAP, the caption still says how the default fares against official REAP."""
+    data = synthetic(_shifts())
+    data["config"]["scorers"].append("reap")
+    data["scorer_kinds"]["reap"] = "reap"
+    for d in ("python", "bible"):
+        for keep, shift in ((0.5, 0.1), (0.25, 0.4)):  # worse than frequency (0.20 at 25%): not the best baseline
+            data["rows"].append(_row({"profile": "main", "target": f"specialist:{d}", "scorer": "reap", "keep": keep,
+                                      "ranking": "local", "eval": d}, shift))
+    caption = _table(build_report(data), "peu − baseline (nats").caption
+    assert "best baseline (frequency): pass" in caption
+    assert "Vs official REAP (reap): pass: peu beats it by 0.3000 nats" in caption
