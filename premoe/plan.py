@@ -443,6 +443,9 @@ def explain(plan: Plan, sizes=None) -> str:
         lines.append(f"  checkpoint size: {before / 1e9:.4f} GB -> {after / 1e9:.4f} GB ({after / before:.1%})"
                      f" of tensors, {sizes.file_bytes_with(export_counts(plan.kept)) / 1e9:.6f} GB of .safetensors "
                      "files at most")
+        if sizes.mtp_bytes:  # the "before" holds them, the "after" does not: say so, or the ratio flatters pruning
+            lines.append(f"  of which {sizes.mtp_bytes / 1e9:.4f} GB are multi-token-prediction layers that compile "
+                         "drops by default (--mtp drop; --mtp prune keeps them, pruned)")
         if plan.request.get("budget_gb") is not None:
             lines.append(f"  budget: {plan.request['budget_gb']:g} GB, checked again by compile against the exact "
                          "file sizes")

@@ -252,3 +252,20 @@ def test_streaming_profile_ignores_the_mtp_layer(source):
     assert streamed.moe_layers == loaded.moe_layers and mtp not in streamed.moe_layers
     assert streamed.domains["text"].tokens == loaded.domains["text"].tokens > 0
     assert torch.allclose(streamed.domains["text"].sums["peu"], loaded.domains["text"].sums["peu"], atol=1e-4)
+
+
+def test_plan_explain_says_the_size_drop_includes_the_mtp_layer():
+    from types import SimpleNamespace
+
+    from premoe.plan import Plan, explain
+
+    plan = Plan(model={"name": "m"}, family="deepseek_v3", target="specialist:code", num_experts=4, top_k=2,
+                moe_layers=[1], kept={1: [0, 1]}, order={1: [0, 1, 2, 3]},
+                request={"scorer": "peu_norm", "ranking": "local"}, utility_kept={"code": 0.9},
+                notes=[])
+    sizes = SimpleNamespace(total_bytes=10_000_000_000, mtp_bytes=2_000_000_000, bytes_with=lambda c: 5_000_000_000,
+                            file_bytes_with=lambda c: 5_000_100_000)
+    text = explain(plan, sizes)
+    assert "checkpoint size: 10.0000 GB -> 5.0000 GB (50.0%)" in text
+    assert "of which 2.0000 GB are multi-token-prediction layers that compile drops by default" in text
+    assert "multi-token" not in explain(plan, SimpleNamespace(**{**vars(sizes), "mtp_bytes": 0}))
