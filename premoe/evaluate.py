@@ -112,7 +112,7 @@ class Evaluator:
     def evaluate(self, kept: Mapping[int, Sequence[int]] | None = None, *, domains: Sequence[str] | None = None,
                  kl: bool = True, label: str | None = None) -> EvalResult:
         """Evaluate with routing restricted to ``kept`` ({decoder layer: experts}; None: the full model)."""
-        from premoe.progress import bar
+        from premoe.progress import domains_bar
 
         names = list(domains or self.windows)
         unknown = [d for d in names if d not in self.windows]
@@ -123,10 +123,10 @@ class Evaluator:
         trivial_kl = kept is None and self.reference is None  # the reference is this very model
         started = time.time()
         results = {}
-        with bar(sum(self.windows[d].shape[0] for d in names), "eval", "win", enabled=self.progress) as shown:
+        work = {d: self.windows[d].shape[0] for d in names}
+        with domains_bar(work, "eval", "win", enabled=self.progress) as start:
             for domain in names:
-                shown.set_postfix_str(domain, refresh=False)
-                results[domain] = self._evaluate_domain(domain, kept, kl, trivial_kl, shown.update)
+                results[domain] = self._evaluate_domain(domain, kept, kl, trivial_kl, start(domain))
         return EvalResult(self.name, label or ("full" if kept is None else "restricted"), kept, self.seq_len, results,
                           round(time.time() - started, 3))
 

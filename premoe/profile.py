@@ -316,7 +316,7 @@ def profile_model(model: str | Path, sources: Sequence[Source], scorers: Sequenc
     """
     from premoe.adapters import get_adapter
     from premoe.modeling import load_model, load_tokenizer, model_identity
-    from premoe.progress import bar
+    from premoe.progress import domains_bar
 
     params = params or ProfileParams()
     check_sources(sources)
@@ -329,15 +329,15 @@ def profile_model(model: str | Path, sources: Sequence[Source], scorers: Sequenc
     windows = {s.name: token_windows(s.texts, tokenizer, params.seq_len - params.generate, params.max_tokens)
                for s in sources}  # name -> (windows, seq): tokenised first, so one bar spans every domain
     with RouterCapture(net, adapter, specs) as capture, \
-            bar(sum(w.shape[0] for w in windows.values()), "profile", "win", enabled=progress) as shown:
+            domains_bar({n: w.shape[0] for n, w in windows.items()}, "profile", "win", enabled=progress) as start:
         for name, domain_windows in windows.items():
-            shown.set_postfix_str(name, refresh=False)
-            for start in range(0, domain_windows.shape[0], params.batch_size):
-                batch = domain_windows[start : start + params.batch_size].to(params.device)  # (batch, seq)
+            advance = start(name)
+            for first in range(0, domain_windows.shape[0], params.batch_size):
+                batch = domain_windows[first : first + params.batch_size].to(params.device)  # (batch, seq)
                 if params.generate:
                     batch = _continue(net, batch, params.generate, tokenizer)
                 capture.run(batch)
-                shown.update(batch.shape[0])
+                advance(batch.shape[0])
             domains[name] = capture.reset()
     return assemble_profile(identity, adapter, net.config, capture.layers, specs, domains, params, sources, started)
 

@@ -11,10 +11,10 @@
 
 Example::
 
-    with bar(total=len(windows), desc="profile", unit="win") as b:
-        for domain, batch in work:
-            b.set_postfix_str(domain, refresh=False)
-            b.update(len(batch))
+    with domains_bar({"python": 12, "de": 8}, "profile", "win") as start:
+        for domain in ("python", "de"):
+            advance = start(domain)  # the bar now names the domain
+            advance(4)               # 4 more windows done
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import contextlib
 import contextvars
 import os
 import sys
-from typing import Iterator
+from typing import Callable, Iterator, Mapping
 
 _INSIDE = contextvars.ContextVar("premoe_progress_inside", default=False)  # a bar is open: nested work stays quiet
 
@@ -48,6 +48,19 @@ def bar(total: float | None, desc: str, unit: str, *, enabled: bool = True, unit
     finally:
         _INSIDE.reset(token)
         progress.close()
+
+
+@contextlib.contextmanager
+def domains_bar(work: Mapping[str, int], desc: str, unit: str, *,
+                enabled: bool = True) -> Iterator[Callable[[str], Callable[[int], object]]]:
+    """One bar over every domain's ``work`` ({domain: units}); ``start(domain)`` names the domain on the bar and
+    returns ``advance(units)``."""
+    with bar(sum(work.values()), desc, unit, enabled=enabled) as shown:
+        def start(domain: str) -> Callable[[int], object]:
+            shown.set_postfix_str(domain, refresh=False)
+            return shown.update
+
+        yield start
 
 
 LONG_LOAD_BYTES = 2_000_000_000  # checkpoints this large take seconds to minutes to load: worth a bar

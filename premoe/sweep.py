@@ -136,8 +136,8 @@ def run_sweep(model: str | Path, profile: str | Path, out: str | Path, config: S
     text for the studies that re-profile (default: what the profile used).
     """
     from premoe.evaluate import Evaluator
-    from premoe.progress import bar
     from premoe.modeling import load_model, load_tokenizer, model_identity
+    from premoe.progress import bar
 
     config = config or SweepConfig()
     out = Path(out)

@@ -123,7 +123,7 @@ def verify(original: str | Path, compiled: str | Path, data: Sequence[str] | Seq
     from premoe.compile import check_compiled, compiled_info, kept_experts, load_compact
     from premoe.data import token_windows
     from premoe.modeling import config_hash, load_model, load_tokenizer, read_config
-    from premoe.progress import bar
+    from premoe.progress import domains_bar
 
     info = compiled_info(compiled)
     if info["source"]["config_hash"] != config_hash(read_config(original)):
@@ -137,11 +137,9 @@ def verify(original: str | Path, compiled: str | Path, data: Sequence[str] | Seq
     reference = load_model(original)
     adapter = get_adapter(reference.config)
     windows = {s.name: token_windows(s.texts, tokenizer, seq_len, max_tokens) for s in sources}  # (windows, seq)
-    with bar(sum(w.shape[0] for w in windows.values()), "verify", "win", enabled=progress) as shown:
-        checks = []
-        for name, domain_windows in windows.items():
-            shown.set_postfix_str(name, refresh=False)
-            checks.append(_check_source(name, domain_windows, net, reference, adapter, kept, batch_size, shown.update))
+    with domains_bar({n: w.shape[0] for n, w in windows.items()}, "verify", "win", enabled=progress) as start:
+        checks = [_check_source(name, domain_windows, net, reference, adapter, kept, batch_size, start(name))
+                  for name, domain_windows in windows.items()]
     gate_changes = adapter.gate_changes_when_pruned(reference.config)
     notes = []
     if gate_changes:
