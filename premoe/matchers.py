@@ -106,8 +106,12 @@ class Matcher:
         """(nearest domain index, its score, all scores (domains,), fallback) for one pattern (features,)."""
         scores = self.scores(pattern.reshape(1, -1), tokens)[0]  # (domains,)
         best = int(scores.argmin())
-        threshold = self.thresholds.get(self.bucket(tokens))
+        threshold = self.threshold(tokens)
         return best, float(scores[best]), scores, threshold is not None and float(scores[best]) > threshold
+
+    def threshold(self, tokens: int) -> float | None:
+        """The fallback threshold of a ``tokens``-token request (None: not calibrated, never falls back)."""
+        return self.thresholds.get(self.bucket(tokens))
 
     # ------------------------------------------------------------------ files
 

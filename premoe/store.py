@@ -111,6 +111,12 @@ class Store:
     def fallback_method(self) -> str:
         return "nearest" if self.detector is None else self.detector.params.method
 
+    @property
+    def fallback_scorer(self) -> Matcher | Detector:
+        """What fallbacks are thresholded on: the novelty detector, or (a ``nearest`` store) the matcher; both
+        hold per-length ``thresholds`` and answer ``threshold(tokens)``."""
+        return self.matcher if self.detector is None else self.detector
+
     def fallback_score(self, ids: torch.Tensor | None, nearest: float) -> float:
         """The score a request's fallback is decided by: its novelty (ids (T,) needed), or ``nearest``."""
         if self.detector is None:
@@ -121,8 +127,7 @@ class Store:
 
     def fallback_threshold(self, tokens: int) -> float | None:
         """The fallback threshold of a ``tokens``-token request (None: never falls back)."""
-        scored = self.matcher if self.detector is None else self.detector
-        return scored.thresholds.get(self.matcher.bucket(tokens))
+        return self.fallback_scorer.threshold(tokens)
 
     # ------------------------------------------------------------------ growing
 

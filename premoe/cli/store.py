@@ -166,8 +166,7 @@ def _sources(model: str, specs, split: str) -> list:
 
 def _describe(store, path) -> None:
     params = store.matcher.params
-    scored = store.matcher if store.detector is None else store.detector
-    thresholds = ", ".join(f"{t}: {v:.4g}" for t, v in sorted(scored.thresholds.items()))
+    thresholds = ", ".join(f"{t}: {v:.4g}" for t, v in sorted(store.fallback_scorer.thresholds.items()))
     click.echo(f"store {path}: {store.model['name']}, domains {', '.join(store.domains)}; ranking scorer "
                f"{store.scorer}; matcher {params.method} on {params.feature} (layers {params.layers}); "
                f"fallback score {store.fallback_method}, thresholds by request tokens: "
