@@ -80,8 +80,7 @@ def _procs_running() -> int | None:
 
 def free_cpus() -> int:
     """Cores free for premoe now: usable cores minus other runnable tasks, at least 1."""
-    usable = usable_cpus()
-    return max(1, usable - min(other_runnable(), usable - 1))
+    return max(1, usable_cpus() - other_runnable())
 
 
 def configure(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
