@@ -52,7 +52,7 @@ import torch
 from premoe.adapters import get_adapter
 from premoe.checkpoint import TensorInfo, read_header, tensors
 from premoe.errors import CheckpointError, InputError, PlanError, UnsupportedModelError
-from premoe.modeling import load_model, resolve_model_path
+from premoe.modeling import resolve_model_path
 
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -115,18 +115,30 @@ class ExpertBank:
 
     def __init__(self, model: str | Path, kept: Mapping[int, Sequence[int]], loaded=None,
                  cache: str | Path | None = "auto"):
+        from transformers import AutoConfig
+
         from premoe.adapters.base import prune_in_memory
+        from premoe.streaming import load_pruned
 
         self.path = resolve_model_path(model)
-        self.model = loaded if loaded is not None else load_model(self.path)
-        self.adapter = get_adapter(self.model.config)
-        self.config = copy.deepcopy(self.model.config)  # the unpruned config: what kept sets are checked against
-        layers = self.adapter.moe_layers(self.model)
-        self.num_experts = layers[0].num_experts
-        start = self._check(kept)
-        self.full_router = copy.deepcopy(layers[0].router)  # retrieval routes layer 1 through every expert
-        prune_in_memory(self.model, self.adapter, start)
+        self.config = loaded.config if loaded is not None else AutoConfig.from_pretrained(self.path)
+        self.config = copy.deepcopy(self.config)  # the unpruned config: what kept sets are checked against
+        self.adapter = get_adapter(self.config)
+        self.num_experts = self.adapter.num_experts(self.config)
+        routers = []  # retrieval routes layer 1 through every expert: keep its router from before pruning
+        if loaded is not None:
+            self._moe_indices = [l.index for l in self.adapter.moe_layers(loaded)]
+            start = self._check(kept)
+            routers.append(copy.deepcopy(self.adapter.moe_layers(loaded)[0].router))
+            self.model = prune_in_memory(loaded, self.adapter, start)
+        else:  # one decoder layer at a time: never the whole checkpoint in memory
+            start = self._check(kept, layers=sorted(kept))  # load_pruned names MoE layers kept leaves out
+            self.model = load_pruned(self.path, start, on_layer=lambda layer: routers or routers.append(
+                copy.deepcopy(layer.router)))
+        self.full_router = routers[0]
         self.layers = {l.index: l for l in self.adapter.moe_layers(self.model)}
+        self._moe_indices = sorted(self.layers)
+        start = {l: start[l] for l in self._moe_indices}
         self.slots: dict[int, list[int]] = {l: list(v) for l, v in start.items()}  # layer -> expert in each slot
         self._maps: dict[str, tuple[mmap.mmap, int]] = {}  # shard -> (mapping, data start)
         self._experts: dict[int, dict[int, list[_Source]]] = {l: {} for l in self.layers}  # per-expert tensors
@@ -236,9 +248,10 @@ class ExpertBank:
         on_disk |= {s.disk.dtype for layer in self._experts.values() for ss in layer.values() for s in ss}
         return on_disk != resident
 
-    def _check(self, kept: Mapping[int, Sequence[int]], slots: int | None = None) -> dict[int, list[int]]:
-        """{layer: sorted experts}: every MoE layer, one count everywhere (the slots are fixed), routable."""
-        layers = [l.index for l in self.adapter.moe_layers(self.model)]
+    def _check(self, kept: Mapping[int, Sequence[int]], slots: int | None = None,
+               layers: Sequence[int] | None = None) -> dict[int, list[int]]:
+        """{layer: sorted experts}: every MoE layer (or ``layers``), one count everywhere (the slots are fixed), routable."""
+        layers = self._moe_indices if layers is None else layers
         missing = sorted(set(layers) - set(kept))
         if missing:
             raise InputError(f"the expert set names no experts for MoE layers {missing}")

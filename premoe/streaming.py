@@ -129,6 +129,53 @@ def profile_streaming(model: str | Path, sources: Sequence[Source], scorers: Seq
                             mode="streaming", hidden_states="file" if store.path else "memory")
 
 
+def load_pruned(model: str | Path, kept: dict[int, Sequence[int]], on_layer=None, device: str = "cpu") -> nn.Module:
+    """The model holding only the ``kept`` experts of each MoE layer, built one decoder layer at a time.
+
+    Each decoder layer is read whole (fp32, the same conversion as the
+    profile) and pruned at once with
+    :func:`~premoe.adapters.base.prune_in_memory`, so the peak is the pruned
+    model plus one unpruned layer, never the whole checkpoint: what the expert
+    bank needs to serve a model larger than memory. ``on_layer(moe_layer)``
+    sees each MoE layer before it is pruned (the bank copies the first
+    router). The result equals ``prune_in_memory(load_model(model), adapter,
+    kept)`` exactly (tests/test_bank.py).
+    """
+    from transformers import AutoConfig
+
+    from premoe.adapters import get_adapter
+    from premoe.adapters.base import prune_in_memory
+    from premoe.modeling import resolve_model_path
+
+    path = resolve_model_path(model)
+    config = AutoConfig.from_pretrained(path)
+    net = _skeleton(config)
+    adapter = get_adapter(config, net)
+    moe = {layer.index: layer for layer in adapter.moe_layers(net)}
+    missing = sorted(set(moe) - set(kept))
+    if missing:
+        raise InputError(f"the expert set names no experts for MoE layers {missing}")
+    adapter.check_kept(config, {index: kept[index] for index in moe})
+    layers = _decoder_layers(net, next(iter(moe.values())))
+    loader = _Loader(net, path, checkpoint.tensors(path), len(layers), device, _weight_block(config), adapter, moe)
+    _return_freed_memory()
+    loader.load(loader.by_layer.get(None, []))  # embeddings, final norm, output head
+    for index in range(len(layers)):
+        loader.load(loader.layer_keys(index))
+        if index in moe:
+            if on_layer is not None:
+                on_layer(moe[index])
+            prune_in_memory(net, adapter, {index: kept[index]})  # this layer only: the others are not loaded yet
+            _trim_heap()
+    if getattr(config, "tie_word_embeddings", False):
+        net.tie_weights()
+    prune_in_memory(net, adapter, {})  # no slicing left: sets the config's expert count, now one for every layer
+    absent = [name for name, p in net.named_parameters() if p.is_meta]
+    if absent:
+        raise CheckpointError(f"{path} lacks tensor {absent[0]} ({len(absent)} missing); the checkpoint is incomplete")
+    return net.eval()
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -238,7 +285,7 @@ class _Loader:
         """Tensors ``keys`` materialised in fp32 for the duration of the block; ``module`` must be complete."""
         before = {n for n, p in self.net.named_parameters() if p.is_meta}
         try:
-            self._load(keys)
+            self.load(keys)
             missing = [n for n, p in module.named_parameters() if p.is_meta]
             if missing:
                 raise CheckpointError(f"{self.path} lacks tensor {missing[0]} of {what} ({len(missing)} missing); "
@@ -251,7 +298,8 @@ class _Loader:
                     setattr(self.net.get_submodule(owner), attr, nn.Parameter(p.to("meta"), requires_grad=False))
             _trim_heap()
 
-    def _load(self, keys: list[str]) -> None:
+    def load(self, keys: list[str]) -> None:
+        """Materialise tensors ``keys`` in fp32 for good (:meth:`loaded` sends them back to ``meta`` after)."""
         from safetensors import safe_open
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig

@@ -150,3 +150,26 @@ def test_slot_cache_is_removed_with_the_bank(tiny_qwen3):
     del bank
     gc.collect()
     assert not path.exists()
+
+
+@pytest.mark.parametrize("family", sorted(LAYOUTS))
+def test_the_bank_loads_one_layer_at_a_time_into_exactly_the_pruned_model(family, tmp_path, monkeypatch):
+    import transformers
+
+    path = tiny.save(family, tmp_path / family)
+    full = load_model(path)
+    kept = random_kept(full, 3)
+    first = {k: v.clone() for k, v in get_adapter(full.config).moe_layers(full)[0].router.state_dict().items()}
+    want = prune_in_memory(full, get_adapter(full.config), kept).state_dict()
+
+    def whole_model(*args, **kwargs):
+        raise AssertionError("the bank loaded the whole checkpoint")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", whole_model)
+    bank = ExpertBank(path, kept, cache=None)
+    got = bank.model.state_dict()
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])]
+    assert bank.model.config.to_dict() == full.config.to_dict()
+    router = bank.full_router.state_dict()  # the first router from before pruning: retrieval needs every expert
+    assert sorted(router) == sorted(first) and all(torch.equal(router[k], first[k]) for k in first)
