@@ -14,17 +14,18 @@ by round, and reports the per-round ratios' median:
    resident model's full forward on the same T tokens. Goal: ≤ 1/L + a little
    (L decoder layers).
 2. **swap vs plain reads**: ``bank.swap`` to the next stored domain's
-   experts against ``os.pread`` of the same kind of byte ranges
+   experts against plain reads of the same kind of byte ranges
    (``bank.byte_ranges`` of the domains after it: whichever side reads a
    range second finds it in the CPU caches, so every side reads its own
-   experts and the comparison is per byte), all from the page cache.
-   Goal: ≤ 1.5x. Two
-   banks: the default one, which reads fp32 slot records from its slot
-   cache with ``preadv`` straight into the freed slots (unordered slots: no
-   expert moves), and ``cache=None``, which reads the bf16 checkpoint and
-   converts into the fp32 slots (there a third side, pread + the same
-   conversion, is its physical reference). The slot cache reads twice the
-   bytes of the bf16 checkpoint, both are reported.
+   experts and the comparison is per byte), all from the page cache; the
+   references are in bench/plain_reads.py (``pread`` into a recycled,
+   cache-hot buffer; ``pread_kept`` into buffers that keep the bytes).
+   Goal: ≤ 1.5x. Three banks: the default one, whose slot cache holds fp32
+   records and which maps each page-sized slot slice from it
+   (premoe/pagemap.py) and reads the rest; the same with ``remap=False``,
+   which reads every record with ``preadv`` into the slot; and
+   ``cache=None``, which reads the bf16 checkpoint and converts into the
+   fp32 slots (its reference adds the same conversion: ``pread_convert``).
 3. **server requests/s**: sequential OpenAI completions against the real
    HTTP server (uvicorn in a thread): prompts cycling through the domains
    (a swap on most requests), prompts from one domain (retrieval, no swap),
@@ -64,14 +65,16 @@ def main() -> None:
     from premoe.retrieval import Retriever
 
     store = s.store
-    bank = ExpertBank(s.model, store.kept(store.domains[0], s.experts))
+    start = store.kept(store.domains[0], s.experts)
+    bank = ExpertBank(s.model, start)
     tokenizer = load_tokenizer(s.model)
     retriever = Retriever(bank.model, bank.adapter, store, tokenizer, router=bank.full_router)
     results = {"model": str(s.model), "experts": s.experts, "layers": bank.model.config.num_hidden_layers,
                "retrieval": retrieval_cost(bank, retriever, s, args),
-               "swap": {"slot_cache": swap_cost(bank, store, s.experts, args.rounds),
-                        "checkpoint": swap_cost(ExpertBank(s.model, store.kept(store.domains[0], s.experts),
-                                                           cache=None), store, s.experts, args.rounds)},
+               "swap": {"slot_cache": swap_cost({"mapped": bank, "read": ExpertBank(s.model, start, remap=False)},
+                                                store, s.experts, args.rounds),
+                        "checkpoint": swap_cost({"checkpoint": ExpertBank(s.model, start, cache=None)}, store,
+                                                s.experts, args.rounds)},
                "server": server_throughput(bank, retriever, tokenizer, s, args)}
     results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps(results, indent=2))
@@ -107,58 +110,59 @@ def retrieval_cost(bank, retriever, s, args) -> dict:
             "forward_ms_median": round(1e3 * statistics.median(forward_s), 3)}
 
 
-def swap_cost(bank, store, experts: int, rounds: int) -> dict:
-    """Median over swaps of swap time / plain pread time of the same byte ranges (and / pread + dtype conversion)."""
+def swap_cost(banks: dict, store, experts: int, rounds: int) -> dict:
+    """Per-byte medians of each bank's swap against plain reads (bench/plain_reads.py), alternated.
+
+    ``banks`` maps a name to a bank; every bank and every reference reads
+    different experts in a round (those of the next domains), so none finds
+    bytes another side just pulled into the CPU caches.
+    """
+    from plain_reads import PlainReads
+
     targets = [store.kept(d, experts) for d in store.domains]
-    shards = {r[0] for target in targets for r in bank.byte_ranges(target)}
-    files = {shard: os.open(shard, os.O_RDONLY) for shard in shards}
-    resident = next(bank.model.parameters()).dtype
-    disk = torch.bfloat16 if bank.cache is None else resident  # the testbed's checkpoint is bf16
-
-    def read(ranges, convert: bool) -> None:
-        for path, offset, length in ranges:
-            data = os.pread(files[path], length, offset)
-            if convert:  # what the swap must do on top: widen into the resident dtype
-                torch.frombuffer(bytearray(data), dtype=disk).to(resident)
-
-    times = {"swap": [], "read": [], "read_convert": []}
-    per_byte = {"swap": [], "read": [], "read_convert": []}  # seconds per byte, each side on its own bytes
+    first = next(iter(banks.values()))
+    resident = next(first.model.parameters()).dtype
+    reads = PlainReads(torch.bfloat16, resident)  # the testbed's checkpoint is bf16
+    references = ["pread", "pread_convert"] if first.cache is None else ["pread", "pread_kept"]
+    sides = [*banks, *references]
+    per_byte = {side: [] for side in sides}  # seconds per byte, each side on its own bytes
+    times = {side: [] for side in sides}
     sizes = []
     try:
         for round_ in range(rounds + 1):
             n = len(targets)
-            target = targets[(round_ + 1) % n]
-            # each side reads different experts (those of the next domains), so none finds the bytes another side
-            # just pulled into the CPU caches; compared per byte
-            ranges = {"read": bank.byte_ranges(targets[(round_ + 2) % n]),
-                      "read_convert": bank.byte_ranges(targets[(round_ + (3 if n > 3 else 2)) % n])}
-            sides = ["read", "read_convert", "swap"]
+            # bank i swaps to the domain i+1 after this round's; reference j reads the experts of a later one
+            plan = {side: targets[(round_ + 1 + i) % n] for i, side in enumerate(sides)}
+            # from the first bank's state before this round's swaps; with few domains a reference may fall on
+            # the bank's own kept set (nothing to read): it then reads what the first bank is about to swap in
+            ranges = {side: first.byte_ranges(plan[side]) or first.byte_ranges(plan[sides[0]]) for side in references}
+            order = sides[round_ % len(sides):] + sides[: round_ % len(sides)]  # rotate the order every round
             elapsed, size = {}, {}
-            for side in sides[round_ % 3:] + sides[: round_ % 3]:  # rotate the order every round
+            for side in order:
                 start = time.perf_counter()
-                if side == "swap":
-                    report = bank.swap(target)
+                if side in banks:
+                    size[side] = banks[side].swap(plan[side]).bytes
                 else:
-                    read(ranges[side], side == "read_convert")
+                    size[side] = reads.read(ranges[side], side)
                 elapsed[side] = time.perf_counter() - start
-                size[side] = report.bytes if side == "swap" else sum(r[2] for r in ranges[side])
             if round_ and all(size.values()):  # round 0 warms up
                 for side, value in elapsed.items():
                     times[side].append(value)
                     per_byte[side].append(value / size[side])
-                sizes.append(report.bytes)
+                sizes.append(size[sides[0]])
     finally:
-        for fd in files.values():
-            os.close(fd)
+        reads.close()
     if not sizes:
         return {"note": "every stored domain keeps the same experts: no swap read anything"}
-    ratio = lambda side: round(statistics.median(s / r for s, r in zip(per_byte["swap"], per_byte[side])), 3)  # noqa
-    return {"source": "slot cache (preadv into slots)" if bank.cache is not None else "checkpoint (mmap + convert)",
-            "swaps": len(sizes), "bytes_median": int(statistics.median(sizes)), "resident_dtype": str(resident),
-            "ratio_vs_read_median": ratio("read"), "goal": "<= 1.5",
-            "ratio_vs_read_convert_median": ratio("read_convert"),
-            **{f"{side}_ms_median": round(1e3 * statistics.median(v), 3) for side, v in times.items()},
-            "swap_mb_per_s": round(statistics.median(sizes) / statistics.median(times["swap"]) / 1e6, 1)}
+    out = {"swaps": len(sizes), "bytes_median": int(statistics.median(sizes)), "resident_dtype": str(resident),
+           "goal": "<= 1.5 x pread"}
+    for name in banks:
+        for ref in references:
+            ratios = [s / r for s, r in zip(per_byte[name], per_byte[ref])]
+            out[f"{name}_vs_{ref}_median"] = round(statistics.median(ratios), 3)
+    out.update({f"{side}_ns_per_byte_median": round(1e9 * statistics.median(v), 4) for side, v in per_byte.items()})
+    out.update({f"{side}_ms_median": round(1e3 * statistics.median(v), 3) for side, v in times.items()})
+    return out
 
 
 def server_throughput(bank, retriever, tokenizer, s, args) -> dict:

@@ -16,11 +16,15 @@ Where the bytes come from:
   resident one, e.g. bf16 on disk, fp32 on CPU): at start the bank writes
   every expert once, in the resident dtype, as one contiguous record per
   (layer, expert) laid out exactly like a slot (fused expert rows, router
-  row, biases). A swap is then one ``preadv`` per expert into the slot's own
-  memory: no conversion, no staging copy, the cost of a plain read of the
-  record's bytes (``bench/bench_serve.py``). The cache costs disk (all
-  experts in the resident dtype, in a temp file removed with the bank) and
-  one pass over the experts at start;
+  row, biases). A swap then brings each record into the slot's own memory
+  without conversion or staging copy: on Linux every page-sized slice (the
+  expert weights) is *mapped* from the cache (:mod:`premoe.pagemap`: no
+  bytes copied; the resident experts' memory is the page cache's, not a
+  second copy) and one ``preadv`` reads the small rest (router row,
+  biases); elsewhere, or with ``remap=False``, one ``preadv`` reads the
+  whole record (``bench/bench_serve.py`` measures both against plain
+  reads). The cache costs disk (all experts in the resident dtype, in a
+  temp file removed with the bank) and one pass over the experts at start;
 * **the checkpoint** (``cache=None``): shards are memory-mapped and each
   expert tensor is a zero-copy view; a swap converts it into its slot.
 
@@ -49,6 +53,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from premoe import pagemap
 from premoe.adapters import get_adapter
 from premoe.checkpoint import TensorInfo, read_header, tensors
 from premoe.errors import CheckpointError, InputError, PlanError, UnsupportedModelError
@@ -110,11 +115,14 @@ class ExpertBank:
     model already in memory (it is pruned in place). ``cache``: ``"auto"``
     writes a slot cache in the resident dtype (a temp file) when the
     checkpoint's expert dtype differs from it, a path writes it there, and
-    ``None`` always reads the checkpoint.
+    ``None`` always reads the checkpoint. ``remap``: map the cache's
+    page-sized slices into the slots where the system can (Linux 5.14+).
+    The model is built pruned, one decoder layer at a time
+    (:func:`premoe.streaming.load_pruned`), unless ``loaded`` is given.
     """
 
     def __init__(self, model: str | Path, kept: Mapping[int, Sequence[int]], loaded=None,
-                 cache: str | Path | None = "auto"):
+                 cache: str | Path | None = "auto", remap: bool = True):
         from transformers import AutoConfig
 
         from premoe.adapters.base import prune_in_memory
@@ -157,9 +165,16 @@ class ExpertBank:
                 raise CheckpointError(f"{self.path}: layer {layer} has per-expert tensors for {len(experts)} of "
                                       f"{self.num_experts} experts on disk; the checkpoint is incomplete")
         self._slots = {l: self._slot_places(l) for l in self.layers}
-        self.cache = _SlotCache.create(self, cache) if self._wants_cache(cache) else None
-        self._views = {l: [[_bytes_view(p.slot(i)) for p in places] for i in range(len(self.slots[l]))]
-                       for l, places in self._slots.items()} if self.cache is not None else {}  # per slot, made once
+        self.cache = None
+        if self._wants_cache(cache):
+            self.remapped = remap and pagemap.available()
+            if self.remapped:  # page-sized slot slices first, in page-aligned memory: they are mapped, not read
+                self._slots = {l: self._rehome(places) for l, places in self._slots.items()}
+            self.cache = _SlotCache.create(self, cache, pages=self.remapped)
+        else:
+            self.remapped = False
+        self._targets = {l: [[self._target(p, i) for p in places] for i in range(len(self.slots[l]))]
+                         for l, places in self._slots.items()} if self.cache is not None else {}  # per slot, made once
         self._checked: dict[tuple, dict[int, list[int]]] = {}
         self.totals = SwapReport(0, 0, 0.0)
 
@@ -227,7 +242,7 @@ class ExpertBank:
     def _load(self, layer: int, expert: int, slot: int) -> int:
         """Bring one expert (tensors and router rows) into ``slot``; returns bytes read."""
         if self.cache is not None:
-            return self.cache.read(layer, expert, self._views[layer][slot])
+            return self.cache.read(layer, expert, self._targets[layer][slot])
         self._assemble(layer, expert, lambda place: place.slot(slot))
         return self.expert_bytes(layer, expert)
 
@@ -285,6 +300,20 @@ class ExpertBank:
         axis = 0 if per_expert else self.adapter.expert_axis(info.shape)
         return _Source(info, disk, _Place(tensor, axis, part, parts), per_expert)
 
+    def _rehome(self, places: list[_Place]) -> list[_Place]:
+        """Move tensors whose slot slices are whole pages into page-aligned memory; those places first."""
+        for place in places:
+            if place.axis == 0 and (place.slot(0).numel() * place.tensor.element_size()) % pagemap.PAGE == 0:
+                place.tensor.data = pagemap.page_aligned_copy(place.tensor.data)
+        return sorted(places, key=lambda place: not self._remaps(place))
+
+    def _remaps(self, place: _Place) -> bool:
+        return self.remapped and place.axis == 0 and pagemap.remappable(place.slot(0))
+
+    def _target(self, place: _Place, slot: int) -> torch.Tensor | memoryview:
+        """What a swap fills for ``place`` in ``slot``: the slice itself (remapped) or a byte view of it (read)."""
+        return place.slot(slot) if self._remaps(place) else _bytes_view(place.slot(slot))
+
     def _slot_places(self, layer: int) -> list[_Place]:
         """Every resident tensor with one slice per slot in ``layer`` (fused experts, router rows), once each."""
         sources = [*self._rows[layer], *next(iter(self._experts[layer].values()), [])]
@@ -300,16 +329,21 @@ class _SlotCache:
     """Every expert of every MoE layer in the resident dtype, one contiguous slot-shaped record per (layer, expert).
 
     A record is the concatenation of the expert's slices of the layer's slot
-    places, in the bank's place order, so one ``preadv`` fills a slot.
+    places, in the bank's place order, so one ``preadv`` fills a slot. With
+    ``pages`` every record starts on a page and the page-sized slices come
+    first, so each of them can be mapped into its slot (:mod:`premoe.pagemap`)
+    and one ``preadv`` reads the small rest (router row, biases).
     """
 
-    def __init__(self, path: Path, record_bytes: dict[int, int], base: dict[int, int], temporary: bool):
-        self.path, self.record_bytes, self.base, self.temporary = path, record_bytes, base, temporary
+    def __init__(self, path: Path, layout: dict[int, list[tuple[int, bool]]], stride: dict[int, int],
+                 base: dict[int, int], temporary: bool):
+        self.path, self.layout, self.stride, self.base, self.temporary = path, layout, stride, base, temporary
+        self.record_bytes = {l: sum(size for size, _ in parts) for l, parts in layout.items()}  # read per expert
         self.fd = os.open(path, os.O_RDONLY)
 
     @classmethod
     @torch.no_grad()
-    def create(cls, bank: ExpertBank, where) -> "_SlotCache":
+    def create(cls, bank: ExpertBank, where, pages: bool = False) -> _SlotCache:
         """Write the cache: for each layer and expert, assemble the slot in a scratch and append its bytes."""
         temporary = where == "auto"
         if temporary:
@@ -319,33 +353,44 @@ class _SlotCache:
         else:
             path = Path(where)
             path.parent.mkdir(parents=True, exist_ok=True)
-        record_bytes, base, offset = {}, {}, 0
+        layout, stride, base, offset = {}, {}, {}, 0
         with open(path, "wb") as f:
             for layer, places in bank._slots.items():
                 scratch = [torch.empty_like(place.slot(0)) for place in places]
                 by_tensor = {id(place.tensor): s for place, s in zip(places, scratch)}
-                record_bytes[layer] = sum(s.numel() * s.element_size() for s in scratch)
+                layout[layer] = [(s.numel() * s.element_size(), bank._remaps(p)) for p, s in zip(places, scratch)]
+                size = sum(n for n, _ in layout[layer])
+                stride[layer] = -(-size // pagemap.PAGE) * pagemap.PAGE if pages else size
+                padding = bytes(stride[layer] - size)
                 base[layer] = offset
                 for expert in range(bank.num_experts):
                     bank._assemble(layer, expert, lambda place, into=by_tensor: into[id(place.tensor)])
-                    for s in scratch:
-                        f.write(_bytes_view(s))
-                offset += record_bytes[layer] * bank.num_experts
-        cache = cls(path, record_bytes, base, temporary)
+                    f.writelines([*(_bytes_view(s) for s in scratch), padding])
+                offset += stride[layer] * bank.num_experts
+        cache = cls(path, layout, stride, base, temporary)
         if temporary:
             weakref.finalize(bank, cache.close)
         return cache
 
     def offset(self, layer: int, expert: int) -> int:
-        return self.base[layer] + expert * self.record_bytes[layer]
+        return self.base[layer] + expert * self.stride[layer]
 
-    def read(self, layer: int, expert: int, views: list[memoryview]) -> int:
-        """Read the record of (layer, expert) straight into a slot's byte views; returns bytes read."""
-        done = os.preadv(self.fd, views, self.offset(layer, expert))
-        if done != self.record_bytes[layer]:
+    def read(self, layer: int, expert: int, targets: list[torch.Tensor | memoryview]) -> int:
+        """Bring the record of (layer, expert) into a slot: map its page-sized slices, read the rest; bytes brought."""
+        start = self.offset(layer, expert)
+        views = []
+        for (size, mapped), target in zip(self.layout[layer], targets):
+            if mapped:
+                pagemap.map_into(target, self.fd, start)
+                start += size
+            else:
+                views.append(target)
+        wanted = sum(v.nbytes for v in views)
+        done = os.preadv(self.fd, views, start) if views else 0
+        if done != wanted:
             raise CheckpointError(f"{self.path}: short read of layer {layer} expert {expert} "
-                                  f"({done} of {self.record_bytes[layer]} bytes); the slot cache is damaged")
-        return done
+                                  f"({done} of {wanted} bytes); the slot cache is damaged")
+        return self.record_bytes[layer]
 
     def close(self) -> None:
         if self.fd >= 0:

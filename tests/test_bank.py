@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import tiny
+from premoe import pagemap
 from premoe.adapters import get_adapter, prune_in_memory
 from premoe.bank import ExpertBank
 from premoe.errors import InputError, PlanError
@@ -45,12 +46,13 @@ LAYOUTS = {"qwen3_moe",  # per-expert gate/up/down fused into gate_up_proj rows
 
 @pytest.mark.parametrize("family", [f if f in LAYOUTS else pytest.param(f, marks=pytest.mark.slow)
                                     for f in tiny.FAMILIES])
-@pytest.mark.parametrize("cache", ["slots", None])
+@pytest.mark.parametrize("cache", ["mapped", "read", None])
 def test_swap_equals_the_pruned_specialist(family, cache, tmp_path):
     path = tiny.save(family, tmp_path / family)
     first, second = random_kept(load_model(path), 1), random_kept(load_model(path), 2)
-    bank = ExpertBank(path, first, cache=cache and tmp_path / "bank.slots")
+    bank = ExpertBank(path, first, cache=cache and tmp_path / "bank.slots", remap=cache == "mapped")
     assert (bank.cache is not None) == (cache is not None)
+    assert bank.remapped == (cache == "mapped" and pagemap.available())
     with torch.no_grad():
         assert torch.allclose(bank.model(IDS).logits, pruned_logits(path, first), rtol=0, atol=1e-5)
         bank.swap(second)
@@ -173,3 +175,40 @@ def test_the_bank_loads_one_layer_at_a_time_into_exactly_the_pruned_model(family
     assert bank.model.config.to_dict() == full.config.to_dict()
     router = bank.full_router.state_dict()  # the first router from before pruning: retrieval needs every expert
     assert sorted(router) == sorted(first) and all(torch.equal(router[k], first[k]) for k in first)
+
+
+@pytest.mark.skipif(not pagemap.available(), reason="page remapping needs Linux 5.14+")
+def test_mapped_slots_share_the_cache_pages_and_a_write_never_reaches_the_file(tiny_qwen3, tmp_path):
+    bank = ExpertBank(tiny_qwen3, {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}, cache=tmp_path / "c.slots")
+    fused = bank.layers[0].experts.gate_up_proj  # (4, 32, 32) fp32: a slot slice is 4096 bytes, one page
+    assert bank.remapped and fused.data_ptr() % pagemap.PAGE == 0
+    bank.swap({0: [4, 1, 2, 3], 1: [0, 1, 2, 3]})  # expert 4 mapped into slot 0
+    raw = (tmp_path / "c.slots").read_bytes()
+    offset = bank.cache.offset(0, 4)
+    on_disk = torch.frombuffer(bytearray(raw[offset: offset + 4096]), dtype=torch.float32).view(32, 32)
+    assert torch.equal(fused[0], on_disk)
+    with torch.no_grad():
+        fused[0].zero_()  # copy-on-write: the file keeps expert 4
+    assert (tmp_path / "c.slots").read_bytes() == raw
+    bank.swap({0: [0, 1, 2, 3], 1: [0, 1, 2, 3]})
+    bank.swap({0: [4, 1, 2, 3], 1: [0, 1, 2, 3]})
+    assert torch.equal(fused[0], on_disk)
+    with torch.no_grad():
+        assert torch.allclose(bank.model(IDS).logits, pruned_logits(tiny_qwen3, bank.kept), rtol=0, atol=1e-5)
+
+
+def test_a_failed_mapping_leaves_readable_zeros_and_is_repaired_by_the_next_swap(tiny_qwen3, tmp_path, monkeypatch):
+    if not pagemap.available():
+        pytest.skip("page remapping needs Linux 5.14+")
+    bank = ExpertBank(tiny_qwen3, {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}, cache=tmp_path / "c.slots")
+    target = {0: [4, 5, 2, 3], 1: [0, 1, 2, 3]}
+    real_fd = bank.cache.fd
+    bank.cache.fd = 10_000  # not an open file: mmap fails with EBADF
+    with pytest.raises(OSError, match="mmap"):
+        bank.swap(target)
+    slot = bank.slots[0].index(-1)
+    assert torch.count_nonzero(bank.layers[0].experts.gate_up_proj[slot]) == 0  # zeros, not an unmapped hole
+    bank.cache.fd = real_fd
+    bank.swap(target)
+    with torch.no_grad():
+        assert torch.allclose(bank.model(IDS).logits, pruned_logits(tiny_qwen3, target), rtol=0, atol=1e-5)
