@@ -10,6 +10,7 @@ import contextlib
 import gc
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Iterator, NamedTuple
 
 from premoe.errors import CheckpointError, MissingFileError
 
+_CHUNK = 1 << 30  # bytes per pread call (Linux moves at most ~2 GiB per call)
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -35,6 +37,32 @@ class TensorInfo(NamedTuple):  # a NamedTuple, not a frozen dataclass: made per 
     @property
     def nbytes(self) -> int:
         return self.offsets[1] - self.offsets[0]
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a safetensors dtype string; CheckpointError for one torch cannot hold."""
+    import torch
+
+    names = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+             "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+             "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64", "C64": "complex64"}
+    dtype = getattr(torch, names.get(name, ""), None)
+    if dtype is None:
+        raise CheckpointError(f"tensors of dtype {name} cannot be read into torch {torch.__version__}")
+    return dtype
+
+
+def read_into(fd: int, tensor, offset: int, name: str) -> None:
+    """Fill contiguous ``tensor`` with the file's bytes at ``offset`` (pread in chunks); CheckpointError if short."""
+    import torch
+
+    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes, any dtype
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done: done + _CHUNK]], offset + done)
+        if got <= 0:
+            raise CheckpointError(f"{name}: the file ends {len(view) - done} bytes early; it is truncated")
+        done += got
 
 
 def shard_files(path: Path, index: dict | None = None) -> list[str]:
