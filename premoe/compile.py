@@ -314,7 +314,7 @@ def _plan_writes(model: str | Path, plan: Plan, out: str | Path, *, force: bool,
     plan.check_model(identity)
     config = read_config(path)
     adapter = get_adapter(config)
-    export, kept = _export_kept(plan, export)
+    export, kept = _export_kept(plan, export, adapter.groups(config)[0])
     if plan.num_experts != adapter.num_experts(config):
         raise PlanError(f"the plan is for {plan.num_experts} experts per layer, {path} has {adapter.num_experts(config)}")
     adapter.check_kept(config, kept)  # distinct, ≥ top-k, the same count in every routing group
@@ -371,7 +371,7 @@ def _check_budget(write_plan: WritePlan, budget_gb: float | None, mtp: str) -> N
                     f"{got / 1e9:.6f} GB of .safetensors (export {write_plan.export}, --mtp {mtp}); {fix}")
 
 
-def _export_kept(plan: Plan, export: str) -> tuple[str, dict[int, list[int]]]:
+def _export_kept(plan: Plan, export: str, n_group: int = 1) -> tuple[str, dict[int, list[int]]]:
     """Which experts the output holds: the plan's, or padded to one count per layer."""
     if export not in EXPORTS:
         raise InputError(f"--export must be one of {', '.join(EXPORTS)}, got {export!r}")
@@ -379,7 +379,7 @@ def _export_kept(plan: Plan, export: str) -> tuple[str, dict[int, list[int]]]:
         return "uniform", {layer: sorted(v) for layer, v in plan.kept.items()}
     if export == "compact":
         return "compact", {layer: sorted(v) for layer, v in plan.kept.items()}
-    return "padded", plan.padded().kept
+    return "padded", plan.padded(n_group).kept
 
 
 def _mtp_choice(mode: str, adapter, config: dict, infos: dict, kept: dict[int, list[int]]) -> MtpChoice:

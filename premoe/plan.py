@@ -64,12 +64,21 @@ class Plan:
     def max_kept(self) -> int:
         return max(len(v) for v in self.kept.values())
 
-    def padded(self) -> "Plan":
-        """Pad every layer to the largest count with its next-best experts (vanilla-loadable export)."""
+    def padded(self, n_group: int = 1) -> "Plan":
+        """Pad every layer to the largest count with its next-best experts (vanilla-loadable export).
+
+        With grouped routing (``n_group`` > 1) every group gets its own
+        next-best experts, so the groups stay even.
+        """
         target = self.max_kept
+        size = self.num_experts // n_group
         kept = {}
-        for layer, chosen in self.kept.items():  # the chosen experts plus the best unchosen ones
-            extra = [e for e in self.order[layer] if e not in chosen][: target - len(chosen)]
+        for layer, chosen in self.kept.items():  # the chosen experts plus the best unchosen ones, per group
+            extra = []
+            for group in range(n_group):
+                have = sum(1 for e in chosen if e // size == group)
+                unchosen = [e for e in self.order[layer] if e // size == group and e not in chosen]
+                extra += unchosen[: target // n_group - have]
             kept[layer] = sorted(chosen + extra)
         return Plan(**{**self.__dict__, "kept": kept, "notes": self.notes + [f"padded to {target} experts per layer"]})
 
@@ -363,7 +372,7 @@ def _choose(profile: Profile, request: PlanRequest, utility: torch.Tensor, names
     if request.ranking == "local":
         return utility, [_top_in_groups(row, m, profile.groups[0]) for row in utility]
     if request.ranking == "global":
-        return utility, _global_top(utility, m, profile.top_k, profile.groups[0])
+        return utility, _global_top(utility, m, profile.top_k, profile.groups)
     raise InputError(f"--ranking must be local or global, got {request.ranking!r}")
 
 
@@ -396,16 +405,17 @@ def _top_in_groups(row: torch.Tensor, m: int, n_group: int) -> list[int]:
     return [g * size + i for g in range(n_group) for i in row[g * size : (g + 1) * size].topk(per_group).indices.tolist()]
 
 
-def _global_top(utility: torch.Tensor, m: int, top_k: int, n_group: int) -> list[list[int]]:
+def _global_top(utility: torch.Tensor, m: int, top_k: int, groups: tuple[int, int] = (1, 1)) -> list[list[int]]:
     """Top L*M (layer, expert) pairs by each layer's utility share, at least top-k per layer.
 
     Raw utilities are not comparable across layers (logit scales differ), so
-    each layer's utilities are first normalised to sum to 1.
+    each layer's utilities are first normalised to sum to 1. Grouped routers
+    (:func:`_global_tiers`) are ranked in tiers of one expert per group.
     """
-    if n_group > 1:
-        raise PlanError("global ranking with grouped routing would leave groups uneven; use --ranking local")
     layers, experts = utility.shape
     share = utility.clamp(min=0) / utility.clamp(min=0).sum(1, keepdim=True).clamp(min=1e-30)  # (layers, experts)
+    if groups[0] > 1:
+        return _global_tiers(share, m, top_k, groups)
     kept = [set(share[l].topk(top_k).indices.tolist()) for l in range(layers)]
     budget = layers * m - layers * top_k
     for flat in share.flatten().argsort(descending=True).tolist():
@@ -416,6 +426,32 @@ def _global_top(utility: torch.Tensor, m: int, top_k: int, n_group: int) -> list
             kept[layer].add(expert)
             budget -= 1
     return [sorted(k) for k in kept]
+
+
+def _global_tiers(share: torch.Tensor, m: int, top_k: int, groups: tuple[int, int]) -> list[list[int]]:
+    """Global ranking that keeps every group of a layer even: layers grow one *tier* (n_group experts) at a time.
+
+    Tier t of a layer is the t-th best expert of each of its groups; its value
+    is their summed share, which cannot grow with t, so taking tiers in
+    descending value keeps each layer's best tiers. Every layer first gets the
+    fewest tiers grouped routing can route (2, and top-k ≤ topk_group × tiers).
+    """
+    n_group, topk_group = groups
+    layers, experts = share.shape
+    size = experts // n_group
+    ranked = share.view(layers, n_group, size).sort(dim=2, descending=True)  # per group, best first
+    value = ranked.values.sum(1)  # (layers, size): tier t's summed share
+    floor = max(2, -(-top_k // topk_group))
+    tiers = [floor] * layers
+    budget = layers * (m // n_group) - layers * floor  # in tiers
+    for _, t, layer in sorted((-float(value[l, t]), t, l) for l in range(layers) for t in range(floor, size)):
+        if budget <= 0:
+            break
+        if t == tiers[layer]:  # ties sort by tier, so a layer's tiers come in order
+            tiers[layer] += 1
+            budget -= 1
+    return [sorted(g * size + int(ranked.indices[l, g, i]) for g in range(n_group) for i in range(tiers[l]))
+            for l in range(layers)]
 
 
 def _utility_share(utility: torch.Tensor, kept: dict[int, list[int]], layers: Sequence[int]) -> float:

@@ -4,6 +4,7 @@ Several tests pin a bug that once passed the suite (issue 11.6): global ranking 
 top-k floor, padding with the worst instead of the best unchosen experts, local ranking that ignores
 routing groups; and plan files of the wrong shape (issue 12.6/12.7).
 """
+import dataclasses
 import json
 import shutil
 
@@ -97,8 +98,21 @@ def test_local_ranking_on_a_grouped_model_keeps_the_best_of_every_group():
     assert plan.kept == {0: [0, 1, 6, 7], 1: [0, 1, 4, 5]}
     ungrouped = profile_of({"a": [[9, 8, 7, 6, 1, 2, 3, 4], [4, 3, 2, 1, 9, 8, 7, 6]]})
     assert make_plan(ungrouped, PlanRequest(experts=4, domain="a", scorer="router_mass")).kept[0] == [0, 1, 2, 3]
-    with pytest.raises(PlanError, match="global ranking with grouped routing"):
-        make_plan(grouped, PlanRequest(experts=4, domain="a", scorer="router_mass", ranking="global"))
+
+
+def test_global_ranking_on_a_grouped_model_grows_layers_by_whole_tiers_and_pads_every_group_evenly():
+    # layer 0's third tier (7 in group 0, 2 in group 1) holds 9/40 of its utility; layer 1 is flat: 2/8 a tier
+    grouped = profile_of({"a": [[9, 8, 7, 6, 1, 2, 3, 4], [1] * 8]}, architecture=arch(2, 1))
+    plan = make_plan(grouped, PlanRequest(experts=6, domain="a", scorer="router_mass", ranking="global"))
+    # 2 layers x 6 = 12 experts = 6 tiers; each layer's floor is 2 tiers; the 2 left go to layer 1 (0.25 > 0.225)
+    assert plan.kept == {0: [0, 1, 6, 7], 1: list(range(8))}
+    validate_plan(plan, 8, 2, (2, 1))
+    uneven = dataclasses.replace(plan, kept={0: [0, 1, 6, 7], 1: [0, 1, 2, 4, 5, 6]})
+    # one more per group in layer 0: its next best in group 0 (expert 2) and in group 1 (expert 5), not 2 and 3
+    assert uneven.padded(n_group=2).kept == {0: [0, 1, 2, 5, 6, 7], 1: [0, 1, 2, 4, 5, 6]}
+    assert uneven.padded().kept[0] == [0, 1, 2, 3, 6, 7]  # ungrouped padding: by utility alone
+    with pytest.raises(PlanError, match="multiple of n_group"):
+        make_plan(grouped, PlanRequest(experts=5, domain="a", scorer="router_mass", ranking="global"))
 
 
 # layer 0: six equally useful experts (share 1/6 each); layer 1: a spread whose best share (0.20) beats them
