@@ -108,11 +108,18 @@ def test_streaming_profile_reads_fp8_scales(profiles):
         assert torch.corrcoef(torch.stack([a[layer], b[layer]]))[0, 1] > 0.98
 
 
-@pytest.mark.parametrize("keep,mtp", [(0.5, "drop"), (0.25, "prune")])
-def test_bf16_profile_plan_compile_verify(written, profiles, tmp_path, keep, mtp):
+@pytest.mark.parametrize("keep,mtp,ranking", [(0.5, "drop", "local"), (0.25, "prune", "local"),
+                                              (0.25, "drop", "global")])
+def test_bf16_profile_plan_compile_verify(written, profiles, tmp_path, keep, mtp, ranking):
     from premoe.verify import verify
 
-    plan = make_plan(profiles["bf16"], PlanRequest(keep=keep, domain="code", scorer="peu"))
+    plan = make_plan(profiles["bf16"], PlanRequest(keep=keep, domain="code", scorer="peu", ranking=ranking))
+    assert sum(map(len, plan.kept.values())) == int(256 * keep) * len(plan.kept)
+    for experts in plan.kept.values():  # every routing group of every layer keeps the same number
+        assert len({sum(1 for e in experts if e // 32 == g) for g in range(8)}) == 1
+    if ranking == "global":  # compile pads to one count (by whole tiers): the checkpoint vLLM loads
+        plan = plan.padded(n_group=8)
+        keep = plan.max_kept / 256
     assert {len(v) for v in plan.kept.values()} == {int(256 * keep)}
     out = _compile(written["bf16"], plan, tmp_path, mtp)
     config = json.loads((out / "config.json").read_text())
