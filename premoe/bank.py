@@ -125,25 +125,12 @@ class ExpertBank:
                  cache: str | Path | None = "auto", remap: bool = True):
         from transformers import AutoConfig
 
-        from premoe.adapters.base import prune_in_memory
-        from premoe.streaming import load_pruned
-
         self.path = resolve_model_path(model)
         self.config = loaded.config if loaded is not None else AutoConfig.from_pretrained(self.path)
         self.config = copy.deepcopy(self.config)  # the unpruned config: what kept sets are checked against
         self.adapter = get_adapter(self.config)
         self.num_experts = self.adapter.num_experts(self.config)
-        routers = []  # retrieval routes layer 1 through every expert: keep its router from before pruning
-        if loaded is not None:
-            self._moe_indices = [l.index for l in self.adapter.moe_layers(loaded)]
-            start = self._check(kept)
-            routers.append(copy.deepcopy(self.adapter.moe_layers(loaded)[0].router))
-            self.model = prune_in_memory(loaded, self.adapter, start)
-        else:  # one decoder layer at a time: never the whole checkpoint in memory
-            start = self._check(kept, layers=sorted(kept))  # load_pruned names MoE layers kept leaves out
-            self.model = load_pruned(self.path, start, on_layer=lambda layer: routers or routers.append(
-                copy.deepcopy(layer.router)))
-        self.full_router = routers[0]
+        self.model, start, self.full_router = self._resident(loaded, kept)
         self.layers = {l.index: l for l in self.adapter.moe_layers(self.model)}
         self._moe_indices = sorted(self.layers)
         start = {l: start[l] for l in self._moe_indices}
@@ -177,6 +164,30 @@ class ExpertBank:
                          for l, places in self._slots.items()} if self.cache is not None else {}  # per slot, made once
         self._checked: dict[tuple, dict[int, list[int]]] = {}
         self.totals = SwapReport(0, 0, 0.0)
+
+    def _resident(self, loaded, kept) -> tuple[torch.nn.Module, dict[int, list[int]], torch.nn.Module]:
+        """The pruned resident model, the kept sets, and the first MoE router from before pruning.
+
+        Retrieval routes layer 1 through every expert, so its full router is
+        copied before that layer is pruned.
+        """
+        from premoe.adapters.base import prune_in_memory
+        from premoe.streaming import load_pruned
+
+        if loaded is not None:
+            layers = self.adapter.moe_layers(loaded)
+            self._moe_indices = [l.index for l in layers]
+            start = self._check(kept)
+            router = copy.deepcopy(layers[0].router)
+            return prune_in_memory(loaded, self.adapter, start), start, router
+        start = self._check(kept, layers=sorted(kept))  # load_pruned names the MoE layers kept leaves out
+        first = []
+
+        def keep_first_router(layer) -> None:
+            if not first:
+                first.append(copy.deepcopy(layer.router))
+
+        return load_pruned(self.path, start, on_layer=keep_first_router), start, first[0]
 
     @property
     def kept(self) -> dict[int, list[int]]:
