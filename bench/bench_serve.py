@@ -21,11 +21,12 @@ by round, and reports the per-round ratios' median:
    references are in bench/plain_reads.py (``pread`` into a recycled,
    cache-hot buffer; ``pread_kept`` into buffers that keep the bytes).
    Goal: ≤ 1.5x. Three banks: the default one, whose slot cache holds fp32
-   records and which maps each page-sized slot slice from it
-   (premoe/pagemap.py) and reads the rest; the same with ``remap=False``,
-   which reads every record with ``preadv`` into the slot; and
+   records read with ``preadv`` straight into the slots (slices of 1 MiB or
+   more would be mapped, premoe/pagemap.py; the testbed's are smaller); the
+   same with every page-sized slice mapped (``map_from=PAGE``); and
    ``cache=None``, which reads the bf16 checkpoint and converts into the
    fp32 slots (its reference adds the same conversion: ``pread_convert``).
+   bench/bench_swap_sizes.py measures mapping against reading by size.
 3. **server requests/s**: sequential OpenAI completions against the real
    HTTP server (uvicorn in a thread): prompts cycling through the domains
    (a swap on most requests), prompts from one domain (retrieval, no swap),
@@ -60,6 +61,7 @@ def main() -> None:
         args.tokens, args.rounds, args.requests, args.max_tokens = 32, 10, 6, 4
 
     s = taer_setup.setup(args)
+    from premoe import pagemap
     from premoe.bank import ExpertBank
     from premoe.modeling import load_tokenizer
     from premoe.retrieval import Retriever
@@ -71,7 +73,8 @@ def main() -> None:
     retriever = Retriever(bank.model, bank.adapter, store, tokenizer, router=bank.full_router)
     results = {"model": str(s.model), "experts": s.experts, "layers": bank.model.config.num_hidden_layers,
                "retrieval": retrieval_cost(bank, retriever, s, args),
-               "swap": {"slot_cache": swap_cost({"mapped": bank, "read": ExpertBank(s.model, start, remap=False)},
+               "swap": {"slot_cache": swap_cost({"default": bank, "mapped": ExpertBank(s.model, start,
+                                                                                      map_from=pagemap.PAGE)},
                                                 store, s.experts, args.rounds),
                         "checkpoint": swap_cost({"checkpoint": ExpertBank(s.model, start, cache=None)}, store,
                                                 s.experts, args.rounds)},

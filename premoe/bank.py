@@ -21,8 +21,9 @@ Where the bytes come from:
   expert weights) is *mapped* from the cache (:mod:`premoe.pagemap`: no
   bytes copied; the resident experts' memory is the page cache's, not a
   second copy) and one ``preadv`` reads the small rest (router row,
-  biases); elsewhere, or with ``remap=False``, one ``preadv`` reads the
-  whole record (``bench/bench_serve.py`` measures both against plain
+  biases); for slices under ``map_from`` (1 MiB: below it a read is
+  faster, bench/bench_swap_sizes.py), elsewhere, or with ``map_from=None``,
+  one ``preadv`` reads the whole record (``bench/bench_serve.py`` measures both against plain
   reads). The cache costs disk (all experts in the resident dtype, in a
   temp file removed with the bank) and one pass over the experts at start;
 * **the checkpoint** (``cache=None``): shards are memory-mapped and each
@@ -115,14 +116,15 @@ class ExpertBank:
     model already in memory (it is pruned in place). ``cache``: ``"auto"``
     writes a slot cache in the resident dtype (a temp file) when the
     checkpoint's expert dtype differs from it, a path writes it there, and
-    ``None`` always reads the checkpoint. ``remap``: map the cache's
-    page-sized slices into the slots where the system can (Linux 5.14+).
+    ``None`` always reads the checkpoint. ``map_from``: slot slices of at
+    least this many bytes (whole pages) are mapped from the cache where the
+    system can (Linux 5.14+), smaller ones read; ``None`` reads them all.
     The model is built pruned, one decoder layer at a time
     (:func:`premoe.streaming.load_pruned`), unless ``loaded`` is given.
     """
 
     def __init__(self, model: str | Path, kept: Mapping[int, Sequence[int]], loaded=None,
-                 cache: str | Path | None = "auto", remap: bool = True):
+                 cache: str | Path | None = "auto", map_from: int | None = pagemap.MAP_FROM):
         from transformers import AutoConfig
 
         self.path = resolve_model_path(model)
@@ -153,13 +155,10 @@ class ExpertBank:
                                       f"{self.num_experts} experts on disk; the checkpoint is incomplete")
         self._slots = {l: self._slot_places(l) for l in self.layers}
         self.cache = None
-        if self._wants_cache(cache):
-            self.remapped = remap and pagemap.available()
-            if self.remapped:  # page-sized slot slices first, in page-aligned memory: they are mapped, not read
-                self._slots = {l: self._rehome(places) for l, places in self._slots.items()}
-            self.cache = _SlotCache.create(self, cache, pages=self.remapped)
-        else:
-            self.remapped = False
+        self.map_from = map_from if map_from is not None and pagemap.available() else None
+        if self._wants_cache(cache):  # slices to map first, in page-aligned memory
+            self._slots = {l: self._rehome(places) for l, places in self._slots.items()}
+            self.cache = _SlotCache.create(self, cache, pages=self._maps_any())
         self._targets = {l: [[self._target(p, i) for p in places] for i in range(len(self.slots[l]))]
                          for l, places in self._slots.items()} if self.cache is not None else {}  # per slot, made once
         self._checked: dict[tuple, dict[int, list[int]]] = {}
@@ -311,15 +310,26 @@ class ExpertBank:
         axis = 0 if per_expert else self.adapter.expert_axis(info.shape)
         return _Source(info, disk, _Place(tensor, axis, part, parts), per_expert)
 
+    @property
+    def remapped(self) -> bool:
+        """Whether swaps map some slot slices from the cache (rather than read every byte)."""
+        return self.cache is not None and self._maps_any()
+
+    def _maps_any(self) -> bool:
+        return any(self._remaps(p) for places in self._slots.values() for p in places)
+
     def _rehome(self, places: list[_Place]) -> list[_Place]:
-        """Move tensors whose slot slices are whole pages into page-aligned memory; those places first."""
+        """Move tensors whose slot slices are to be mapped into page-aligned memory; those places first."""
         for place in places:
-            if place.axis == 0 and (place.slot(0).numel() * place.tensor.element_size()) % pagemap.PAGE == 0:
+            nbytes = place.slot(0).numel() * place.tensor.element_size()
+            if self.map_from is not None and place.axis == 0 and nbytes >= self.map_from and nbytes % pagemap.PAGE == 0:
                 place.tensor.data = pagemap.page_aligned_copy(place.tensor.data)
         return sorted(places, key=lambda place: not self._remaps(place))
 
     def _remaps(self, place: _Place) -> bool:
-        return self.remapped and place.axis == 0 and pagemap.remappable(place.slot(0))
+        slot = place.slot(0)
+        return (self.map_from is not None and place.axis == 0 and slot.numel() * slot.element_size() >= self.map_from
+                and pagemap.remappable(slot))
 
     def _target(self, place: _Place, slot: int) -> torch.Tensor | memoryview:
         """What a swap fills for ``place`` in ``slot``: the slice itself (remapped) or a byte view of it (read)."""

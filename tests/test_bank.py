@@ -50,7 +50,8 @@ LAYOUTS = {"qwen3_moe",  # per-expert gate/up/down fused into gate_up_proj rows
 def test_swap_equals_the_pruned_specialist(family, cache, tmp_path):
     path = tiny.save(family, tmp_path / family)
     first, second = random_kept(load_model(path), 1), random_kept(load_model(path), 2)
-    bank = ExpertBank(path, first, cache=cache and tmp_path / "bank.slots", remap=cache == "mapped")
+    bank = ExpertBank(path, first, cache=cache and tmp_path / "bank.slots",
+                      map_from=pagemap.PAGE if cache == "mapped" else None)  # tiny slices: map even one page
     assert (bank.cache is not None) == (cache is not None)
     assert bank.remapped == (cache == "mapped" and pagemap.available())
     with torch.no_grad():
@@ -179,9 +180,11 @@ def test_the_bank_loads_one_layer_at_a_time_into_exactly_the_pruned_model(family
 
 @pytest.mark.skipif(not pagemap.available(), reason="page remapping needs Linux 5.14+")
 def test_mapped_slots_share_the_cache_pages_and_a_write_never_reaches_the_file(tiny_qwen3, tmp_path):
-    bank = ExpertBank(tiny_qwen3, {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}, cache=tmp_path / "c.slots")
+    bank = ExpertBank(tiny_qwen3, {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}, cache=tmp_path / "c.slots",
+                      map_from=pagemap.PAGE)
     fused = bank.layers[0].experts.gate_up_proj  # (4, 32, 32) fp32: a slot slice is 4096 bytes, one page
-    assert bank.remapped and fused.data_ptr() % pagemap.PAGE == 0
+    assert bank.remapped and not ExpertBank(tiny_qwen3, bank.kept, cache=tmp_path / "d.slots").remapped  # < 1 MiB
+    assert fused.data_ptr() % pagemap.PAGE == 0
     bank.swap({0: [4, 1, 2, 3], 1: [0, 1, 2, 3]})  # expert 4 mapped into slot 0
     raw = (tmp_path / "c.slots").read_bytes()
     offset = bank.cache.offset(0, 4)
@@ -200,7 +203,8 @@ def test_mapped_slots_share_the_cache_pages_and_a_write_never_reaches_the_file(t
 def test_a_failed_mapping_leaves_readable_zeros_and_is_repaired_by_the_next_swap(tiny_qwen3, tmp_path, monkeypatch):
     if not pagemap.available():
         pytest.skip("page remapping needs Linux 5.14+")
-    bank = ExpertBank(tiny_qwen3, {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}, cache=tmp_path / "c.slots")
+    bank = ExpertBank(tiny_qwen3, {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}, cache=tmp_path / "c.slots",
+                      map_from=pagemap.PAGE)
     target = {0: [4, 5, 2, 3], 1: [0, 1, 2, 3]}
     real_fd = bank.cache.fd
     bank.cache.fd = 10_000  # not an open file: mmap fails with EBADF
