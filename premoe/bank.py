@@ -159,7 +159,7 @@ class ExpertBank:
         if self._wants_cache(cache):  # slices to map first, in page-aligned memory
             self._slots = {l: self._rehome(places) for l, places in self._slots.items()}
             self.cache = _SlotCache.create(self, cache, pages=self._maps_any())
-        self._targets = {l: [[self._target(p, i) for p in places] for i in range(len(self.slots[l]))]
+        self._targets = {l: [self._slot_targets(places, i) for i in range(len(self.slots[l]))]
                          for l, places in self._slots.items()} if self.cache is not None else {}  # per slot, made once
         self._checked: dict[tuple, dict[int, list[int]]] = {}
         self.totals = SwapReport(0, 0, 0.0)
@@ -331,9 +331,10 @@ class ExpertBank:
         return (self.map_from is not None and place.axis == 0 and slot.numel() * slot.element_size() >= self.map_from
                 and pagemap.remappable(slot))
 
-    def _target(self, place: _Place, slot: int) -> torch.Tensor | memoryview:
-        """What a swap fills for ``place`` in ``slot``: the slice itself (remapped) or a byte view of it (read)."""
-        return place.slot(slot) if self._remaps(place) else _bytes_view(place.slot(slot))
+    def _slot_targets(self, places: list[_Place], slot: int) -> tuple[list[torch.Tensor], list[memoryview]]:
+        """What a swap fills in ``slot``: the slices it maps (they come first in a record), byte views of the rest."""
+        return ([p.slot(slot) for p in places if self._remaps(p)],
+                [_bytes_view(p.slot(slot)) for p in places if not self._remaps(p)])
 
     def _slot_places(self, layer: int) -> list[_Place]:
         """Every resident tensor with one slice per slot in ``layer`` (fused experts, router rows), once each."""
@@ -359,7 +360,9 @@ class _SlotCache:
     def __init__(self, path: Path, layout: dict[int, list[tuple[int, bool]]], stride: dict[int, int],
                  base: dict[int, int], temporary: bool):
         self.path, self.layout, self.stride, self.base, self.temporary = path, layout, stride, base, temporary
-        self.record_bytes = {l: sum(size for size, _ in parts) for l, parts in layout.items()}  # read per expert
+        self.record_bytes = {l: sum(size for size, _ in parts) for l, parts in layout.items()}  # brought per expert
+        self._mapped = {l: [size for size, mapped in parts if mapped] for l, parts in layout.items()}
+        self._read = {l: sum(size for size, mapped in parts if not mapped) for l, parts in layout.items()}
         self.fd = os.open(path, os.O_RDONLY)
 
     @classmethod
@@ -396,21 +399,17 @@ class _SlotCache:
     def offset(self, layer: int, expert: int) -> int:
         return self.base[layer] + expert * self.stride[layer]
 
-    def read(self, layer: int, expert: int, targets: list[torch.Tensor | memoryview]) -> int:
-        """Bring the record of (layer, expert) into a slot: map its page-sized slices, read the rest; bytes brought."""
-        start = self.offset(layer, expert)
-        views = []
-        for (size, mapped), target in zip(self.layout[layer], targets):
-            if mapped:
-                pagemap.map_into(target, self.fd, start)
-                start += size
-            else:
-                views.append(target)
-        wanted = sum(v.nbytes for v in views)
+    def read(self, layer: int, expert: int, targets: tuple[list[torch.Tensor], list[memoryview]]) -> int:
+        """Bring the record of (layer, expert) into a slot: map its leading slices, read the rest; bytes brought."""
+        start = self.base[layer] + expert * self.stride[layer]
+        mapped, views = targets
+        for size, target in zip(self._mapped[layer], mapped):
+            pagemap.map_into(target, self.fd, start)
+            start += size
         done = os.preadv(self.fd, views, start) if views else 0
-        if done != wanted:
+        if done != self._read[layer]:
             raise CheckpointError(f"{self.path}: short read of layer {layer} expert {expert} "
-                                  f"({done} of {wanted} bytes); the slot cache is damaged")
+                                  f"({done} of {self._read[layer]} bytes); the slot cache is damaged")
         return self.record_bytes[layer]
 
     def close(self) -> None:
