@@ -17,15 +17,15 @@ Where the bytes come from:
   every expert once, in the resident dtype, as one contiguous record per
   (layer, expert) laid out exactly like a slot (fused expert rows, router
   row, biases). A swap then brings each record into the slot's own memory
-  without conversion or staging copy: on Linux every page-sized slice (the
-  expert weights) is *mapped* from the cache (:mod:`premoe.pagemap`: no
-  bytes copied; the resident experts' memory is the page cache's, not a
-  second copy) and one ``preadv`` reads the small rest (router row,
-  biases); for slices under ``map_from`` (1 MiB: below it a read is
-  faster, bench/bench_swap_sizes.py), elsewhere, or with ``map_from=None``,
-  one ``preadv`` reads the whole record (``bench/bench_serve.py`` measures both against plain
-  reads). The cache costs disk (all experts in the resident dtype, in a
-  temp file removed with the bank) and one pass over the experts at start;
+  without conversion or staging copy: one ``preadv`` per expert, or, for
+  slot slices of ``map_from`` bytes or more (1 MiB; real experts are tens
+  of MB), a *mapping* of the cache's pages over the slice
+  (:mod:`premoe.pagemap`: no bytes copied, and the resident experts' memory
+  is the page cache's rather than a second copy) — below that size a read
+  is faster (``bench/bench_swap_sizes.py``). ``bench/bench_serve.py``
+  measures swaps against plain reads. The cache costs disk (all experts in
+  the resident dtype, in a temp file removed with the bank) and one pass
+  over the experts at start;
 * **the checkpoint** (``cache=None``): shards are memory-mapped and each
   expert tensor is a zero-copy view; a swap converts it into its slot.
 
@@ -56,13 +56,12 @@ import torch
 
 from premoe import pagemap
 from premoe.adapters import get_adapter
-from premoe.checkpoint import TensorInfo, read_header, tensors
+from premoe.checkpoint import TensorInfo, read_header, tensors, torch_dtype
 from premoe.errors import CheckpointError, InputError, PlanError, UnsupportedModelError
 from premoe.modeling import resolve_model_path
 
-_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool}
+# what a swap can widen into fp32 slots (FP8 weights need their block scales: dequantize first)
+_READABLE = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
 
 
 @dataclass
@@ -294,15 +293,15 @@ class ExpertBank:
             path, part, parts = self.adapter.memory_place(info.key)
         except KeyError as e:
             raise UnsupportedModelError(f"{self.path}: {e.args[0]}") from e
-        if info.dtype not in _TORCH_DTYPES:
+        if info.dtype not in _READABLE:
             raise UnsupportedModelError(f"{self.path}: tensor {info.key} is {info.dtype}; the expert bank reads "
-                                        f"{', '.join(_TORCH_DTYPES)} checkpoints (dequantize it first)")
+                                        f"{', '.join(_READABLE)} checkpoints (dequantize it first)")
         if info.shard not in self._maps:
             with open(self.path / info.shard, "rb") as f:  # private mapping: never written, so never copied
                 self._maps[info.shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), read_header(
                     self.path / info.shard)[1]
         mapping, data_start = self._maps[info.shard]
-        dtype = _TORCH_DTYPES[info.dtype]
+        dtype = torch_dtype(info.dtype)
         disk = torch.frombuffer(mapping, dtype=dtype, count=info.nbytes // dtype.itemsize,
                                 offset=data_start + info.offsets[0]).view(info.shape)  # no copy
         owner, _, attr = path.rpartition(".")
