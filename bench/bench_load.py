@@ -31,7 +31,6 @@ import os
 import random
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -83,23 +82,16 @@ def load_prompts() -> list[str]:
 
 
 def start_server(args) -> subprocess.Popen:
-    command = [sys.executable, "-c", "from premoe.cli import main; main()", "serve", args.model, "--port",
-               str(args.port), "--max-tokens", str(args.max_tokens), "--max-queue", str(args.max_queue)]
+    from premoe.serve import start_process
+
+    command = [args.model, "--max-tokens", str(args.max_tokens), "--max-queue", str(args.max_queue)]
     if args.store:
         command += ["--store", args.store, "--experts", str(args.experts)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    server = subprocess.Popen(command, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the server exited with status {server.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{args.port}/health", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            time.sleep(0.3)
-    server.terminate()
-    raise SystemExit("the server did not answer /health within 120 s")
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    try:
+        return start_process(command, args.port, timeout=120, env=env)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from e
 
 
 def memory_kb(pid: int) -> dict[str, int]:

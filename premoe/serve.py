@@ -501,3 +501,33 @@ def start_in_thread(engine: Engine, host: str = "127.0.0.1", timeout: float = 20
             raise RuntimeError(f"the server did not start on {host}:{port} within {timeout} s")
         time.sleep(0.02)
     return f"http://{host}:{port}", server, thread
+
+
+def start_process(args: list[str], port: int, timeout: float = 120.0, env: dict | None = None,
+                  quiet: bool = False):
+    """Run ``premoe serve ARGS --port PORT`` in a child process and return it once ``/health`` answers 200.
+
+    For benchmarks and tests that need a real server process (one per
+    backend of a ``premoe route`` fleet, or one to load-test). Raises
+    RuntimeError if the process exits or does not answer within ``timeout``.
+    """
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    quiet_io = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} if quiet else {}
+    process = subprocess.Popen([sys.executable, "-c", "from premoe.cli import main; main()", "serve", *args,
+                                "--port", str(port)], env={**os.environ, **(env or {})}, **quiet_io)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"premoe serve exited with status {process.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"premoe serve did not answer /health within {timeout:g} s")

@@ -15,7 +15,7 @@ import pytest
 import domains
 from premoe.errors import InputError
 from premoe.route import Router, load_config, route_server_config
-from premoe.serve import Engine, ServeLimits, start_in_thread
+from premoe.serve import Engine, ServeLimits, start_in_thread, start_process
 
 LIMITS = ServeLimits(max_prompt_tokens=64, max_tokens=8, max_queue=2, retrieval_tokens=32)
 CODE = domains.texts("code", 5000, 1)[0][:60]
@@ -220,19 +220,8 @@ def test_streams_pass_through_as_they_are_generated(tmp_path, fleet, backends):
 
 def start_backend(path: Path, port: int) -> subprocess.Popen:
     """A real `premoe serve` process."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-c", "from premoe.cli import main; main()", "serve", str(path),
-                                "--port", str(port), "--max-tokens", "200", "--max-queue", "32"], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("premoe serve did not start")
+    return start_process([str(path), "--max-tokens", "200", "--max-queue", "32"], port, timeout=60,
+                         env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, quiet=True)
 
 
 @pytest.mark.slow
