@@ -81,10 +81,7 @@ def profile_streaming(model: str | Path, sources: Sequence[Source], scorers: Seq
     so the hidden states never cost more than the layer itself; 0 forces the
     file). Text only: ``params.generate`` needs the whole model in memory.
     """
-    from transformers import AutoConfig
-
-    from premoe.adapters import get_adapter
-    from premoe.modeling import load_tokenizer, model_identity, resolve_model_path
+    from premoe.modeling import load_tokenizer, model_identity
     from premoe.progress import bar
 
     params = params or ProfileParams()
@@ -93,41 +90,137 @@ def profile_streaming(model: str | Path, sources: Sequence[Source], scorers: Seq
                          "or set --generate 0")
     check_sources(sources)
     specs = resolve_scorers(scorers)
-    path = resolve_model_path(model)
     identity = model_identity(model)
-    stored = checkpoint.tensors(path)
-    config = AutoConfig.from_pretrained(path)
-    net = _skeleton(config)
-    adapter = get_adapter(config, net)
-    moe = {layer.index: layer for layer in adapter.moe_layers(net)}
-    if not moe:
-        raise UnsupportedModelError(f"{path} has no MoE layers premoe can find; is it a Mixture-of-Experts model?")
-    layers = _decoder_layers(net, next(iter(moe.values())))
-    loader = _Loader(net, path, stored, len(layers), params.device, _weight_block(config), adapter, moe)
-    _return_freed_memory()
     started = time.time()
-
     tokenizer = load_tokenizer(model)
     windows = {s.name: token_windows(s.texts, tokenizer, params.seq_len, params.max_tokens) for s in sources}
     rows = sum(w.numel() for w in windows.values())
-    budget = max(map(loader.layer_bytes, range(len(layers)))) if memory_budget is None else memory_budget
-    with _HiddenStore(rows, config.hidden_size, budget, workdir) as store:
-        with loader.loaded(loader.prelude_keys(), net.get_input_embeddings(), "the input embeddings"):
-            batches = _embed(net, layers, windows, params, store)
+    with LayerRunner(model, windows, params.batch_size, params.device, workdir, memory_budget) as runner:
         per_layer: dict[str, list[DomainStats]] = {s.name: [] for s in sources}
-        with bar(len(layers) * rows, "profile (streaming)", "tok", enabled=progress, unit_scale=True) as shown:
-            for index, layer in enumerate(layers):
-                with loader.loaded(loader.layer_keys(index), layer, f"decoder layer {index}"):
-                    capture = RouterCapture(net, adapter, specs, layers=[index]) if index in moe else None
+        with bar(len(runner.layers) * rows, "profile (streaming)", "tok", enabled=progress, unit_scale=True) as shown:
+            for index in range(len(runner.layers)):
+                with runner.layer(index):
+                    capture = (RouterCapture(runner.net, runner.adapter, specs, layers=[index])
+                               if index in runner.moe else None)
                     with capture or contextlib.nullcontext():
-                        for batch, last_of_domain in _with_domain_ends(batches):
-                            _run_layer(layer, index, batch, store, capture, params.device)
+                        for batch, last_of_domain in _with_domain_ends(runner.batches):
+                            runner.run(index, batch, capture=capture)
                             shown.update(batch.rows)
                             if capture and last_of_domain:
                                 per_layer[batch.domain].append(capture.reset())
+        hidden = "file" if runner.stores[0].path else "memory"
     domains = {name: _stack_layers(rows_) for name, rows_ in per_layer.items()}
-    return assemble_profile(identity, adapter, config, list(moe.values()), specs, domains, params, sources, started,
-                            mode="streaming", hidden_states="file" if store.path else "memory")
+    return assemble_profile(identity, runner.adapter, runner.config, list(runner.moe.values()), specs, domains, params,
+                            sources, started, mode="streaming", hidden_states=hidden)
+
+
+class LayerRunner:
+    """Token windows run through a checkpoint one decoder layer at a time, never the whole model in memory.
+
+    The windows are embedded once (what each layer receives besides the
+    hidden states is recorded from the model's own forward, see the module
+    docstring); ``streams`` copies of their hidden states are kept, so one
+    loaded layer can serve several passes (verify runs the original with and
+    without restricted routing). Use as a context manager (it owns scratch
+    files)::
+
+        with LayerRunner("big-moe/", {"code": ids}, batch_size=8) as runner:
+            for index in range(len(runner.layers)):
+                with runner.layer(index):
+                    for batch in runner.batches:
+                        runner.run(index, batch)
+            with runner.head():
+                logits = runner.logits(runner.batches[0])      # (batch, seq, vocab)
+
+    ``memory_budget``: bytes one stream's hidden states may take in memory
+    before they go to a scratch file in ``workdir`` (default: the largest
+    decoder layer's fp32 size).
+    """
+
+    def __init__(self, model: str | Path, windows: dict[str, torch.Tensor], batch_size: int = 8, device: str = "cpu",
+                 workdir: str | Path | None = None, memory_budget: int | None = None, streams: int = 1):
+        from transformers import AutoConfig
+
+        from premoe.adapters import get_adapter
+        from premoe.modeling import resolve_model_path
+
+        self.path, self.device = resolve_model_path(model), device
+        self.config = AutoConfig.from_pretrained(self.path)
+        self.net = _skeleton(self.config)
+        self.adapter = get_adapter(self.config, self.net)
+        self.moe = {layer.index: layer for layer in self.adapter.moe_layers(self.net)}
+        if not self.moe:
+            raise UnsupportedModelError(f"{self.path} has no MoE layers premoe can find; is it a Mixture-of-Experts "
+                                        "model?")
+        self.layers = _decoder_layers(self.net, next(iter(self.moe.values())))
+        self.loader = _Loader(self.net, self.path, checkpoint.tensors(self.path), len(self.layers), device,
+                              _weight_block(self.config), self.adapter, self.moe)
+        _return_freed_memory()
+        rows = sum(w.numel() for w in windows.values())
+        budget = (max(map(self.loader.layer_bytes, range(len(self.layers)))) if memory_budget is None
+                  else memory_budget)
+        self._files = contextlib.ExitStack()
+        self.stores = [self._files.enter_context(_HiddenStore(rows, self.config.hidden_size, budget, workdir))
+                       for _ in range(streams)]
+        with self.loader.loaded(self.loader.prelude_keys(), self.net.get_input_embeddings(), "the input embeddings"):
+            self.batches = _embed(self.net, self.layers, windows, batch_size, device, self.stores[0])
+        for store in self.stores[1:]:
+            for batch in self.batches:
+                store.write(batch.start, self.stores[0].read(batch.start, batch.rows))
+
+    def __enter__(self) -> LayerRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._files.close()
+
+    @contextlib.contextmanager
+    def layer(self, index: int) -> Iterator[nn.Module]:
+        """Decoder layer ``index`` loaded (fp32) for the block, back on ``meta`` after it."""
+        with self.loader.loaded(self.loader.layer_keys(index), self.layers[index], f"decoder layer {index}"):
+            yield self.layers[index]
+
+    def run(self, index: int, batch: _Batch, stream: int = 0, capture: RouterCapture | None = None) -> None:
+        """One batch's hidden states of ``stream`` through loaded layer ``index``, in place."""
+        _run_layer(self.layers[index], index, batch, self.stores[stream], capture, self.device)
+
+    @contextlib.contextmanager
+    def head(self) -> Iterator[None]:
+        """Everything outside the decoder layers loaded (embeddings, final norm, output head), for :meth:`logits`."""
+        keys = self.loader.by_layer.get(None, [])
+        with self.loader.loaded(keys, self.net.get_input_embeddings(), "the embeddings and output head"):
+            if getattr(self.config, "tie_word_embeddings", False):
+                self.net.tie_weights()
+            yield
+
+    def logits(self, batch: _Batch, stream: int = 0) -> torch.Tensor:
+        """(batch, seq, vocab) logits of a batch whose hidden states went through every layer (inside :meth:`head`).
+
+        The model's own forward computes them (final norm, head, any logit
+        scaling) with every decoder layer replaced by one that returns the
+        stored hidden states.
+        """
+        hidden = self.stores[stream].read(batch.start, batch.rows).to(self.device).view(*batch.shape, -1)
+        originals = list(self.layers)
+        try:
+            for i in range(len(self.layers)):
+                self.layers[i] = _Replay(hidden)
+            ids = torch.zeros(batch.shape, dtype=torch.long, device=self.device)  # (batch, seq): replaced anyway
+            return self.net(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float()
+        finally:
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder layer: returns the given hidden states, whatever it receives."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.hidden
 
 
 def load_pruned(model: str | Path, kept: dict[int, Sequence[int]], on_layer=None, device: str = "cpu") -> nn.Module:
@@ -483,15 +576,15 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
-def _embed(net: nn.Module, layers: nn.ModuleList, windows: dict[str, torch.Tensor], params: ProfileParams,
-           store: "_HiddenStore") -> list[_Batch]:
+def _embed(net: nn.Module, layers: nn.ModuleList, windows: dict[str, torch.Tensor], batch_size: int, device: str,
+           store: _HiddenStore) -> list[_Batch]:
     """Run every window through the embeddings into ``store`` and record each layer's other inputs."""
     originals = list(layers)
     batches, start = [], 0
     try:
         for domain, domain_windows in windows.items():
-            for first in range(0, domain_windows.shape[0], params.batch_size):
-                input_ids = domain_windows[first : first + params.batch_size].to(params.device)  # (batch, seq)
+            for first in range(0, domain_windows.shape[0], batch_size):
+                input_ids = domain_windows[first : first + batch_size].to(device)  # (batch, seq)
                 inputs, embedded = [], []
                 for i in range(len(layers)):
                     layers[i] = _Recorder(i == len(layers) - 1, inputs, embedded)

@@ -113,8 +113,13 @@ class VerifyReport:
 
 def verify(original: str | Path, compiled: str | Path, data: Sequence[str] | Sequence[Source] | None = None, *,
            max_tokens: int = 2048, seq_len: int = 256, tolerance: float = 1e-4, batch_size: int = 8,
-           progress: bool = True) -> VerifyReport:
+           progress: bool = True, stream: bool = False, workdir: str | Path | None = None) -> VerifyReport:
     """Compare ``compiled`` with ``original`` on ``data`` (``--data`` specs or sources; testbed: its test split).
+
+    ``stream``: load one decoder layer of each model at a time
+    (:class:`premoe.streaming.LayerRunner`), for checkpoints larger than
+    memory; the same numbers to float rounding. ``workdir`` holds hidden
+    states that outgrow memory then.
 
     >>> verify("testbed", "python-50/", ["python:test"], max_tokens=1024).passed
     True
@@ -133,14 +138,20 @@ def verify(original: str | Path, compiled: str | Path, data: Sequence[str] | Seq
     kept = kept_experts(compiled)
     tokenizer = load_tokenizer(compiled)
     sources = _sources(data, original, tokenizer)  # before loading models: a missing --data fails fast
-    net = load_compact(compiled) if info["export"] == "compact" else load_model(compiled)
-    reference = load_model(original)
-    adapter = get_adapter(reference.config)
     windows = {s.name: token_windows(s.texts, tokenizer, seq_len, max_tokens) for s in sources}  # (windows, seq)
-    with domains_bar({n: w.shape[0] for n, w in windows.items()}, "verify", "win", enabled=progress) as start:
-        checks = [_check_source(name, domain_windows, net, reference, adapter, kept, batch_size, start(name))
-                  for name, domain_windows in windows.items()]
-    gate_changes = adapter.gate_changes_when_pruned(reference.config)
+    if stream:
+        if info["export"] == "compact":
+            raise InputError(f"{compiled} is a compact export (layers hold different expert counts); verify it "
+                             "without --stream, or compile the default padded export")
+        checks, config, adapter = _check_streaming(original, compiled, windows, kept, batch_size, workdir, progress)
+    else:
+        net = load_compact(compiled) if info["export"] == "compact" else load_model(compiled)
+        reference = load_model(original)
+        config, adapter = reference.config, get_adapter(reference.config)
+        with domains_bar({n: w.shape[0] for n, w in windows.items()}, "verify", "win", enabled=progress) as start:
+            checks = [_check_source(name, domain_windows, net, reference, adapter, kept, batch_size, start(name))
+                      for name, domain_windows in windows.items()]
+    gate_changes = adapter.gate_changes_when_pruned(config)
     notes = []
     if gate_changes:
         kl = sum(c.kl * c.tokens for c in checks) / max(sum(c.tokens for c in checks), 1)
@@ -158,11 +169,7 @@ def _check_source(name: str, windows, net, reference, adapter, kept: dict[int, l
     """Run one domain's windows (windows, seq) through the compiled, the full and the forced-routing original model."""
     import torch
 
-    from premoe.metrics import kl_divergence, perplexity, token_nll
-
-    nll_full, nll_comp, kl = [], [], []
-    diff = diff_full = 0.0
-    flips = excluded = 0
+    tally = _Tally()
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size]  # (batch, seq)
         with torch.no_grad():
@@ -171,20 +178,98 @@ def _check_source(name: str, windows, net, reference, adapter, kept: dict[int, l
             full = reference(input_ids=batch).logits.float()
             with adapter.restrict_routing(reference, kept), _Routing(reference, adapter) as routed_forced:
                 forced = reference(input_ids=batch).logits.float()
-        compare, batch_flips = _positions_to_compare(routed_compiled, routed_forced, batch.shape)  # (batch, seq)
-        flips += batch_flips
-        excluded += int((~compare[:, :-1]).sum())
-        targets = batch[:, 1:]  # (batch, seq-1)
-        nll_full.append(token_nll(full[:, :-1], targets).flatten())
-        nll_comp.append(token_nll(compiled[:, :-1], targets).flatten())
-        kl.append(kl_divergence(full[:, :-1], compiled[:, :-1]).flatten())
-        if compare.any():
-            diff = max(diff, float((compiled - forced).abs()[compare].max()))
-        diff_full = max(diff_full, float((compiled - full).abs().max()))
+        flipped, flips = torch.zeros(batch.numel(), dtype=torch.bool), 0  # (batch * seq,)
+        for layer in routed_forced.selected:
+            flips += _flag_tie_flips(routed_compiled, routed_forced, layer, flipped)
+        tally.add(batch, compiled, full, forced, _positions_to_compare(flipped, batch.shape), flips)
         advance(batch.shape[0])
-    kl_all = torch.cat(kl)  # (tokens,)
-    return DomainCheck(name, windows.shape[0], kl_all.numel(), diff, perplexity(torch.cat(nll_full)),
-                       perplexity(torch.cat(nll_comp)), float(kl_all.mean()), diff_full, flips, excluded)
+    return tally.check(name, windows.shape[0])
+
+
+def _check_streaming(original, compiled, windows: dict, kept: dict[int, list[int]], batch_size: int, workdir,
+                     progress: bool) -> tuple[list[DomainCheck], object, object]:
+    """:func:`_check_source` for every domain, one decoder layer of each model in memory at a time.
+
+    The original's layer runs twice on its own copies of the hidden states
+    (full, and with routing restricted to ``kept``); then the compiled
+    model's layer. Routing flips are flagged layer by layer; the logits come
+    at the end, from both models' heads.
+    """
+    import torch
+
+    from premoe.progress import bar
+    from premoe.streaming import LayerRunner
+
+    with LayerRunner(original, windows, batch_size, workdir=workdir, streams=2) as reference, \
+            LayerRunner(compiled, windows, batch_size, workdir=workdir) as pruned, torch.no_grad():
+        adapter = reference.adapter
+        flipped = [torch.zeros(b.rows, dtype=torch.bool) for b in reference.batches]  # per batch: (batch * seq,)
+        flips = [0] * len(reference.batches)
+        with bar(len(reference.layers), "verify (streaming)", "layer", enabled=progress) as shown:
+            for index in range(len(reference.layers)):
+                forced = []
+                with reference.layer(index):
+                    for batch in reference.batches:
+                        reference.run(index, batch, stream=0)
+                        with adapter.restrict_routing(reference.net, {index: kept[index]} if index in kept else {}), \
+                                _Routing(reference.net, adapter) as routed:
+                            reference.run(index, batch, stream=1)
+                        forced.append(routed)
+                with pruned.layer(index):
+                    for b, batch in enumerate(pruned.batches):
+                        with _Routing(pruned.net, pruned.adapter, kept) as routed:
+                            pruned.run(index, batch)
+                        if index in forced[b].selected:
+                            flips[b] += _flag_tie_flips(routed, forced[b], index, flipped[b])
+                shown.update(1)
+        tallies = {name: _Tally() for name in windows}
+        with reference.head(), pruned.head():
+            for b, batch in enumerate(reference.batches):
+                ids = windows[batch.domain][_window_range(reference.batches, b)]  # (batch, seq)
+                tallies[batch.domain].add(ids, pruned.logits(pruned.batches[b]), reference.logits(batch, 0),
+                                          reference.logits(batch, 1), _positions_to_compare(flipped[b], batch.shape),
+                                          flips[b])
+        config = reference.config
+    return [tallies[name].check(name, w.shape[0]) for name, w in windows.items()], config, adapter
+
+
+def _window_range(batches, b: int) -> slice:
+    """The windows of batch ``b`` within its domain (batches of a domain are consecutive, in order)."""
+    first = sum(x.shape[0] for x in batches[:b] if x.domain == batches[b].domain)
+    return slice(first, first + batches[b].shape[0])
+
+
+class _Tally:
+    """One domain's verification numbers, accumulated batch by batch."""
+
+    def __init__(self):
+        self.nll_full, self.nll_comp, self.kl = [], [], []
+        self.diff = self.diff_full = 0.0
+        self.flips = self.excluded = 0
+
+    def add(self, ids, compiled, full, forced, compare, flips: int) -> None:
+        """(batch, seq) ``ids``; (batch, seq, vocab) logits; (batch, seq) ``compare`` mask; near-tie ``flips``."""
+        from premoe.metrics import kl_divergence, token_nll
+
+        self.flips += flips
+        self.excluded += int((~compare[:, :-1]).sum())
+        targets = ids[:, 1:]  # (batch, seq-1)
+        self.nll_full.append(token_nll(full[:, :-1], targets).flatten())
+        self.nll_comp.append(token_nll(compiled[:, :-1], targets).flatten())
+        self.kl.append(kl_divergence(full[:, :-1], compiled[:, :-1]).flatten())
+        if compare.any():
+            self.diff = max(self.diff, float((compiled - forced).abs()[compare].max()))
+        self.diff_full = max(self.diff_full, float((compiled - full).abs().max()))
+
+    def check(self, name: str, windows: int) -> DomainCheck:
+        import torch
+
+        from premoe.metrics import perplexity
+
+        kl_all = torch.cat(self.kl)  # (tokens,)
+        return DomainCheck(name, windows, kl_all.numel(), self.diff, perplexity(torch.cat(self.nll_full)),
+                           perplexity(torch.cat(self.nll_comp)), float(kl_all.mean()), self.diff_full, self.flips,
+                           self.excluded)
 
 
 class _Routing:
@@ -232,34 +317,39 @@ class _Routing:
         self.selected[layer.index] = selected.sort(dim=-1).values
 
 
-def _positions_to_compare(compiled: _Routing, forced: _Routing, shape) -> tuple:
-    """(batch, seq) mask of positions whose logits must agree, and the count of near-tie routing flips.
+def _flag_tie_flips(compiled: _Routing, forced: _Routing, layer: int, flipped) -> int:
+    """Mark in ``flipped`` (tokens,) the tokens of ``layer`` whose routing differs by a near tie; returns their count.
 
-    A token whose chosen experts differ at some layer is a near-tie flip when
-    the experts it swapped scored within NEAR_TIE of each other in the forced
-    run, or (grouped routers) the groups they belong to did; it and the later
-    positions of its window are left out. Other differences stay in the
-    comparison (and fail it).
+    A token whose chosen experts differ is a near-tie flip when the experts
+    it swapped scored within NEAR_TIE of each other in the forced run, or
+    (grouped routers) the groups they belong to did. Other differences are
+    not marked: they stay in the comparison (and fail it).
+    """
+    chosen, other = forced.selected[layer], compiled.selected.get(layer)
+    if other is None or other.shape != chosen.shape:
+        return 0
+    scores = forced.scores[layer]  # (tokens, E)
+    flips = 0
+    for token in (other != chosen).any(-1).nonzero().flatten().tolist():
+        a, b = set(chosen[token].tolist()), set(other[token].tolist())
+        if _tied(scores[token], sorted((a - b) | (b - a)), forced.n_group):
+            flips += 1
+            flipped[token] = True
+    return flips
+
+
+def _positions_to_compare(flipped, shape):
+    """(batch, seq) mask of positions whose logits must agree: all before a window's first near-tie flip.
+
+    The flipped token and the later positions of its window (which attend to
+    it) are left out.
     """
     import torch
 
     batch, seq = shape
-    compare = torch.ones(batch * seq, dtype=torch.bool)
-    flips = 0
-    for layer, chosen in forced.selected.items():
-        other = compiled.selected.get(layer)
-        if other is None or other.shape != chosen.shape:
-            continue
-        scores = forced.scores[layer]  # (tokens, E)
-        for token in (other != chosen).any(-1).nonzero().flatten().tolist():
-            a, b = set(chosen[token].tolist()), set(other[token].tolist())
-            swapped = sorted((a - b) | (b - a))
-            if _tied(scores[token], swapped, forced.n_group):
-                flips += 1
-                compare[token] = False
-    compare = compare.reshape(batch, seq)
+    compare = ~flipped.reshape(batch, seq)
     first = torch.where(compare.all(-1), seq, (~compare).int().argmax(-1))  # (batch,) first flipped position
-    return torch.arange(seq)[None, :] < first[:, None], flips
+    return torch.arange(seq)[None, :] < first[:, None]
 
 
 def _sources(data, original: str | Path, tokenizer) -> list[Source]:

@@ -38,6 +38,35 @@ def test_compiled_checkpoint_passes(family, tmp_path):
     assert json.loads(json.dumps(report.to_json()))["passed"] is True
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"])
+def test_streaming_verify_gives_the_in_memory_numbers(family, tmp_path):
+    path, out, adapter, model = compiled(family, tmp_path)
+    source = [Source("text", [tiny.TEXT], "tiny"), Source("more", [tiny.TEXT[::-1]], "tiny")]
+    memory = verify(path, out, source, max_tokens=160, seq_len=32, batch_size=2, progress=False)
+    streamed = verify(path, out, source, max_tokens=160, seq_len=32, batch_size=2, progress=False, stream=True)
+    assert streamed.passed and memory.passed
+    for a, b in zip(memory.domains, streamed.domains):
+        assert (a.name, a.windows, a.tokens, a.tie_flips, a.excluded) == (b.name, b.windows, b.tokens, b.tie_flips,
+                                                                          b.excluded)
+        assert a.ppl_original == pytest.approx(b.ppl_original, rel=1e-5)
+        assert a.ppl_compiled == pytest.approx(b.ppl_compiled, rel=1e-5)
+        assert a.kl == pytest.approx(b.kl, rel=1e-3, abs=1e-7)
+        assert a.max_abs_diff_full == pytest.approx(b.max_abs_diff_full, rel=1e-3, abs=1e-5)
+        assert b.max_abs_diff <= 1e-5
+
+
+def test_streaming_verify_fails_a_wrong_checkpoint_and_refuses_a_compact_one(tmp_path):
+    path, out, adapter, model = compiled("qwen3_moe", tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    config["premoe"]["kept_experts"]["1"] = [e for e in range(8) if e not in config["premoe"]["kept_experts"]["1"]]
+    (out / "config.json").write_text(json.dumps(config))
+    assert not verify(path, out, TEXT, max_tokens=128, seq_len=32, progress=False, stream=True).passed
+    plan = spread_plan(path, model, adapter, kept={0: [0, 3, 5], 1: [1, 2, 4, 6, 7]})
+    compile_checkpoint(path, plan, tmp_path / "compact", export="compact", progress=False)
+    with pytest.raises(InputError, match="compact export"):
+        verify(path, tmp_path / "compact", TEXT, progress=False, stream=True)
+
+
 def test_gate_change_is_reported_for_qwen2_moe(tmp_path):
     path, out, adapter, model = compiled("qwen2_moe", tmp_path)
     assert adapter.gate_changes_when_pruned(model.config)  # the family this test is about
@@ -84,6 +113,9 @@ def test_cli_verify(tmp_path):
     result = CliRunner().invoke(command, [*args, "--tolerance", "-1", "--json", str(tmp_path / "v.json")])
     assert result.exit_code == 1 and "FAIL" in result.output
     assert json.loads((tmp_path / "v.json").read_text())["passed"] is False
+    result = CliRunner().invoke(command, [*args, "--stream", "--workdir", str(tmp_path / "scratch"), "--json", "-"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["passed"] is True
 
 
 def perturbed(out, key: str, eps: float) -> None:
@@ -185,31 +217,36 @@ def _routing(selected, scores=None, n_group=1):
     return routing
 
 
-def test_a_near_tie_flip_leaves_out_its_token_and_what_follows_only():
-    from premoe.verify import _positions_to_compare
+def _compare(compiled, forced, shape):
+    """Flag near-tie flips of layer 3, then the positions compared: as verify does per batch."""
+    from premoe.verify import _flag_tie_flips, _positions_to_compare
 
+    flipped = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
+    flips = _flag_tie_flips(compiled, forced, 3, flipped)
+    return _positions_to_compare(flipped, shape), flips
+
+
+def test_a_near_tie_flip_leaves_out_its_token_and_what_follows_only():
     # one window of 3 tokens, top-2 of 4 experts; token 1 chose 2 (forced) vs 3 (compiled), scored 1e-7 apart
     scores = [[0.9, 0.8, 0.1, 0.0], [0.9, 0.1, 0.5, 0.5 - 1e-7], [0.9, 0.8, 0.1, 0.0]]
     forced = _routing([[0, 1], [0, 2], [0, 1]], scores)
-    compare, flips = _positions_to_compare(_routing([[0, 1], [0, 3], [0, 1]]), forced, (1, 3))
+    compare, flips = _compare(_routing([[0, 1], [0, 3], [0, 1]]), forced, (1, 3))
     assert flips == 1 and compare.tolist() == [[True, False, False]]
     # the same swap between clearly different scores is a wrong model, not rounding: it stays in the comparison
     scores[1][3] = 0.4
-    compare, flips = _positions_to_compare(_routing([[0, 1], [0, 3], [0, 1]]), _routing([[0, 1], [0, 2], [0, 1]],
+    compare, flips = _compare(_routing([[0, 1], [0, 3], [0, 1]]), _routing([[0, 1], [0, 2], [0, 1]],
                                                                                           scores), (1, 3))
     assert flips == 0 and compare.all()
     # identical routing: everything is compared
-    compare, flips = _positions_to_compare(_routing([[0, 1]] * 3), _routing([[0, 1]] * 3, scores), (1, 3))
+    compare, flips = _compare(_routing([[0, 1]] * 3), _routing([[0, 1]] * 3, scores), (1, 3))
     assert flips == 0 and compare.all()
 
 
 def test_a_group_level_near_tie_flip_is_rounding_too():
-    from premoe.verify import _positions_to_compare
-
     # 8 experts in 4 groups of 2, top-2 from the best group: groups 0 (0.5 + 0.3) and 3 (0.6 + 0.2 - 1e-7) tie
     scores = [[0.5, 0.3, 0.1, 0.1, 0.1, 0.1, 0.6, 0.2 - 1e-7]]
-    compare, flips = _positions_to_compare(_routing([[6, 7]]), _routing([[0, 1]], scores, n_group=4), (1, 1))
+    compare, flips = _compare(_routing([[6, 7]]), _routing([[0, 1]], scores, n_group=4), (1, 1))
     assert flips == 1 and not compare.any()
     scores[0][7] = 0.1  # group 3 now clearly behind: the same swap is a wrong model
-    compare, flips = _positions_to_compare(_routing([[6, 7]]), _routing([[0, 1]], scores, n_group=4), (1, 1))
+    compare, flips = _compare(_routing([[6, 7]]), _routing([[0, 1]], scores, n_group=4), (1, 1))
     assert flips == 0 and compare.all()
