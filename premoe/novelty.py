@@ -39,15 +39,17 @@ import torch
 
 from premoe.errors import InputError
 from premoe.matchers import bucket
+from premoe.ngram import TokenLMs
 
-METHODS = ("nearest", "ngram")  # nearest: the matcher's nearest-domain score (the old rule); ngram: this module
+METHODS = ("nearest", "ngram", "kn")  # nearest: the matcher's nearest-domain score (the old rule); ngram: unseen
+# bigram share (this module's tables); kn: the lowest per-token NLL under the domains' Kneser-Ney bigrams (premoe.ngram)
 
 
 @dataclass
 class NoveltyParams:
     """What decides a fallback. Defaults chosen on the testbed's val split (docs/results/retrieval.md)."""
 
-    method: str = "ngram"  # one of METHODS; "nearest" stores no detector and thresholds the matcher's score
+    method: str = "kn"  # one of METHODS; "nearest" stores no detector and thresholds the matcher's score
     unigram_weight: float = 0.0  # ngram: weight of never-seen tokens beside never-seen bigrams (val: 0, .5, 1 within 0.01)
     max_tokens: int = 1 << 18  # ngram: calibration (and held-out) tokens per domain read (tokenised only)
 
@@ -83,14 +85,17 @@ class Detector:
     bigrams: dict[str, torch.Tensor]  # domain -> sorted distinct bigram codes (int64) of its calibration text
     unigrams: dict[str, torch.Tensor]  # domain -> sorted distinct token ids (int64) of its calibration text
     thresholds: dict[int, float] = field(default_factory=dict)  # length bucket -> fallback score
+    lms: TokenLMs | None = None  # kn: the store's token models (saved by the store, not here)
 
     @property
     def domains(self) -> list[str]:
-        return list(self.bigrams)
+        return self.lms.domains if self.params.method == "kn" else list(self.bigrams)
 
     def scores(self, ids: torch.Tensor) -> torch.Tensor:
         """(n, domains) novelty of requests ``ids`` (n, T) to each domain; lower = more familiar."""
         ids = ids.long().reshape(len(ids), -1)  # (n, T)
+        if self.params.method == "kn":
+            return self.lms.nll(ids)  # (n, D)
         codes = bigram_codes(ids, self.vocab)  # (n, T-1)
         out = []
         for domain in self.domains:
@@ -115,7 +120,11 @@ class Detector:
         return self.score(ids) > threshold
 
     def add(self, ids: dict[str, torch.Tensor]) -> "Detector":
-        """Add domains from their calibration ids ``{domain: (tokens,)}``; thresholds are kept (recalibrate)."""
+        """Add domains from their calibration ids ``{domain: (tokens,)}``; thresholds are kept (recalibrate).
+
+        A ``kn`` detector reads the store's token models: the store adds the domains there."""
+        if self.params.method == "kn":
+            return self
         clashes = sorted(set(ids) & set(self.bigrams))
         if clashes:
             raise InputError(f"domain {', '.join(clashes)} already has a novelty table; rename the new domain")
@@ -135,12 +144,18 @@ class Detector:
                 "domains": self.domains, "thresholds": {str(t): v for t, v in self.thresholds.items()}}
 
     @classmethod
-    def load(cls, manifest: dict, tensors: dict[str, torch.Tensor]) -> "Detector":
+    def load(cls, manifest: dict, tensors: dict[str, torch.Tensor], lms: TokenLMs | None = None) -> "Detector":
         domains = manifest["domains"]
+        params = NoveltyParams(**manifest["params"]).check()
+        if params.method == "kn":
+            if lms is None:
+                raise InputError("the store's fallback score is 'kn' but it has no token models; rebuild the store")
+            return cls(params, int(manifest["vocab"]), tuple(int(t) for t in manifest["lengths"]), {}, {},
+                       {int(t): float(v) for t, v in manifest["thresholds"].items()}, lms)
         missing = [d for d in domains if f"novelty/bigrams/{d}" not in tensors or f"novelty/unigrams/{d}" not in tensors]
         if missing:
             raise InputError(f"the store's novelty tables lack domain {', '.join(missing)}; rebuild the store")
-        return cls(NoveltyParams(**manifest["params"]).check(), int(manifest["vocab"]),
+        return cls(params, int(manifest["vocab"]),
                    tuple(int(t) for t in manifest["lengths"]),
                    {d: tensors[f"novelty/bigrams/{d}"].long() for d in domains},
                    {d: tensors[f"novelty/unigrams/{d}"].long() for d in domains},
@@ -158,11 +173,18 @@ def _tables(ids: torch.Tensor, vocab: int, domain: str) -> tuple[torch.Tensor, t
 
 
 def fit_detector(params: NoveltyParams, ids: dict[str, torch.Tensor], vocab: int,
-                 lengths: tuple[int, ...]) -> Detector:
-    """Novelty tables of every domain from its calibration ids ``{domain: (tokens,)}`` (documents EOS-joined)."""
+                 lengths: tuple[int, ...], lms: TokenLMs | None = None) -> Detector:
+    """Novelty tables of every domain from its calibration ids ``{domain: (tokens,)}`` (documents EOS-joined);
+    a ``kn`` detector scores with ``lms`` (the store's token models) instead."""
     params.check()
-    if params.method != "ngram":
-        raise InputError(f"fit_detector builds the 'ngram' fallback score, not {params.method!r}")
+    if params.method == "nearest":
+        raise InputError("fit_detector builds the 'ngram' or 'kn' fallback score, not 'nearest'")
+    if params.method == "kn":
+        if lms is None:
+            raise InputError("the 'kn' fallback score needs the store's token models (NgramParams(use=True))")
+        if not lengths or any(t < 1 for t in lengths):
+            raise InputError(f"request-length buckets must be positive, got {lengths}")
+        return Detector(params, int(vocab), tuple(sorted(lengths)), {}, {}, lms=lms)
     if not ids:
         raise InputError("no domains to build novelty tables for; give calibration text for at least one domain")
     if not lengths or any(t < 1 for t in lengths):
@@ -177,7 +199,7 @@ def calibrate_detector(detector: Detector, held_out: dict[str, torch.Tensor], qu
     :func:`premoe.matchers.calibrate`); the threshold is the ``quantile`` of
     their scores, so about 1 − quantile of in-domain requests fall back.
     """
-    usable = {d: w for d, w in held_out.items() if d in detector.bigrams}
+    usable = {d: w for d, w in held_out.items() if d in detector.domains}
     if not usable:
         raise InputError(f"no held-out data names a stored domain ({', '.join(detector.domains)}); "
                          "name held-out data after the domains, e.g. --held-out python=val.jsonl")

@@ -17,7 +17,7 @@ UNSEEN = Path(__file__).parent / "data" / "unseen"
 def small() -> Detector:
     """Domain a saw tokens 1 2 3 (bigrams 12, 23, 31), domain b saw 5 6 7 (56, 67); vocabulary 10."""
     ids = {"a": torch.tensor([1, 2, 3, 1, 2]), "b": torch.tensor([5, 6, 7])}
-    return fit_detector(NoveltyParams(unigram_weight=0.5), ids, vocab=10, lengths=(2, 4))
+    return fit_detector(NoveltyParams(method="ngram", unigram_weight=0.5), ids, vocab=10, lengths=(2, 4))
 
 
 def test_novelty_is_the_share_of_unseen_bigrams_plus_weighted_unseen_tokens():
@@ -48,8 +48,8 @@ def test_thresholds_are_per_length_quantiles_of_held_out_prefixes():
 
 def test_adding_a_domain_equals_fitting_it_with_the_others():
     ids = {"a": torch.tensor([1, 2, 3, 1, 2]), "b": torch.tensor([5, 6, 7])}
-    grown = fit_detector(NoveltyParams(), {"a": ids["a"]}, 10, (2,)).add({"b": ids["b"]})
-    at_once = fit_detector(NoveltyParams(), ids, 10, (2,))
+    grown = fit_detector(NoveltyParams(method="ngram"), {"a": ids["a"]}, 10, (2,)).add({"b": ids["b"]})
+    at_once = fit_detector(NoveltyParams(method="ngram"), ids, 10, (2,))
     assert grown.tensors().keys() == at_once.tensors().keys()
     assert all(torch.equal(grown.tensors()[k], v) for k, v in at_once.tensors().items())
     with pytest.raises(InputError, match="already has a novelty table"):
@@ -58,15 +58,15 @@ def test_adding_a_domain_equals_fitting_it_with_the_others():
 
 def test_bad_inputs():
     with pytest.raises(InputError, match="outside \\[0, 10\\)"):
-        fit_detector(NoveltyParams(), {"a": torch.tensor([1, 12])}, 10, (2,))
+        fit_detector(NoveltyParams(method="ngram"), {"a": torch.tensor([1, 12])}, 10, (2,))
     with pytest.raises(InputError, match="needs? at least 2"):
-        fit_detector(NoveltyParams(), {"a": torch.tensor([1])}, 10, (2,))
+        fit_detector(NoveltyParams(method="ngram"), {"a": torch.tensor([1])}, 10, (2,))
     with pytest.raises(InputError, match="fallback score must be one of"):
         fit_detector(NoveltyParams(method="vibes"), {"a": torch.tensor([1, 2])}, 10, (2,))
     with pytest.raises(InputError, match="builds the 'ngram'"):
         fit_detector(NoveltyParams(method="nearest"), {"a": torch.tensor([1, 2])}, 10, (2,))
     with pytest.raises(InputError, match="unigram weight"):
-        NoveltyParams(unigram_weight=-1.0).check()
+        NoveltyParams(method="ngram", unigram_weight=-1.0).check()
     with pytest.raises(InputError, match="no held-out data names a stored domain"):
         calibrate_detector(small(), {"zz": torch.tensor([[1, 2]])}, 0.95)
     manifest, tensors = small().manifest(), small().tensors()
@@ -82,7 +82,7 @@ def test_bad_inputs():
        thresholds=st.lists(st.floats(0, 4, allow_nan=False), min_size=3, max_size=3),
        request=st.lists(st.integers(0, 499), min_size=1, max_size=40))
 def test_artefact_round_trips_through_safetensors_and_json(tmp_path_factory, tables, weight, thresholds, request):
-    detector = fit_detector(NoveltyParams(unigram_weight=weight), {d: torch.tensor(v) for d, v in tables.items()},
+    detector = fit_detector(NoveltyParams(method="ngram", unigram_weight=weight), {d: torch.tensor(v) for d, v in tables.items()},
                             500, (4, 16, 64))
     detector.thresholds = dict(zip((4, 16, 64), thresholds))
     folder = tmp_path_factory.mktemp("novelty")
@@ -110,7 +110,7 @@ def testbed_detector():
     tokenizer = load_tokenizer("testbed")
     trained = ["python", "en_docs", "de", "fr", "bible", "math"]
     calib = parse_sources([f"{d}:calib" for d in trained], tokenizer)
-    detector = fit_detector(NoveltyParams(), calibration_ids(tokenizer, calib, 1 << 18), len(tokenizer), (16, 64, 256))
+    detector = fit_detector(NoveltyParams(method="ngram"), calibration_ids(tokenizer, calib, 1 << 18), len(tokenizer), (16, 64, 256))
     val = {s.name: token_windows(s.texts, tokenizer, 256, 1 << 18) for s in parse_sources(
         [f"{d}:val" for d in trained], tokenizer)}
     calibrate_detector(detector, val, 0.95)

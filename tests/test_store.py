@@ -70,15 +70,15 @@ def test_thresholds_are_the_held_out_quantile(built, tiny_qwen3):
     held = read_patterns(reader, loaded[1], domains.sources(1000, 4), (8, 16, 32), 1024, prefixes=True)
     for length, threshold in store.matcher.thresholds.items():
         best = store.matcher.scores(torch.cat([held[d][length] for d in held]), length).min(1).values
-        assert threshold == pytest.approx(float(best.quantile(0.95)), rel=1e-12)
+        assert threshold == pytest.approx(float(best.quantile(store.matcher.params.quantile)), rel=1e-12)
         assert (best > threshold).double().mean().item() <= 0.05 + 1 / len(best)
     from premoe.data import token_windows
 
     windows = [token_windows(src.texts, loaded[1], 32, 1 << 18) for src in domains.sources(1000, 4)]  # all held-out text
-    assert sorted(store.detector.thresholds) == [8, 16, 32] and store.fallback_method == "ngram"
+    assert sorted(store.detector.thresholds) == [8, 16, 32] and store.fallback_method == "kn"
     for length, threshold in store.detector.thresholds.items():
         novelty = store.detector.score(torch.cat([w[:, :length] for w in windows]))
-        assert threshold == pytest.approx(float(novelty.quantile(0.95)), rel=1e-12)
+        assert threshold == pytest.approx(float(novelty.quantile(0.96)), rel=1e-12)
         assert store.fallback_threshold(length) == threshold
 
 
@@ -86,7 +86,7 @@ def test_round_trip(built, tmp_path):
     _, store, _ = built
     store.save(tmp_path / "store")
     manifest = json.loads((tmp_path / "store" / "store.json").read_text())
-    assert manifest["format"] == FORMAT == "premoe-store/3" and manifest["scorer"] == "peu_norm"
+    assert manifest["format"] == FORMAT == "premoe-store/4" and manifest["scorer"] == "peu_norm"
     assert manifest["matcher"]["params"]["method"] == "lda"
     again = Store.load(tmp_path / "store")
     assert again.domains == store.domains and again.matcher.thresholds == store.matcher.thresholds
@@ -146,7 +146,7 @@ def test_bad_inputs(built, tiny_qwen3, tmp_path):
     (tmp_path / "bad" / "store.json").write_text(json.dumps({"format": "premoe-store/1"}))
     with pytest.raises(InputError, match="fallback score must be one of"):
         build_store(tiny_qwen3, profile, domains.sources(0), novelty=NoveltyParams(method="vibes"), loaded=loaded)
-    with pytest.raises(CheckpointError, match="premoe-store/3"):
+    with pytest.raises(CheckpointError, match="premoe-store/4"):
         Store.load(tmp_path / "bad")
 
 
@@ -177,7 +177,7 @@ def test_cli_build_add_query(built, tiny_qwen3, tmp_path):
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "domains code, bible" in result.output and "matcher knn on router_input" in result.output
-    assert "fallback score ngram, thresholds by request tokens: 16:" in result.output
+    assert "fallback score kn, thresholds by request tokens: 16:" in result.output
     result = runner.invoke(cli, ["store", "add", str(out), "--profile", str(tmp_path / "prof-de"),
                                  "--data", f"de={tmp_path / 'de.txt'}"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -192,9 +192,9 @@ def test_cli_build_add_query(built, tiny_qwen3, tmp_path):
     assert hit["threshold"] == Store.load(out).detector.thresholds[16] and hit["fallback_score"] >= 0
     result = runner.invoke(cli, ["store", "query", str(out), text], catch_exceptions=False)
     assert result.exit_code == 0 and "knn over" in result.output and "bible" in result.output
-    assert "(novelty " in result.output and "ms]" in result.output
+    assert "(n-gram NLL " in result.output and "ms]" in result.output
     result = runner.invoke(cli, ["store", "query", str(out), "日本語のテキストです。" * 8, "--tokens", "16"], catch_exceptions=False)
-    assert "fallback to generalist (novelty 1 > " in result.output  # every bigram and token new
+    assert "fallback to generalist (n-gram NLL " in result.output  # every bigram and token new
     nearest = tmp_path / "nearest"
     result = runner.invoke(cli, ["store", "build", str(tiny_qwen3), "--profile", str(tmp_path / "prof2"), *data,
                                  "--out", str(nearest), "--fallback-score", "nearest", "--calib-tokens", "2048", *held],
