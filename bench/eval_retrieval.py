@@ -61,7 +61,8 @@ import taer_setup
 METHOD_GRID = [("centroid", {}), ("knn", {}), ("diagonal", {}), ("lda", {"shrinkage": 0.1}),
                ("lda", {"shrinkage": 0.01}), ("logistic", {})]
 OOD_GRID = [("nearest", {}), ("knn", {"k": 10}), ("unigram", {"alpha": 0.1}), ("ngram", {"unigram_weight": 0.0}),
-            ("ngram", {"unigram_weight": 0.5}), ("ngram", {"unigram_weight": 1.0}), ("kn", {})]
+            ("ngram", {"unigram_weight": 0.5}), ("ngram", {"unigram_weight": 1.0}), ("kn", {"margin_weight": 0.0}),
+            ("kn", {"margin_weight": 0.5}), ("kn", {"margin_weight": 1.0})]
 SECTIONS = ("selection", "perplexity", "mixed")  # the slow ones --skip can leave out
 FEATURE_GRID = [("router_input", 1), ("router_logits", 1), ("router_mass", 1), ("tcess", 1), ("router_logits", 2)]
 COMBINED = ("lda", {"shrinkage": 0.01})  # the matcher rows also tried with the token models (premoe.ngram.combine)
@@ -159,8 +160,8 @@ def selection(model, adapter, tokenizer, s, windows: dict, args) -> dict:
                                   bank)
             combos = [None, *BETA_GRID] if (method, extra) == COMBINED and feature in COMBINED_FEATURES else [None]
             for beta in combos:
-                score = (lambda p, w, t: matcher.scores(p, t)) if beta is None else (  # noqa: E731
-                    lambda p, w, t, beta=beta: combine(lms.nll(w[:, :t]), matcher.scores(p, t), t, p.shape[1], beta))
+                score = (lambda p, w, t, m=matcher: m.scores(p, t)) if beta is None else (
+                    lambda p, w, t, m=matcher, b=beta: combine(lms.nll(w[:, :t]), m.scores(p, t), t, p.shape[1], b))
                 row = {"method": method, **extra, "feature": feature, "layers": layers, "pattern_weight": beta}
                 for split, by_domain in held.items():
                     row[split] = {t: {d: round(float((score(p[t], w, t).argmin(1) == matcher.domains.index(d))
@@ -244,7 +245,8 @@ def fallback_selection(retriever, s, tokenizer, windows: dict, args) -> dict:
         rows.append(row)
     best = max(rows, key=lambda r: r["val"][args.prompt_tokens]["foreign mean"])
     chosen = {"method": store.fallback_method, **({"unigram_weight": store.detector.params.unigram_weight}
-                                                  if store.fallback_method == "ngram" else {})}
+                                                  if store.fallback_method == "ngram" else {}),
+              **({"margin_weight": store.detector.params.margin_weight} if store.fallback_method == "kn" else {})}
     return {"rule": f"max mean fallback of foreign val requests (leave-one-domain-out + unseen val) at T = "
                     f"{args.prompt_tokens}, threshold = {q} quantile of in-domain val", "rows": rows,
             "best": {k: v for k, v in best.items() if k != "val"},
@@ -263,9 +265,10 @@ def _candidate(method: str, extra: dict, store, ids: dict, vocab: int):
     if method == "ngram":
         detector = fit_detector(NoveltyParams(method="ngram", **extra), ids, vocab, store.matcher.params.lengths)
         return lambda w, p, t: detector.score(w)
-    if method == "kn":  # lowest per-token NLL under the domains' Kneser-Ney bigrams
-        lms = fit_lms(NgramParams(), ids, vocab)
-        return lambda w, p, t: lms.nll(w).min(1).values
+    if method == "kn":  # lowest per-token NLL under the domains' Kneser-Ney bigrams, less a weighted margin
+        detector = fit_detector(NoveltyParams(method="kn", **extra), {}, vocab, store.matcher.params.lengths,
+                                fit_lms(NgramParams(), ids, vocab))
+        return lambda w, p, t: detector.score(w)
     if method == "unigram":  # per-domain add-alpha unigram; score = -max over domains of mean log-prob per token
         counts = torch.stack([torch.bincount(ids[d], minlength=vocab).double() + extra["alpha"] for d in domains])
         logp = (counts / counts.sum(1, keepdim=True)).log()  # (D, vocab)

@@ -1,21 +1,28 @@
-"""Whether a request belongs to *any* stored domain: n-gram novelty of its token ids (the fallback score).
+"""Whether a request belongs to *any* stored domain: a score of its token ids (the fallback score).
 
-The matcher (:mod:`premoe.matchers`) answers *which* stored domain is
-nearest; this module answers whether the nearest is near enough, so that a
-request from a domain the store has never seen falls back to the generalist.
+The classifier (:mod:`premoe.matchers`, :mod:`premoe.ngram`) answers *which*
+stored domain is nearest; this module answers whether the nearest is near
+enough, so that a request from a domain the store has never seen falls back
+to the generalist. Both scores need only token ids, no model run:
 
-The score needs only token ids, no model run: for every stored domain d,
+* ``kn`` (default): under each domain's Kneser-Ney bigram model
+  (:mod:`premoe.ngram`, the store's token models), the lowest mean NLL per
+  token, less ``margin_weight`` times its margin to the second lowest
+  (text that one domain explains much better than the others is familiar
+  even when it is hard: new identifiers in Python code);
+* ``ngram``: for every stored domain d,
 
-    novelty_d(request) = share of the request's bigrams never seen in d's calibration text
-                         + unigram_weight * share of its tokens never seen there
+      novelty_d(request) = share of the request's bigrams never seen in d's calibration text
+                           + unigram_weight * share of its tokens never seen there
 
-and the request's score is the minimum over domains (novel to every domain
-= foreign). The per-domain tables are the sorted distinct bigram codes
-(``prev * vocab + next``) and token ids of the calibration text. Chosen on the
-testbed's val split (bench/eval_retrieval.py, section 3a) over the matcher's
-nearest-domain score, k-NN distance to calibration patterns and per-domain
-unigram log-likelihood: Spanish man pages share the layer-1 routing of French
-ones, but not their bigrams.
+  and the request's score is the minimum over domains; the per-domain
+  tables are the sorted distinct bigram codes (``prev * vocab + next``) and
+  token ids of the calibration text.
+
+Chosen on the testbed's val split (bench/eval_retrieval.py, section 3a) over
+the matcher's nearest-domain score, k-NN distance to calibration patterns,
+per-domain unigram log-likelihood and each other: Spanish man pages share
+the layer-1 routing of French ones, but not their bigrams.
 
 As with the matcher, each request-length bucket has its own threshold: the
 ``quantile`` of held-out in-domain requests' scores. Held-out text costs
@@ -26,8 +33,8 @@ the rest of the val split of python, en_docs, de and fr fell back.
 
 Example::
 
-    detector = fit_detector(NoveltyParams(), {"python": ids_py, "de": ids_de}, vocab=8192, lengths=(16, 64))
-    calibrate_detector(detector, {"python": val_windows_py, "de": val_windows_de}, quantile=0.95)
+    detector = fit_detector(NoveltyParams(method="ngram"), {"python": ids_py, "de": ids_de}, vocab=8192, lengths=(16, 64))
+    calibrate_detector(detector, {"python": val_windows_py, "de": val_windows_de}, quantile=0.96)
     detector.score(request_ids)             # (n,) lower = more familiar
     detector.foreign(request_ids, 64)       # (n,) bool: beyond the 64-token bucket's threshold
 """
@@ -51,6 +58,7 @@ class NoveltyParams:
 
     method: str = "kn"  # one of METHODS; "nearest" stores no detector and thresholds the matcher's score
     unigram_weight: float = 0.0  # ngram: weight of never-seen tokens beside never-seen bigrams (val: 0, .5, 1 within 0.01)
+    margin_weight: float = 0.5  # kn: weight of the margin between the two lowest NLLs (val grid 0, .5, 1)
     max_tokens: int = 1 << 18  # ngram: calibration (and held-out) tokens per domain read (tokenised only)
 
     def check(self) -> "NoveltyParams":
@@ -58,6 +66,8 @@ class NoveltyParams:
             raise InputError(f"fallback score must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not self.unigram_weight >= 0:
             raise InputError(f"novelty unigram weight must be >= 0, got {self.unigram_weight}")
+        if not self.margin_weight >= 0:
+            raise InputError(f"novelty margin weight must be >= 0, got {self.margin_weight}")
         if self.max_tokens < 2:
             raise InputError(f"novelty calibration tokens must be >= 2, got {self.max_tokens}")
         return self
@@ -105,8 +115,14 @@ class Detector:
         return torch.stack(out, dim=1)  # (n, D)
 
     def score(self, ids: torch.Tensor) -> torch.Tensor:
-        """(n,) novelty to the most familiar domain of requests ``ids`` (n, T)."""
-        return self.scores(ids).min(1).values
+        """(n,) novelty to the most familiar domain of requests ``ids`` (n, T); ``kn``: the lowest NLL less
+        ``margin_weight`` times its margin to the second lowest (text one domain explains much better than
+        the rest is familiar even when hard)."""
+        scores = self.scores(ids)  # (n, D)
+        if self.params.method != "kn" or scores.shape[1] < 2:
+            return scores.min(1).values
+        two = scores.topk(2, dim=1, largest=False).values  # (n, 2) ascending
+        return two[:, 0] - self.params.margin_weight * (two[:, 1] - two[:, 0])
 
     def threshold(self, tokens: int) -> float | None:
         """The fallback threshold of a ``tokens``-token request (None: not calibrated, never falls back)."""

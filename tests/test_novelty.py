@@ -132,3 +132,24 @@ def test_testbed_in_domain_text_stays_and_foreign_text_falls_back(testbed_detect
     for name in ("italiano.txt", "data.json"):
         requests = token_windows([(UNSEEN / name).read_text()], tokenizer, 64, None)
         assert len(requests) >= 5 and detector.foreign(requests).all(), name
+
+
+def test_kn_score_is_the_lowest_nll_less_the_weighted_margin():
+    from premoe.ngram import NgramParams, fit_lms
+
+    lms = fit_lms(NgramParams(), {"a": torch.tensor([0, 1] * 20), "b": torch.tensor([2, 3] * 20),
+                                  "c": torch.tensor([1, 2] * 20)}, vocab=4)
+    requests = torch.tensor([[0, 1, 0, 1], [3, 3, 3, 3]])
+    nll = lms.nll(requests).sort(1).values  # (2, 3)
+    for weight in (0.0, 0.5, 1.0):
+        detector = fit_detector(NoveltyParams(method="kn", margin_weight=weight), {}, 4, (2, 4), lms)
+        expected = nll[:, 0] - weight * (nll[:, 1] - nll[:, 0])
+        assert torch.equal(detector.score(requests), expected) and detector.domains == ["a", "b", "c"]
+    calibrate_detector(detector, {"a": torch.tensor([[0, 1, 0, 1]]), "b": torch.tensor([[2, 3, 2, 3]])}, 1.0)
+    assert detector.thresholds[4] == pytest.approx(float(detector.score(torch.tensor([[0, 1, 0, 1], [2, 3, 2, 3]])).max()))
+    assert detector.foreign(requests).tolist() == [False, True]  # 3 3 3 3: no domain has that bigram
+    assert detector.tensors() == {}  # the store saves the token models once
+    with pytest.raises(InputError, match="needs the store's token models"):
+        fit_detector(NoveltyParams(method="kn"), {}, 4, (2,))
+    with pytest.raises(InputError, match="margin weight"):
+        NoveltyParams(margin_weight=-1).check()
