@@ -44,7 +44,7 @@ class Retrieval:
     distance: float  # the classifier's score of the nearest domain (lower = nearer; Store.classify)
     distances: dict[str, float]  # every stored domain's classifier score
     fallback: bool  # the fallback score exceeded its threshold, or (mixed="halves") the halves disagreed
-    method: str  # the matcher's method
+    method: str  # the classifier: the matcher's method, "+kn" when the store's token models join it
     tokens: int  # request tokens the pattern was computed from
     seconds: float
     mixed: bool = False  # the halves of the request matched different domains
@@ -130,5 +130,5 @@ class Retriever:
         fallback = threshold is not None and fallback_score > threshold
         return Retrieval(GENERALIST if fallback else names[best], names[best], round(float(scores[best]), 6),
                          {n: round(float(s), 6) for n, s in zip(names, scores)}, fallback,
-                         self.store.matcher.params.method, tokens, 0.0, fallback_score=fallback_score,
+                         self.store.method, tokens, 0.0, fallback_score=fallback_score,
                          threshold=threshold)  # unrounded: novelty ties the threshold often (it is k / (T - 1))

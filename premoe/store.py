@@ -116,6 +116,11 @@ class Store:
 
     # ------------------------------------------------------------------ which domain
 
+    @property
+    def method(self) -> str:
+        """The classifier's name: the matcher's method, ``+kn`` when the token models join it."""
+        return self.matcher.params.method + ("+kn" if self.lms is not None else "")
+
     def classify(self, pattern: torch.Tensor, tokens: int,
                  ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(classifier scores (domains,), matcher scores (domains,)) of one request, lower = nearer.

@@ -108,7 +108,7 @@ def test_held_out_windows_retrieve_their_own_domain(retriever):
         windows = token_windows(domains.texts(domain, 3000, 6), retriever.tokenizer, 32, None)
         hits = [retriever.retrieve(w) for w in windows]
         assert sum(h.domain == domain for h in hits) / len(hits) >= 0.8, domain
-        assert all(h.method == "lda" and h.tokens == 32 for h in hits)
+        assert all(h.method == "lda+kn" and h.tokens == 32 for h in hits)
 
 
 def test_fallback_and_the_mixed_rule(retriever):

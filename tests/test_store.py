@@ -218,11 +218,12 @@ def test_cli_build_add_query(built, tiny_qwen3, tmp_path):
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
     hit = json.loads(result.stdout)
-    assert hit["tokens"] == 16 and hit["method"] == "knn" and set(hit["distances"]) == {"code", "bible", "de"}
+    assert hit["tokens"] == 16 and hit["method"] == "knn+kn" and set(hit["distances"]) == {"code", "bible", "de"}
     assert hit["nearest"] == "code"
-    assert hit["threshold"] == Store.load(out).detector.thresholds[16] and hit["fallback_score"] >= 0
+    assert hit["threshold"] == Store.load(out).detector.thresholds[16]
+    assert hit["fallback_score"] <= hit["threshold"] and not hit["fallback"]  # code text of the code domain
     result = runner.invoke(cli, ["store", "query", str(out), text], catch_exceptions=False)
-    assert result.exit_code == 0 and "knn over" in result.output and "bible" in result.output
+    assert result.exit_code == 0 and "knn+kn over" in result.output and "bible" in result.output
     assert "(n-gram NLL " in result.output and "ms]" in result.output
     result = runner.invoke(cli, ["store", "query", str(out), "日本語のテキストです。" * 8, "--tokens", "16"], catch_exceptions=False)
     assert "fallback to generalist (n-gram NLL " in result.output  # every bigram and token new
