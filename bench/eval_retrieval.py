@@ -411,7 +411,7 @@ def roc(retriever, tokens: dict, windows: dict, s, args, unseen_rows: dict, own:
         ax.set_xlabel("in-domain test requests falling back (FPR)")
         ax.set_ylabel("unseen-domain requests falling back (TPR)")
         score = (f"nearest-domain {s.store.matcher.params.method} score on {s.store.matcher.params.feature}"
-                 if s.store.fallback_method == "nearest" else "lowest per-token Kneser-Ney bigram NLL less margin weight x margin"
+                 if s.store.fallback_method == "nearest" else "lowest per-token Kneser-Ney NLL - w x margin"
                  if s.store.fallback_method == "kn" else f"{s.store.fallback_method} novelty of the request's tokens")
         ax.set_title(f"fallback score ROC: {score}\n"
                      "dots: thresholds calibrated on val; goal region top-left of the grey lines", fontsize=8)
