@@ -61,9 +61,13 @@ import taer_setup
 METHOD_GRID = [("centroid", {}), ("knn", {}), ("diagonal", {}), ("lda", {"shrinkage": 0.1}),
                ("lda", {"shrinkage": 0.01}), ("logistic", {})]
 OOD_GRID = [("nearest", {}), ("knn", {"k": 10}), ("unigram", {"alpha": 0.1}), ("ngram", {"unigram_weight": 0.0}),
-            ("ngram", {"unigram_weight": 0.5}), ("ngram", {"unigram_weight": 1.0})]
+            ("ngram", {"unigram_weight": 0.5}), ("ngram", {"unigram_weight": 1.0}), ("kn", {"margin_weight": 0.0}),
+            ("kn", {"margin_weight": 0.5}), ("kn", {"margin_weight": 1.0})]
 SECTIONS = ("selection", "perplexity", "mixed")  # the slow ones --skip can leave out
 FEATURE_GRID = [("router_input", 1), ("router_logits", 1), ("router_mass", 1), ("tcess", 1), ("router_logits", 2)]
+COMBINED = ("lda", {"shrinkage": 0.01})  # the matcher rows also tried with the token models (premoe.ngram.combine)
+COMBINED_FEATURES = ("router_input", "router_logits")
+BETA_GRID = [0.0, 0.5, 1.0, 2.0, 4.0]  # pattern weights; 0 = the token models alone
 
 
 def main() -> None:
@@ -98,6 +102,7 @@ def main() -> None:
                "experts": s.experts, "store": {"matcher": store.matcher.manifest(), "ranking_scorer": store.scorer,
                                                "fallback": store.fallback_method,
                                                "novelty": store.detector.manifest() if store.detector else None,
+                                               "ngram": store.lms.manifest() if store.lms else None,
                                                "calibration": store.calibration},
                "splits": {"fit": "calib", "choose + thresholds": "val", "report": "test + unseen"}}
     results["selection"] = selection(model, adapter, tokenizer, s, windows, args) if "selection" not in args.skip else None
@@ -127,41 +132,53 @@ def _windows(source, tokenizer, seq_len: int, count: int) -> torch.Tensor:
 
 
 def selection(model, adapter, tokenizer, s, windows: dict, args) -> dict:
-    """Every method x feature fit on the calib split; accuracy on val and test prefixes; feature cost."""
+    """Every method x feature fit on the calib split, and the LDA rows combined with the token models at each
+    pattern weight of BETA_GRID; accuracy on val (every val window) and test prefixes; feature cost."""
+    from premoe.data import token_windows
     from premoe.matchers import MatchParams, fit_matcher
+    from premoe.ngram import NgramParams, combine, fit_lms
     from premoe.patterns import PatternReader, chunk_means, prefix_means
-    from premoe.store import PatternData
+    from premoe.store import PatternData, _vocab, calibration_ids
 
     params = s.store.matcher.params
     lengths = params.lengths
     rows, costs = [], {}
     amounts = PatternData(**s.store.calibration.get("amounts", {}))
+    lms = fit_lms(NgramParams(), calibration_ids(tokenizer, s.calib, NgramParams().max_tokens), _vocab(model, tokenizer))
+    windows = {"val": {src.name: token_windows(src.texts, tokenizer, args.seq_len, None) for src in s.val},
+               "test": windows["test"]}
     for feature, layers in FEATURE_GRID if not args.quick else [("router_input", 1), ("router_mass", 1)]:
         reader = PatternReader(model, adapter, feature, layers)
         calib = {src.name: reader.tokens(_windows(src, tokenizer, max(lengths), amounts.tokens // max(lengths)))
                  for src in s.calib}
         bank = {d: {t: chunk_means(x, t) for t in lengths if t <= x.shape[1]} for d, x in calib.items()}
-        held = {split: {d: prefix_means(reader.tokens(w), args.tokens) for d, w in ws.items() if d in bank}
+        held = {split: {d: (prefix_means(reader.tokens(w), args.tokens), w) for d, w in ws.items() if d in bank}
                 for split, ws in windows.items()}
         costs[f"{feature}@{layers}"] = _cost(model, reader, windows["test"][s.store.domains[0]][:1])
         for method, extra in METHOD_GRID:
             matcher = fit_matcher(MatchParams(method=method, feature=feature, layers=layers, lengths=lengths, **extra),
                                   bank)
-            row = {"method": method, **extra, "feature": feature, "layers": layers}
-            for split, by_domain in held.items():
-                row[split] = {t: {d: round(float((matcher.scores(p[t], t).argmin(1) == matcher.domains.index(d))
-                                                 .double().mean()), 4) for d, p in by_domain.items() if t in p}
-                              for t in args.tokens}
-            rows.append(row)
+            combos = [None, *BETA_GRID] if (method, extra) == COMBINED and feature in COMBINED_FEATURES else [None]
+            for beta in combos:
+                score = (lambda p, w, t, m=matcher: m.scores(p, t)) if beta is None else (
+                    lambda p, w, t, m=matcher, b=beta: combine(lms.nll(w[:, :t]), m.scores(p, t), t, p.shape[1], b))
+                row = {"method": method, **extra, "feature": feature, "layers": layers, "pattern_weight": beta}
+                for split, by_domain in held.items():
+                    row[split] = {t: {d: round(float((score(p[t], w, t).argmin(1) == matcher.domains.index(d))
+                                                     .double().mean()), 4) for d, (p, w) in by_domain.items() if t in p}
+                                  for t in args.tokens}
+                rows.append(row)
     key = lambda r: (min(r["val"][args.prompt_tokens].values()),  # noqa: E731
                      statistics.mean(r["val"][args.prompt_tokens].values()))
     best = max(rows, key=key)
-    default = {"method": params.method, "feature": params.feature, "layers": params.layers}
+    default = {"method": params.method, "feature": params.feature, "layers": params.layers,
+               "pattern_weight": s.store.lms.params.pattern_weight if s.store.lms is not None else None}
     is_default = all(best[k] == v for k, v in default.items()) and (
         params.method != "lda" or best.get("shrinkage") == params.shrinkage)
     return {"rule": f"max over methods of (min over domains, then mean) val accuracy at T = {args.prompt_tokens}",
             "rows": rows, "best": {k: v for k, v in best.items() if k not in ("val", "test")},
-            "default_is_best": is_default, "cost_vs_forward": costs}
+            "default_is_best": is_default, "cost_vs_forward": costs,
+            "val_windows": {d: len(w) for d, w in windows["val"].items()}}
 
 
 @torch.no_grad()
@@ -228,7 +245,8 @@ def fallback_selection(retriever, s, tokenizer, windows: dict, args) -> dict:
         rows.append(row)
     best = max(rows, key=lambda r: r["val"][args.prompt_tokens]["foreign mean"])
     chosen = {"method": store.fallback_method, **({"unigram_weight": store.detector.params.unigram_weight}
-                                                  if store.detector is not None else {})}
+                                                  if store.fallback_method == "ngram" else {}),
+              **({"margin_weight": store.detector.params.margin_weight} if store.fallback_method == "kn" else {})}
     return {"rule": f"max mean fallback of foreign val requests (leave-one-domain-out + unseen val) at T = "
                     f"{args.prompt_tokens}, threshold = {q} quantile of in-domain val", "rows": rows,
             "best": {k: v for k, v in best.items() if k != "val"},
@@ -240,11 +258,16 @@ def fallback_selection(retriever, s, tokenizer, windows: dict, args) -> dict:
 def _candidate(method: str, extra: dict, store, ids: dict, vocab: int):
     """score(ids (n, T), patterns (n, F), T) -> (n,) of one candidate fallback score fit on ``ids``' domains."""
     from premoe.matchers import fit_matcher
+    from premoe.ngram import NgramParams, fit_lms
     from premoe.novelty import NoveltyParams, fit_detector
 
     domains = list(ids)
     if method == "ngram":
-        detector = fit_detector(NoveltyParams(**extra), ids, vocab, store.matcher.params.lengths)
+        detector = fit_detector(NoveltyParams(method="ngram", **extra), ids, vocab, store.matcher.params.lengths)
+        return lambda w, p, t: detector.score(w)
+    if method == "kn":  # lowest per-token NLL under the domains' Kneser-Ney bigrams, less a weighted margin
+        detector = fit_detector(NoveltyParams(method="kn", **extra), {}, vocab, store.matcher.params.lengths,
+                                fit_lms(NgramParams(), ids, vocab))
         return lambda w, p, t: detector.score(w)
     if method == "unigram":  # per-domain add-alpha unigram; score = -max over domains of mean log-prob per token
         counts = torch.stack([torch.bincount(ids[d], minlength=vocab).double() + extra["alpha"] for d in domains])
@@ -388,7 +411,8 @@ def roc(retriever, tokens: dict, windows: dict, s, args, unseen_rows: dict, own:
         ax.set_xlabel("in-domain test requests falling back (FPR)")
         ax.set_ylabel("unseen-domain requests falling back (TPR)")
         score = (f"nearest-domain {s.store.matcher.params.method} score on {s.store.matcher.params.feature}"
-                 if s.store.fallback_method == "nearest" else f"{s.store.fallback_method} novelty of the request's tokens")
+                 if s.store.fallback_method == "nearest" else "lowest per-token Kneser-Ney NLL - w x margin"
+                 if s.store.fallback_method == "kn" else f"{s.store.fallback_method} novelty of the request's tokens")
         ax.set_title(f"fallback score ROC: {score}\n"
                      "dots: thresholds calibrated on val; goal region top-left of the grey lines", fontsize=8)
         ax.legend(fontsize=8, loc="lower right")
@@ -537,7 +561,9 @@ def conversation(retriever, tokens: dict, windows: dict, s, length: int) -> dict
 def print_results(r: dict) -> None:
     store = r["store"]["matcher"]
     print(f"model {r['model']}, M = {r['experts']}, ranking scorer {r['store']['ranking_scorer']}; matcher "
-          f"{store['params']['method']} on {store['params']['feature']} (layers {store['params']['layers']}), "
+          f"{store['params']['method']} on {store['params']['feature']} (layers {store['params']['layers']})"
+          + (f" + token models (Kneser-Ney bigrams, pattern weight {r['store']['ngram']['params']['pattern_weight']:g})"
+             if r["store"].get("ngram") else "") + ", "
           f"fallback score {r['store']['fallback']}, quantile {store['params']['quantile']}; splits {r['splits']}")
     sel = r["selection"] or {"rows": [], "rule": "skipped (--skip selection)", "best": None, "default_is_best": None,
                              "cost_vs_forward": None}
@@ -548,8 +574,9 @@ def print_results(r: dict) -> None:
         for split in ("val", "test"):
             cells.append(" ".join(f"{min(row[split][t].values()):.2f}/{statistics.mean(row[split][t].values()):.2f}"
                                   for t in lengths))
-        extra = f" s={row['shrinkage']}" if "shrinkage" in row else ""
-        print(f"  {row['method'] + extra:<14} {row['feature'] + '@' + str(row['layers']):<16} val {cells[0]} | "
+        extra = (f" s={row['shrinkage']}" if "shrinkage" in row else "") + (
+            f" +kn b={row['pattern_weight']:g}" if row.get("pattern_weight") is not None else "")
+        print(f"  {row['method'] + extra:<22} {row['feature'] + '@' + str(row['layers']):<16} val {cells[0]} | "
               f"test {cells[1]}")
     print(f"  T = {lengths}; best on val: {sel['best']}; the store's default is the best: {sel['default_is_best']}")
     print(f"  cost of reading the pattern / a full forward: {sel['cost_vs_forward']}")

@@ -51,7 +51,8 @@ class MatchParams:
     k: int = 5  # knn: the k-th nearest calibration pattern of a domain
     shrinkage: float = 0.01  # lda: covariance = (1 - s) C + s * mean variance * I
     weight_decay: float = 1e-3  # logistic: L2 penalty on the standardised weights
-    quantile: float = 0.95  # fallback threshold = this quantile of held-out in-domain scores (per length)
+    quantile: float = 0.96  # fallback threshold = this quantile of held-out in-domain scores (per length); val: 0.96
+    # puts 4% of in-domain val requests on the generalist, so test stays near the 5% goal
 
     def check(self) -> "MatchParams":
         if self.method not in METHODS:

@@ -1,21 +1,28 @@
-"""Whether a request belongs to *any* stored domain: n-gram novelty of its token ids (the fallback score).
+"""Whether a request belongs to *any* stored domain: a score of its token ids (the fallback score).
 
-The matcher (:mod:`premoe.matchers`) answers *which* stored domain is
-nearest; this module answers whether the nearest is near enough, so that a
-request from a domain the store has never seen falls back to the generalist.
+The classifier (:mod:`premoe.matchers`, :mod:`premoe.ngram`) answers *which*
+stored domain is nearest; this module answers whether the nearest is near
+enough, so that a request from a domain the store has never seen falls back
+to the generalist. Both scores need only token ids, no model run:
 
-The score needs only token ids, no model run: for every stored domain d,
+* ``kn`` (default): under each domain's Kneser-Ney bigram model
+  (:mod:`premoe.ngram`, the store's token models), the lowest mean NLL per
+  token, less ``margin_weight`` times its margin to the second lowest
+  (text that one domain explains much better than the others is familiar
+  even when it is hard: new identifiers in Python code);
+* ``ngram``: for every stored domain d,
 
-    novelty_d(request) = share of the request's bigrams never seen in d's calibration text
-                         + unigram_weight * share of its tokens never seen there
+      novelty_d(request) = share of the request's bigrams never seen in d's calibration text
+                           + unigram_weight * share of its tokens never seen there
 
-and the request's score is the minimum over domains (novel to every domain
-= foreign). The per-domain tables are the sorted distinct bigram codes
-(``prev * vocab + next``) and token ids of the calibration text. Chosen on the
-testbed's val split (bench/eval_retrieval.py, section 3a) over the matcher's
-nearest-domain score, k-NN distance to calibration patterns and per-domain
-unigram log-likelihood: Spanish man pages share the layer-1 routing of French
-ones, but not their bigrams.
+  and the request's score is the minimum over domains; the per-domain
+  tables are the sorted distinct bigram codes (``prev * vocab + next``) and
+  token ids of the calibration text.
+
+Chosen on the testbed's val split (bench/eval_retrieval.py, section 3a) over
+the matcher's nearest-domain score, k-NN distance to calibration patterns,
+per-domain unigram log-likelihood and each other: Spanish man pages share
+the layer-1 routing of French ones, but not their bigrams.
 
 As with the matcher, each request-length bucket has its own threshold: the
 ``quantile`` of held-out in-domain requests' scores. Held-out text costs
@@ -26,8 +33,8 @@ the rest of the val split of python, en_docs, de and fr fell back.
 
 Example::
 
-    detector = fit_detector(NoveltyParams(), {"python": ids_py, "de": ids_de}, vocab=8192, lengths=(16, 64))
-    calibrate_detector(detector, {"python": val_windows_py, "de": val_windows_de}, quantile=0.95)
+    detector = fit_detector(NoveltyParams(method="ngram"), {"python": ids_py, "de": ids_de}, vocab=8192, lengths=(16, 64))
+    calibrate_detector(detector, {"python": val_windows_py, "de": val_windows_de}, quantile=0.96)
     detector.score(request_ids)             # (n,) lower = more familiar
     detector.foreign(request_ids, 64)       # (n,) bool: beyond the 64-token bucket's threshold
 """
@@ -39,16 +46,19 @@ import torch
 
 from premoe.errors import InputError
 from premoe.matchers import bucket
+from premoe.ngram import TokenLMs
 
-METHODS = ("nearest", "ngram")  # nearest: the matcher's nearest-domain score (the old rule); ngram: this module
+METHODS = ("nearest", "ngram", "kn")  # nearest: the matcher's nearest-domain score (the old rule); ngram: unseen
+# bigram share (this module's tables); kn: the lowest per-token NLL under the domains' Kneser-Ney bigrams (premoe.ngram)
 
 
 @dataclass
 class NoveltyParams:
     """What decides a fallback. Defaults chosen on the testbed's val split (docs/results/retrieval.md)."""
 
-    method: str = "ngram"  # one of METHODS; "nearest" stores no detector and thresholds the matcher's score
+    method: str = "kn"  # one of METHODS; "nearest" stores no detector and thresholds the matcher's score
     unigram_weight: float = 0.0  # ngram: weight of never-seen tokens beside never-seen bigrams (val: 0, .5, 1 within 0.01)
+    margin_weight: float = 0.5  # kn: weight of the margin between the two lowest NLLs (val grid 0, .5, 1)
     max_tokens: int = 1 << 18  # ngram: calibration (and held-out) tokens per domain read (tokenised only)
 
     def check(self) -> "NoveltyParams":
@@ -56,6 +66,8 @@ class NoveltyParams:
             raise InputError(f"fallback score must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not self.unigram_weight >= 0:
             raise InputError(f"novelty unigram weight must be >= 0, got {self.unigram_weight}")
+        if not self.margin_weight >= 0:
+            raise InputError(f"novelty margin weight must be >= 0, got {self.margin_weight}")
         if self.max_tokens < 2:
             raise InputError(f"novelty calibration tokens must be >= 2, got {self.max_tokens}")
         return self
@@ -83,14 +95,17 @@ class Detector:
     bigrams: dict[str, torch.Tensor]  # domain -> sorted distinct bigram codes (int64) of its calibration text
     unigrams: dict[str, torch.Tensor]  # domain -> sorted distinct token ids (int64) of its calibration text
     thresholds: dict[int, float] = field(default_factory=dict)  # length bucket -> fallback score
+    lms: TokenLMs | None = None  # kn: the store's token models (saved by the store, not here)
 
     @property
     def domains(self) -> list[str]:
-        return list(self.bigrams)
+        return self.lms.domains if self.params.method == "kn" else list(self.bigrams)
 
     def scores(self, ids: torch.Tensor) -> torch.Tensor:
         """(n, domains) novelty of requests ``ids`` (n, T) to each domain; lower = more familiar."""
         ids = ids.long().reshape(len(ids), -1)  # (n, T)
+        if self.params.method == "kn":
+            return self.lms.nll(ids)  # (n, D)
         codes = bigram_codes(ids, self.vocab)  # (n, T-1)
         out = []
         for domain in self.domains:
@@ -100,8 +115,14 @@ class Detector:
         return torch.stack(out, dim=1)  # (n, D)
 
     def score(self, ids: torch.Tensor) -> torch.Tensor:
-        """(n,) novelty to the most familiar domain of requests ``ids`` (n, T)."""
-        return self.scores(ids).min(1).values
+        """(n,) novelty to the most familiar domain of requests ``ids`` (n, T); ``kn``: the lowest NLL less
+        ``margin_weight`` times its margin to the second lowest (text one domain explains much better than
+        the rest is familiar even when hard)."""
+        scores = self.scores(ids)  # (n, D)
+        if self.params.method != "kn" or scores.shape[1] < 2:
+            return scores.min(1).values
+        two = scores.topk(2, dim=1, largest=False).values  # (n, 2) ascending
+        return two[:, 0] - self.params.margin_weight * (two[:, 1] - two[:, 0])
 
     def threshold(self, tokens: int) -> float | None:
         """The fallback threshold of a ``tokens``-token request (None: not calibrated, never falls back)."""
@@ -115,7 +136,11 @@ class Detector:
         return self.score(ids) > threshold
 
     def add(self, ids: dict[str, torch.Tensor]) -> "Detector":
-        """Add domains from their calibration ids ``{domain: (tokens,)}``; thresholds are kept (recalibrate)."""
+        """Add domains from their calibration ids ``{domain: (tokens,)}``; thresholds are kept (recalibrate).
+
+        A ``kn`` detector reads the store's token models: the store adds the domains there."""
+        if self.params.method == "kn":
+            return self
         clashes = sorted(set(ids) & set(self.bigrams))
         if clashes:
             raise InputError(f"domain {', '.join(clashes)} already has a novelty table; rename the new domain")
@@ -135,12 +160,18 @@ class Detector:
                 "domains": self.domains, "thresholds": {str(t): v for t, v in self.thresholds.items()}}
 
     @classmethod
-    def load(cls, manifest: dict, tensors: dict[str, torch.Tensor]) -> "Detector":
+    def load(cls, manifest: dict, tensors: dict[str, torch.Tensor], lms: TokenLMs | None = None) -> "Detector":
         domains = manifest["domains"]
+        params = NoveltyParams(**manifest["params"]).check()
+        if params.method == "kn":
+            if lms is None:
+                raise InputError("the store's fallback score is 'kn' but it has no token models; rebuild the store")
+            return cls(params, int(manifest["vocab"]), tuple(int(t) for t in manifest["lengths"]), {}, {},
+                       {int(t): float(v) for t, v in manifest["thresholds"].items()}, lms)
         missing = [d for d in domains if f"novelty/bigrams/{d}" not in tensors or f"novelty/unigrams/{d}" not in tensors]
         if missing:
             raise InputError(f"the store's novelty tables lack domain {', '.join(missing)}; rebuild the store")
-        return cls(NoveltyParams(**manifest["params"]).check(), int(manifest["vocab"]),
+        return cls(params, int(manifest["vocab"]),
                    tuple(int(t) for t in manifest["lengths"]),
                    {d: tensors[f"novelty/bigrams/{d}"].long() for d in domains},
                    {d: tensors[f"novelty/unigrams/{d}"].long() for d in domains},
@@ -158,11 +189,18 @@ def _tables(ids: torch.Tensor, vocab: int, domain: str) -> tuple[torch.Tensor, t
 
 
 def fit_detector(params: NoveltyParams, ids: dict[str, torch.Tensor], vocab: int,
-                 lengths: tuple[int, ...]) -> Detector:
-    """Novelty tables of every domain from its calibration ids ``{domain: (tokens,)}`` (documents EOS-joined)."""
+                 lengths: tuple[int, ...], lms: TokenLMs | None = None) -> Detector:
+    """Novelty tables of every domain from its calibration ids ``{domain: (tokens,)}`` (documents EOS-joined);
+    a ``kn`` detector scores with ``lms`` (the store's token models) instead."""
     params.check()
-    if params.method != "ngram":
-        raise InputError(f"fit_detector builds the 'ngram' fallback score, not {params.method!r}")
+    if params.method == "nearest":
+        raise InputError("fit_detector builds the 'ngram' or 'kn' fallback score, not 'nearest'")
+    if params.method == "kn":
+        if lms is None:
+            raise InputError("the 'kn' fallback score needs the store's token models (NgramParams(use=True))")
+        if not lengths or any(t < 1 for t in lengths):
+            raise InputError(f"request-length buckets must be positive, got {lengths}")
+        return Detector(params, int(vocab), tuple(sorted(lengths)), {}, {}, lms=lms)
     if not ids:
         raise InputError("no domains to build novelty tables for; give calibration text for at least one domain")
     if not lengths or any(t < 1 for t in lengths):
@@ -177,7 +215,7 @@ def calibrate_detector(detector: Detector, held_out: dict[str, torch.Tensor], qu
     :func:`premoe.matchers.calibrate`); the threshold is the ``quantile`` of
     their scores, so about 1 − quantile of in-domain requests fall back.
     """
-    usable = {d: w for d, w in held_out.items() if d in detector.bigrams}
+    usable = {d: w for d, w in held_out.items() if d in detector.domains}
     if not usable:
         raise InputError(f"no held-out data names a stored domain ({', '.join(detector.domains)}); "
                          "name held-out data after the domains, e.g. --held-out python=val.jsonl")

@@ -3,10 +3,12 @@
 A request runs only up to the first MoE router (about 1/L of a forward
 pass); its pattern is the mean of its token features (:mod:`premoe.patterns`)
 and the store's matcher (:mod:`premoe.matchers`) scores it against every
-stored domain. The nearest domain serves it, unless the request's fallback
-score (its n-gram novelty, :mod:`premoe.novelty`, or for a ``nearest`` store
-the nearest domain's score) is beyond the threshold of the request's length
-bucket: then the ``generalist`` does.
+stored domain, its token ids add each domain's n-gram NLL
+(:mod:`premoe.ngram`, ``Store.classify``). The nearest domain serves it,
+unless the request's fallback score (:mod:`premoe.novelty`: its lowest
+n-gram NLL, its bigram novelty, or for a ``nearest`` store the matcher's
+nearest score) is beyond the threshold of the request's length bucket: then
+the ``generalist`` does.
 
 Mixed requests: ``mixed="whole"`` (default) matches the whole request;
 ``"halves"`` also matches its two halves and serves the generalist when they
@@ -39,10 +41,10 @@ MIXED_RULES = ("whole", "halves", "tail")
 class Retrieval:
     domain: str  # the domain whose experts serve the request: the nearest one, or "generalist" on fallback
     nearest: str  # the nearest stored domain, even when it was too far
-    distance: float  # the matcher's score of the nearest domain (lower = nearer)
-    distances: dict[str, float]  # every stored domain's score
+    distance: float  # the classifier's score of the nearest domain (lower = nearer; Store.classify)
+    distances: dict[str, float]  # every stored domain's classifier score
     fallback: bool  # the fallback score exceeded its threshold, or (mixed="halves") the halves disagreed
-    method: str  # the matcher's method
+    method: str  # the classifier: the matcher's method, "+kn" when the store's token models join it
     tokens: int  # request tokens the pattern was computed from
     seconds: float
     mixed: bool = False  # the halves of the request matched different domains
@@ -117,15 +119,16 @@ class Retriever:
     def decide(self, pattern: torch.Tensor, tokens: int, ids: torch.Tensor | None = None) -> Retrieval:
         """The retrieval of one pattern (features,) of a ``tokens``-token request with ids (tokens,) (no model run).
 
-        ``ids`` may be left out only for a store whose fallback score is the
-        nearest domain's score (``store.fallback_method == "nearest"``).
+        ``ids`` may be left out only for a store without token models whose
+        fallback score is the matcher's nearest score (``store.fallback_method == "nearest"``).
         """
         names = self.store.domains
-        best, score, scores, _ = self.store.matcher.decide(pattern, tokens)
-        fallback_score = self.store.fallback_score(ids, score)
+        scores, pattern_scores = self.store.classify(pattern, tokens, ids)  # (D,), (D,)
+        best = int(scores.argmin())
+        fallback_score = self.store.fallback_score(ids, float(pattern_scores.min()))
         threshold = self.store.fallback_threshold(tokens)
         fallback = threshold is not None and fallback_score > threshold
-        return Retrieval(GENERALIST if fallback else names[best], names[best], round(score, 6),
+        return Retrieval(GENERALIST if fallback else names[best], names[best], round(float(scores[best]), 6),
                          {n: round(float(s), 6) for n, s in zip(names, scores)}, fallback,
-                         self.store.matcher.params.method, tokens, 0.0, fallback_score=fallback_score,
+                         self.store.method, tokens, 0.0, fallback_score=fallback_score,
                          threshold=threshold)  # unrounded: novelty ties the threshold often (it is k / (T - 1))

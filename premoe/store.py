@@ -7,10 +7,16 @@ matches* and *which experts are kept* can each be chosen on their own:
   patterns of the domain at several request lengths and the matcher fitted
   on them (method, feature and every fitted tensor), plus per-length
   fallback thresholds calibrated on held-out in-domain text;
-* **novelty** tables (:mod:`premoe.novelty`): the distinct bigrams and
-  tokens of each domain's calibration text, the fallback score (``ngram``,
-  the default) with its own per-length thresholds; a store built with
-  ``nearest`` has none and thresholds the matcher's nearest-domain score;
+* **token models** (:mod:`premoe.ngram`): a Kneser-Ney bigram model of
+  each domain's calibration token ids; the nearest domain is the argmin of
+  the request's per-token n-gram NLL plus its weighted pattern score
+  (:func:`premoe.ngram.combine`); a store built with ``use=False`` has none
+  and the matcher alone decides;
+* the **fallback score** with its own per-length thresholds
+  (:mod:`premoe.novelty`): ``kn`` (the lowest per-token NLL under the token
+  models, the default), ``ngram`` (the share of the request's bigrams never
+  seen in any domain, stored as tables) or ``nearest`` (the matcher's
+  nearest-domain score, nothing stored);
 * **ranking** sums of one profiled scorer (default ``peu``, the planner's
   default), so kept sets come from :func:`~premoe.plan.make_plan`: a
   retrieved domain gets exactly the experts its compiled specialist keeps.
@@ -25,7 +31,8 @@ A store directory holds::
     patterns.safetensors   "<domain>/sums", "<domain>/routed" (layers, experts) float64 ranking sums;
                            "matcher/bank/<domain>/<T>" (n, features) calibration patterns of T tokens;
                            "matcher/fit/<T>/<name>" the fitted matcher's tensors;
-                           "novelty/bigrams/<domain>", "novelty/unigrams/<domain>" sorted int64 tables
+                           "ngram/codes/<domain>", "ngram/counts/<domain>" int64 bigram codes and counts;
+                           "novelty/bigrams/<domain>", "novelty/unigrams/<domain>" sorted int64 tables (ngram)
 
 Example::
 
@@ -48,12 +55,13 @@ from premoe.data import Source, token_windows
 from premoe.errors import InputError
 from premoe.fileio import load_artefact, save_artefact
 from premoe.matchers import Matcher, MatchParams, calibrate, fit_matcher
+from premoe.ngram import NgramParams, TokenLMs, combine, fit_lms
 from premoe.novelty import Detector, NoveltyParams, calibrate_detector, fit_detector
 from premoe.patterns import PatternReader, chunk_means, prefix_means
 from premoe.profile import Profile
 from premoe.scores import DEFAULT_SCORER
 
-FORMAT = "premoe-store/3"  # 3: novelty tables (the fallback score) beside the matcher
+FORMAT = "premoe-store/4"  # 3: novelty tables (the fallback score) beside the matcher; 4: token models (premoe.ngram)
 GENERALIST = "generalist"
 DEFAULT_RANKING = DEFAULT_SCORER
 
@@ -74,6 +82,7 @@ class Store:
     matcher: Matcher  # what a request is matched by
     calibration: dict = field(default_factory=dict)  # how thresholds were set
     detector: Detector | None = None  # the fallback score; None: the matcher's nearest-domain score decides
+    lms: TokenLMs | None = None  # per-domain token models the classifier adds to the matcher; None: matcher alone
 
     @property
     def model(self) -> dict:
@@ -104,6 +113,30 @@ class Store:
         request = PlanRequest(experts=experts, scorer=self.scorer,
                               **({} if target == GENERALIST else {"domain": target}))
         return make_plan(self.profile, request).kept
+
+    # ------------------------------------------------------------------ which domain
+
+    @property
+    def method(self) -> str:
+        """The classifier's name: the matcher's method, ``+kn`` when the token models join it."""
+        return self.matcher.params.method + ("+kn" if self.lms is not None else "")
+
+    def classify(self, pattern: torch.Tensor, tokens: int,
+                 ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(classifier scores (domains,), matcher scores (domains,)) of one request, lower = nearer.
+
+        The classifier's scores are the matcher's scores of the pattern
+        (features,) alone, or (a store with token models) combined with the
+        per-token n-gram NLL of the request's ids (T,) by
+        :func:`premoe.ngram.combine`; its argmin is the nearest domain.
+        """
+        scores = self.matcher.scores(pattern.reshape(1, -1), tokens)  # (1, D)
+        if self.lms is None:
+            return scores[0], scores[0]
+        if ids is None:
+            raise InputError("this store classifies requests by their tokens too (token models); pass their ids")
+        nll = self.lms.nll(ids.reshape(1, -1))  # (1, D)
+        return combine(nll, scores, tokens, pattern.numel(), self.lms.params.pattern_weight)[0], scores[0]
 
     # ------------------------------------------------------------------ fallback
 
@@ -158,6 +191,11 @@ class Store:
                 raise InputError("this store has novelty tables; give the new domains' calibration token ids")
             _check_same_domains(list(profile.domains), list(ids))
             self.detector.add(ids)
+        if self.lms is not None:
+            if ids is None:
+                raise InputError("this store has token models; give the new domains' calibration token ids")
+            _check_same_domains(list(profile.domains), list(ids))
+            self.lms.add(ids)
         thresholds = self.matcher.thresholds
         self.profile = self.profile.merge(_one_scorer(profile, self.scorer))
         self.matcher = fit_matcher(self.matcher.params, {**self.matcher.bank, **patterns})
@@ -169,6 +207,7 @@ class Store:
     def save(self, out: str | Path, force: bool = False) -> Path:
         tensors = dict(self.matcher.tensors())
         tensors.update(self.detector.tensors() if self.detector is not None else {})
+        tensors.update(self.lms.tensors() if self.lms is not None else {})
         for domain, stats in self.profile.domains.items():
             tensors[f"{domain}/sums"] = stats.sums[self.scorer].contiguous()
             tensors[f"{domain}/routed"] = stats.routed.contiguous()
@@ -179,7 +218,9 @@ class Store:
             "num_experts": p.num_experts, "top_k": p.top_k,
             "domains": {d: {"tokens": s.tokens, "origin": p.data.get(d, "")} for d, s in p.domains.items()},
             "matcher": self.matcher.manifest(), "calibration": self.calibration,
-            "novelty": self.detector.manifest() if self.detector is not None else {"params": {"method": "nearest"}}, "profile_params": p.params,
+            "novelty": self.detector.manifest() if self.detector is not None else {"params": {"method": "nearest"}},
+            "ngram": self.lms.manifest() if self.lms is not None else {"params": asdict(NgramParams(use=False))},
+            "profile_params": p.params,
             "architecture": p.architecture,
         }
         return save_artefact(out, "store.json", manifest, "patterns.safetensors", tensors, force=force)
@@ -195,9 +236,10 @@ class Store:
                           {scorer: m["scorer_info"]}, domains, m["profile_params"],
                           {d: info["origin"] for d, info in m["domains"].items()},
                           architecture=m.get("architecture") or {})
-        novelty = m.get("novelty") or {"params": {"method": "nearest"}}
-        detector = None if novelty["params"].get("method") == "nearest" else Detector.load(novelty, tensors)
-        return cls(profile, scorer, Matcher.load(m["matcher"], tensors), m["calibration"], detector)
+        lms = TokenLMs.load(m["ngram"], tensors) if m["ngram"]["params"]["use"] else None
+        novelty = m["novelty"]
+        detector = None if novelty["params"]["method"] == "nearest" else Detector.load(novelty, tensors, lms)
+        return cls(profile, scorer, Matcher.load(m["matcher"], tensors), m["calibration"], detector, lms)
 
 
 def _one_scorer(profile: Profile, scorer: str) -> Profile:
@@ -244,7 +286,7 @@ def read_patterns(reader: PatternReader, tokenizer, sources: Sequence[Source], l
 
 def build_store(model, profile: Profile, data: Sequence[Source], held_out: Sequence[Source] | None = None,
                 scorer: str = DEFAULT_RANKING, match: MatchParams | None = None, amounts: PatternData | None = None,
-                loaded=None, novelty: NoveltyParams | None = None) -> Store:
+                loaded=None, novelty: NoveltyParams | None = None, ngram: NgramParams | None = None) -> Store:
     """A store of ``profile``'s domains matched on patterns of ``data``; ``held_out`` text sets the fallback.
 
     ``model`` is the checkpoint (path or ``testbed``) the profile was made
@@ -252,19 +294,23 @@ def build_store(model, profile: Profile, data: Sequence[Source], held_out: Seque
     profile used), ``held_out`` other text of the same domains (the val
     split): without it retrieval never falls back. ``scorer`` ranks the
     experts a retrieved domain keeps; ``novelty`` says what decides a
-    fallback (default: n-gram novelty, :mod:`premoe.novelty`). ``loaded`` is
+    fallback (default: ``kn``, :mod:`premoe.novelty`); ``ngram`` the token
+    models the classifier adds to the matcher (:mod:`premoe.ngram`). ``loaded`` is
     an optional ``(model, tokenizer)`` already in memory.
 
     >>> store = build_store("testbed", Profile.load("prof"), parse_sources(["testbed"]),
     ...                     parse_sources(["testbed"], split="val"))
     >>> store.matcher.params.method, store.fallback_method, store.fallback_threshold(64)
-    ('lda', 'ngram', 0.41)
+    ('lda', 'kn', 5.9)
     """
     from premoe.adapters import get_adapter
     from premoe.modeling import load_model, load_tokenizer, model_identity
 
     match, amounts = (match or MatchParams()).check(), amounts or PatternData()
-    novelty = (novelty or NoveltyParams()).check()
+    novelty, ngram = (novelty or NoveltyParams()).check(), (ngram or NgramParams()).check()
+    if novelty.method == "kn" and not ngram.use:
+        raise InputError("the 'kn' fallback score needs the token models; build with them (NgramParams(use=True)) "
+                         "or choose the 'ngram' or 'nearest' fallback score")
     identity = model_identity(model)
     if identity["config_hash"] != profile.model["config_hash"]:
         raise InputError(f"the profile was made from {profile.model['name']}, not {identity['name']} "
@@ -274,10 +320,13 @@ def build_store(model, profile: Profile, data: Sequence[Source], held_out: Seque
     net, tokenizer = loaded or (load_model(model), load_tokenizer(model))
     reader = PatternReader(net, get_adapter(net.config), match.feature, match.layers)
     bank = read_patterns(reader, tokenizer, data, match.lengths, amounts.tokens, amounts.batch_size)
+    vocab = _vocab(net, tokenizer)
+    lms = fit_lms(ngram, calibration_ids(tokenizer, data, ngram.max_tokens), vocab) if ngram.use else None
     detector = None if novelty.method == "nearest" else fit_detector(
-        novelty, calibration_ids(tokenizer, data, novelty.max_tokens), _vocab(net, tokenizer), match.lengths)
+        novelty, calibration_ids(tokenizer, data, novelty.max_tokens) if novelty.method == "ngram" else {},
+        vocab, match.lengths, lms)
     store = Store(ranked, scorer, fit_matcher(match, bank),
-                  {"data": {s.name: s.origin for s in data}, "amounts": asdict(amounts)}, detector)
+                  {"data": {s.name: s.origin for s in data}, "amounts": asdict(amounts)}, detector, lms)
     if held_out:
         calibrate_store(store, reader, tokenizer, held_out, amounts)
     return store

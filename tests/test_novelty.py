@@ -17,7 +17,7 @@ UNSEEN = Path(__file__).parent / "data" / "unseen"
 def small() -> Detector:
     """Domain a saw tokens 1 2 3 (bigrams 12, 23, 31), domain b saw 5 6 7 (56, 67); vocabulary 10."""
     ids = {"a": torch.tensor([1, 2, 3, 1, 2]), "b": torch.tensor([5, 6, 7])}
-    return fit_detector(NoveltyParams(unigram_weight=0.5), ids, vocab=10, lengths=(2, 4))
+    return fit_detector(NoveltyParams(method="ngram", unigram_weight=0.5), ids, vocab=10, lengths=(2, 4))
 
 
 def test_novelty_is_the_share_of_unseen_bigrams_plus_weighted_unseen_tokens():
@@ -48,8 +48,8 @@ def test_thresholds_are_per_length_quantiles_of_held_out_prefixes():
 
 def test_adding_a_domain_equals_fitting_it_with_the_others():
     ids = {"a": torch.tensor([1, 2, 3, 1, 2]), "b": torch.tensor([5, 6, 7])}
-    grown = fit_detector(NoveltyParams(), {"a": ids["a"]}, 10, (2,)).add({"b": ids["b"]})
-    at_once = fit_detector(NoveltyParams(), ids, 10, (2,))
+    grown = fit_detector(NoveltyParams(method="ngram"), {"a": ids["a"]}, 10, (2,)).add({"b": ids["b"]})
+    at_once = fit_detector(NoveltyParams(method="ngram"), ids, 10, (2,))
     assert grown.tensors().keys() == at_once.tensors().keys()
     assert all(torch.equal(grown.tensors()[k], v) for k, v in at_once.tensors().items())
     with pytest.raises(InputError, match="already has a novelty table"):
@@ -58,15 +58,15 @@ def test_adding_a_domain_equals_fitting_it_with_the_others():
 
 def test_bad_inputs():
     with pytest.raises(InputError, match="outside \\[0, 10\\)"):
-        fit_detector(NoveltyParams(), {"a": torch.tensor([1, 12])}, 10, (2,))
+        fit_detector(NoveltyParams(method="ngram"), {"a": torch.tensor([1, 12])}, 10, (2,))
     with pytest.raises(InputError, match="needs? at least 2"):
-        fit_detector(NoveltyParams(), {"a": torch.tensor([1])}, 10, (2,))
+        fit_detector(NoveltyParams(method="ngram"), {"a": torch.tensor([1])}, 10, (2,))
     with pytest.raises(InputError, match="fallback score must be one of"):
         fit_detector(NoveltyParams(method="vibes"), {"a": torch.tensor([1, 2])}, 10, (2,))
     with pytest.raises(InputError, match="builds the 'ngram'"):
         fit_detector(NoveltyParams(method="nearest"), {"a": torch.tensor([1, 2])}, 10, (2,))
     with pytest.raises(InputError, match="unigram weight"):
-        NoveltyParams(unigram_weight=-1.0).check()
+        NoveltyParams(method="ngram", unigram_weight=-1.0).check()
     with pytest.raises(InputError, match="no held-out data names a stored domain"):
         calibrate_detector(small(), {"zz": torch.tensor([[1, 2]])}, 0.95)
     manifest, tensors = small().manifest(), small().tensors()
@@ -82,7 +82,7 @@ def test_bad_inputs():
        thresholds=st.lists(st.floats(0, 4, allow_nan=False), min_size=3, max_size=3),
        request=st.lists(st.integers(0, 499), min_size=1, max_size=40))
 def test_artefact_round_trips_through_safetensors_and_json(tmp_path_factory, tables, weight, thresholds, request):
-    detector = fit_detector(NoveltyParams(unigram_weight=weight), {d: torch.tensor(v) for d, v in tables.items()},
+    detector = fit_detector(NoveltyParams(method="ngram", unigram_weight=weight), {d: torch.tensor(v) for d, v in tables.items()},
                             500, (4, 16, 64))
     detector.thresholds = dict(zip((4, 16, 64), thresholds))
     folder = tmp_path_factory.mktemp("novelty")
@@ -110,7 +110,7 @@ def testbed_detector():
     tokenizer = load_tokenizer("testbed")
     trained = ["python", "en_docs", "de", "fr", "bible", "math"]
     calib = parse_sources([f"{d}:calib" for d in trained], tokenizer)
-    detector = fit_detector(NoveltyParams(), calibration_ids(tokenizer, calib, 1 << 18), len(tokenizer), (16, 64, 256))
+    detector = fit_detector(NoveltyParams(method="ngram"), calibration_ids(tokenizer, calib, 1 << 18), len(tokenizer), (16, 64, 256))
     val = {s.name: token_windows(s.texts, tokenizer, 256, 1 << 18) for s in parse_sources(
         [f"{d}:val" for d in trained], tokenizer)}
     calibrate_detector(detector, val, 0.95)
@@ -132,3 +132,24 @@ def test_testbed_in_domain_text_stays_and_foreign_text_falls_back(testbed_detect
     for name in ("italiano.txt", "data.json"):
         requests = token_windows([(UNSEEN / name).read_text()], tokenizer, 64, None)
         assert len(requests) >= 5 and detector.foreign(requests).all(), name
+
+
+def test_kn_score_is_the_lowest_nll_less_the_weighted_margin():
+    from premoe.ngram import NgramParams, fit_lms
+
+    lms = fit_lms(NgramParams(), {"a": torch.tensor([0, 1] * 20), "b": torch.tensor([2, 3] * 20),
+                                  "c": torch.tensor([1, 2] * 20)}, vocab=4)
+    requests = torch.tensor([[0, 1, 0, 1], [3, 3, 3, 3]])
+    nll = lms.nll(requests).sort(1).values  # (2, 3)
+    for weight in (0.0, 0.5, 1.0):
+        detector = fit_detector(NoveltyParams(method="kn", margin_weight=weight), {}, 4, (2, 4), lms)
+        expected = nll[:, 0] - weight * (nll[:, 1] - nll[:, 0])
+        assert torch.equal(detector.score(requests), expected) and detector.domains == ["a", "b", "c"]
+    calibrate_detector(detector, {"a": torch.tensor([[0, 1, 0, 1]]), "b": torch.tensor([[2, 3, 2, 3]])}, 1.0)
+    assert detector.thresholds[4] == pytest.approx(float(detector.score(torch.tensor([[0, 1, 0, 1], [2, 3, 2, 3]])).max()))
+    assert detector.foreign(requests).tolist() == [False, True]  # 3 3 3 3: no domain has that bigram
+    assert detector.tensors() == {}  # the store saves the token models once
+    with pytest.raises(InputError, match="needs the store's token models"):
+        fit_detector(NoveltyParams(method="kn"), {}, 4, (2,))
+    with pytest.raises(InputError, match="margin weight"):
+        NoveltyParams(margin_weight=-1).check()

@@ -40,6 +40,25 @@ def known_store(path) -> Store:
     return Store(profile, "peu", fit_matcher(MatchParams(method="centroid", lengths=(8,)), bank))
 
 
+def test_classify_adds_the_tokens_evidence_to_the_pattern(tmp_path):
+    """A pattern at a's centroid but tokens that only b's text has: the weight decides, by premoe.ngram.combine."""
+    from premoe.ngram import NgramParams, combine, fit_lms
+
+    store = known_store(tmp_path / "nowhere")
+    pattern = store.matcher.bank["a"][8].double().mean(0)  # (3,): exactly a's centroid
+    ids = torch.tensor([2, 3, 2, 3, 2, 3, 2, 3])
+    scores, matcher = store.classify(pattern, 8, None)  # no token models: the matcher alone, ids not needed
+    assert torch.equal(scores, matcher) and int(scores.argmin()) == 0
+    for weight, nearest in ((0.0, 1), (1e4, 0)):
+        store.lms = fit_lms(NgramParams(pattern_weight=weight),
+                            {"a": torch.tensor([0, 1] * 20), "b": torch.tensor([2, 3] * 20)}, vocab=4)
+        scores, matcher = store.classify(pattern, 8, ids)
+        assert int(scores.argmin()) == nearest
+        assert torch.equal(scores, combine(store.lms.nll(ids[None]), matcher[None], 8, 3, weight)[0])
+    with pytest.raises(InputError, match="pass their ids"):
+        store.classify(pattern, 8, None)
+
+
 def test_kept_sets_are_the_top_experts_by_the_ranking_scorer(tmp_path):
     store = known_store(tmp_path / "nowhere")
     assert store.kept("a", 2) == {0: [1, 3], 1: [0, 1]}
@@ -70,15 +89,15 @@ def test_thresholds_are_the_held_out_quantile(built, tiny_qwen3):
     held = read_patterns(reader, loaded[1], domains.sources(1000, 4), (8, 16, 32), 1024, prefixes=True)
     for length, threshold in store.matcher.thresholds.items():
         best = store.matcher.scores(torch.cat([held[d][length] for d in held]), length).min(1).values
-        assert threshold == pytest.approx(float(best.quantile(0.95)), rel=1e-12)
+        assert threshold == pytest.approx(float(best.quantile(store.matcher.params.quantile)), rel=1e-12)
         assert (best > threshold).double().mean().item() <= 0.05 + 1 / len(best)
     from premoe.data import token_windows
 
     windows = [token_windows(src.texts, loaded[1], 32, 1 << 18) for src in domains.sources(1000, 4)]  # all held-out text
-    assert sorted(store.detector.thresholds) == [8, 16, 32] and store.fallback_method == "ngram"
+    assert sorted(store.detector.thresholds) == [8, 16, 32] and store.fallback_method == "kn"
     for length, threshold in store.detector.thresholds.items():
         novelty = store.detector.score(torch.cat([w[:, :length] for w in windows]))
-        assert threshold == pytest.approx(float(novelty.quantile(0.95)), rel=1e-12)
+        assert threshold == pytest.approx(float(novelty.quantile(0.96)), rel=1e-12)
         assert store.fallback_threshold(length) == threshold
 
 
@@ -86,13 +105,18 @@ def test_round_trip(built, tmp_path):
     _, store, _ = built
     store.save(tmp_path / "store")
     manifest = json.loads((tmp_path / "store" / "store.json").read_text())
-    assert manifest["format"] == FORMAT == "premoe-store/3" and manifest["scorer"] == "peu_norm"
+    assert manifest["format"] == FORMAT == "premoe-store/4" and manifest["scorer"] == "peu_norm"
     assert manifest["matcher"]["params"]["method"] == "lda"
     again = Store.load(tmp_path / "store")
     assert again.domains == store.domains and again.matcher.thresholds == store.matcher.thresholds
     assert again.matcher.params == store.matcher.params and again.moe_layers == store.moe_layers
     assert again.detector.manifest() == store.detector.manifest() == manifest["novelty"]
     assert all(torch.equal(again.detector.tensors()[k], v) for k, v in store.detector.tensors().items())
+    assert again.lms.manifest() == store.lms.manifest() == manifest["ngram"] and again.detector.lms is again.lms
+    assert manifest["ngram"]["params"] == {"use": True, "discount": 0.75, "delta": 0.5, "pattern_weight": 2.0,
+                                           "max_tokens": 1 << 18}  # every parameter recorded
+    assert set(again.lms.tensors()) == set(store.lms.tensors()) and all(
+        torch.equal(again.lms.tensors()[k], v) for k, v in store.lms.tensors().items())
     patterns = torch.randn(5, store.matcher.bank["code"][8].shape[1], generator=torch.Generator().manual_seed(0))
     for length in (8, 16, 32):
         assert torch.allclose(again.matcher.scores(patterns, length), store.matcher.scores(patterns, length),
@@ -146,8 +170,15 @@ def test_bad_inputs(built, tiny_qwen3, tmp_path):
     (tmp_path / "bad" / "store.json").write_text(json.dumps({"format": "premoe-store/1"}))
     with pytest.raises(InputError, match="fallback score must be one of"):
         build_store(tiny_qwen3, profile, domains.sources(0), novelty=NoveltyParams(method="vibes"), loaded=loaded)
-    with pytest.raises(CheckpointError, match="premoe-store/3"):
+    with pytest.raises(CheckpointError, match="premoe-store/4"):
         Store.load(tmp_path / "bad")
+    (tmp_path / "bad" / "store.json").write_text(json.dumps({"format": "premoe-store/3"}))  # before token models
+    with pytest.raises(CheckpointError, match="'premoe-store/3'; this premoe reads premoe-store/4"):
+        Store.load(tmp_path / "bad")
+    from premoe.ngram import NgramParams
+
+    with pytest.raises(InputError, match="'kn' fallback score needs the token models"):
+        build_store(tiny_qwen3, profile, domains.sources(0), ngram=NgramParams(use=False), loaded=loaded)
 
 
 def test_cli_build_add_query(built, tiny_qwen3, tmp_path):
@@ -177,7 +208,7 @@ def test_cli_build_add_query(built, tiny_qwen3, tmp_path):
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "domains code, bible" in result.output and "matcher knn on router_input" in result.output
-    assert "fallback score ngram, thresholds by request tokens: 16:" in result.output
+    assert "fallback score kn, thresholds by request tokens: 16:" in result.output
     result = runner.invoke(cli, ["store", "add", str(out), "--profile", str(tmp_path / "prof-de"),
                                  "--data", f"de={tmp_path / 'de.txt'}"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -187,20 +218,22 @@ def test_cli_build_add_query(built, tiny_qwen3, tmp_path):
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
     hit = json.loads(result.stdout)
-    assert hit["tokens"] == 16 and hit["method"] == "knn" and set(hit["distances"]) == {"code", "bible", "de"}
+    assert hit["tokens"] == 16 and hit["method"] == "knn+kn" and set(hit["distances"]) == {"code", "bible", "de"}
     assert hit["nearest"] == "code"
-    assert hit["threshold"] == Store.load(out).detector.thresholds[16] and hit["fallback_score"] >= 0
+    assert hit["threshold"] == Store.load(out).detector.thresholds[16]
+    assert hit["fallback_score"] <= hit["threshold"] and not hit["fallback"]  # code text of the code domain
     result = runner.invoke(cli, ["store", "query", str(out), text], catch_exceptions=False)
-    assert result.exit_code == 0 and "knn over" in result.output and "bible" in result.output
-    assert "(novelty " in result.output and "ms]" in result.output
+    assert result.exit_code == 0 and "knn+kn over" in result.output and "bible" in result.output
+    assert "(n-gram NLL " in result.output and "ms]" in result.output
     result = runner.invoke(cli, ["store", "query", str(out), "日本語のテキストです。" * 8, "--tokens", "16"], catch_exceptions=False)
-    assert "fallback to generalist (novelty 1 > " in result.output  # every bigram and token new
+    assert "fallback to generalist (n-gram NLL " in result.output  # every bigram and token new
     nearest = tmp_path / "nearest"
     result = runner.invoke(cli, ["store", "build", str(tiny_qwen3), "--profile", str(tmp_path / "prof2"), *data,
-                                 "--out", str(nearest), "--fallback-score", "nearest", "--calib-tokens", "2048", *held],
-                           catch_exceptions=False)
-    assert result.exit_code == 0 and "fallback score nearest" in result.output
+                                 "--out", str(nearest), "--fallback-score", "nearest", "--no-token-models",
+                                 "--calib-tokens", "2048", *held], catch_exceptions=False)
+    assert result.exit_code == 0 and "fallback score nearest" in result.output and "token models" not in result.output
     assert Store.load(nearest).detector is None and Store.load(nearest).fallback_threshold(16) is not None
+    assert Store.load(nearest).lms is None
 
 
 def test_build_defaults_to_the_text_the_profile_was_made_from(tmp_path):

@@ -6,7 +6,7 @@ import click
 from premoe.cli.options import FRACTION, POSITIVE, json_option, model_input
 
 _METHODS = ("centroid", "knn", "diagonal", "lda", "logistic")  # premoe.matchers.METHODS (no torch import for --help)
-_FALLBACK = ("ngram", "nearest")  # premoe.novelty.METHODS
+_FALLBACK = ("kn", "ngram", "nearest")  # premoe.novelty.METHODS
 
 
 @click.group("store")
@@ -38,19 +38,24 @@ def command() -> None:
               help="Token feature at the first router: router_input, router_logits, router_mass or a scorer preset.")
 @click.option("--pattern-layers", default=1, show_default=True, type=click.IntRange(1, 2),
               help="MoE layers the feature is read from (1 or 2).")
-@click.option("--fallback-score", "fallback_score", type=click.Choice(_FALLBACK), default="ngram", show_default=True,
-              help="What decides a fallback to the generalist: ngram = the request's bigrams and tokens never seen "
-                   "in any domain's calibration text; nearest = the matcher's nearest-domain score.")
-@click.option("--quantile", default=0.95, show_default=True, type=FRACTION,
+@click.option("--fallback-score", "fallback_score", type=click.Choice(_FALLBACK), default="kn", show_default=True,
+              help="What decides a fallback to the generalist: kn = the request's lowest per-token NLL under the "
+                   "domains' Kneser-Ney bigram models; ngram = the share of its bigrams never seen in any domain's "
+                   "calibration text; nearest = the matcher's nearest-domain score.")
+@click.option("--token-models/--no-token-models", "token_models", default=True, show_default=True,
+              help="Classify requests by their tokens' n-gram NLL under each domain as well as by their pattern; "
+                   "--no-token-models: the matcher alone (needs --fallback-score ngram or nearest).")
+@click.option("--quantile", default=0.96, show_default=True, type=FRACTION,
               help="Fallback threshold: this quantile of held-out in-domain scores (per request length).")
 @click.option("--calib-tokens", default=32768, show_default=True, type=POSITIVE, help="Calibration tokens per domain.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and premoe wrote it.")
-def build(model, profile_path, data, out, held_out, scorer, method, feature, pattern_layers, fallback_score, quantile,
-          calib_tokens, force) -> None:
+def build(model, profile_path, data, out, held_out, scorer, method, feature, pattern_layers, fallback_score,
+          token_models, quantile, calib_tokens, force) -> None:
     """Store the patterns and rankings of every domain in --profile."""
     from premoe.data import data_paths
     from premoe.fileio import check_output
     from premoe.matchers import MatchParams
+    from premoe.ngram import NgramParams
     from premoe.novelty import NoveltyParams
     from premoe.profile import Profile
     from premoe.store import PatternData, build_store
@@ -60,7 +65,8 @@ def build(model, profile_path, data, out, held_out, scorer, method, feature, pat
     store = build_store(model, profile, _sources(model, data or _profiled(profile), "calib"),
                         _sources(model, held_out, "val"), scorer,
                         MatchParams(method=method, feature=feature, layers=pattern_layers, quantile=quantile),
-                        PatternData(tokens=calib_tokens), novelty=NoveltyParams(method=fallback_score))
+                        PatternData(tokens=calib_tokens), novelty=NoveltyParams(method=fallback_score),
+                        ngram=NgramParams(use=token_models))
     store.save(out, force=force)
     _describe(store, out)
 
@@ -90,7 +96,8 @@ def add(store_path, profile_path, data, held_out) -> None:
     amounts = PatternData(**store.calibration.get("amounts", {}))
     calib = _sources(model, data, "calib")
     patterns = read_patterns(reader, tokenizer, calib, params.lengths, amounts.tokens, amounts.batch_size)
-    ids = calibration_ids(tokenizer, calib, store.detector.params.max_tokens) if store.detector is not None else None
+    reads = [p.max_tokens for p in (store.detector and store.detector.params, store.lms and store.lms.params) if p]
+    ids = calibration_ids(tokenizer, calib, max(reads)) if reads else None
     store.add_domain(Profile.load(profile_path), patterns, ids)
     if held_out:
         calibrate_store(store, reader, tokenizer, _sources(model, held_out, "val"), amounts)
@@ -127,7 +134,7 @@ def query(store_path, text, model, tokens, mixed, json_out, force) -> None:
     emit_json(json_out, hit.as_dict(), kind="retrieval", force=force, inputs=[store_path, model_input(model)])
     if json_out == "-":
         return
-    what = "novelty" if store.detector is not None else f"nearest {hit.nearest} scores"
+    what = {"kn": "n-gram NLL", "ngram": "novelty"}.get(store.fallback_method, f"nearest {hit.nearest} scores")
     if hit.mixed:
         verdict = "fallback to generalist (the halves of the request retrieve different domains)"
     elif hit.fallback:
@@ -168,6 +175,7 @@ def _describe(store, path) -> None:
     params = store.matcher.params
     thresholds = ", ".join(f"{t}: {v:.4g}" for t, v in sorted(store.fallback_scorer.thresholds.items()))
     click.echo(f"store {path}: {store.model['name']}, domains {', '.join(store.domains)}; ranking scorer "
-               f"{store.scorer}; matcher {params.method} on {params.feature} (layers {params.layers}); "
+               f"{store.scorer}; matcher {params.method} on {params.feature} (layers {params.layers})"
+               f"{' + token models' if store.lms is not None else ''}; "
                f"fallback score {store.fallback_method}, thresholds by request tokens: "
                f"{thresholds or 'none (never falls back)'}")
