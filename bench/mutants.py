@@ -131,4 +131,17 @@ MUTANTS = [
            "report.bytes += self.expert_bytes(layer, expert)", BANK),
     Mutant("bank:free-slots-wrong", "premoe/bank.py", "free = [i for i, e in enumerate(slots) if e not in wanted]",
            "free = [i for i, e in enumerate(slots)]", BANK),
+    Mutant("bank:mapped-slices-one-offset", "premoe/bank.py", "            pagemap.map_into(target, self.fd, start)\n"
+           "            start += size", "            pagemap.map_into(target, self.fd, start)", BANK),
+    # ---------------------------------------------------------------- added with grouped global ranking, streaming
+    Mutant("plan:global-tiers-floor-one", "premoe/plan.py", "floor = max(2, -(-top_k // topk_group))", "floor = 1",
+           PLAN),
+    Mutant("plan:padding-ignores-groups", "premoe/plan.py",
+           "unchosen = [e for e in self.order[layer] if e // size == group and e not in chosen]",
+           "unchosen = [e for e in self.order[layer] if e not in chosen]", PLAN),
+    Mutant("streaming:pruned-load-skips-a-layer", "premoe/streaming.py",
+           "prune_in_memory(net, adapter, {index: kept[index]})", "prune_in_memory(net, adapter, {})", BANK),
+    Mutant("verify:stream-forced-run-unrestricted", "premoe/verify.py",
+           "adapter.restrict_routing(reference.net, {index: kept[index]} if index in kept else {})",
+           "adapter.restrict_routing(reference.net, {})", VERIFY),
 ]

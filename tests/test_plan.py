@@ -113,6 +113,11 @@ def test_global_ranking_on_a_grouped_model_grows_layers_by_whole_tiers_and_pads_
     assert uneven.padded().kept[0] == [0, 1, 2, 3, 6, 7]  # ungrouped padding: by utility alone
     with pytest.raises(PlanError, match="multiple of n_group"):
         make_plan(grouped, PlanRequest(experts=5, domain="a", scorer="router_mass", ranking="global"))
+    # layer 1's utility sits in one expert per group: its second tier is worth nothing, yet grouped routing needs
+    # 2 per group (the group score sums each group's top 2), so the floor keeps it
+    peaked = profile_of({"a": [[9, 8, 7, 6, 1, 2, 3, 4], [9, 0, 0, 0, 9, 0, 0, 0]]}, architecture=arch(2, 1))
+    plan = make_plan(peaked, PlanRequest(experts=4, domain="a", scorer="router_mass", ranking="global"))
+    assert plan.kept[0] == [0, 1, 6, 7] and len(plan.kept[1]) == 4 and {0, 4} <= set(plan.kept[1])
 
 
 # layer 0: six equally useful experts (share 1/6 each); layer 1: a spread whose best share (0.20) beats them
