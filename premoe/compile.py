@@ -423,11 +423,11 @@ def _tensor_writes(headers: dict[str, tuple[dict, int]], left_out: Container[str
     seen_experts: dict[int, set[int]] = {layer: set() for layer in kept}
     routers: set[int] = set()  # layers with tensors sliced along experts (router, fused experts)
     for shard, (header, _) in headers.items():
-        for key in sorted(header):
-            if key == "__metadata__" or key in left_out:
-                continue
+        keys = sorted(header.keys() - left_out - {"__metadata__"})
+        kinds = adapter.classify_keys(keys)
+        for key in keys:
             info = header[key]
-            kind = adapter.classify_key(key)
+            kind = kinds.get(key)
             if kind is None:
                 shape = tuple(info["shape"])
                 writes.append(TensorWrite(key, key, shard, info["dtype"], shape, None, tuple(info["data_offsets"])))
@@ -634,11 +634,8 @@ def _check_against_config(path: Path, shapes: dict[str, Sequence[int]], indexed:
                               f"{wrong or expected}; the compiled checkpoint is inconsistent")
     experts: dict[int, set[int]] = {layer: set() for layer in expected}
     rows: set[int] = set()
-    for key, shape in shapes.items():
-        kind = adapter.classify_key(key)
-        if kind is None:
-            continue
-        what, layer, expert = kind
+    for key, (what, layer, expert) in adapter.classify_keys(shapes).items():
+        shape = shapes[key]
         if layer not in expected:
             raise CheckpointError(f"{path}: {key} belongs to MoE layer {layer}, which config.json does not cover")
         if what == "expert":
