@@ -19,7 +19,14 @@ alternating the things it compares inside one run and reporting medians:
   throughput ratio copy time / compile time, goal ≥ 0.8; bf16 and FP8;
 * swaps: ``ExpertBank.swap`` to random valid expert sets (25% kept, the same
   count in every routing group) against ``pread`` of exactly the byte ranges
-  the swap reads — time ratio, goal ≤ 1.5.
+  the swap reads — time ratio, goal ≤ 1.5;
+* width sweep (``--only sweep``): the compile row again at wider hidden and
+  expert widths, same 61-layer / 256-expert / 163-shard keys, each checkpoint
+  written, measured and deleted in turn — where compile's fixed per-tensor
+  cost stops mattering, measured rather than projected::
+
+    OMP_NUM_THREADS=1 python bench/bench_rehearsal.py --work /work/tmp/rehearsal --only sweep \
+        --sweep 128x64 --sweep 256x256 --sweep 384x384 --sweep-fp8
 
 Results: ``--json`` (default bench/results/rehearsal.json) and a markdown
 table in ``--md`` (default bench/results/rehearsal.md).
@@ -28,8 +35,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -258,6 +267,48 @@ def swap_cost(model: Path, swaps: int, keep: float, seed: int = 0) -> dict:
             "resident_dtype": str(next(bank.model.parameters()).dtype)}
 
 
+def width_sweep(layout, plan: Path, work: Path, widths: list[tuple[int, int]], fp8: bool, rounds: int,
+                settle: float) -> dict:
+    """Compile vs kernel copy (:func:`compile_throughput`) at each (hidden, expert) width of ``layout``'s key layout.
+
+    Each checkpoint is written, measured and deleted before the next, so the
+    disk holds one (and its compiled copy) at a time; ``fp8``: the widest
+    one also in the FP8 variant. Keeps ``plan``'s experts (50%, local).
+    """
+    rows = {}
+    for hidden, width in widths:
+        for quantized in (False, True) if fp8 and (hidden, width) == widths[-1] else (False,):
+            variant = replace(layout, hidden=hidden, moe_intermediate=width, intermediate=3 * hidden, fp8=quantized)
+            name = f"{hidden}x{width}" + ("-fp8" if quantized else "")
+            size, free = _layout_bytes(variant), shutil.disk_usage(work).free
+            if free < 2 * size:  # the checkpoint, its compiled half, room to spare
+                rows[name] = {"skipped": f"needs ~{2 * size / 1e9:.1f} GB free, {free / 1e9:.1f} GB free"}
+                continue
+            path, started = work / f"sweep-{name}", time.perf_counter()
+            dsv3_layout.write(variant, path, force=True)
+            written_s = time.perf_counter() - started
+            try:
+                row = compile_throughput(path, retarget(plan, path, work / "plan-sweep.json"), work, rounds, settle)
+            finally:
+                shutil.rmtree(path)
+            rows[name] = {"hidden": hidden, "moe_intermediate": width, "fp8": quantized, "disk_bytes": size,
+                          "generate_s": written_s, **row}
+            print("sweep", name, json.dumps({k: rows[name][k] for k in ("kept_bytes", "ratio_median",
+                                                                         "cpu_ratio_median")}), flush=True)
+    return rows
+
+
+def _layout_bytes(layout) -> int:
+    """Tensor bytes of a layout on disk (FP8 weights 1 byte plus their block scales, correction biases F32)."""
+    total = 0
+    for key, shape in dsv3_layout.all_tensors(layout).items():
+        if layout.fp8 and dsv3_layout.quantized(key):
+            total += math.prod(shape) + 4 * math.prod(-(-d // dsv3_layout.BLOCK) for d in shape)
+        else:
+            total += math.prod(shape) * (4 if key.endswith("bias") else 2)
+    return total
+
+
 def _numel(shape) -> int:
     n = 1
     for d in shape:
@@ -356,11 +407,31 @@ def markdown(result: dict) -> str:
               f"(Python, torch, transformers, tokens, empty model) holds {p['baseline_peak_rss'] / 1e6:.0f} MB, so at "
               "toy width the whole-process ratio measures the interpreter, not premoe."]
     lines += _explanations(result)
+    lines += _sweep_lines(result.get("width_sweep"))
     for name, note in result.get("plan_notes", {}).items():
         lines.append(f"- plan {name}: refused — {note}")
     lines.append("- verify at 61 layers: the CLI run in bench/results/rehearsal-cli.txt (its last verify is the current "
                  "code's); at 5 layers tests/test_rehearsal.py.")
     return "\n".join(lines) + "\n"
+
+
+def _sweep_lines(sweep: dict | None) -> list[str]:
+    """The width sweep as a table: compile throughput / kernel copy as tensors get wider, key layout unchanged."""
+    if not sweep:
+        return []
+    lines = ["", f"Compile vs copy as the tensors widen ({sweep['command']}, {sweep['date']}; same 61 layers, "
+             "256 experts and 163 shards; 50% of experts kept, local ranking; medians of alternating rounds):", "",
+             "| hidden x expert width | dtype | tensors | kept bytes | compile s | copy s | throughput / copy | "
+             "CPU-time ratio | fixed cost µs/tensor |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, row in sweep["rows"].items():
+        if "skipped" in row:
+            lines.append(f"| {name} | | | skipped: {row['skipped']} | | | | | |")
+            continue
+        lines.append(f"| {row['hidden']} x {row['moe_intermediate']} | {'FP8' if row['fp8'] else 'bf16'} | "
+                     f"{row['tensors']} | {row['kept_bytes'] / 1e9:.2f} GB | {statistics.median(row['compile_s']):.2f} | "
+                     f"{statistics.median(row['copy_s']):.2f} | {row['ratio_median']:.2f}x | "
+                     f"{row['cpu_ratio_median']:.2f}x | {row['overhead_us_per_tensor']:.1f} |")
+    return lines
 
 
 def _explanations(result: dict) -> list[str]:
@@ -420,7 +491,10 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=1.0, help="seconds after each delete before the next run")
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/rehearsal.json")
     parser.add_argument("--md", type=Path, default=ROOT / "bench/results/rehearsal.md")
-    parser.add_argument("--only", choices=("compile", "headers"), action="append",
+    parser.add_argument("--sweep", action="append", default=None, metavar="HIDDENxWIDTH",
+                        help="widths of the width sweep (repeatable; default 128x64, 256x256, 384x384)")
+    parser.add_argument("--sweep-fp8", action="store_true", help="the widest sweep width in FP8 too")
+    parser.add_argument("--only", choices=("compile", "headers", "sweep"), action="append",
                         help="rerun only these rows (repeatable), keeping the others from --json (needs the "
                         "plan-50-local.json an earlier full run left in --work)")
     args = parser.parse_args()
@@ -437,8 +511,16 @@ def main() -> None:
             result["headers_plan"].pop("tensors")
         if "compile" in args.only:
             result["compile"] = compile_rows(models, fp8, plan, args)
-        result["rerun"] = {"rows": sorted(set(args.only)), "date": time.strftime("%Y-%m-%d"),
-                           "command": "python bench/bench_rehearsal.py " + " ".join(sys.argv[1:])}
+        if "sweep" in args.only:
+            widths = [tuple(map(int, w.split("x"))) for w in args.sweep or ("128x64", "256x256", "384x384")]
+            rows = width_sweep(replace(layout, shards=max(SHARD_COUNTS)), plan, args.work, widths, args.sweep_fp8,
+                               args.rounds, args.settle)
+            result["width_sweep"] = {"rows": rows, "date": time.strftime("%Y-%m-%d"),
+                                     "command": "python bench/bench_rehearsal.py " + " ".join(sys.argv[1:])}
+        rerun = sorted(set(args.only) - {"sweep"})
+        if rerun:
+            result["rerun"] = {"rows": rerun, "date": time.strftime("%Y-%m-%d"),
+                               "command": "python bench/bench_rehearsal.py " + " ".join(sys.argv[1:])}
         _save(result, args)
         return
     result = {"layout": {"layers": layout.layers, "experts": layout.experts, "hidden": layout.hidden,
