@@ -18,9 +18,10 @@ Plan → check → write (STYLE.md §6):
    counts respect top-k and groups, every MoE layer on disk is covered, the
    output fits on its disk;
 3. shard by shard into a temp dir beside ``out`` (same shard split), then the
-   other files, the index and ``config.json`` last; then the written headers
-   are read back and checked against the written config
-   (:func:`check_compiled`), then one rename.
+   other files, the index and ``config.json`` last; then the headers written
+   are checked as read_header checks a shard (against each file's size) and
+   against the written config (:func:`check_compiled`'s checks, on the
+   encoded headers rather than re-read ones), then one rename.
 
 Multi-token-prediction (MTP) layers — DeepSeek-V3/R1's ``model.layers.61.*``,
 GLM-4.5's ``model.layers.92.*`` — sit in the shards after the last decoder
@@ -219,7 +220,6 @@ class WritePlan:
         for write in self.writes:
             grouped.setdefault(write.shard, []).append(write)
         return grouped
-
 
     def describe(self) -> str:
         """The dry-run report: kept experts, tensors, sizes before/after, memory and disk needed."""
@@ -429,8 +429,8 @@ def _tensor_writes(headers: dict[str, tuple[dict, int]], left_out: Container[str
             info = header[key]
             kind = kinds.get(key)
             if kind is None:
-                shape = tuple(info["shape"])
-                writes.append(TensorWrite(key, key, shard, info["dtype"], shape, None, tuple(info["data_offsets"])))
+                writes.append(TensorWrite(key, key, shard, info["dtype"], tuple(info["shape"]), None,
+                                          tuple(info["data_offsets"])))
                 continue
             what, layer, expert = kind
             if layer not in kept:
