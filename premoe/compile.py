@@ -613,7 +613,7 @@ def _check_written(path: Path, plan: WritePlan) -> None:
 
 
 def _check_against_config(path: Path, shapes: dict[str, Sequence[int]], indexed: Collection[str] | None) -> None:
-    """The checks of :func:`check_compiled`, given every tensor's shape and the keys the index lists (None: no index)."""
+    """The checks of :func:`check_compiled`, given every tensor's shape and the keys the index lists (None: none)."""
     from premoe.adapters import get_adapter
     from premoe.modeling import read_config
 

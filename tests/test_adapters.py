@@ -334,7 +334,8 @@ _KEY_PARTS = ["model", "language_model", "layers", "mlp", "block_sparse_moe", "m
               "255", "", "x\ny", "é"]
 _PARTS = st.lists(st.sampled_from(_KEY_PARTS), max_size=4).map(".".join)
 _KEYS = st.one_of(  # shaped like checkpoint keys (prefix, layer, block, maybe an expert, rest), or any parts at all
-    st.tuples(_PARTS, st.sampled_from(["3", "07", "60", "61", "62"]), st.sampled_from(["mlp", "block_sparse_moe", "moe"]),
+    st.tuples(_PARTS, st.sampled_from(["3", "07", "60", "61", "62"]),
+              st.sampled_from(["mlp", "block_sparse_moe", "moe"]),
               st.sampled_from(["", "experts.5.", "experts.x.", "experts.0"]), _PARTS)
     .map(lambda t: f"{t[0]}.layers.{t[1]}.{t[2]}.{t[3]}{t[4]}".lstrip(".")),
     st.lists(st.sampled_from(_KEY_PARTS), max_size=9).map(".".join))

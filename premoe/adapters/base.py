@@ -445,8 +445,8 @@ class MoEAdapter:
         """:attr:`_disk_block` then :attr:`_expert_prefix` on its rest, over keys joined one a line:
         (key, layer, expert or "", rest after the expert prefix) per key in a sparse block."""
         blocks = "|".join(map(re.escape, self.disk_blocks or (self.moe_block,)))
-        return re.compile(rf"^((?:.*\.)?layers\.(\d+)\.(?:{blocks})\.(?=.)(?:{re.escape(self.experts)}\.(\d+)\.)?(.*))$",
-                          re.MULTILINE)
+        expert = rf"(?:{re.escape(self.experts)}\.(\d+)\.)?"
+        return re.compile(rf"^((?:.*\.)?layers\.(\d+)\.(?:{blocks})\.(?=.){expert}(.*))$", re.MULTILINE)
 
     @functools.cached_property
     def _expert_prefix(self) -> re.Pattern:
