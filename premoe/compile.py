@@ -18,9 +18,10 @@ Plan → check → write (STYLE.md §6):
    counts respect top-k and groups, every MoE layer on disk is covered, the
    output fits on its disk;
 3. shard by shard into a temp dir beside ``out`` (same shard split), then the
-   other files, the index and ``config.json`` last; then the written headers
-   are read back and checked against the written config
-   (:func:`check_compiled`), then one rename.
+   other files, the index and ``config.json`` last; then the headers written
+   are checked as read_header checks a shard (against each file's size) and
+   against the written config (:func:`check_compiled`'s checks, on the
+   encoded headers rather than re-read ones), then one rename.
 
 Multi-token-prediction (MTP) layers — DeepSeek-V3/R1's ``model.layers.61.*``,
 GLM-4.5's ``model.layers.92.*`` — sit in the shards after the last decoder
@@ -43,19 +44,18 @@ import functools
 import json
 import math
 import mmap
-import operator
 import os
 import shutil
 import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, Collection, Container, NamedTuple, Sequence
 
 from premoe import __version__
-from premoe.checkpoint import DTYPE_BYTES, INDEX, encode_header, read_index, shard_files, tensors
-from premoe.checkpoint import gc_paused
+from premoe.checkpoint import DTYPE_BYTES, INDEX, check_layout, encode_header, gc_paused, read_index, shard_files
 from premoe.checkpoint import headers as read_headers
+from premoe.checkpoint import tensor_shards, tensors
 from premoe.errors import CheckpointError, DiskSpaceError, InputError, OutputExistsError, PlanError
 from premoe.plan import Plan, format_ranges
 
@@ -122,6 +122,15 @@ class TensorWrite(NamedTuple):  # a NamedTuple, not a frozen dataclass: one per 
         if self.rows is None:
             return self.span[1] - self.span[0]
         return sum(end - begin for begin, end in self.ranges)
+
+
+class ShardLayout(NamedTuple):
+    """One output shard as :func:`_shard_layout` lays it out."""
+
+    header: bytes  # the encoded JSON header, padded (without the 8-byte length)
+    entries: dict[str, dict]  # key -> {"dtype", "shape", "data_offsets"}: what ``header`` encodes, less metadata
+    runs: list[tuple[int, int]]  # source byte ranges of the data section to copy, in output order
+    data_bytes: int
 
 
 @dataclass(frozen=True)
@@ -194,8 +203,12 @@ class WritePlan:
     @functools.cached_property
     def file_bytes(self) -> int:
         """The .safetensors files' exact size on disk, headers included: what a ``--budget-gb`` promise measures."""
-        return sum(8 + len(_shard_layout(writes, self.shard_metadata[shard])[0]) + sum(w.nbytes for w in writes)
-                   for shard, writes in self.shards().items())
+        return sum(8 + len(layout.header) + layout.data_bytes for layout in self.layouts.values())
+
+    @functools.cached_property
+    def layouts(self) -> dict[str, ShardLayout]:
+        """Every output shard's header and copy runs, computed once for the budget check and the write."""
+        return {shard: _shard_layout(writes, self.shard_metadata[shard]) for shard, writes in self.shards().items()}
 
     @property
     def largest_tensor(self) -> int:
@@ -320,11 +333,11 @@ def _plan_writes(model: str | Path, plan: Plan, out: str | Path, *, force: bool,
     adapter.check_kept(config, kept)  # distinct, ≥ top-k, the same count in every routing group
     index = read_index(path)  # read once (DeepSeek-V3's maps ~90k tensors)
     headers = read_headers(path, index)  # every header checked, read once; raises on missing/truncated/corrupt shards
-    infos = tensors(path, headers, index)
-    mtp_keys = {k: infos[k] for k in adapter.mtp_layers(infos, config)}
+    located = tensor_shards(path, headers, index)  # no tensor in two shards; the index agrees
+    mtp_keys = adapter.mtp_layers(located, config)
     mtp_choice = _mtp_choice(mtp, adapter, config, mtp_keys, kept)
     mtp_dropped = sorted(mtp_keys) if mtp == "drop" else []
-    writes, dropped = _tensor_writes({k: i for k, i in infos.items() if k not in mtp_keys or mtp != "drop"}, adapter,
+    writes, dropped = _tensor_writes(headers, mtp_keys if mtp == "drop" else {}, adapter,
                                      {**kept, **mtp_choice.kept}, plan.num_experts)
     files, skipped = _other_files(path, set(headers))
     new_config = _new_config(config, adapter, plan, kept, export, identity, mtp_choice)
@@ -334,7 +347,7 @@ def _plan_writes(model: str | Path, plan: Plan, out: str | Path, *, force: bool,
                      "(from_pretrained and vLLM expect one count per config)")
     write_plan = WritePlan(
         model_path=path, out=out, family=adapter.name, export=export, num_experts=plan.num_experts, kept=kept,
-        writes=writes, dropped=dropped + sorted(mtp_dropped), bytes_before=sum(i.nbytes for i in infos.values()),
+        writes=writes, dropped=dropped + mtp_dropped, bytes_before=_tensor_bytes(path, headers),
         data_start={s: start for s, (_, start) in headers.items()},
         shard_metadata={s: header.get("__metadata__") or {} for s, (header, _) in headers.items()},
         indexed=index is not None, index_metadata=(index or {}).get("metadata", {}), config=new_config, files=files,
@@ -382,11 +395,12 @@ def _export_kept(plan: Plan, export: str, n_group: int = 1) -> tuple[str, dict[i
     return "padded", plan.padded(n_group).kept
 
 
-def _mtp_choice(mode: str, adapter, config: dict, infos: dict, kept: dict[int, list[int]]) -> MtpChoice:
-    """Find the MTP layers on disk and, for ``prune``, the experts each keeps (:data:`MTP_RULE`)."""
+def _mtp_choice(mode: str, adapter, config: dict, mtp_keys: dict[str, int], kept: dict[int, list[int]]) -> MtpChoice:
+    """Find the MTP layers on disk (``mtp_keys``: their tensors, by key) and, for ``prune``, the experts each keeps
+    (:data:`MTP_RULE`)."""
     if mode not in MTP_CHOICES:
         raise InputError(f"--mtp must be one of {', '.join(MTP_CHOICES)}, got {mode!r}")
-    found = sorted({layer for key in infos if (layer := adapter.mtp_layer(key, config)) is not None})
+    found = sorted(set(mtp_keys.values()))
     first = adapter.num_hidden_layers(config)
     if found != list(range(first, first + len(found))):
         raise CheckpointError(f"the shards hold MTP layers {found}; expected consecutive layers from "
@@ -399,40 +413,40 @@ def _mtp_choice(mode: str, adapter, config: dict, infos: dict, kept: dict[int, l
                      {layer: list(kept[source]) for layer in found}, source)
 
 
-def _tensor_writes(infos: dict, adapter, kept: dict[int, list[int]],
-                   num_experts: int) -> tuple[list[TensorWrite], list[str]]:
-    """Map every input tensor to its output (kept, renamed, sliced by rows) or to the dropped list."""
+def _tensor_writes(headers: dict[str, tuple[dict, int]], left_out: Container[str], adapter,
+                   kept: dict[int, list[int]], num_experts: int) -> tuple[list[TensorWrite], list[str]]:
+    """Map every input tensor (by shard, then key) to its output — kept, renamed, sliced by rows — or to the dropped
+    list; tensors in ``left_out`` (dropped MTP layers) are neither."""
     writes: list[TensorWrite] = []
     dropped: list[str] = []
     renumber = {layer: {e: i for i, e in enumerate(experts)} for layer, experts in kept.items()}
     seen_experts: dict[int, set[int]] = {layer: set() for layer in kept}
     routers: set[int] = set()  # layers with tensors sliced along experts (router, fused experts)
-    for info in sorted(infos.values(), key=operator.attrgetter("shard", "key")):
-        kind = adapter.classify_key(info.key)
-        if kind is None:
-            writes.append(TensorWrite(info.key, info.key, info.shard, info.dtype, info.shape, None, info.offsets))
-            continue
-        what, layer, expert = kind
-        if layer not in kept:
-            raise CheckpointError(f"tensor {info.key} belongs to MoE layer {layer}, which the plan does not cover "
-                                  f"(it covers {sorted(kept)}); was the plan made for this checkpoint?")
-        if what == "expert":
-            seen_experts[layer].add(expert)
-            if expert not in renumber[layer]:
-                dropped.append(info.key)
+    for shard, (header, _) in headers.items():
+        keys = sorted(header.keys() - left_out - {"__metadata__"})
+        kinds = adapter.classify_keys(keys)
+        for key in keys:
+            info = header[key]
+            kind = kinds.get(key)
+            if kind is None:
+                writes.append(TensorWrite(key, key, shard, info["dtype"], tuple(info["shape"]), None,
+                                          tuple(info["data_offsets"])))
                 continue
-            new_key = adapter.rename_expert_key(info.key, expert, renumber[layer][expert])
-            writes.append(TensorWrite(new_key, info.key, info.shard, info.dtype, info.shape, None, info.offsets))
-            continue
-        axis = adapter.expert_axis(info.shape)
-        if not info.shape or info.shape[axis] != num_experts:
-            raise CheckpointError(f"tensor {info.key} has shape {list(info.shape)}; expected {num_experts} experts "
-                                  f"on axis {axis} for a router or fused-experts tensor")
-        rows = tuple(kept[layer])
-        shape = (*info.shape[:axis], len(rows), *info.shape[axis + 1 :])
-        writes.append(TensorWrite(info.key, info.key, info.shard, info.dtype, shape, rows, info.offsets, info.shape,
-                                  axis))
-        routers.add(layer)
+            what, layer, expert = kind
+            if layer not in kept:
+                raise CheckpointError(f"tensor {key} belongs to MoE layer {layer}, which the plan does not cover "
+                                      f"(it covers {sorted(kept)}); was the plan made for this checkpoint?")
+            if what == "expert":
+                seen_experts[layer].add(expert)
+                if expert not in renumber[layer]:
+                    dropped.append(key)
+                    continue
+                new_key = adapter.rename_expert_key(key, expert, renumber[layer][expert])
+                writes.append(TensorWrite(new_key, key, shard, info["dtype"], tuple(info["shape"]), None,
+                                          tuple(info["data_offsets"])))
+                continue
+            writes.append(_rows_write(key, shard, info, kept[layer], adapter.expert_axis(info["shape"]), num_experts))
+            routers.add(layer)
     for layer, found in seen_experts.items():
         if layer not in routers:
             raise CheckpointError(f"no router tensor of MoE layer {layer} found in the checkpoint; the "
@@ -442,6 +456,21 @@ def _tensor_writes(infos: dict, adapter, kept: dict[int, list[int]],
             raise CheckpointError(f"layer {layer}: the checkpoint's expert tensors cover experts {sorted(found)[:4]}..., "
                                   f"not 0..{num_experts - 1} (missing {absent[:8]}); it is incomplete or not this model")
     return writes, dropped
+
+
+def _rows_write(key: str, shard: str, info: dict, rows: list[int], axis: int, num_experts: int) -> TensorWrite:
+    """The write of a tensor indexing experts along ``axis`` (router, correction bias, fused experts): ``rows`` kept."""
+    shape = tuple(info["shape"])
+    if not shape or shape[axis] != num_experts:
+        raise CheckpointError(f"tensor {key} has shape {list(shape)}; expected {num_experts} experts "
+                              f"on axis {axis} for a router or fused-experts tensor")
+    return TensorWrite(key, key, shard, info["dtype"], (*shape[:axis], len(rows), *shape[axis + 1 :]), tuple(rows),
+                       tuple(info["data_offsets"]), shape, axis)
+
+
+def _tensor_bytes(path: Path, headers: dict[str, tuple[dict, int]]) -> int:
+    """Bytes of every tensor in the shards: their data sections, which read_header checked the tensors tile exactly."""
+    return sum((path / shard).stat().st_size - start for shard, (_, start) in headers.items())
 
 
 def _new_config(config: dict, adapter, plan: Plan, kept: dict[int, list[int]], export: str, source: dict,
@@ -533,16 +562,15 @@ def write_checkpoint(plan: WritePlan, progress: bool = True) -> Path:
 
     def _write_all(tmp: Path) -> None:
         with bar(plan.bytes_after, "compile", "B", enabled=progress, unit_scale=True) as shown:
-            for shard, writes in plan.shards().items():
-                _write_shard(plan.model_path / shard, plan.data_start[shard], writes, tmp / shard,
-                             plan.shard_metadata[shard], shown.update)
+            for shard, layout in plan.layouts.items():
+                _write_shard(plan.model_path / shard, plan.data_start[shard], layout, tmp / shard, shown.update)
         for name in plan.files:
             shutil.copy2(plan.model_path / name, tmp / name)
         (tmp / "README.md").write_text(plan.card)
         if plan.indexed:
             _write_index(plan, tmp / INDEX)
         (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
-        check_compiled(tmp)  # raising here removes the temp dir: no output that disagrees with its config
+        _check_written(tmp, plan)  # raising here removes the temp dir: no output that disagrees with its config
 
     return write_dir(plan.out, write, mark=False)  # config.json's premoe block marks it
 
@@ -559,10 +587,36 @@ def check_compiled(path: str | Path) -> None:
 
     >>> check_compiled("python-50/")      # silent when the checkpoint agrees with its config
     """
+    path = Path(path)
+    index = read_index(path)
+    found = tensors(path, index=index)
+    _check_against_config(path, {key: info.shape for key, info in found.items()},
+                          None if index is None else index["weight_map"].keys())
+
+
+def _check_written(path: Path, plan: WritePlan) -> None:
+    """:func:`check_compiled` on the checkpoint just written to ``path``, from the headers compile encoded.
+
+    Each shard's entries get read_header's checks against the written file's
+    size (well formed, tiling its data exactly: a short or long copy shows);
+    then the same checks against the written config.json as
+    :func:`check_compiled`, without reading back and parsing the headers and
+    the index just encoded (at DeepSeek-V3's ~90k tensors, most of a
+    toy-width compile's time).
+    """
+    shapes: dict[str, list[int]] = {}
+    for shard, layout in plan.layouts.items():
+        file = path / shard
+        check_layout(file, layout.entries, file.stat().st_size - 8 - len(layout.header))
+        shapes.update({key: entry["shape"] for key, entry in layout.entries.items()})
+    _check_against_config(path, shapes, shapes.keys() if plan.indexed else None)
+
+
+def _check_against_config(path: Path, shapes: dict[str, Sequence[int]], indexed: Collection[str] | None) -> None:
+    """The checks of :func:`check_compiled`, given every tensor's shape and the keys the index lists (None: none)."""
     from premoe.adapters import get_adapter
     from premoe.modeling import read_config
 
-    path = Path(path)
     config = read_config(path)
     info = compiled_info(path)
     adapter = get_adapter(config)
@@ -578,23 +632,18 @@ def check_compiled(path: str | Path) -> None:
     if wrong or max(expected.values(), default=count) != count:
         raise CheckpointError(f"{path}/config.json declares {count} experts per layer but the plan wrote "
                               f"{wrong or expected}; the compiled checkpoint is inconsistent")
-    index = read_index(path)
-    found = tensors(path, index=index)
     experts: dict[int, set[int]] = {layer: set() for layer in expected}
     rows: set[int] = set()
-    for key, tensor in found.items():
-        kind = adapter.classify_key(key)
-        if kind is None:
-            continue
-        what, layer, expert = kind
+    for key, (what, layer, expert) in adapter.classify_keys(shapes).items():
+        shape = shapes[key]
         if layer not in expected:
             raise CheckpointError(f"{path}: {key} belongs to MoE layer {layer}, which config.json does not cover")
         if what == "expert":
             experts[layer].add(expert)
             continue
-        axis = adapter.expert_axis(tensor.shape)
-        if not tensor.shape or tensor.shape[axis] != expected[layer]:
-            raise CheckpointError(f"{path}: {key} has shape {list(tensor.shape)}; config.json says layer {layer} "
+        axis = adapter.expert_axis(shape)
+        if not shape or shape[axis] != expected[layer]:
+            raise CheckpointError(f"{path}: {key} has shape {list(shape)}; config.json says layer {layer} "
                                   f"holds {expected[layer]} experts (axis {axis})")
         rows.add(layer)
     for layer, n in expected.items():
@@ -602,11 +651,11 @@ def check_compiled(path: str | Path) -> None:
             raise CheckpointError(f"{path}: MoE layer {layer} has no router tensor")
         if experts[layer] and experts[layer] != set(range(n)):
             raise CheckpointError(f"{path}: layer {layer} holds experts {sorted(experts[layer])}, not 0..{n - 1}")
-    mtp_layers = set(adapter.mtp_layers(found, config).values())
+    mtp_layers = set(adapter.mtp_layers(shapes, config).values())
     if len(mtp_layers) != adapter.mtp_declared(config):
         raise CheckpointError(f"{path}: config.json declares {adapter.mtp_declared(config)} MTP layers, the shards "
                               f"hold {len(mtp_layers)}")
-    if index is not None and index["weight_map"].keys() != found.keys():
+    if indexed is not None and indexed != shapes.keys():
         raise CheckpointError(f"{path}/{INDEX} does not list exactly the tensors the shards hold")
 
 
@@ -631,7 +680,7 @@ def _dumps_index(metadata: dict, weight_map: dict[str, str]) -> str:
     return head + ',\n  "weight_map": {\n    ' + body + "\n  }\n}"
 
 
-def _shard_layout(writes: list[TensorWrite], metadata: dict) -> tuple[bytes, list[tuple[int, int]]]:
+def _shard_layout(writes: list[TensorWrite], metadata: dict) -> ShardLayout:
     """One output shard's header and the source byte ranges to copy after it, in order.
 
     Tensors keep their source order within each dtype width, widest first (as
@@ -639,28 +688,29 @@ def _shard_layout(writes: list[TensorWrite], metadata: dict) -> tuple[bytes, lis
     size and the kept bytes of neighbouring tensors merge into long copies.
     """
     ordered = sorted(writes, key=lambda w: (-DTYPE_BYTES.get(w.dtype, 1), w.span[0]))
-    entries: dict = {}
+    entries: dict[str, dict] = {}
     offset = 0
-    ranges: list[tuple[int, int]] = []  # source byte ranges (data section), in output order, adjacent ones merged
+    runs: list[tuple[int, int]] = []  # source byte ranges (data section), in output order, adjacent ones merged
     for w in ordered:
-        entries[w.key] = {"dtype": w.dtype, "shape": list(w.shape), "data_offsets": [offset, offset + w.nbytes]}
-        offset += w.nbytes
-        for begin, end in w.ranges:
-            if ranges and ranges[-1][1] == begin:
-                ranges[-1] = (ranges[-1][0], end)
+        nbytes = w.nbytes
+        entries[w.key] = {"dtype": w.dtype, "shape": list(w.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+        for begin, end in ((w.span,) if w.rows is None else w.ranges):
+            if runs and runs[-1][1] == begin:
+                runs[-1] = (runs[-1][0], end)
             else:
-                ranges.append((begin, end))
-    return encode_header(entries, metadata), ranges
+                runs.append((begin, end))
+    return ShardLayout(encode_header(entries, metadata), entries, runs, offset)
 
 
-def _write_shard(source: Path, data_start: int, writes: list[TensorWrite], dest: Path, metadata: dict,
+def _write_shard(source: Path, data_start: int, layout: ShardLayout, dest: Path,
                  advance: Callable[[int], object]) -> None:
-    """One output shard: a fresh header, then every kept byte range copied from the source shard."""
-    raw, ranges = _shard_layout(writes, metadata)
+    """One output shard: its header, then every kept byte range copied from the source shard."""
     with open(source, "rb") as src, open(dest, "wb") as dst:
-        dst.write(struct.pack("<Q", len(raw)) + raw)
+        dst.write(struct.pack("<Q", len(layout.header)) + layout.header)
         dst.flush()
-        _copy_runs(src.fileno(), dst.fileno(), [(data_start + b, data_start + e) for b, e in ranges], source, advance)
+        _copy_runs(src.fileno(), dst.fileno(), [(data_start + b, data_start + e) for b, e in layout.runs], source,
+                   advance)
 
 
 def _copy_runs(src: int, dst: int, runs: list[tuple[int, int]], name: Path, advance: Callable[[int], object]) -> None:

@@ -18,11 +18,13 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import tiny
 from premoe import scores
-from premoe.adapters import get_adapter, prune_in_memory
+from premoe.adapters import REGISTRY, get_adapter, prune_in_memory
 from premoe.adapters.base import router_recorder
 from premoe.capture import RouterCapture
 from premoe.checkpoint import tensors
@@ -325,3 +327,26 @@ def test_glm4_moe_mtp_layer():
     adapter = get_adapter(config)
     assert adapter.mtp_layer("model.layers.92.shared_head.head.weight", config) == 92
     assert adapter.mtp_layer("model.layers.91.mlp.gate.e_score_correction_bias", config) is None
+
+
+_KEY_PARTS = ["model", "language_model", "layers", "mlp", "block_sparse_moe", "moe", "experts", "gate", "weight",
+              "e_score_correction_bias", "gate_up_proj", "down_proj", "w1", "router", "bias", "0", "3", "07", "61",
+              "255", "", "x\ny", "é"]
+_PARTS = st.lists(st.sampled_from(_KEY_PARTS), max_size=4).map(".".join)
+_KEYS = st.one_of(  # shaped like checkpoint keys (prefix, layer, block, maybe an expert, rest), or any parts at all
+    st.tuples(_PARTS, st.sampled_from(["3", "07", "60", "61", "62"]),
+              st.sampled_from(["mlp", "block_sparse_moe", "moe"]),
+              st.sampled_from(["", "experts.5.", "experts.x.", "experts.0"]), _PARTS)
+    .map(lambda t: f"{t[0]}.layers.{t[1]}.{t[2]}.{t[3]}{t[4]}".lstrip(".")),
+    st.lists(st.sampled_from(_KEY_PARTS), max_size=9).map(".".join))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(REGISTRY)), st.lists(_KEYS, max_size=12))
+def test_keys_classified_at_once_as_one_at_a_time(model_type, keys):
+    """classify_keys and mtp_layers (one regex pass over all keys) agree with classify_key and the layer pattern per
+    key, for every family, on keys of real and odd shapes (line breaks, leading zeros, empty parts)."""
+    adapter, config = REGISTRY[model_type], {"num_hidden_layers": 61, "num_nextn_predict_layers": 1}
+    assert adapter.classify_keys(keys) == {k: kind for k in keys if (kind := adapter.classify_key(k)) is not None}
+    matches = {k: m for k in keys if (m := re.match(r"model\.layers\.(\d+)\.", k))} if adapter.mtp_count_keys else {}
+    assert adapter.mtp_layers(keys, config) == {k: int(m.group(1)) for k, m in matches.items() if int(m.group(1)) >= 61}

@@ -4,6 +4,7 @@ Property-based: random and mutated headers (hypothesis) must give either a
 correct result — the same tensors safetensors itself reads — or a
 CheckpointError naming the shard; never another exception.
 """
+import functools
 import json
 import struct
 import tempfile
@@ -202,6 +203,39 @@ def test_flipped_and_truncated_files_are_refused_cleanly(position, value, cut):
     file = WORK / "flipped.safetensors"
     file.write_bytes(bytes(raw[: max(cut, 0) or None]))
     agrees_with_safetensors(file)
+
+
+def _object_text(pairs: list, ascii_only: bool) -> str:
+    """A JSON object written from (key, value) pairs, so a key may repeat; values already JSON text."""
+    return "{" + ",".join(f"{json.dumps(k, ensure_ascii=ascii_only)}:{v}" for k, v in pairs) + "}"
+
+
+@SETTINGS
+@given(st.sampled_from(["top", "entry", "metadata"]), st.text(max_size=6), st.text(max_size=6), st.booleans(),
+       st.booleans())
+def test_a_repeated_key_anywhere_is_named(where, name, value, ascii_only, repeat):
+    """Keys and values holding colons, quotes, escapes: a key given twice in any object is refused, naming it;
+    the same header without the repeat reads back."""
+    header, data = split(valid_file(WORK / "dup.safetensors"))
+    dump = functools.partial(json.dumps, ensure_ascii=ascii_only)
+    metadata = [("format", dump("pt")), (name, dump(value))]
+    entries = {k: [(f, dump(v)) for f, v in e.items()] for k, e in header.items() if k != "__metadata__"}
+    top = [(k, None) for k in entries]
+    if repeat and where == "metadata":
+        metadata.append((name, dump(value + "x")))
+    elif repeat and where == "entry":
+        entries["a"].append(("dtype", dump("F32")))
+    elif repeat:
+        top.append(("b", None))
+    text = _object_text([("__metadata__", _object_text(metadata, ascii_only))]
+                        + [(k, _object_text(entries[k], ascii_only)) for k, _ in top], ascii_only)
+    file = WORK / "dup2.safetensors"
+    file.write_bytes(assemble(text.encode(), data))
+    if repeat or name == "format":  # "format" is a metadata key already
+        with pytest.raises(CheckpointError, match="duplicate key"):
+            read_header(file)
+    else:
+        assert read_header(file)[0]["__metadata__"] == {"format": "pt", name: value}
 
 
 def test_an_index_that_puts_a_tensor_in_the_wrong_shard_is_refused(tmp_path):

@@ -38,6 +38,12 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _COUNT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
+def _joined(keys: list[str]) -> str | None:
+    """``keys`` one a line, for one multi-line regex pass; None when a key holds a line break itself."""
+    lines = "\n".join(keys)
+    return lines if lines.count("\n") == max(len(keys) - 1, 0) else None
+
+
 @dataclass(frozen=True)
 class MoELayer:
     """One MoE layer of a loaded model."""
@@ -181,15 +187,16 @@ class MoEAdapter:
         """
         if not self.mtp_count_keys:
             return {}
-        first, found = None, {}
-        for key in keys:
-            match = self._decoder_layer.match(key)
-            if match is None:
-                continue
-            first = self.num_hidden_layers(config) if first is None else first  # read once, only for layer keys
-            if int(match.group(1)) >= first:
-                found[key] = int(match.group(1))
-        return found
+        keys = list(keys)
+        lines = _joined(keys)
+        if lines is None:  # a key holding a line break: one at a time
+            layered = [(key, m.group(1)) for key in keys if (m := self._decoder_layer.match(key))]
+        else:  # one regex pass over all keys, in C: DeepSeek-V3 has ~90k
+            layered = self._decoder_layer_lines.findall(lines)
+        if not layered:
+            return {}
+        first = self.num_hidden_layers(config)  # read only when some key is a layer's
+        return {key: n for key, layer in layered if (n := int(layer)) >= first}
 
     def mtp_declared(self, config) -> int:
         """How many MTP layers the config says the checkpoint carries (0 when it says nothing)."""
@@ -217,6 +224,11 @@ class MoEAdapter:
     @functools.cached_property
     def _decoder_layer(self) -> re.Pattern:
         return re.compile(rf"^{re.escape(self.decoder_layers_key)}\.(\d+)\.")
+
+    @functools.cached_property
+    def _decoder_layer_lines(self) -> re.Pattern:
+        """:attr:`_decoder_layer` over keys joined one a line: (key, layer) per decoder-layer key."""
+        return re.compile(rf"^({re.escape(self.decoder_layers_key)}\.(\d+)\..*)$", re.MULTILINE)
 
     def check_kept(self, config, kept: Mapping[int, Sequence[int]]) -> None:
         """Refuse kept sets the architecture cannot route (DESIGN.md §4 pitfalls), naming the fix."""
@@ -358,6 +370,29 @@ class MoEAdapter:
             return "rows", layer, None
         return None
 
+    def classify_keys(self, keys: Iterable[str]) -> dict[str, tuple[str, int, int | None]]:
+        """:meth:`classify_key` of many keys at once: the keys that relate to experts, with their kind.
+
+        One regex pass over the keys joined one a line, in C, instead of two
+        matches per key in Python: DeepSeek-V3 has ~90k keys.
+
+        >>> get_adapter({"model_type": "mixtral"}).classify_keys(["model.layers.3.block_sparse_moe.experts.7.w1.weight",
+        ...                                                       "model.norm.weight"])
+        {'model.layers.3.block_sparse_moe.experts.7.w1.weight': ('expert', 3, 7)}
+        """
+        keys = list(keys)
+        lines = _joined(keys)
+        if lines is None:  # a key holding a line break: one at a time
+            return {key: kind for key in keys if (kind := self.classify_key(key)) is not None}
+        rows_prefix, rows_names = f"{self.experts}.", {*self.disk_fused_experts, *self._disk_router_rows}
+        found: dict[str, tuple[str, int, int | None]] = {}
+        for key, layer, expert, rest in self._disk_block_lines.findall(lines):
+            if expert:
+                found[key] = ("expert", int(layer), int(expert))
+            elif rest.startswith(rows_prefix) or rest in rows_names:
+                found[key] = ("rows", int(layer), None)
+        return found
+
     def rename_expert_key(self, key: str, old: int, new: int) -> str:
         return key.replace(f".{self.experts}.{old}.", f".{self.experts}.{new}.", 1)
 
@@ -404,6 +439,14 @@ class MoEAdapter:
     def _disk_block(self) -> re.Pattern:
         blocks = "|".join(map(re.escape, self.disk_blocks or (self.moe_block,)))
         return re.compile(rf"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?:{blocks})\.(?P<rest>.+)$")
+
+    @functools.cached_property
+    def _disk_block_lines(self) -> re.Pattern:
+        """:attr:`_disk_block` then :attr:`_expert_prefix` on its rest, over keys joined one a line:
+        (key, layer, expert or "", rest after the expert prefix) per key in a sparse block."""
+        blocks = "|".join(map(re.escape, self.disk_blocks or (self.moe_block,)))
+        expert = rf"(?:{re.escape(self.experts)}\.(\d+)\.)?"
+        return re.compile(rf"^((?:.*\.)?layers\.(\d+)\.(?:{blocks})\.(?=.){expert}(.*))$", re.MULTILINE)
 
     @functools.cached_property
     def _expert_prefix(self) -> re.Pattern:
