@@ -470,6 +470,9 @@ def markdown(result: dict) -> str:
               f"(Python, torch, transformers, tokens, empty model) holds {p['baseline_peak_rss'] / 1e6:.0f} MB, so at "
               "toy width the whole-process ratio measures the interpreter, not premoe."]
     lines += _explanations(result)
+    if result.get("plans_made"):
+        lines.append(f"- plans made from the streamed profile: {', '.join(result['plans_made'])} (keep %-ranking; "
+                     "global ranking on grouped routers grows layers by whole tiers, one expert per group)")
     for name, note in result.get("plan_notes", {}).items():
         lines.append(f"- plan {name}: refused — {note}")
     lines.append("- verify at 61 layers: the CLI run in bench/results/rehearsal-cli.txt (its last verify is the current "
@@ -615,8 +618,9 @@ def main() -> None:
             result["width_sweep"] = {"rows": rows, "date": time.strftime("%Y-%m-%d"),
                                      "command": "python bench/bench_rehearsal.py " + " ".join(sys.argv[1:])}
         if "plans" in args.only:
-            _, result["plan_notes"] = make_plans(args.work / f"profile-{max(SHARD_COUNTS)}", models[max(SHARD_COUNTS)],
-                                                 args.work)
+            made, result["plan_notes"] = make_plans(args.work / f"profile-{max(SHARD_COUNTS)}",
+                                                    models[max(SHARD_COUNTS)], args.work)
+            result["plans_made"] = sorted(made)
         old = result.pop("rerun", None)  # the format before per-row reruns
         for row in old["rows"] if old else []:
             result.setdefault("reruns", {})[row] = {"date": old["date"], "command": old["command"]}
@@ -634,6 +638,7 @@ def main() -> None:
     print("profile", json.dumps(result["profile"]), flush=True)
     plans, result["plan_notes"] = make_plans(args.work / f"profile-{max(SHARD_COUNTS)}", models[max(SHARD_COUNTS)],
                                              args.work)
+    result["plans_made"] = sorted(plans)
     plan = {s: retarget(plans["50-local"], m, args.work / f"plan-{s}.json") for s, m in models.items()}
     result["headers_plan"] = headers_and_plan(models, plan[max(SHARD_COUNTS)], args.work, args.rounds)
     result["tensors"] = result["headers_plan"].pop("tensors")
