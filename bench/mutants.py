@@ -12,7 +12,7 @@ CKPT = ("tests/test_checkpoint.py",)
 COMPILE = ("tests/test_compile.py", "tests/test_mtp.py")
 VERIFY = ("tests/test_verify.py",)
 SERVE = ("tests/test_serve.py", "tests/test_serve_hardening.py")
-RETRIEVAL = ("tests/test_retrieval.py", "tests/test_store.py")
+RETRIEVAL = ("tests/test_retrieval.py", "tests/test_store.py", "tests/test_matchers.py")
 BANK = ("tests/test_bank.py",)
 
 MUTANTS = [
