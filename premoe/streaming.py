@@ -1,4 +1,9 @@
-"""Profile a checkpoint larger than memory, one decoder layer at a time.
+"""Checkpoints larger than memory, one decoder layer at a time: the streaming profile, and the machinery under it.
+
+:class:`LayerRunner` runs token windows through a checkpoint layer by layer
+(the profile here, ``premoe verify --stream``); :func:`load_pruned` builds a
+pruned model layer by layer (the expert bank). What follows describes the
+profile.
 
 The model is built as a skeleton whose parameters live on the ``meta``
 device (no memory). Every calibration window goes through the embeddings
