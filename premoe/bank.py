@@ -131,6 +131,8 @@ class ExpertBank:
         self.config = copy.deepcopy(self.config)  # the unpruned config: what kept sets are checked against
         self.adapter = get_adapter(self.config)
         self.num_experts = self.adapter.num_experts(self.config)
+        stored = tensors(self.path)
+        self._check_readable(stored)  # before the minutes a large model takes to load
         self.model, start, self.full_router = self._resident(loaded, kept)
         self.layers = {l.index: l for l in self.adapter.moe_layers(self.model)}
         self._moe_indices = sorted(self.layers)
@@ -139,7 +141,7 @@ class ExpertBank:
         self._maps: dict[str, tuple[mmap.mmap, int]] = {}  # shard -> (mapping, data start)
         self._experts: dict[int, dict[int, list[_Source]]] = {l: {} for l in self.layers}  # per-expert tensors
         self._rows: dict[int, list[_Source]] = {l: [] for l in self.layers}  # tensors with a slice per expert
-        for info in tensors(self.path).values():
+        for info in stored.values():
             kind = self.adapter.classify_key(info.key)
             if kind is None or kind[1] not in self.layers:
                 continue
@@ -162,6 +164,13 @@ class ExpertBank:
                          for l, places in self._slots.items()} if self.cache is not None else {}  # per slot, made once
         self._checked: dict[tuple, dict[int, list[int]]] = {}
         self.totals = SwapReport(0, 0, 0.0)
+
+    def _check_readable(self, stored: dict[str, TensorInfo]) -> None:
+        """Refuse expert or router tensors a swap cannot widen into its slots (FP8 needs its block scales)."""
+        for info in stored.values():
+            if info.dtype not in _READABLE and self.adapter.classify_key(info.key) is not None:
+                raise UnsupportedModelError(f"{self.path}: tensor {info.key} is {info.dtype}; the expert bank reads "
+                                            f"{', '.join(_READABLE)} checkpoints (dequantize it first)")
 
     def _resident(self, loaded, kept) -> tuple[torch.nn.Module, dict[int, list[int]], torch.nn.Module]:
         """The pruned resident model, the kept sets, and the first MoE router from before pruning.
@@ -293,9 +302,6 @@ class ExpertBank:
             path, part, parts = self.adapter.memory_place(info.key)
         except KeyError as e:
             raise UnsupportedModelError(f"{self.path}: {e.args[0]}") from e
-        if info.dtype not in _READABLE:
-            raise UnsupportedModelError(f"{self.path}: tensor {info.key} is {info.dtype}; the expert bank reads "
-                                        f"{', '.join(_READABLE)} checkpoints (dequantize it first)")
         if info.shard not in self._maps:
             with open(self.path / info.shard, "rb") as f:  # private mapping: never written, so never copied
                 self._maps[info.shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), read_header(

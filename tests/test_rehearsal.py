@@ -193,3 +193,17 @@ def test_store_and_swaps_at_256_experts(written, profiles):
         assert report.experts == sum(len(set(target[l]) - held[l]) for l in target)
         held = {layer: set(v) for layer, v in target.items()}
     assert bank.swap(store.kept("prose", 64)).experts > 0
+
+
+def test_the_bank_refuses_fp8_experts_before_loading_anything(written, monkeypatch):
+    import premoe.streaming
+    from premoe.bank import ExpertBank
+    from premoe.errors import UnsupportedModelError
+
+    def load_pruned(*args, **kwargs):
+        raise AssertionError("the bank loaded the model before checking its dtypes")
+
+    monkeypatch.setattr(premoe.streaming, "load_pruned", load_pruned)
+    kept = {layer: [g * 32 + e for g in range(8) for e in range(2)] for layer in (3, 4)}
+    with pytest.raises(UnsupportedModelError, match="F8_E4M3.*dequantize it first"):
+        ExpertBank(written["fp8"], kept)
