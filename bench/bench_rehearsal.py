@@ -591,7 +591,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="append", default=None, metavar="HIDDENxWIDTH",
                         help="widths of the width sweep (repeatable; default 128x64, 256x256, 384x384)")
     parser.add_argument("--sweep-fp8", action="store_true", help="the widest sweep width in FP8 too")
-    parser.add_argument("--only", choices=("compile", "headers", "swap", "plans", "sweep"), action="append",
+    parser.add_argument("--only", choices=("compile", "headers", "swap", "plans", "profile", "sweep"), action="append",
                         help="rerun only these rows or the width sweep (repeatable), keeping the others from --json "
                         "(needs the plan-50-local.json an earlier full run left in --work)")
     args = parser.parse_args()
@@ -608,6 +608,9 @@ def main() -> None:
             result["headers_plan"].pop("tensors")
         if "compile" in args.only:
             result["compile"] = compile_rows(models, fp8, plan, args)
+        if "profile" in args.only:
+            result["profile"] = profile_memory(models, args.work, args.tokens, args.rounds)
+            result["profile_batch1"] = profile_memory(models, args.work, args.tokens, 1, batch=1)
         if "swap" in args.only:
             result["swap"] = {str(s): swap_cost(m, args.swaps, 0.25) for s, m in models.items()}
             result.pop("swap_h_retrieval", None)
