@@ -13,7 +13,7 @@ from premoe.modeling import model_identity
 from premoe.plan import Plan
 
 
-def save_family(family: str, path: Path, dtype=torch.float32, **save_kwargs):
+def save_family(family: str, path: Path, dtype=torch.float32, overrides: dict | None = None, **save_kwargs):
     """Save a tiny ``family`` checkpoint whose router biases are random too; returns (path, model, adapter).
 
     The default init leaves router biases and DeepSeek-style correction biases
@@ -21,7 +21,7 @@ def save_family(family: str, path: Path, dtype=torch.float32, **save_kwargs):
     returned is the saved one read back in fp32 (a bf16 round trip in memory
     would also round buffers such as rotary frequencies, which loading recomputes).
     """
-    model = tiny.build(family)
+    model = tiny.build(family, **(overrides or {}))  # overrides: config fields
     try:
         adapter = get_adapter(model.config)
     except UnsupportedModelError as e:

@@ -55,6 +55,27 @@ def test_streaming_verify_gives_the_in_memory_numbers(family, tmp_path):
         assert b.max_abs_diff <= 1e-5
 
 
+def test_tied_embeddings_survive_the_layer_by_layer_loads(tmp_path):
+    from premoe.adapters import prune_in_memory
+    from premoe.bank import ExpertBank
+    from premoe.modeling import load_model
+
+    path, model, adapter = save_family("qwen3_moe", tmp_path / "src", overrides={"tie_word_embeddings": True})
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    plan = spread_plan(path, model, adapter)
+    compile_checkpoint(path, plan, tmp_path / "out", progress=False)
+    memory = verify(path, tmp_path / "out", TEXT, max_tokens=128, seq_len=32, progress=False)
+    streamed = verify(path, tmp_path / "out", TEXT, max_tokens=128, seq_len=32, progress=False, stream=True)
+    assert memory.passed and streamed.passed
+    assert streamed.domains[0].ppl_original == pytest.approx(memory.domains[0].ppl_original, rel=1e-6)
+    bank = ExpertBank(path, plan.kept, cache=None)
+    assert bank.model.lm_head.weight.data_ptr() == bank.model.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(1, tiny.VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = prune_in_memory(load_model(path), adapter, plan.kept)(ids).logits
+        assert torch.allclose(bank.model(ids).logits, want, rtol=0, atol=1e-5)
+
+
 def test_streaming_verify_fails_a_wrong_checkpoint_and_refuses_a_compact_one(tmp_path):
     path, out, adapter, model = compiled("qwen3_moe", tmp_path)
     config = json.loads((out / "config.json").read_text())
