@@ -133,8 +133,8 @@ MUTANTS = [
            "report.bytes += self.expert_bytes(layer, expert)", BANK),
     Mutant("bank:free-slots-wrong", "premoe/bank.py", "free = [i for i, e in enumerate(slots) if e not in wanted]",
            "free = [i for i, e in enumerate(slots)]", BANK),
-    Mutant("bank:mapped-slices-one-offset", "premoe/bank.py", "            pagemap.map_into(target, self.fd, start)\n"
-           "            start += size", "            pagemap.map_into(target, self.fd, start)", BANK),
+    Mutant("bank:mapped-slices-one-offset", "premoe/bank.py", "                    raise\n            start += size",
+           "                    raise", BANK),
     # ---------------------------------------------------------------- added with grouped global ranking, streaming
     Mutant("plan:global-tiers-floor-one", "premoe/plan.py", "floor = max(2, -(-top_k // topk_group))", "floor = 1",
            PLAN),

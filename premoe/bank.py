@@ -409,7 +409,11 @@ class _SlotCache:
         start = self.base[layer] + expert * self.stride[layer]
         mapped, views = targets
         for size, target in zip(self._mapped[layer], mapped):
-            pagemap.map_into(target, self.fd, start)
+            try:
+                pagemap.map_into(target, self.fd, start)
+            except OSError:  # a file system that cannot map (the slice is zeroed memory now): read it instead
+                if os.preadv(self.fd, [_bytes_view(target)], start) != size:
+                    raise
             start += size
         done = os.preadv(self.fd, views, start) if views else 0
         if done != self._read[layer]:

@@ -207,12 +207,33 @@ def test_a_failed_mapping_leaves_readable_zeros_and_is_repaired_by_the_next_swap
                       map_from=pagemap.PAGE)
     target = {0: [4, 5, 2, 3], 1: [0, 1, 2, 3]}
     real_fd = bank.cache.fd
-    bank.cache.fd = 10_000  # not an open file: mmap fails with EBADF
-    with pytest.raises(OSError, match="mmap"):
+    bank.cache.fd = 10_000  # not an open file: mmap fails with EBADF, and so does the read that stands in for it
+    with pytest.raises(OSError):
         bank.swap(target)
     slot = bank.slots[0].index(-1)
     assert torch.count_nonzero(bank.layers[0].experts.gate_up_proj[slot]) == 0  # zeros, not an unmapped hole
     bank.cache.fd = real_fd
     bank.swap(target)
+    with torch.no_grad():
+        assert torch.allclose(bank.model(IDS).logits, pruned_logits(tiny_qwen3, target), rtol=0, atol=1e-5)
+
+
+def test_a_file_system_that_cannot_map_gets_reads_instead(tiny_qwen3, tmp_path, monkeypatch):
+    if not pagemap.available():
+        pytest.skip("page remapping needs Linux 5.14+")
+    bank = ExpertBank(tiny_qwen3, {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}, cache=tmp_path / "c.slots",
+                      map_from=pagemap.PAGE)
+    calls = []
+
+    def cannot_map(tensor, fd, offset):
+        calls.append(offset)
+        with torch.no_grad():
+            tensor.zero_()  # what a failed MAP_FIXED leaves behind
+        raise OSError(19, "mmap: no such device")
+
+    monkeypatch.setattr(pagemap, "map_into", cannot_map)
+    target = {0: [4, 5, 2, 3], 1: [0, 1, 6, 7]}
+    bank.swap(target)
+    assert len(calls) == 4  # every entering expert tried to map, then read
     with torch.no_grad():
         assert torch.allclose(bank.model(IDS).logits, pruned_logits(tiny_qwen3, target), rtol=0, atol=1e-5)
