@@ -99,7 +99,7 @@ class TokenLMs:
         t = self._tables[domain]
         ids = ids.long()
         prev, nxt = ids[:, :-1], ids[:, 1:]  # (n, T-1)
-        code = prev * self.vocab + nxt
+        code = bigram_codes(ids, self.vocab)  # (n, T-1)
         if len(t.codes):
             pos = torch.searchsorted(t.codes, code.contiguous()).clamp(max=len(t.codes) - 1)
             seen = torch.where(t.codes[pos] == code, t.counts[pos], torch.zeros((), dtype=torch.float64))
@@ -160,14 +160,26 @@ class TokenLMs:
                    {d: tensors[f"ngram/counts/{d}"].long() for d in domains})
 
 
-def _count(ids: torch.Tensor, vocab: int, domain: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sorted distinct bigram codes, their counts) of one domain's calibration ids (tokens,)."""
+def bigram_codes(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(..., seq - 1) int64 codes ``prev * vocab + next`` of consecutive tokens of ``ids`` (..., seq)."""
+    ids = ids.long()
+    return ids[..., :-1] * vocab + ids[..., 1:]
+
+
+def calibration_ids(ids: torch.Tensor, vocab: int, domain: str, what: str) -> torch.Tensor:
+    """One domain's calibration ids as (tokens,) int64, checked: at least 2, every id inside the vocabulary."""
     ids = ids.long().reshape(-1)
     if len(ids) < 2:
-        raise InputError(f"domain {domain!r} has {len(ids)} calibration tokens; a token model needs at least 2")
+        raise InputError(f"domain {domain!r} has {len(ids)} calibration tokens; {what} need at least 2")
     if int(ids.min()) < 0 or int(ids.max()) >= vocab:
         raise InputError(f"domain {domain!r} has token ids outside [0, {vocab}); is the vocabulary size right?")
-    codes, counts = (ids[:-1] * vocab + ids[1:]).unique(return_counts=True)  # unique() sorts
+    return ids
+
+
+def _count(ids: torch.Tensor, vocab: int, domain: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted distinct bigram codes, their counts) of one domain's calibration ids (tokens,)."""
+    ids = calibration_ids(ids, vocab, domain, "token models")
+    codes, counts = bigram_codes(ids, vocab).unique(return_counts=True)  # unique() sorts
     return codes, counts
 
 

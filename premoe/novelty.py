@@ -46,7 +46,7 @@ import torch
 
 from premoe.errors import InputError
 from premoe.matchers import bucket
-from premoe.ngram import TokenLMs
+from premoe.ngram import TokenLMs, bigram_codes, calibration_ids
 
 METHODS = ("nearest", "ngram", "kn")  # nearest: the matcher's nearest-domain score (the old rule); ngram: unseen
 # bigram share (this module's tables); kn: the lowest per-token NLL under the domains' Kneser-Ney bigrams (premoe.ngram)
@@ -71,12 +71,6 @@ class NoveltyParams:
         if self.max_tokens < 2:
             raise InputError(f"novelty calibration tokens must be >= 2, got {self.max_tokens}")
         return self
-
-
-def bigram_codes(ids: torch.Tensor, vocab: int) -> torch.Tensor:
-    """(..., seq - 1) int64 codes ``prev * vocab + next`` of consecutive tokens of ``ids`` (..., seq)."""
-    ids = ids.long()
-    return ids[..., :-1] * vocab + ids[..., 1:]
 
 
 def _unseen(table: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -180,11 +174,7 @@ class Detector:
 
 def _tables(ids: torch.Tensor, vocab: int, domain: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted distinct bigram codes, sorted distinct token ids) of one domain's calibration ids (tokens,)."""
-    ids = ids.long().reshape(-1)
-    if len(ids) < 2:
-        raise InputError(f"domain {domain!r} has {len(ids)} calibration tokens; novelty tables need at least 2")
-    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-        raise InputError(f"domain {domain!r} has token ids outside [0, {vocab}); is the vocabulary size right?")
+    ids = calibration_ids(ids, vocab, domain, "novelty tables")
     return bigram_codes(ids, vocab).unique(), ids.unique()  # unique() sorts
 
 
