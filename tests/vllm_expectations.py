@@ -58,6 +58,10 @@ _W1_W3_W2 = _mlp("block_sparse_moe", "w1", "w3", "w2")  # Mixtral naming: w1 gat
 _MOE_I = ("moe_intermediate_size",)
 _DENSE_I = ("intermediate_size",)
 _GATE_AND_BIAS = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+_DEEPSEEK_MOE = dict(  # deepseek_v2.py DeepseekV2MoE and the families built like it: grouped, biased router
+    count_key="n_routed_experts", topk_key="num_experts_per_tok", expert_keys=_PER_EXPERT_MLP,
+    router_rows=_GATE_AND_BIAS, group_keys=("n_group", "topk_group"), expert_shapes=_MLP_SHAPES,
+    intermediate_keys=_MOE_I)
 _GRANITE = dict(  # granitemoe.py GraniteMoeForCausalLM.load_weights splits these per expert
     count_key="num_local_experts", topk_key="num_experts_per_tok",
     expert_keys=("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"),
@@ -184,15 +188,13 @@ EXPECTATIONS: dict[str, VllmExpectation] = {
         "DeepseekV3ForCausalLM",
         "deepseek_v2.py :: DeepseekV2MoE.__init__ (as DeepSeek-V2, plus gate.e_score_correction_bias "
         "Parameter(n_routed_experts) when topk_method == 'noaux_tc')",
-        "n_routed_experts", "num_experts_per_tok", _PER_EXPERT_MLP, _GATE_AND_BIAS,
-        group_keys=("n_group", "topk_group"), expert_shapes=_MLP_SHAPES, intermediate_keys=_MOE_I,
+        **_DEEPSEEK_MOE,
         shared_keys=_shared("mlp.shared_experts")),
     "deepseek_v32": VllmExpectation(
         "DeepseekV32ForCausalLM",
         "registry.py (vllm-project/vllm, _TEXT_GENERATION_MODELS): DeepseekV32ForCausalLM -> "
         "deepseek_v2.py DeepseekV3ForCausalLM, so DeepseekV2MoE as for DeepSeek-V3",
-        "n_routed_experts", "num_experts_per_tok", _PER_EXPERT_MLP, _GATE_AND_BIAS,
-        group_keys=("n_group", "topk_group"), expert_shapes=_MLP_SHAPES, intermediate_keys=_MOE_I,
+        **_DEEPSEEK_MOE,
         shared_keys=_shared("mlp.shared_experts")),
     "glm4_moe": VllmExpectation(
         "Glm4MoeForCausalLM",
@@ -201,16 +203,14 @@ EXPECTATIONS: dict[str, VllmExpectation] = {
         "n_shared_experts), FusedMoEFactory(n_routed_experts, num_experts_per_tok, moe_intermediate_size, "
         "num_expert_group=n_group, topk_group=topk_group)); Glm4MoeModel.load_weights (AutoWeightsLoader, "
         "FusedMoE default gate_proj/up_proj/down_proj)",
-        "n_routed_experts", "num_experts_per_tok", _PER_EXPERT_MLP, _GATE_AND_BIAS,
-        group_keys=("n_group", "topk_group"), expert_shapes=_MLP_SHAPES, intermediate_keys=_MOE_I,
+        **_DEEPSEEK_MOE,
         shared_keys=_shared("mlp.shared_experts")),
     "glm4_moe_lite": VllmExpectation(
         "Glm4MoeLiteForCausalLM",
         "glm4_moe_lite.py @055e47c2 :: Glm4MoeLite(Glm4MoE) (as GLM-4-MoE), Glm4MoeLiteDecoderLayer (MoE iff "
         "layer >= first_k_dense_replace and layer % moe_layer_freq == 0), Glm4MoeLiteModel.load_weights "
         "(gate_proj/down_proj/up_proj, num_experts=config.n_routed_experts)",
-        "n_routed_experts", "num_experts_per_tok", _PER_EXPERT_MLP, _GATE_AND_BIAS,
-        group_keys=("n_group", "topk_group"), expert_shapes=_MLP_SHAPES, intermediate_keys=_MOE_I,
+        **_DEEPSEEK_MOE,
         shared_keys=_shared("mlp.shared_experts")),
     "dots1": VllmExpectation(
         "Dots1ForCausalLM",
@@ -218,8 +218,7 @@ EXPECTATIONS: dict[str, VllmExpectation] = {
         "gate.e_score_correction_bias iff config.topk_method == 'noaux_tc', shared_experts, "
         "SharedFusedMoE(n_routed_experts, num_experts_per_tok, moe_intermediate_size, n_group, topk_group, "
         "scoring_func=config.scoring_func)); Dots1Model.get_expert_mapping (gate/down/up_proj)",
-        "n_routed_experts", "num_experts_per_tok", _PER_EXPERT_MLP, _GATE_AND_BIAS,
-        group_keys=("n_group", "topk_group"), expert_shapes=_MLP_SHAPES, intermediate_keys=_MOE_I,
+        **_DEEPSEEK_MOE,
         shared_keys=_shared("mlp.shared_experts"),
         config_gaps=("topk_method", "scoring_func", "moe_layer_freq")),  # no topk_method: no bias parameter
     "solar_open": VllmExpectation(
@@ -228,8 +227,7 @@ EXPECTATIONS: dict[str, VllmExpectation] = {
         "gate.e_score_correction_bias, shared_experts (moe_intermediate_size * n_shared_experts), "
         "SharedFusedMoE(n_routed_experts, num_experts_per_tok, moe_intermediate_size, n_group, topk_group)); "
         "SolarOpenModel.get_expert_mapping (gate/down/up_proj); every layer MoE",
-        "n_routed_experts", "num_experts_per_tok", _PER_EXPERT_MLP, _GATE_AND_BIAS,
-        group_keys=("n_group", "topk_group"), expert_shapes=_MLP_SHAPES, intermediate_keys=_MOE_I,
+        **_DEEPSEEK_MOE,
         shared_keys=_shared("mlp.shared_experts")),
     "mimo_v2_flash": VllmExpectation(
         "MiMoV2FlashForCausalLM",
@@ -237,8 +235,7 @@ EXPECTATIONS: dict[str, VllmExpectation] = {
         "config.n_routed_experts), gate.e_score_correction_bias, FusedMoEFactory(n_routed_experts, "
         "num_experts_per_tok, moe_intermediate_size, num_expert_group=n_group, topk_group)); no shared expert; "
         "MiMoV2FlashDecoderLayer.is_moe_layer reads config.moe_layer_freq[i]",
-        "n_routed_experts", "num_experts_per_tok", _PER_EXPERT_MLP, _GATE_AND_BIAS,
-        group_keys=("n_group", "topk_group"), expert_shapes=_MLP_SHAPES, intermediate_keys=_MOE_I,
+        **_DEEPSEEK_MOE,
         # transformers' MiMoV2FlashConfig writes mlp_layer_types/layer_types/rms_norm_eps instead
         config_gaps=("moe_layer_freq", "hybrid_layer_pattern", "layernorm_epsilon")),
     "kimi_linear": VllmExpectation(
