@@ -144,23 +144,8 @@ class LayerRunner:
 
     def __init__(self, model: str | Path, windows: dict[str, torch.Tensor], batch_size: int = 8, device: str = "cpu",
                  workdir: str | Path | None = None, memory_budget: int | None = None, streams: int = 1):
-        from transformers import AutoConfig
-
-        from premoe.adapters import get_adapter
-        from premoe.modeling import resolve_model_path
-
-        self.path, self.device = resolve_model_path(model), device
-        self.config = AutoConfig.from_pretrained(self.path)
-        self.net = _skeleton(self.config)
-        self.adapter = get_adapter(self.config, self.net)
-        self.moe = {layer.index: layer for layer in self.adapter.moe_layers(self.net)}
-        if not self.moe:
-            raise UnsupportedModelError(f"{self.path} has no MoE layers premoe can find; is it a Mixture-of-Experts "
-                                        "model?")
-        self.layers = _decoder_layers(self.net, next(iter(self.moe.values())))
-        self.loader = _Loader(self.net, self.path, checkpoint.tensors(self.path), len(self.layers), device,
-                              _weight_block(self.config), self.adapter, self.moe)
-        _return_freed_memory()
+        self.device = device
+        self.path, self.config, self.net, self.adapter, self.moe, self.layers, self.loader = _open(model, device)
         rows = sum(w.numel() for w in windows.values())
         budget = (max(map(self.loader.layer_bytes, range(len(self.layers)))) if memory_budget is None
                   else memory_budget)
@@ -240,24 +225,13 @@ def load_pruned(model: str | Path, kept: dict[int, Sequence[int]], on_layer=None
     router). The result equals ``prune_in_memory(load_model(model), adapter,
     kept)`` exactly (tests/test_bank.py).
     """
-    from transformers import AutoConfig
-
-    from premoe.adapters import get_adapter
     from premoe.adapters.base import prune_in_memory
-    from premoe.modeling import resolve_model_path
 
-    path = resolve_model_path(model)
-    config = AutoConfig.from_pretrained(path)
-    net = _skeleton(config)
-    adapter = get_adapter(config, net)
-    moe = {layer.index: layer for layer in adapter.moe_layers(net)}
+    path, config, net, adapter, moe, layers, loader = _open(model, device)
     missing = sorted(set(moe) - set(kept))
     if missing:
         raise InputError(f"the expert set names no experts for MoE layers {missing}")
     adapter.check_kept(config, {index: kept[index] for index in moe})
-    layers = _decoder_layers(net, next(iter(moe.values())))
-    loader = _Loader(net, path, checkpoint.tensors(path), len(layers), device, _weight_block(config), adapter, moe)
-    _return_freed_memory()
     loader.load(loader.by_layer.get(None, []))  # embeddings, final norm, output head
     for index in range(len(layers)):
         loader.load(loader.layer_keys(index))
@@ -276,6 +250,26 @@ def load_pruned(model: str | Path, kept: dict[int, Sequence[int]], on_layer=None
 
 
 # --------------------------------------------------------------------------- the model
+
+
+def _open(model: str | Path, device: str) -> tuple:
+    """(path, config, skeleton, adapter, {index: MoE layer}, decoder layers, loader) of a checkpoint, nothing loaded."""
+    from transformers import AutoConfig
+
+    from premoe.adapters import get_adapter
+    from premoe.modeling import resolve_model_path
+
+    path = resolve_model_path(model)
+    config = AutoConfig.from_pretrained(path)
+    net = _skeleton(config)
+    adapter = get_adapter(config, net)
+    moe = {layer.index: layer for layer in adapter.moe_layers(net)}
+    if not moe:
+        raise UnsupportedModelError(f"{path} has no MoE layers premoe can find; is it a Mixture-of-Experts model?")
+    layers = _decoder_layers(net, next(iter(moe.values())))
+    loader = _Loader(net, path, checkpoint.tensors(path), len(layers), device, _weight_block(config), adapter, moe)
+    _return_freed_memory()
+    return path, config, net, adapter, moe, layers, loader
 
 
 def _skeleton(config) -> nn.Module:
