@@ -127,8 +127,8 @@ class ExpertBank:
         from transformers import AutoConfig
 
         self.path = resolve_model_path(model)
-        self.config = loaded.config if loaded is not None else AutoConfig.from_pretrained(self.path)
-        self.config = copy.deepcopy(self.config)  # the unpruned config: what kept sets are checked against
+        # the unpruned config: what kept sets are checked against (a loaded model's is pruned with it)
+        self.config = copy.deepcopy(loaded.config) if loaded is not None else AutoConfig.from_pretrained(self.path)
         self.adapter = get_adapter(self.config)
         self.num_experts = self.adapter.num_experts(self.config)
         stored = tensors(self.path)
@@ -326,15 +326,17 @@ class ExpertBank:
     def _rehome(self, places: list[_Place]) -> list[_Place]:
         """Move tensors whose slot slices are to be mapped into page-aligned memory; those places first."""
         for place in places:
-            nbytes = place.slot(0).numel() * place.tensor.element_size()
-            if self.map_from is not None and place.axis == 0 and nbytes >= self.map_from and nbytes % pagemap.PAGE == 0:
+            if self._worth_mapping(place):
                 place.tensor.data = pagemap.page_aligned_copy(place.tensor.data)
         return sorted(places, key=lambda place: not self._remaps(place))
 
+    def _worth_mapping(self, place: _Place) -> bool:
+        """Slots along dim 0 of ``map_from`` bytes or more, in whole pages (where they start is :meth:`_rehome`'s)."""
+        nbytes = place.slot(0).numel() * place.tensor.element_size()
+        return self.map_from is not None and place.axis == 0 and nbytes >= self.map_from and nbytes % pagemap.PAGE == 0
+
     def _remaps(self, place: _Place) -> bool:
-        slot = place.slot(0)
-        return (self.map_from is not None and place.axis == 0 and slot.numel() * slot.element_size() >= self.map_from
-                and pagemap.remappable(slot))
+        return self._worth_mapping(place) and pagemap.remappable(place.slot(0))
 
     def _slot_targets(self, places: list[_Place], slot: int) -> tuple[list[torch.Tensor], list[memoryview]]:
         """What a swap fills in ``slot``: the slices it maps (they come first in a record), byte views of the rest."""
@@ -357,9 +359,9 @@ class _SlotCache:
 
     A record is the concatenation of the expert's slices of the layer's slot
     places, in the bank's place order, so one ``preadv`` fills a slot. With
-    ``pages`` every record starts on a page and the page-sized slices come
-    first, so each of them can be mapped into its slot (:mod:`premoe.pagemap`)
-    and one ``preadv`` reads the small rest (router row, biases).
+    ``pages`` every record starts on a page and the slices to map come first,
+    so each of them can be mapped into its slot (:mod:`premoe.pagemap`) and
+    one ``preadv`` reads the rest (router row, biases, small slices).
     """
 
     def __init__(self, path: Path, layout: dict[int, list[tuple[int, bool]]], stride: dict[int, int],
