@@ -183,7 +183,7 @@ def _check_source(name: str, windows, net, reference, adapter, kept: dict[int, l
             flips += _flag_tie_flips(routed_compiled, routed_forced, layer, flipped)
         tally.add(batch, compiled, full, forced, _positions_to_compare(flipped, batch.shape), flips)
         advance(batch.shape[0])
-    return tally.check(name, windows.shape[0])
+    return tally.check(name)
 
 
 def _check_streaming(original, compiled, windows: dict, kept: dict[int, list[int]], batch_size: int, workdir,
@@ -225,18 +225,13 @@ def _check_streaming(original, compiled, windows: dict, kept: dict[int, list[int
         tallies = {name: _Tally() for name in windows}
         with reference.head(), pruned.head():
             for b, batch in enumerate(reference.batches):
-                ids = windows[batch.domain][_window_range(reference.batches, b)]  # (batch, seq)
+                done = tallies[batch.domain].windows  # a domain's batches come in order
+                ids = windows[batch.domain][done : done + batch.shape[0]]  # (batch, seq)
                 tallies[batch.domain].add(ids, pruned.logits(pruned.batches[b]), reference.logits(batch, 0),
                                           reference.logits(batch, 1), _positions_to_compare(flipped[b], batch.shape),
                                           flips[b])
         config = reference.config
-    return [tallies[name].check(name, w.shape[0]) for name, w in windows.items()], config, adapter
-
-
-def _window_range(batches, b: int) -> slice:
-    """The windows of batch ``b`` within its domain (batches of a domain are consecutive, in order)."""
-    first = sum(x.shape[0] for x in batches[:b] if x.domain == batches[b].domain)
-    return slice(first, first + batches[b].shape[0])
+    return [tallies[name].check(name) for name in windows], config, adapter
 
 
 class _Tally:
@@ -245,12 +240,13 @@ class _Tally:
     def __init__(self):
         self.nll_full, self.nll_comp, self.kl = [], [], []
         self.diff = self.diff_full = 0.0
-        self.flips = self.excluded = 0
+        self.flips = self.excluded = self.windows = 0
 
     def add(self, ids, compiled, full, forced, compare, flips: int) -> None:
         """(batch, seq) ``ids``; (batch, seq, vocab) logits; (batch, seq) ``compare`` mask; near-tie ``flips``."""
         from premoe.metrics import kl_divergence, token_nll
 
+        self.windows += ids.shape[0]
         self.flips += flips
         self.excluded += int((~compare[:, :-1]).sum())
         targets = ids[:, 1:]  # (batch, seq-1)
@@ -261,13 +257,13 @@ class _Tally:
             self.diff = max(self.diff, float((compiled - forced).abs()[compare].max()))
         self.diff_full = max(self.diff_full, float((compiled - full).abs().max()))
 
-    def check(self, name: str, windows: int) -> DomainCheck:
+    def check(self, name: str) -> DomainCheck:
         import torch
 
         from premoe.metrics import perplexity
 
         kl_all = torch.cat(self.kl)  # (tokens,)
-        return DomainCheck(name, windows, kl_all.numel(), self.diff, perplexity(torch.cat(self.nll_full)),
+        return DomainCheck(name, self.windows, kl_all.numel(), self.diff, perplexity(torch.cat(self.nll_full)),
                            perplexity(torch.cat(self.nll_comp)), float(kl_all.mean()), self.diff_full, self.flips,
                            self.excluded)
 
