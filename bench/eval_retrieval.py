@@ -62,7 +62,10 @@ METHOD_GRID = [("centroid", {}), ("knn", {}), ("diagonal", {}), ("lda", {"shrink
                ("lda", {"shrinkage": 0.01}), ("logistic", {})]
 OOD_GRID = [("nearest", {}), ("knn", {"k": 10}), ("unigram", {"alpha": 0.1}), ("ngram", {"unigram_weight": 0.0}),
             ("ngram", {"unigram_weight": 0.5}), ("ngram", {"unigram_weight": 1.0}), ("kn", {"margin_weight": 0.0}),
-            ("kn", {"margin_weight": 0.5}), ("kn", {"margin_weight": 1.0})]
+            ("kn", {"margin_weight": 0.5}), ("kn", {"margin_weight": 1.0}),
+            *[("joint", {"pattern_weight": b, "margin_weight": m}) for b in (0.5, 1.0, 2.0) for m in (0.0, 0.5)],
+            ("kn_domain_z", {}), ("kn_domain_threshold", {}), ("kn+pattern_z", {"weight": 0.5}),
+            ("kn+pattern_z", {"weight": 1.0})]  # joint: premoe.novelty; the last four are tried here only
 SECTIONS = ("selection", "perplexity", "mixed")  # the slow ones --skip can leave out
 FEATURE_GRID = [("router_input", 1), ("router_logits", 1), ("router_mass", 1), ("tcess", 1), ("router_logits", 2)]
 COMBINED = ("lda", {"shrinkage": 0.01})  # the matcher rows also tried with the token models (premoe.ngram.combine)
@@ -231,7 +234,8 @@ def fallback_selection(retriever, s, tokenizer, windows: dict, args) -> dict:
             cell = {}
             for left_out in [None, *store.domains]:
                 fitted = [d for d in store.domains if d != left_out]
-                score = _candidate(method, extra, store, {d: ids[d] for d in fitted}, vocab)
+                score = _candidate(method, extra, store, {d: ids[d] for d in fitted}, vocab, {d: req[d] for d in fitted},
+                                   length)
                 threshold = torch.cat([score(*req[d], length) for d in fitted]).quantile(q)
                 targets = [left_out] if left_out else [d for d in req if d not in store.domains]
                 for d in targets:
@@ -246,7 +250,9 @@ def fallback_selection(retriever, s, tokenizer, windows: dict, args) -> dict:
     best = max(rows, key=lambda r: r["val"][args.prompt_tokens]["foreign mean"])
     chosen = {"method": store.fallback_method, **({"unigram_weight": store.detector.params.unigram_weight}
                                                   if store.fallback_method == "ngram" else {}),
-              **({"margin_weight": store.detector.params.margin_weight} if store.fallback_method == "kn" else {})}
+              **({"margin_weight": store.detector.params.margin_weight}
+                 if store.fallback_method in ("kn", "joint") else {}),
+              **({"pattern_weight": store.detector.params.pattern_weight} if store.fallback_method == "joint" else {})}
     return {"rule": f"max mean fallback of foreign val requests (leave-one-domain-out + unseen val) at T = "
                     f"{args.prompt_tokens}, threshold = {q} quantile of in-domain val", "rows": rows,
             "best": {k: v for k, v in best.items() if k != "val"},
@@ -255,20 +261,29 @@ def fallback_selection(retriever, s, tokenizer, windows: dict, args) -> dict:
             "cost_tokens": args.prompt_tokens}
 
 
-def _candidate(method: str, extra: dict, store, ids: dict, vocab: int):
-    """score(ids (n, T), patterns (n, F), T) -> (n,) of one candidate fallback score fit on ``ids``' domains."""
+def _candidate(method: str, extra: dict, store, ids: dict, vocab: int, held: dict, length: int):
+    """score(ids (n, T), patterns (n, F), T) -> (n,) of one candidate fallback score fit on ``ids``' domains;
+    the per-domain candidates also read ``held``, the fitted domains' in-domain val requests at ``length``
+    tokens ({domain: (ids (n, T), patterns (n, F))}), never the foreign ones."""
     from premoe.matchers import fit_matcher
-    from premoe.ngram import NgramParams, fit_lms
+    from premoe.ngram import NgramParams, combine, fit_lms
     from premoe.novelty import NoveltyParams, fit_detector
 
     domains = list(ids)
+    lengths = store.matcher.params.lengths
     if method == "ngram":
-        detector = fit_detector(NoveltyParams(method="ngram", **extra), ids, vocab, store.matcher.params.lengths)
+        detector = fit_detector(NoveltyParams(method="ngram", **extra), ids, vocab, lengths)
         return lambda w, p, t: detector.score(w)
     if method == "kn":  # lowest per-token NLL under the domains' Kneser-Ney bigrams, less a weighted margin
-        detector = fit_detector(NoveltyParams(method="kn", **extra), {}, vocab, store.matcher.params.lengths,
-                                fit_lms(NgramParams(), ids, vocab))
+        detector = fit_detector(NoveltyParams(method="kn", **extra), {}, vocab, lengths, fit_lms(NgramParams(), ids, vocab))
         return lambda w, p, t: detector.score(w)
+    if method in ("joint", "kn_domain_z", "kn_domain_threshold", "kn+pattern_z"):
+        lms = fit_lms(NgramParams(), ids, vocab)
+        matcher = fit_matcher(store.matcher.params, {d: store.matcher.bank[d] for d in domains})
+        if method == "joint":  # kn's rule on the classifier's joint score (premoe.novelty)
+            detector = fit_detector(NoveltyParams(method="joint", **extra), {}, vocab, lengths, lms)
+            return lambda w, p, t: detector.score(w, matcher.scores(p, t), p.shape[1])
+        return _per_domain_candidate(method, extra, lms, matcher, held, length)
     if method == "unigram":  # per-domain add-alpha unigram; score = -max over domains of mean log-prob per token
         counts = torch.stack([torch.bincount(ids[d], minlength=vocab).double() + extra["alpha"] for d in domains])
         logp = (counts / counts.sum(1, keepdim=True)).log()  # (D, vocab)
@@ -286,18 +301,52 @@ def _candidate(method: str, extra: dict, store, ids: dict, vocab: int):
     return knn
 
 
+def _per_domain_candidate(method: str, extra: dict, lms, matcher, held: dict, length: int):
+    """The per-domain ideas, calibrated on the in-domain val requests ``held`` at ``length`` tokens:
+    ``kn_domain_z``: each domain's NLL z-scored by its own requests' NLL under its model, then the lowest;
+    ``kn_domain_threshold``: kn (margin 0.5) less the 0.96 quantile of kn over the val requests the classifier
+    sends to the same domain (one threshold per predicted domain); ``kn+pattern_z``: kn plus ``weight`` times the
+    nearest LDA score, each z-scored over all in-domain val requests."""
+    margin = lambda s, w: s.min(1).values - w * (s.topk(2, dim=1, largest=False).values.diff(dim=1)[:, 0])  # noqa: E731
+    nll = {d: lms.nll(w) for d, (w, p) in held.items()}  # {d: (n, D)}
+    near = {d: matcher.scores(p, length) for d, (w, p) in held.items()}  # {d: (n, D)}
+    if method == "kn_domain_z":
+        own = [nll[d][:, i] for i, d in enumerate(held)]
+        mean, std = torch.stack([v.mean() for v in own]), torch.stack([v.std() for v in own])  # (D,)
+        return lambda w, p, t: ((lms.nll(w) - mean) / std).min(1).values
+    if method == "kn_domain_threshold":
+        sent = lambda s, x, f: combine(s, x, length, f, lms.params.pattern_weight).argmin(1)  # noqa: E731
+        kn = torch.cat([margin(nll[d], 0.5) for d in held])
+        to = torch.cat([sent(nll[d], near[d], held[d][1].shape[1]) for d in held])
+        cut = torch.stack([kn[to == i].quantile(0.96) if (to == i).sum() > 5 else kn.quantile(0.96)
+                           for i in range(len(held))])  # (D,)
+
+        def shifted(w, p, t):
+            s = lms.nll(w)  # (n, D)
+            return margin(s, 0.5) - cut[sent(s, matcher.scores(p, t), p.shape[1])]
+        return shifted
+    kn = torch.cat([margin(nll[d], 0.5) for d in held])
+    lda = torch.cat([near[d].min(1).values for d in held])
+    return lambda w, p, t: ((margin(lms.nll(w), 0.5) - kn.mean()) / kn.std()
+                            + extra["weight"] * (matcher.scores(p, t).min(1).values - lda.mean()) / lda.std())
+
+
 @torch.no_grad()
 def _novelty_cost(retriever, ids: torch.Tensor, rounds: int = 9) -> float | None:
-    """Median over alternating rounds of (fallback score time / full forward time) on the same request (1, T)."""
-    detector = retriever.store.detector
+    """Median over alternating rounds of (fallback score time / full forward time) on the same request (1, T);
+    a ``joint`` score's time includes the matcher scoring the (already read) pattern."""
+    store, detector = retriever.store, retriever.store.detector
     if detector is None:
         return None
+    pattern = retriever.reader.tokens(ids).mean(1)  # (1, F): retrieval reads it anyway
+    score = (lambda: detector.score(ids, store.novelty_order(store.matcher.scores(pattern, ids.shape[1])),
+                                    pattern.shape[1])) if detector.reads_patterns else (lambda: detector.score(ids))
     ratios = []
     for round_ in range(rounds + 1):
         times = {}
         for side in (("score", "forward") if round_ % 2 else ("forward", "score")):
             start = time.perf_counter()
-            detector.score(ids) if side == "score" else retriever.model(input_ids=ids, use_cache=False)
+            score() if side == "score" else retriever.model(input_ids=ids, use_cache=False)
             times[side] = time.perf_counter() - start
         if round_:
             ratios.append(times["score"] / times["forward"])
@@ -412,7 +461,8 @@ def roc(retriever, tokens: dict, windows: dict, s, args, unseen_rows: dict, own:
         ax.set_ylabel("unseen-domain requests falling back (TPR)")
         score = (f"nearest-domain {s.store.matcher.params.method} score on {s.store.matcher.params.feature}"
                  if s.store.fallback_method == "nearest" else "lowest per-token Kneser-Ney NLL - w x margin"
-                 if s.store.fallback_method == "kn" else f"{s.store.fallback_method} novelty of the request's tokens")
+                 if s.store.fallback_method == "kn" else "lowest joint (Kneser-Ney + pattern) NLL - w x margin"
+                 if s.store.fallback_method == "joint" else f"{s.store.fallback_method} novelty of the request's tokens")
         ax.set_title(f"fallback score ROC: {score}\n"
                      "dots: thresholds calibrated on val; goal region top-left of the grey lines", fontsize=8)
         ax.legend(fontsize=8, loc="lower right")

@@ -17,7 +17,13 @@ to the generalist. Both scores need only token ids, no model run:
 
   and the request's score is the minimum over domains; the per-domain
   tables are the sorted distinct bigram codes (``prev * vocab + next``) and
-  token ids of the calibration text.
+  token ids of the calibration text;
+* ``joint``: the ``kn`` rule applied to the classifier's per-domain score,
+  the n-gram NLL plus ``pattern_weight`` times the layer-1 pattern's
+  per-token Gaussian NLL (:func:`premoe.ngram.combine` of the matcher's
+  scores): a request is familiar when one domain explains both its tokens
+  and its routing pattern. The pattern costs nothing more: retrieval has
+  already read it.
 
 Chosen on the testbed's val split (bench/eval_retrieval.py, section 3a) over
 the matcher's nearest-domain score, k-NN distance to calibration patterns,
@@ -46,10 +52,12 @@ import torch
 
 from premoe.errors import InputError
 from premoe.matchers import bucket
-from premoe.ngram import TokenLMs, bigram_codes, calibration_ids
+from premoe.ngram import TokenLMs, bigram_codes, calibration_ids, combine
 
-METHODS = ("nearest", "ngram", "kn")  # nearest: the matcher's nearest-domain score (the old rule); ngram: unseen
-# bigram share (this module's tables); kn: the lowest per-token NLL under the domains' Kneser-Ney bigrams (premoe.ngram)
+METHODS = ("nearest", "ngram", "kn", "joint")  # nearest: the matcher's nearest-domain score (the old rule); ngram:
+# unseen bigram share (this module's tables); kn: the lowest per-token NLL under the domains' Kneser-Ney bigrams
+# (premoe.ngram); joint: kn's rule on that NLL plus the weighted pattern NLL (the classifier's own score)
+PATTERN_METHODS = ("joint",)  # scores that read the matcher's per-domain pattern scores beside the token ids
 
 
 @dataclass
@@ -58,7 +66,8 @@ class NoveltyParams:
 
     method: str = "kn"  # one of METHODS; "nearest" stores no detector and thresholds the matcher's score
     unigram_weight: float = 0.0  # ngram: weight of never-seen tokens beside never-seen bigrams (val: 0, .5, 1 within 0.01)
-    margin_weight: float = 0.5  # kn: weight of the margin between the two lowest NLLs (val grid 0, .5, 1)
+    margin_weight: float = 0.5  # kn, joint: weight of the margin between the two lowest scores (val grid 0, .5, 1)
+    pattern_weight: float = 0.5  # joint: beta of premoe.ngram.combine for the pattern's NLL (val grid .5, 1, 2)
     max_tokens: int = 1 << 18  # ngram: calibration (and held-out) tokens per domain read (tokenised only)
 
     def check(self) -> "NoveltyParams":
@@ -68,6 +77,8 @@ class NoveltyParams:
             raise InputError(f"novelty unigram weight must be >= 0, got {self.unigram_weight}")
         if not self.margin_weight >= 0:
             raise InputError(f"novelty margin weight must be >= 0, got {self.margin_weight}")
+        if not self.pattern_weight >= 0:
+            raise InputError(f"novelty pattern weight must be >= 0, got {self.pattern_weight}")
         if self.max_tokens < 2:
             raise InputError(f"novelty calibration tokens must be >= 2, got {self.max_tokens}")
         return self
@@ -89,17 +100,31 @@ class Detector:
     bigrams: dict[str, torch.Tensor]  # domain -> sorted distinct bigram codes (int64) of its calibration text
     unigrams: dict[str, torch.Tensor]  # domain -> sorted distinct token ids (int64) of its calibration text
     thresholds: dict[int, float] = field(default_factory=dict)  # length bucket -> fallback score
-    lms: TokenLMs | None = None  # kn: the store's token models (saved by the store, not here)
+    lms: TokenLMs | None = None  # kn, joint: the store's token models (saved by the store, not here)
 
     @property
     def domains(self) -> list[str]:
-        return self.lms.domains if self.params.method == "kn" else list(self.bigrams)
+        return self.lms.domains if self.params.method in ("kn", "joint") else list(self.bigrams)
 
-    def scores(self, ids: torch.Tensor) -> torch.Tensor:
-        """(n, domains) novelty of requests ``ids`` (n, T) to each domain; lower = more familiar."""
+    @property
+    def reads_patterns(self) -> bool:
+        """Whether scores need the matcher's pattern scores of the requests (``joint``)."""
+        return self.params.method in PATTERN_METHODS
+
+    def scores(self, ids: torch.Tensor, pattern_scores: torch.Tensor | None = None, features: int = 0) -> torch.Tensor:
+        """(n, domains) novelty of requests ``ids`` (n, T) to each domain; lower = more familiar.
+
+        ``joint`` also reads ``pattern_scores`` (n, domains), the matcher's
+        scores of the requests' patterns in this detector's domain order, and
+        ``features``, the patterns' length (:func:`premoe.ngram.combine`)."""
         ids = ids.long().reshape(len(ids), -1)  # (n, T)
         if self.params.method == "kn":
             return self.lms.nll(ids)  # (n, D)
+        if self.params.method == "joint":
+            if pattern_scores is None or features < 1:
+                raise InputError("the 'joint' fallback score needs the request's pattern scores and feature count")
+            return combine(self.lms.nll(ids), pattern_scores.reshape(len(ids), -1), ids.shape[1], features,
+                           self.params.pattern_weight)  # (n, D)
         codes = bigram_codes(ids, self.vocab)  # (n, T-1)
         out = []
         for domain in self.domains:
@@ -108,12 +133,12 @@ class Detector:
             out.append(bi + self.params.unigram_weight * uni)
         return torch.stack(out, dim=1)  # (n, D)
 
-    def score(self, ids: torch.Tensor) -> torch.Tensor:
-        """(n,) novelty to the most familiar domain of requests ``ids`` (n, T); ``kn``: the lowest NLL less
-        ``margin_weight`` times its margin to the second lowest (text one domain explains much better than
-        the rest is familiar even when hard)."""
-        scores = self.scores(ids)  # (n, D)
-        if self.params.method != "kn" or scores.shape[1] < 2:
+    def score(self, ids: torch.Tensor, pattern_scores: torch.Tensor | None = None, features: int = 0) -> torch.Tensor:
+        """(n,) novelty to the most familiar domain of requests ``ids`` (n, T); ``kn`` and ``joint``: the lowest
+        score less ``margin_weight`` times its margin to the second lowest (text one domain explains much better
+        than the rest is familiar even when hard). ``pattern_scores``, ``features``: as :meth:`scores`."""
+        scores = self.scores(ids, pattern_scores, features)  # (n, D)
+        if self.params.method not in ("kn", "joint") or scores.shape[1] < 2:
             return scores.min(1).values
         two = scores.topk(2, dim=1, largest=False).values  # (n, 2) ascending
         return two[:, 0] - self.params.margin_weight * (two[:, 1] - two[:, 0])
@@ -122,18 +147,19 @@ class Detector:
         """The fallback threshold of a ``tokens``-token request (None: not calibrated, never falls back)."""
         return self.thresholds.get(bucket(self.lengths, tokens))
 
-    def foreign(self, ids: torch.Tensor, tokens: int | None = None) -> torch.Tensor:
+    def foreign(self, ids: torch.Tensor, tokens: int | None = None, pattern_scores: torch.Tensor | None = None,
+                features: int = 0) -> torch.Tensor:
         """(n,) bool: requests ``ids`` (n, T) whose novelty is beyond the threshold of their length bucket."""
         threshold = self.threshold(tokens or ids.shape[-1])
         if threshold is None:
             return torch.zeros(len(ids), dtype=torch.bool)
-        return self.score(ids) > threshold
+        return self.score(ids, pattern_scores, features) > threshold
 
     def add(self, ids: dict[str, torch.Tensor]) -> "Detector":
         """Add domains from their calibration ids ``{domain: (tokens,)}``; thresholds are kept (recalibrate).
 
-        A ``kn`` detector reads the store's token models: the store adds the domains there."""
-        if self.params.method == "kn":
+        A ``kn`` or ``joint`` detector reads the store's token models: the store adds the domains there."""
+        if self.params.method in ("kn", "joint"):
             return self
         clashes = sorted(set(ids) & set(self.bigrams))
         if clashes:
@@ -157,9 +183,10 @@ class Detector:
     def load(cls, manifest: dict, tensors: dict[str, torch.Tensor], lms: TokenLMs | None = None) -> "Detector":
         domains = manifest["domains"]
         params = NoveltyParams(**manifest["params"]).check()
-        if params.method == "kn":
+        if params.method in ("kn", "joint"):
             if lms is None:
-                raise InputError("the store's fallback score is 'kn' but it has no token models; rebuild the store")
+                raise InputError(f"the store's fallback score is {params.method!r} but it has no token models; "
+                                 "rebuild the store")
             return cls(params, int(manifest["vocab"]), tuple(int(t) for t in manifest["lengths"]), {}, {},
                        {int(t): float(v) for t, v in manifest["thresholds"].items()}, lms)
         missing = [d for d in domains if f"novelty/bigrams/{d}" not in tensors or f"novelty/unigrams/{d}" not in tensors]
@@ -181,13 +208,14 @@ def _tables(ids: torch.Tensor, vocab: int, domain: str) -> tuple[torch.Tensor, t
 def fit_detector(params: NoveltyParams, ids: dict[str, torch.Tensor], vocab: int,
                  lengths: tuple[int, ...], lms: TokenLMs | None = None) -> Detector:
     """Novelty tables of every domain from its calibration ids ``{domain: (tokens,)}`` (documents EOS-joined);
-    a ``kn`` detector scores with ``lms`` (the store's token models) instead."""
+    a ``kn`` or ``joint`` detector scores with ``lms`` (the store's token models) instead."""
     params.check()
     if params.method == "nearest":
-        raise InputError("fit_detector builds the 'ngram' or 'kn' fallback score, not 'nearest'")
-    if params.method == "kn":
+        raise InputError("fit_detector builds the 'ngram', 'kn' or 'joint' fallback score, not 'nearest'")
+    if params.method in ("kn", "joint"):
         if lms is None:
-            raise InputError("the 'kn' fallback score needs the store's token models (NgramParams(use=True))")
+            raise InputError(f"the {params.method!r} fallback score needs the store's token models "
+                             "(NgramParams(use=True))")
         if not lengths or any(t < 1 for t in lengths):
             raise InputError(f"request-length buckets must be positive, got {lengths}")
         return Detector(params, int(vocab), tuple(sorted(lengths)), {}, {}, lms=lms)
@@ -198,23 +226,34 @@ def fit_detector(params: NoveltyParams, ids: dict[str, torch.Tensor], vocab: int
     return Detector(params, int(vocab), tuple(sorted(lengths)), {}, {}).add(ids)
 
 
-def calibrate_detector(detector: Detector, held_out: dict[str, torch.Tensor], quantile: float) -> dict:
+def calibrate_detector(detector: Detector, held_out: dict[str, torch.Tensor], quantile: float,
+                       pattern_scores: dict[str, dict[int, torch.Tensor]] | None = None, features: int = 0) -> dict:
     """Set every length bucket's threshold from held-out in-domain windows ``{domain: (n, seq)}``; returns counts.
 
     A request of T tokens is a window's first T tokens (as in
     :func:`premoe.matchers.calibrate`); the threshold is the ``quantile`` of
     their scores, so about 1 − quantile of in-domain requests fall back.
+    A ``joint`` detector also needs ``pattern_scores``
+    ``{domain: {T: (n, domains)}}``, the matcher's scores of the same
+    windows' first T tokens (detector's domain order), and ``features``.
     """
     usable = {d: w for d, w in held_out.items() if d in detector.domains}
     if not usable:
         raise InputError(f"no held-out data names a stored domain ({', '.join(detector.domains)}); "
                          "name held-out data after the domains, e.g. --held-out python=val.jsonl")
+    if detector.reads_patterns:
+        short = [d for d, w in usable.items() if d not in (pattern_scores or {})
+                 or any(len(pattern_scores[d].get(t, w[:0])) != len(w) for t in detector.lengths if w.shape[1] >= t)]
+        if short:
+            raise InputError(f"the {detector.params.method!r} fallback score needs pattern scores of every held-out "
+                             f"window; domain {', '.join(short)} has none or a different count")
     seen = {}
     for length in detector.lengths:
-        rows = [w[:, :length] for w in usable.values() if w.shape[1] >= length]
-        if not rows:
+        names = [d for d, w in usable.items() if w.shape[1] >= length]
+        if not names:
             continue
-        scores = detector.score(torch.cat(rows))  # (n,)
+        patterns = torch.cat([pattern_scores[d][length] for d in names]) if detector.reads_patterns else None
+        scores = detector.score(torch.cat([usable[d][:, :length] for d in names]), patterns, features)  # (n,)
         detector.thresholds[length] = float(scores.quantile(quantile))
         seen[str(length)] = len(scores)
     return seen

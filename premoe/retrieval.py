@@ -6,7 +6,7 @@ and the store's matcher (:mod:`premoe.matchers`) scores it against every
 stored domain, its token ids add each domain's n-gram NLL
 (:mod:`premoe.ngram`, ``Store.classify``). The nearest domain serves it,
 unless the request's fallback score (:mod:`premoe.novelty`: its lowest
-n-gram NLL, its bigram novelty, or for a ``nearest`` store the matcher's
+n-gram NLL, alone or plus its pattern's, its bigram novelty, or for a ``nearest`` store the matcher's
 nearest score) is beyond the threshold of the request's length bucket: then
 the ``generalist`` does.
 
@@ -125,7 +125,7 @@ class Retriever:
         names = self.store.domains
         scores, pattern_scores = self.store.classify(pattern, tokens, ids)  # (D,), (D,)
         best = int(scores.argmin())
-        fallback_score = self.store.fallback_score(ids, float(pattern_scores.min()))
+        fallback_score = self.store.fallback_score(ids, pattern_scores, pattern.numel())
         threshold = self.store.fallback_threshold(tokens)
         fallback = threshold is not None and fallback_score > threshold
         return Retrieval(GENERALIST if fallback else names[best], names[best], round(float(scores[best]), 6),

@@ -14,9 +14,10 @@ matches* and *which experts are kept* can each be chosen on their own:
   and the matcher alone decides;
 * the **fallback score** with its own per-length thresholds
   (:mod:`premoe.novelty`): ``kn`` (the lowest per-token NLL under the token
-  models, the default), ``ngram`` (the share of the request's bigrams never
-  seen in any domain, stored as tables) or ``nearest`` (the matcher's
-  nearest-domain score, nothing stored);
+  models), ``joint`` (the same on the NLL plus the weighted pattern score),
+  ``ngram`` (the share of the request's bigrams never seen in any domain,
+  stored as tables) or ``nearest`` (the matcher's nearest-domain score,
+  nothing stored);
 * **ranking** sums of one profiled scorer (default ``peu``, the planner's
   default), so kept sets come from :func:`~premoe.plan.make_plan`: a
   retrieved domain gets exactly the experts its compiled specialist keeps.
@@ -150,13 +151,21 @@ class Store:
         hold per-length ``thresholds`` and answer ``threshold(tokens)``."""
         return self.matcher if self.detector is None else self.detector
 
-    def fallback_score(self, ids: torch.Tensor | None, nearest: float) -> float:
-        """The score a request's fallback is decided by: its novelty (ids (T,) needed), or ``nearest``."""
+    def fallback_score(self, ids: torch.Tensor | None, pattern_scores: torch.Tensor, features: int = 0) -> float:
+        """The score a request's fallback is decided by: its novelty (ids (T,) needed; ``joint`` also reads the
+        matcher's ``pattern_scores`` (domains,) of its pattern of ``features`` values), or (a ``nearest`` store)
+        the lowest of ``pattern_scores``."""
         if self.detector is None:
-            return float(nearest)
+            return float(pattern_scores.min())
         if ids is None:
             raise InputError("this store decides fallbacks by the request's tokens (novelty); pass its ids")
-        return float(self.detector.score(ids.reshape(1, -1))[0])
+        patterns = self.novelty_order(pattern_scores.reshape(1, -1)) if self.detector.reads_patterns else None
+        return float(self.detector.score(ids.reshape(1, -1), patterns, features)[0])
+
+    def novelty_order(self, pattern_scores: torch.Tensor) -> torch.Tensor:
+        """(n, domains) matcher scores (matcher's domain order) reordered to the novelty detector's domains."""
+        order = [self.matcher.domains.index(d) for d in self.detector.domains]
+        return pattern_scores[:, order]
 
     def fallback_threshold(self, tokens: int) -> float | None:
         """The fallback threshold of a ``tokens``-token request (None: never falls back)."""
@@ -308,9 +317,9 @@ def build_store(model, profile: Profile, data: Sequence[Source], held_out: Seque
 
     match, amounts = (match or MatchParams()).check(), amounts or PatternData()
     novelty, ngram = (novelty or NoveltyParams()).check(), (ngram or NgramParams()).check()
-    if novelty.method == "kn" and not ngram.use:
-        raise InputError("the 'kn' fallback score needs the token models; build with them (NgramParams(use=True)) "
-                         "or choose the 'ngram' or 'nearest' fallback score")
+    if novelty.method in ("kn", "joint") and not ngram.use:
+        raise InputError(f"the {novelty.method!r} fallback score needs the token models; build with them "
+                         "(NgramParams(use=True)) or choose the 'ngram' or 'nearest' fallback score")
     identity = model_identity(model)
     if identity["config_hash"] != profile.model["config_hash"]:
         raise InputError(f"the profile was made from {profile.model['name']}, not {identity['name']} "
@@ -343,10 +352,19 @@ def calibrate_store(store: Store, reader: PatternReader, tokenizer, held_out: Se
     patterns = read_patterns(reader, tokenizer, usable, store.matcher.params.lengths, amounts.held_out_tokens,
                              amounts.batch_size, prefixes=True)
     seen = calibrate(store.matcher, patterns)
-    if store.detector is not None:  # needs no model run: all held-out text up to max_tokens, not held_out_tokens
-        windows = {s.name: token_windows(s.texts, tokenizer, max(store.matcher.params.lengths),
+    if store.detector is not None:  # all held-out text up to max_tokens, not held_out_tokens: cheap (ids, layer 1)
+        lengths = store.matcher.params.lengths
+        windows = {s.name: token_windows(s.texts, tokenizer, max(lengths),
                                          store.detector.params.max_tokens) for s in usable}  # (n, seq) each
-        seen["novelty_requests_per_length"] = calibrate_detector(store.detector, windows, store.matcher.params.quantile)
+        scores, features = None, 0
+        if store.detector.reads_patterns:  # the same windows' prefix patterns, scored by the matcher
+            prefixes = read_patterns(reader, tokenizer, usable, lengths, store.detector.params.max_tokens,
+                                     amounts.batch_size, prefixes=True)  # {domain: {T: (n, F)}}
+            scores = {d: {t: store.novelty_order(store.matcher.scores(p, t)) for t, p in by_t.items()}
+                      for d, by_t in prefixes.items()}
+            features = next(p.shape[1] for by_t in prefixes.values() for p in by_t.values())
+        seen["novelty_requests_per_length"] = calibrate_detector(store.detector, windows, store.matcher.params.quantile,
+                                                                 scores, features)
     store.calibration = {**store.calibration, "held_out": {s.name: s.origin for s in usable}, **seen}
     return store
 

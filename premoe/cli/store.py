@@ -6,7 +6,7 @@ import click
 from premoe.cli.options import FRACTION, POSITIVE, json_option, model_input
 
 _METHODS = ("centroid", "knn", "diagonal", "lda", "logistic")  # premoe.matchers.METHODS (no torch import for --help)
-_FALLBACK = ("kn", "ngram", "nearest")  # premoe.novelty.METHODS
+_FALLBACK = ("kn", "joint", "ngram", "nearest")  # premoe.novelty.METHODS
 
 
 @click.group("store")
@@ -40,7 +40,8 @@ def command() -> None:
               help="MoE layers the feature is read from (1 or 2).")
 @click.option("--fallback-score", "fallback_score", type=click.Choice(_FALLBACK), default="kn", show_default=True,
               help="What decides a fallback to the generalist: kn = the request's lowest per-token NLL under the "
-                   "domains' Kneser-Ney bigram models; ngram = the share of its bigrams never seen in any domain's "
+                   "domains' Kneser-Ney bigram models; joint = kn on that NLL plus the weighted pattern NLL (the "
+                   "classifier's own score); ngram = the share of its bigrams never seen in any domain's "
                    "calibration text; nearest = the matcher's nearest-domain score.")
 @click.option("--token-models/--no-token-models", "token_models", default=True, show_default=True,
               help="Classify requests by their tokens' n-gram NLL under each domain as well as by their pattern; "
@@ -134,7 +135,7 @@ def query(store_path, text, model, tokens, mixed, json_out, force) -> None:
     emit_json(json_out, hit.as_dict(), kind="retrieval", force=force, inputs=[store_path, model_input(model)])
     if json_out == "-":
         return
-    what = {"kn": "n-gram NLL", "ngram": "novelty"}.get(store.fallback_method, f"nearest {hit.nearest} scores")
+    what = {"kn": "n-gram NLL", "joint": "joint NLL", "ngram": "novelty"}.get(store.fallback_method, f"nearest {hit.nearest} scores")
     if hit.mixed:
         verdict = "fallback to generalist (the halves of the request retrieve different domains)"
     elif hit.fallback:
