@@ -266,7 +266,7 @@ def _candidate(method: str, extra: dict, store, ids: dict, vocab: int, held: dic
     the per-domain candidates also read ``held``, the fitted domains' in-domain val requests at ``length``
     tokens ({domain: (ids (n, T), patterns (n, F))}), never the foreign ones."""
     from premoe.matchers import fit_matcher
-    from premoe.ngram import NgramParams, combine, fit_lms
+    from premoe.ngram import NgramParams, fit_lms
     from premoe.novelty import NoveltyParams, fit_detector
 
     domains = list(ids)
@@ -307,6 +307,8 @@ def _per_domain_candidate(method: str, extra: dict, lms, matcher, held: dict, le
     ``kn_domain_threshold``: kn (margin 0.5) less the 0.96 quantile of kn over the val requests the classifier
     sends to the same domain (one threshold per predicted domain); ``kn+pattern_z``: kn plus ``weight`` times the
     nearest LDA score, each z-scored over all in-domain val requests."""
+    from premoe.ngram import combine
+
     margin = lambda s, w: s.min(1).values - w * (s.topk(2, dim=1, largest=False).values.diff(dim=1)[:, 0])  # noqa: E731
     nll = {d: lms.nll(w) for d, (w, p) in held.items()}  # {d: (n, D)}
     near = {d: matcher.scores(p, length) for d, (w, p) in held.items()}  # {d: (n, D)}
