@@ -58,21 +58,25 @@ METHODS = ("nearest", "ngram", "kn", "joint")  # nearest: the matcher's nearest-
 # unseen bigram share (this module's tables); kn: the lowest per-token NLL under the domains' Kneser-Ney bigrams
 # (premoe.ngram); joint: kn's rule on that NLL plus the weighted pattern NLL (the classifier's own score)
 PATTERN_METHODS = ("joint",)  # scores that read the matcher's per-domain pattern scores beside the token ids
+MARGIN_WEIGHTS = {"kn": 0.5, "joint": 0.0}  # each method's margin weight chosen on val (docs/results/fallback.txt, 3a)
 
 
 @dataclass
 class NoveltyParams:
     """What decides a fallback. Defaults chosen on the testbed's val split (docs/results/retrieval.md)."""
 
-    method: str = "kn"  # one of METHODS; "nearest" stores no detector and thresholds the matcher's score
+    method: str = "joint"  # one of METHODS; "nearest" stores no detector and thresholds the matcher's score
     unigram_weight: float = 0.0  # ngram: weight of never-seen tokens beside never-seen bigrams (val: 0, .5, 1 within 0.01)
-    margin_weight: float = 0.5  # kn, joint: weight of the margin between the two lowest scores (val grid 0, .5, 1)
+    margin_weight: float | None = None  # kn, joint: weight of the margin between the two lowest scores; None: the
+    # method's val choice, MARGIN_WEIGHTS (kn: .5 of 0, .5, 1; joint: 0 of 0, .5)
     pattern_weight: float = 0.5  # joint: beta of premoe.ngram.combine for the pattern's NLL (val grid .5, 1, 2)
     max_tokens: int = 1 << 18  # ngram: calibration (and held-out) tokens per domain read (tokenised only)
 
     def check(self) -> "NoveltyParams":
         if self.method not in METHODS:
             raise InputError(f"fallback score must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.margin_weight is None:
+            self.margin_weight = MARGIN_WEIGHTS.get(self.method, 0.0)
         if not self.unigram_weight >= 0:
             raise InputError(f"novelty unigram weight must be >= 0, got {self.unigram_weight}")
         if not self.margin_weight >= 0:

@@ -94,9 +94,12 @@ def test_thresholds_are_the_held_out_quantile(built, tiny_qwen3):
     from premoe.data import token_windows
 
     windows = [token_windows(src.texts, loaded[1], 32, 1 << 18) for src in domains.sources(1000, 4)]  # all held-out text
-    assert sorted(store.detector.thresholds) == [8, 16, 32] and store.fallback_method == "kn"
+    assert sorted(store.detector.thresholds) == [8, 16, 32] and store.fallback_method == "joint"
+    prefixes = read_patterns(reader, loaded[1], domains.sources(1000, 4), (8, 16, 32), 1 << 18, prefixes=True)
     for length, threshold in store.detector.thresholds.items():
-        novelty = store.detector.score(torch.cat([w[:, :length] for w in windows]))
+        patterns = torch.cat([p[length] for p in prefixes.values()])  # (n, F): the same windows' prefixes
+        novelty = store.detector.score(torch.cat([w[:, :length] for w in windows]),
+                                       store.novelty_order(store.matcher.scores(patterns, length)), patterns.shape[1])
         assert threshold == pytest.approx(float(novelty.quantile(0.96)), rel=1e-12)
         assert store.fallback_threshold(length) == threshold
 
@@ -177,7 +180,7 @@ def test_bad_inputs(built, tiny_qwen3, tmp_path):
         Store.load(tmp_path / "bad")
     from premoe.ngram import NgramParams
 
-    with pytest.raises(InputError, match="'kn' fallback score needs the token models"):
+    with pytest.raises(InputError, match="'joint' fallback score needs the token models"):
         build_store(tiny_qwen3, profile, domains.sources(0), ngram=NgramParams(use=False), loaded=loaded)
 
 
@@ -208,7 +211,7 @@ def test_cli_build_add_query(built, tiny_qwen3, tmp_path):
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "domains code, bible" in result.output and "matcher knn on router_input" in result.output
-    assert "fallback score kn, thresholds by request tokens: 16:" in result.output
+    assert "fallback score joint, thresholds by request tokens: 16:" in result.output
     result = runner.invoke(cli, ["store", "add", str(out), "--profile", str(tmp_path / "prof-de"),
                                  "--data", f"de={tmp_path / 'de.txt'}"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -224,9 +227,9 @@ def test_cli_build_add_query(built, tiny_qwen3, tmp_path):
     assert hit["fallback_score"] <= hit["threshold"] and not hit["fallback"]  # code text of the code domain
     result = runner.invoke(cli, ["store", "query", str(out), text], catch_exceptions=False)
     assert result.exit_code == 0 and "knn+kn over" in result.output and "bible" in result.output
-    assert "(n-gram NLL " in result.output and "ms]" in result.output
+    assert "(joint NLL " in result.output and "ms]" in result.output
     result = runner.invoke(cli, ["store", "query", str(out), "日本語のテキストです。" * 8, "--tokens", "16"], catch_exceptions=False)
-    assert "fallback to generalist (n-gram NLL " in result.output  # every bigram and token new
+    assert "fallback to generalist (joint NLL " in result.output  # every bigram and token new
     nearest = tmp_path / "nearest"
     result = runner.invoke(cli, ["store", "build", str(tiny_qwen3), "--profile", str(tmp_path / "prof2"), *data,
                                  "--out", str(nearest), "--fallback-score", "nearest", "--no-token-models",
@@ -254,4 +257,4 @@ def test_a_nearest_store_thresholds_the_matchers_score(tmp_path):
     assert json.loads((tmp_path / "s" / "store.json").read_text())["novelty"] == {"params": {"method": "nearest"}}
     again = Store.load(tmp_path / "s")
     assert again.detector is None and again.fallback_method == "nearest" and again.fallback_threshold(8) == 1.5
-    assert again.fallback_score(None, 2.0) == 2.0 and again.fallback_threshold(100) == 1.5
+    assert again.fallback_score(None, torch.tensor([3.0, 2.0])) == 2.0 and again.fallback_threshold(100) == 1.5

@@ -38,7 +38,7 @@ def command() -> None:
               help="Token feature at the first router: router_input, router_logits, router_mass or a scorer preset.")
 @click.option("--pattern-layers", default=1, show_default=True, type=click.IntRange(1, 2),
               help="MoE layers the feature is read from (1 or 2).")
-@click.option("--fallback-score", "fallback_score", type=click.Choice(_FALLBACK), default="kn", show_default=True,
+@click.option("--fallback-score", "fallback_score", type=click.Choice(_FALLBACK), default="joint", show_default=True,
               help="What decides a fallback to the generalist: kn = the request's lowest per-token NLL under the "
                    "domains' Kneser-Ney bigram models; joint = kn on that NLL plus the weighted pattern NLL (the "
                    "classifier's own score); ngram = the share of its bigrams never seen in any domain's "
