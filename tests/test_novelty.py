@@ -153,3 +153,98 @@ def test_kn_score_is_the_lowest_nll_less_the_weighted_margin():
         fit_detector(NoveltyParams(method="kn"), {}, 4, (2,))
     with pytest.raises(InputError, match="margin weight"):
         NoveltyParams(margin_weight=-1).check()
+
+
+def _three_lms():
+    from premoe.ngram import NgramParams, fit_lms
+
+    return fit_lms(NgramParams(), {"a": torch.tensor([0, 1] * 20), "b": torch.tensor([2, 3] * 20),
+                                   "c": torch.tensor([1, 2] * 20)}, vocab=4)
+
+
+def test_joint_score_is_kns_rule_on_the_classifiers_joint_nll():
+    from premoe.ngram import combine
+
+    lms = _three_lms()
+    requests = torch.tensor([[0, 1, 0, 1], [3, 3, 3, 3], [1, 2, 1, 2]])
+    patterns = torch.tensor([[0.5, 2.0, 1.0], [0.0, 3.0, 0.25], [4.0, 1.0, 0.0]], dtype=torch.float64)  # (n, D)
+    for beta, weight in ((0.5, 0.0), (1.0, 0.5), (2.0, 1.0)):
+        detector = fit_detector(NoveltyParams(method="joint", pattern_weight=beta, margin_weight=weight), {}, 4,
+                                (2, 4), lms)
+        joint = lms.nll(requests) + beta * 8 / (2 * 4) * patterns  # features 8, tokens 4: combine's scaling
+        assert torch.allclose(joint, combine(lms.nll(requests), patterns, 4, 8, beta), rtol=0, atol=1e-12)
+        two = joint.sort(1).values  # (n, D) ascending
+        assert torch.allclose(detector.score(requests, patterns, 8), two[:, 0] - weight * (two[:, 1] - two[:, 0]),
+                              rtol=0, atol=1e-12)
+        assert detector.reads_patterns and detector.domains == ["a", "b", "c"] and detector.tensors() == {}
+    zero = fit_detector(NoveltyParams(method="joint", pattern_weight=0.0, margin_weight=0.5), {}, 4, (2, 4), lms)
+    kn = fit_detector(NoveltyParams(method="kn", margin_weight=0.5), {}, 4, (2, 4), lms)
+    assert torch.equal(zero.score(requests, patterns, 8), kn.score(requests))  # no pattern weight: kn itself
+    with pytest.raises(InputError, match="needs the request's pattern scores"):
+        zero.score(requests)
+    with pytest.raises(InputError, match="'joint' fallback score needs the store's token models"):
+        fit_detector(NoveltyParams(method="joint"), {}, 4, (2,))
+
+
+def test_joint_thresholds_read_the_held_out_windows_pattern_scores():
+    lms = _three_lms()
+    detector = fit_detector(NoveltyParams(method="joint"), {}, 4, (2, 4), lms)
+    held = {"a": torch.tensor([[0, 1, 0, 1], [1, 0, 1, 0]]), "b": torch.tensor([[2, 3, 2, 3]])}
+    scores = {"a": {2: torch.tensor([[0.0, 1, 1], [1, 1, 1]]), 4: torch.tensor([[0.0, 2, 2], [3, 1, 1]])},
+              "b": {2: torch.tensor([[1.0, 0, 1]]), 4: torch.tensor([[9.0, 9, 9]])}}
+    assert calibrate_detector(detector, held, 1.0, scores, 6) == {"2": 3, "4": 3}
+    for length in (2, 4):
+        ids = torch.cat([held["a"][:, :length], held["b"][:, :length]])
+        patterns = torch.cat([scores["a"][length], scores["b"][length]]).double()
+        assert detector.thresholds[length] == float(detector.score(ids, patterns, 6).max())
+    assert detector.foreign(torch.tensor([[3, 3, 3, 3]]), None, torch.tensor([[9.0, 9, 9]]), 6).tolist() == [True]
+    with pytest.raises(InputError, match="domain b has none or a different count"):
+        calibrate_detector(detector, held, 1.0, {"a": scores["a"], "b": {2: scores["b"][2], 4: torch.zeros(2, 3)}}, 6)
+    with pytest.raises(InputError, match="domain a, b has none"):
+        calibrate_detector(detector, held, 1.0)
+
+
+def test_margin_weight_defaults_to_each_methods_val_choice():
+    assert NoveltyParams().check().method == "joint" and NoveltyParams().check().margin_weight == 0.0
+    assert NoveltyParams(method="kn").check().margin_weight == 0.5
+    assert NoveltyParams(method="ngram").check().margin_weight == 0.0
+    assert NoveltyParams(method="joint", margin_weight=1.0).check().margin_weight == 1.0  # given: kept
+    with pytest.raises(InputError, match="pattern weight"):
+        NoveltyParams(pattern_weight=-0.5).check()
+    # a store saved before 'joint' (format 4, no pattern_weight) loads as it was built
+    old = {"params": {"method": "kn", "unigram_weight": 0.0, "margin_weight": 0.5, "max_tokens": 262144},
+           "vocab": 4, "lengths": [2, 4], "domains": ["a", "b", "c"], "thresholds": {"4": 1.25}}
+    loaded = Detector.load(old, {}, _three_lms())
+    assert loaded.params.margin_weight == 0.5 and loaded.thresholds == {4: 1.25} and not loaded.reads_patterns
+
+
+@settings(max_examples=25, deadline=None)
+@given(beta=st.floats(0, 4, allow_nan=False), weight=st.floats(0, 2, allow_nan=False),
+       thresholds=st.lists(st.floats(-5, 5, allow_nan=False), min_size=2, max_size=2),
+       request=st.lists(st.integers(0, 3), min_size=1, max_size=12),
+       patterns=st.lists(st.floats(0, 10, allow_nan=False), min_size=3, max_size=3))
+def test_joint_detector_round_trips_through_json(beta, weight, thresholds, request, patterns):
+    detector = fit_detector(NoveltyParams(method="joint", pattern_weight=beta, margin_weight=weight), {}, 4, (2, 4),
+                            _three_lms())
+    detector.thresholds = dict(zip((2, 4), thresholds))
+    again = Detector.load(json.loads(json.dumps(detector.manifest())), {}, _three_lms())
+    assert again.manifest() == detector.manifest() and again.params == detector.params
+    ids, scores = torch.tensor([request]), torch.tensor([patterns], dtype=torch.float64)
+    assert torch.equal(again.score(ids, scores, 5), detector.score(ids, scores, 5))
+    assert again.foreign(ids, None, scores, 5).tolist() == detector.foreign(ids, None, scores, 5).tolist()
+    with pytest.raises(InputError, match="'joint' but it has no token models"):
+        Detector.load(detector.manifest(), {})
+
+
+def test_a_store_hands_the_joint_score_its_pattern_scores_in_the_detectors_domain_order():
+    from premoe.matchers import Matcher, MatchParams
+    from premoe.store import Store
+
+    detector = fit_detector(NoveltyParams(method="joint", pattern_weight=1.0), {}, 4, (2, 4), _three_lms())
+    matcher = Matcher(MatchParams(), ["c", "a", "b"], {})  # another order than the token models' a, b, c
+    store = Store(None, "peu", matcher, detector=detector, lms=detector.lms)
+    ids, by_matcher = torch.tensor([0, 1, 0, 1]), torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64)  # c, a, b
+    expected = detector.score(ids.reshape(1, -1), torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64), 7)
+    assert store.fallback_score(ids, by_matcher, 7) == float(expected[0])
+    with pytest.raises(InputError, match="pass its ids"):
+        store.fallback_score(None, by_matcher, 7)
