@@ -11,8 +11,9 @@ d's bigram model (language identification, naive-Bayes style). Two users:
   of the request's mean pattern (an LDA score is Mahalanobis / F, a
   T-token mean pattern's log-likelihood is −Mahalanobis / 2), the pattern's
   evidence weighted by ``pattern_weight`` because both read the same tokens;
-* the fallback score ``kn`` (:mod:`premoe.novelty`): the lowest
-  ``nll_d`` over domains (a request unlikely under every domain is foreign).
+* the fallback scores ``kn`` and ``joint`` (:mod:`premoe.novelty`): the
+  lowest ``nll_d`` (``joint``: of :func:`combine`) over domains (a request
+  unlikely under every domain is foreign).
 
 The model (Chen & Goodman 1998, interpolated Kneser-Ney, one discount D)::
 

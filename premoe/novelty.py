@@ -1,11 +1,12 @@
-"""Whether a request belongs to *any* stored domain: a score of its token ids (the fallback score).
+"""Whether a request belongs to *any* stored domain: a score of its token ids and pattern (the fallback score).
 
 The classifier (:mod:`premoe.matchers`, :mod:`premoe.ngram`) answers *which*
 stored domain is nearest; this module answers whether the nearest is near
 enough, so that a request from a domain the store has never seen falls back
-to the generalist. Both scores need only token ids, no model run:
+to the generalist. The scores need only token ids and (``joint``) the
+matcher's scores of the pattern retrieval has already read, no further model run:
 
-* ``kn`` (default): under each domain's Kneser-Ney bigram model
+* ``kn``: under each domain's Kneser-Ney bigram model
   (:mod:`premoe.ngram`, the store's token models), the lowest mean NLL per
   token, less ``margin_weight`` times its margin to the second lowest
   (text that one domain explains much better than the others is familiar
@@ -18,24 +19,31 @@ to the generalist. Both scores need only token ids, no model run:
   and the request's score is the minimum over domains; the per-domain
   tables are the sorted distinct bigram codes (``prev * vocab + next``) and
   token ids of the calibration text;
-* ``joint``: the ``kn`` rule applied to the classifier's per-domain score,
+* ``joint`` (default): the ``kn`` rule applied to the classifier's per-domain score,
   the n-gram NLL plus ``pattern_weight`` times the layer-1 pattern's
   per-token Gaussian NLL (:func:`premoe.ngram.combine` of the matcher's
   scores): a request is familiar when one domain explains both its tokens
   and its routing pattern. The pattern costs nothing more: retrieval has
   already read it.
 
-Chosen on the testbed's val split (bench/eval_retrieval.py, section 3a) over
-the matcher's nearest-domain score, k-NN distance to calibration patterns,
-per-domain unigram log-likelihood and each other: Spanish man pages share
-the layer-1 routing of French ones, but not their bigrams.
+``joint`` (pattern weight 0.5, margin weight 0) is the default: chosen on
+the testbed's val split (bench/eval_retrieval.py, section 3a; foreign =
+each stored domain left out in turn + the unseen domains' val splits) over
+``kn``, ``ngram``, the matcher's nearest-domain score, k-NN distance to
+calibration patterns, per-domain unigram log-likelihood, per-domain
+z-scored NLL, one threshold per predicted domain and z-score sums of the
+NLL and the LDA score. Its gain on val is on left-out *trained* domains
+(python against en_docs); on test, text of domains the model never saw
+(C headers, Spanish) falls back less often than with ``kn``:
+docs/results/retrieval.md says by how much.
 
 As with the matcher, each request-length bucket has its own threshold: the
 ``quantile`` of held-out in-domain requests' scores. Held-out text costs
-only tokenising here, so the store calibrates on all of it (up to
-``max_tokens``), not only the windows the matcher reads: on the testbed the
-first 64 val windows per domain put the 64-token threshold where 14–18% of
-the rest of the val split of python, en_docs, de and fr fell back.
+only tokenising (``joint``: and a read of the first MoE layer) here, so the
+store calibrates on all of it (up to ``max_tokens``), not only the windows
+the matcher reads: on the testbed the first 64 val windows per domain put
+the 64-token threshold where 14–18% of the rest of the val split of python,
+en_docs, de and fr fell back.
 
 Example::
 

@@ -14,7 +14,7 @@ matches* and *which experts are kept* can each be chosen on their own:
   and the matcher alone decides;
 * the **fallback score** with its own per-length thresholds
   (:mod:`premoe.novelty`): ``kn`` (the lowest per-token NLL under the token
-  models), ``joint`` (the same on the NLL plus the weighted pattern score),
+  models), ``joint`` (the same on the NLL plus the weighted pattern score, the default),
   ``ngram`` (the share of the request's bigrams never seen in any domain,
   stored as tables) or ``nearest`` (the matcher's nearest-domain score,
   nothing stored);
@@ -303,7 +303,7 @@ def build_store(model, profile: Profile, data: Sequence[Source], held_out: Seque
     profile used), ``held_out`` other text of the same domains (the val
     split): without it retrieval never falls back. ``scorer`` ranks the
     experts a retrieved domain keeps; ``novelty`` says what decides a
-    fallback (default: ``kn``, :mod:`premoe.novelty`); ``ngram`` the token
+    fallback (default: ``joint``, :mod:`premoe.novelty`); ``ngram`` the token
     models the classifier adds to the matcher (:mod:`premoe.ngram`). ``loaded`` is
     an optional ``(model, tokenizer)`` already in memory.
 
