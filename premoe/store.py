@@ -310,7 +310,7 @@ def build_store(model, profile: Profile, data: Sequence[Source], held_out: Seque
     >>> store = build_store("testbed", Profile.load("prof"), parse_sources(["testbed"]),
     ...                     parse_sources(["testbed"], split="val"))
     >>> store.matcher.params.method, store.fallback_method, store.fallback_threshold(64)
-    ('lda', 'kn', 5.9)
+    ('lda', 'joint', 7.75)
     """
     from premoe.adapters import get_adapter
     from premoe.modeling import load_model, load_tokenizer, model_identity
