@@ -234,8 +234,8 @@ def fallback_selection(retriever, s, tokenizer, windows: dict, args) -> dict:
             cell = {}
             for left_out in [None, *store.domains]:
                 fitted = [d for d in store.domains if d != left_out]
-                score = _candidate(method, extra, store, {d: ids[d] for d in fitted}, vocab, {d: req[d] for d in fitted},
-                                   length)
+                score = _candidate(method, extra, store, {d: ids[d] for d in fitted}, vocab,
+                                   {d: req[d] for d in fitted}, length)
                 threshold = torch.cat([score(*req[d], length) for d in fitted]).quantile(q)
                 targets = [left_out] if left_out else [d for d in req if d not in store.domains]
                 for d in targets:
@@ -275,7 +275,8 @@ def _candidate(method: str, extra: dict, store, ids: dict, vocab: int, held: dic
         detector = fit_detector(NoveltyParams(method="ngram", **extra), ids, vocab, lengths)
         return lambda w, p, t: detector.score(w)
     if method == "kn":  # lowest per-token NLL under the domains' Kneser-Ney bigrams, less a weighted margin
-        detector = fit_detector(NoveltyParams(method="kn", **extra), {}, vocab, lengths, fit_lms(NgramParams(), ids, vocab))
+        detector = fit_detector(NoveltyParams(method="kn", **extra), {}, vocab, lengths,
+                                fit_lms(NgramParams(), ids, vocab))
         return lambda w, p, t: detector.score(w)
     if method in ("joint", "kn_domain_z", "kn_domain_threshold", "kn+pattern_z"):
         lms = fit_lms(NgramParams(), ids, vocab)
@@ -464,7 +465,8 @@ def roc(retriever, tokens: dict, windows: dict, s, args, unseen_rows: dict, own:
         score = (f"nearest-domain {s.store.matcher.params.method} score on {s.store.matcher.params.feature}"
                  if s.store.fallback_method == "nearest" else "lowest per-token Kneser-Ney NLL - w x margin"
                  if s.store.fallback_method == "kn" else "lowest joint (Kneser-Ney + pattern) NLL - w x margin"
-                 if s.store.fallback_method == "joint" else f"{s.store.fallback_method} novelty of the request's tokens")
+                 if s.store.fallback_method == "joint"
+                 else f"{s.store.fallback_method} novelty of the request's tokens")
         ax.set_title(f"fallback score ROC: {score}\n"
                      "dots: thresholds calibrated on val; goal region top-left of the grey lines", fontsize=8)
         ax.legend(fontsize=8, loc="lower right")

@@ -4,7 +4,8 @@ The classifier (:mod:`premoe.matchers`, :mod:`premoe.ngram`) answers *which*
 stored domain is nearest; this module answers whether the nearest is near
 enough, so that a request from a domain the store has never seen falls back
 to the generalist. The scores need only token ids and (``joint``) the
-matcher's scores of the pattern retrieval has already read, no further model run:
+matcher's scores of the pattern retrieval has already read, no further
+model run:
 
 * ``kn``: under each domain's Kneser-Ney bigram model
   (:mod:`premoe.ngram`, the store's token models), the lowest mean NLL per
@@ -19,9 +20,9 @@ matcher's scores of the pattern retrieval has already read, no further model run
   and the request's score is the minimum over domains; the per-domain
   tables are the sorted distinct bigram codes (``prev * vocab + next``) and
   token ids of the calibration text;
-* ``joint`` (default): the ``kn`` rule applied to the classifier's per-domain score,
-  the n-gram NLL plus ``pattern_weight`` times the layer-1 pattern's
-  per-token Gaussian NLL (:func:`premoe.ngram.combine` of the matcher's
+* ``joint`` (default): the ``kn`` rule applied to the classifier's
+  per-domain score, the n-gram NLL plus ``pattern_weight`` times the layer-1
+  pattern's per-token Gaussian NLL (:func:`premoe.ngram.combine` of the matcher's
   scores): a request is familiar when one domain explains both its tokens
   and its routing pattern. The pattern costs nothing more: retrieval has
   already read it.
@@ -65,6 +66,7 @@ from premoe.ngram import TokenLMs, bigram_codes, calibration_ids, combine
 METHODS = ("nearest", "ngram", "kn", "joint")  # nearest: the matcher's nearest-domain score (the old rule); ngram:
 # unseen bigram share (this module's tables); kn: the lowest per-token NLL under the domains' Kneser-Ney bigrams
 # (premoe.ngram); joint: kn's rule on that NLL plus the weighted pattern NLL (the classifier's own score)
+TOKEN_MODEL_METHODS = ("kn", "joint")  # scores read from the store's token models (no tables of their own)
 PATTERN_METHODS = ("joint",)  # scores that read the matcher's per-domain pattern scores beside the token ids
 MARGIN_WEIGHTS = {"kn": 0.5, "joint": 0.0}  # each method's margin weight chosen on val (docs/results/fallback.txt, 3a)
 
@@ -116,7 +118,7 @@ class Detector:
 
     @property
     def domains(self) -> list[str]:
-        return self.lms.domains if self.params.method in ("kn", "joint") else list(self.bigrams)
+        return self.lms.domains if self.params.method in TOKEN_MODEL_METHODS else list(self.bigrams)
 
     @property
     def reads_patterns(self) -> bool:
@@ -150,7 +152,7 @@ class Detector:
         score less ``margin_weight`` times its margin to the second lowest (text one domain explains much better
         than the rest is familiar even when hard). ``pattern_scores``, ``features``: as :meth:`scores`."""
         scores = self.scores(ids, pattern_scores, features)  # (n, D)
-        if self.params.method not in ("kn", "joint") or scores.shape[1] < 2:
+        if self.params.method not in TOKEN_MODEL_METHODS or scores.shape[1] < 2:
             return scores.min(1).values
         two = scores.topk(2, dim=1, largest=False).values  # (n, 2) ascending
         return two[:, 0] - self.params.margin_weight * (two[:, 1] - two[:, 0])
@@ -171,7 +173,7 @@ class Detector:
         """Add domains from their calibration ids ``{domain: (tokens,)}``; thresholds are kept (recalibrate).
 
         A ``kn`` or ``joint`` detector reads the store's token models: the store adds the domains there."""
-        if self.params.method in ("kn", "joint"):
+        if self.params.method in TOKEN_MODEL_METHODS:
             return self
         clashes = sorted(set(ids) & set(self.bigrams))
         if clashes:
@@ -195,7 +197,7 @@ class Detector:
     def load(cls, manifest: dict, tensors: dict[str, torch.Tensor], lms: TokenLMs | None = None) -> "Detector":
         domains = manifest["domains"]
         params = NoveltyParams(**manifest["params"]).check()
-        if params.method in ("kn", "joint"):
+        if params.method in TOKEN_MODEL_METHODS:
             if lms is None:
                 raise InputError(f"the store's fallback score is {params.method!r} but it has no token models; "
                                  "rebuild the store")
@@ -224,7 +226,7 @@ def fit_detector(params: NoveltyParams, ids: dict[str, torch.Tensor], vocab: int
     params.check()
     if params.method == "nearest":
         raise InputError("fit_detector builds the 'ngram', 'kn' or 'joint' fallback score, not 'nearest'")
-    if params.method in ("kn", "joint"):
+    if params.method in TOKEN_MODEL_METHODS:
         if lms is None:
             raise InputError(f"the {params.method!r} fallback score needs the store's token models "
                              "(NgramParams(use=True))")

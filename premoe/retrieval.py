@@ -6,9 +6,9 @@ and the store's matcher (:mod:`premoe.matchers`) scores it against every
 stored domain, its token ids add each domain's n-gram NLL
 (:mod:`premoe.ngram`, ``Store.classify``). The nearest domain serves it,
 unless the request's fallback score (:mod:`premoe.novelty`: its lowest
-n-gram NLL, alone or plus its pattern's, its bigram novelty, or for a ``nearest`` store the matcher's
-nearest score) is beyond the threshold of the request's length bucket: then
-the ``generalist`` does.
+n-gram NLL, alone or plus its pattern's NLL, its bigram novelty, or for a
+``nearest`` store the matcher's nearest score) is beyond the threshold of
+the request's length bucket: then the ``generalist`` does.
 
 Mixed requests: ``mixed="whole"`` (default) matches the whole request;
 ``"halves"`` also matches its two halves and serves the generalist when they

@@ -14,8 +14,8 @@ matches* and *which experts are kept* can each be chosen on their own:
   and the matcher alone decides;
 * the **fallback score** with its own per-length thresholds
   (:mod:`premoe.novelty`): ``kn`` (the lowest per-token NLL under the token
-  models), ``joint`` (the same on the NLL plus the weighted pattern score, the default),
-  ``ngram`` (the share of the request's bigrams never seen in any domain,
+  models), ``joint`` (the same on the NLL plus the weighted pattern score;
+  the default), ``ngram`` (the share of the request's bigrams never seen in any domain,
   stored as tables) or ``nearest`` (the matcher's nearest-domain score,
   nothing stored);
 * **ranking** sums of one profiled scorer (default ``peu``, the planner's
@@ -57,7 +57,7 @@ from premoe.errors import InputError
 from premoe.fileio import load_artefact, save_artefact
 from premoe.matchers import Matcher, MatchParams, calibrate, fit_matcher
 from premoe.ngram import NgramParams, TokenLMs, combine, fit_lms
-from premoe.novelty import Detector, NoveltyParams, calibrate_detector, fit_detector
+from premoe.novelty import TOKEN_MODEL_METHODS, Detector, NoveltyParams, calibrate_detector, fit_detector
 from premoe.patterns import PatternReader, chunk_means, prefix_means
 from premoe.profile import Profile
 from premoe.scores import DEFAULT_SCORER
@@ -317,7 +317,7 @@ def build_store(model, profile: Profile, data: Sequence[Source], held_out: Seque
 
     match, amounts = (match or MatchParams()).check(), amounts or PatternData()
     novelty, ngram = (novelty or NoveltyParams()).check(), (ngram or NgramParams()).check()
-    if novelty.method in ("kn", "joint") and not ngram.use:
+    if novelty.method in TOKEN_MODEL_METHODS and not ngram.use:
         raise InputError(f"the {novelty.method!r} fallback score needs the token models; build with them "
                          "(NgramParams(use=True)) or choose the 'ngram' or 'nearest' fallback score")
     identity = model_identity(model)

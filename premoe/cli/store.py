@@ -135,7 +135,8 @@ def query(store_path, text, model, tokens, mixed, json_out, force) -> None:
     emit_json(json_out, hit.as_dict(), kind="retrieval", force=force, inputs=[store_path, model_input(model)])
     if json_out == "-":
         return
-    what = {"kn": "n-gram NLL", "joint": "joint NLL", "ngram": "novelty"}.get(store.fallback_method, f"nearest {hit.nearest} scores")
+    what = {"kn": "n-gram NLL", "joint": "joint NLL", "ngram": "novelty"}.get(store.fallback_method,
+                                                                              f"nearest {hit.nearest} scores")
     if hit.mixed:
         verdict = "fallback to generalist (the halves of the request retrieve different domains)"
     elif hit.fallback:
