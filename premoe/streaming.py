@@ -34,7 +34,6 @@ The result equals :func:`premoe.profile.profile_model` on the same tokens
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import re
 import struct
@@ -47,7 +46,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from premoe import checkpoint
+from premoe import checkpoint, malloc
 from premoe.capture import DomainStats, RouterCapture
 from premoe.data import Source, token_windows
 from premoe.errors import CheckpointError, InputError, UnsupportedModelError
@@ -56,8 +55,6 @@ from premoe.profile import Profile, ProfileParams, assemble_profile, check_sourc
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # decoder layer index in a tensor name
 _CHUNK = 1 << 30  # bytes per pwrite call (Linux moves at most ~2 GiB per call)
 _SYNC_LOAD = "HF_DEACTIVATE_ASYNC_LOAD"  # read by transformers' convert_and_load_state_dict_in_model
-_MMAP_THRESHOLD = 1 << 20  # bytes: larger allocations get their own mapping, returned to the OS when freed
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 _SCALE_SUFFIX = "_scale_inv"  # FP8 checkpoints (DeepSeek-V3/R1, Kimi-K2, GLM-4.5-FP8): "<name>.weight_scale_inv"
 
 
@@ -239,7 +236,7 @@ def load_pruned(model: str | Path, kept: dict[int, Sequence[int]], on_layer=None
             if on_layer is not None:
                 on_layer(moe[index])
             prune_in_memory(net, adapter, {index: kept[index]})  # this layer only: the others are not loaded yet
-            _trim_heap()
+            malloc.trim_heap()
     if getattr(config, "tie_word_embeddings", False):
         net.tie_weights()
     prune_in_memory(net, adapter, {})  # no slicing left: sets the config's expert count, now one for every layer
@@ -268,7 +265,7 @@ def _open(model: str | Path, device: str) -> tuple:
         raise UnsupportedModelError(f"{path} has no MoE layers premoe can find; is it a Mixture-of-Experts model?")
     layers = _decoder_layers(net, next(iter(moe.values())))
     loader = _Loader(net, path, checkpoint.tensors(path), len(layers), device, _weight_block(config), adapter, moe)
-    _return_freed_memory()
+    malloc.return_freed_memory()
     return path, config, net, adapter, moe, layers, loader
 
 
@@ -280,48 +277,6 @@ def _skeleton(config) -> nn.Module:
     with init_empty_weights(include_buffers=False):
         net = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return net.eval()
-
-
-def _return_freed_memory() -> None:
-    """On glibc, give every allocation of 1 MiB or more its own mapping, so freed weights leave the process at once.
-
-    By default glibc raises this threshold up to 32 MiB as large blocks are
-    freed; per-expert tensors then land in malloc's heap, and one layer's
-    freed tensors sit as holes beside the next layer's (measured: peak
-    +0.4x a layer). This is process-wide and stays set; elsewhere a no-op.
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
-    except (OSError, AttributeError):
-        pass
-
-
-@functools.cache
-def _libc():
-    """glibc's malloc controls, or None where there is no glibc."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None)
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def _trim_heap() -> None:
-    """Return the heap's free pages to the OS after a layer goes back to ``meta``.
-
-    Per-expert tensors (tens of KB each, below the mmap threshold) are read
-    and converted on malloc's heap; freed, they stay in the process, and
-    over 58 MoE layers of 256 experts the heap grew ~4.5 MB a layer (RSS
-    410 -> 665 MB on the rehearsal checkpoint) while live memory stayed flat.
-    """
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 def _decoder_layers(net: nn.Module, moe_layer) -> nn.ModuleList:
@@ -389,7 +344,7 @@ class _Loader:
                 if name in before and not p.is_meta:  # back to meta: frees the weights
                     owner, _, attr = name.rpartition(".")
                     setattr(self.net.get_submodule(owner), attr, nn.Parameter(p.to("meta"), requires_grad=False))
-            _trim_heap()
+            malloc.trim_heap()
 
     def load(self, keys: list[str]) -> None:
         """Materialise tensors ``keys`` in fp32 for good (:meth:`loaded` sends them back to ``meta`` after)."""

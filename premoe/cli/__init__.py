@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from premoe import threads
+from premoe import malloc, threads
 
 # verb -> (module, one-line help). Modules are imported lazily so `premoe --help` stays fast.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -65,6 +65,7 @@ def cli() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; every failure ends as one line on stderr and a non-zero exit (``PREMOE_DEBUG=1``: traceback)."""
     threads.configure()  # before any verb imports torch: OpenMP reads its settings once
+    malloc.return_freed_memory()  # before the first large free, or glibc's threshold has already risen
     try:
         cli.main(args=argv, prog_name="premoe", standalone_mode=False)
     except click.exceptions.Abort:
