@@ -195,6 +195,9 @@ def _write_checkpoint(config, path: Path, shard_bytes: int) -> dict[int, int]:
 
 def _child(args) -> None:
     """One measured run in its own process: prints {seconds, maxrss_bytes} as the last line."""
+    from premoe import malloc
+
+    malloc.return_freed_memory()  # what the premoe CLI does first (premoe.cli.main), for every mode alike
     from premoe.data import Source
     from premoe.profile import ProfileParams, profile_model
 
