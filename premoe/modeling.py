@@ -70,7 +70,12 @@ def model_identity(model: str | Path) -> dict:
 
 
 def load_model(model: str | Path, device: str = "cpu"):
-    """Load a checkpoint in fp32 (bf16 matmuls are 5-20x slower on AVX2 CPUs), in eval mode."""
+    """Load a checkpoint in fp32 (bf16 matmuls are 5-20x slower on AVX2 CPUs), in eval mode.
+
+    A ``premoe compile --export compact`` checkpoint (layers with different
+    expert counts, which ``from_pretrained`` cannot build) goes through
+    :func:`premoe.compile.load_compact`, so eval, serve and verify take it too.
+    """
     import torch
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
@@ -78,6 +83,11 @@ def load_model(model: str | Path, device: str = "cpu"):
     from premoe.progress import loading
 
     path = resolve_model_path(model)
+    premoe_block = read_config(path).get("premoe")
+    if isinstance(premoe_block, dict) and premoe_block.get("export") == "compact":
+        from premoe.compile import load_compact
+
+        return load_compact(path).to(device)
     try:
         with loading(path):  # transformers' "Loading weights" bar: only for a long load on a terminal
             loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

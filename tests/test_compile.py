@@ -150,6 +150,11 @@ def test_global_plan_exported_compact(qwen3, tmp_path):
     compact = load_compact(tmp_path / "out")
     assert {l.index: l.num_experts for l in adapter.moe_layers(compact)} == {0: 3, 1: 5}
     assert forced_difference(compact, model, adapter, plan.kept)[0] <= TOL
+    from premoe.modeling import load_model
+
+    served = load_model(tmp_path / "out")  # what eval, serve and verify load with: it takes compact exports too
+    assert {l.index: l.num_experts for l in adapter.moe_layers(served)} == {0: 3, 1: 5}
+    assert forced_difference(served, model, adapter, plan.kept)[0] <= TOL
 
 
 def test_profile_plan_compile(qwen3, tmp_path):
