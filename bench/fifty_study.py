@@ -45,6 +45,7 @@ import argparse
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -199,6 +200,29 @@ def overlap(profile: Profile, keep: float) -> list[str]:
     return lines
 
 
+def render(paths: list[str]) -> str:
+    """Markdown tables (one per model, split and target) of the JSON lines earlier runs appended (last row wins)."""
+    rows = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            r = json.loads(line)
+            rows[(r["model"], r.get("split", "val"), r["generalist"], r["keep"], r["variant"], r["domain"])] = r
+    out = []
+    for model, split, generalist, keep in sorted({k[:4] for k in rows}):
+        variants = list(dict.fromkeys(k[4] for k in rows if k[:4] == (model, split, generalist, keep)))
+        out += ["", f"{model}, {split}, {keep:.0%} kept, {'generalist' if generalist else 'specialists'} "
+                    "(Δ% perplexity vs full ± SE; mean = mean of the domains' Δ%):", "",
+                "| variant | " + " | ".join(DOMAINS) + " | mean | within 1.5% |", "|---" * (len(DOMAINS) + 3) + "|"]
+        for variant in variants:
+            cells = [rows.get((model, split, generalist, keep, variant, d)) for d in DOMAINS]
+            done = [c for c in cells if c]
+            mean = f"{sum(c['pct'] for c in done) / len(done):+.2f}%" if len(done) == len(DOMAINS) else "—"
+            within = f"{sum(c['pct'] <= 1.5 for c in done)}/{len(done)}"
+            out.append(f"| {variant} | " + " | ".join(f"{c['pct']:+.2f} ± {c['se']:.2f}" if c else "—" for c in cells)
+                       + f" | {mean} | {within} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="testbed")
@@ -213,7 +237,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--generalist", action="store_true", help="one plan for every profiled domain, evaluated on each")
     ap.add_argument("--json", help="append one JSON line per row here")
+    ap.add_argument("--render", nargs="+", metavar="JSONL", help="only print the tables of earlier runs' --json files")
     args = ap.parse_args()
+    if args.render:
+        return print(render(args.render))
     torch.manual_seed(0)
     profile = Profile.load(args.profile or f"runs/{args.model}/prof")
     net, tok = load_model(args.model), load_tokenizer(args.model)
@@ -224,6 +251,7 @@ def main() -> None:
     kind = "generalist" if args.generalist else "specialists"
     print(f"{args.model}, {args.keep:.0%} kept ({kind}), {args.split} {args.windows} windows per domain; "
           "Δ% perplexity vs full ± SE")
+    budgets = {}  # target -> (kept, evaluations) of the budget variant
     if args.generalist:
         print("\n".join(overlap(profile, args.keep)))
     for domain in domains:
@@ -245,8 +273,10 @@ def main() -> None:
                 align, _, weight = option.partition(":")
                 merger.merge(plan.kept, target, align == "align", weight or "frequency")
             elif name == "budget":
-                request = {"domain": target, "scorer": "peu_norm"}
-                kept, evaluations = measured_budgets(calib, profile, request, args.keep, target)
+                if target not in budgets:  # a generalist's budgets are measured once, for every domain
+                    request = {"domain": target, "scorer": "peu_norm"}
+                    budgets[target] = measured_budgets(calib, profile, request, args.keep, target)
+                kept, evaluations = budgets[target]
                 note = (f"per-layer counts {','.join(str(len(kept[l])) for l in sorted(kept))}, "
                         f"{evaluations} evaluations")
             elif name == "balanced":
