@@ -14,6 +14,8 @@ VERIFY = ("tests/test_verify.py",)
 SERVE = ("tests/test_serve.py", "tests/test_serve_hardening.py")
 RETRIEVAL = ("tests/test_retrieval.py", "tests/test_store.py", "tests/test_matchers.py")
 BANK = ("tests/test_bank.py",)
+NOVELTY = ("tests/test_novelty.py", "tests/test_store.py")
+MALLOC = ("tests/test_malloc.py",)
 
 MUTANTS = [
     # ---------------------------------------------------------------- scores
@@ -146,4 +148,13 @@ MUTANTS = [
     Mutant("verify:stream-forced-run-unrestricted", "premoe/verify.py",
            "adapter.restrict_routing(reference.net, {index: kept[index]} if index in kept else {})",
            "adapter.restrict_routing(reference.net, {})", VERIFY),
+    # ---------------------------------------------------------------- added with the joint fallback, malloc, compact loads
+    Mutant("novelty:joint-ignores-pattern", "premoe/novelty.py", "self.params.pattern_weight)  # (n, D)",
+           "0.0)  # (n, D)", NOVELTY),
+    Mutant("novelty:margin-default-zero", "premoe/novelty.py", "self.margin_weight = MARGIN_WEIGHTS.get(self.method, 0.0)",
+           "self.margin_weight = 0.0", NOVELTY),
+    Mutant("malloc:threshold-not-set", "premoe/malloc.py", "libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)",
+           "libc.malloc_trim(0)", MALLOC),
+    Mutant("modeling:compact-not-dispatched", "premoe/modeling.py", 'premoe_block.get("export") == "compact"',
+           'premoe_block.get("export") == "compacted"', COMPILE),
 ]
