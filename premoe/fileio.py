@@ -60,7 +60,7 @@ def check_inputs(out: str | Path, inputs: Iterable[str | Path | None]) -> Path:
     if not str(out).strip():
         raise InputError("the output path is empty; name a file or directory to write")
     if out.is_symlink():
-        raise InputError(f"{out} is a symbolic link; name the real path ({out.resolve()}) as the output")
+        raise InputError(f"{out} is a symbolic link; name the real path ({_resolve(out)}) as the output")
     target = _resolve(out)
     for given in inputs:
         if given is None or not str(given).strip():
@@ -128,7 +128,12 @@ def _read_json(file: Path):
 
 
 def _resolve(path: Path) -> Path:
-    return Path(os.path.abspath(path.expanduser())).resolve()
+    from premoe.errors import InputError
+
+    try:
+        return Path(os.path.abspath(path.expanduser())).resolve()
+    except (RuntimeError, OSError) as e:  # Python 3.11 raises RuntimeError for a symlink loop, 3.13 OSError
+        raise InputError(f"{path} is a symlink loop ({e}); name a real file or directory") from e
 
 
 def check_space(out: str | Path, need_bytes: int = 0) -> None:
