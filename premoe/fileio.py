@@ -146,6 +146,9 @@ def check_space(out: str | Path, need_bytes: int = 0) -> None:
         raise DiskSpaceError(f"cannot write {out}: {parent} is on a read-only file system; choose another output")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise DiskSpaceError(f"cannot write {out}: no permission to write in {parent}; choose another output")
+    if stats.f_blocks == 0:  # procfs, sysfs: nothing can be written there however "free" it looks
+        raise DiskSpaceError(f"cannot write {out}: {parent} is not on a disk (a virtual file system such as /proc "
+                             "or /sys); choose an output on a real disk")
     free = stats.f_bavail * stats.f_frsize
     need = max(int(need_bytes), MIN_FREE_BYTES)
     if free < need:

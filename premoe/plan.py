@@ -151,9 +151,14 @@ def _plan_fields(data: dict, path: Path) -> dict:
     for key in ("kept", "order"):
         table = {}
         for layer, experts in fields[key].items():
-            if not (isinstance(layer, str) and layer.isdigit() and isinstance(experts, list)
+            if not (isinstance(layer, str) and layer.isascii() and layer.isdigit() and isinstance(experts, list)
                     and all(_is_int(e) for e in experts)):
-                raise PlanError(f"{path}: {key}[{layer!r}] must map a layer index to a list of expert indices")
+                if not (isinstance(layer, str) and layer.isascii() and layer.isdigit()):
+                    raise PlanError(f"{path}: {key} has layer key {layer!r}, expected a decimal layer index; make "
+                                    "the plan again with `premoe plan`")
+                bad = [e for e in experts if not _is_int(e)][:3] if isinstance(experts, list) else experts
+                raise PlanError(f"{path}: {key}[{layer!r}] must map a layer index to a list of integer expert "
+                                f"indices, got {str(bad)[:80]}; make the plan again with `premoe plan`")
             table[int(layer)] = experts
         fields[key] = table
     if not all(_is_int(l) for l in fields["moe_layers"]):
@@ -321,7 +326,12 @@ def make_plan(profile: Profile, request: PlanRequest, profile_path: str = "") ->
     arch = profile.require_architecture()
     groups = profile.groups
     m = experts_for(profile, request)
-    check_experts(m, profile, groups)
+    try:
+        check_experts(m, profile, groups)
+    except PlanError as e:
+        if request.keep is None:
+            raise
+        raise PlanError(f"--keep {request.keep:g} of {profile.num_experts} experts gives {e}") from e
     if request.domain and request.domains:
         raise InputError("give either --domain (a specialist) or --generalist [--domains], not both")
     if request.domain:
