@@ -30,6 +30,34 @@ _LEGACY_MANIFESTS = ("profile.json", "store.json", "results.json", "manifest.jso
 _TEMP = re.compile(r"\.(?:tmp|old)-(\d+)-")  # .NAME.tmp-PID-XXXX / .NAME.old-PID-XXXX
 
 
+SMALL_FILE_BYTES = 64 << 20  # a plan, config or route config larger than this is not one
+
+
+def read_small_text(path: str | Path, what: str, limit: int = SMALL_FILE_BYTES) -> str:
+    """The UTF-8 text of a small file the user names (a plan, a config): a regular file or a pipe, at most ``limit``.
+
+    A device such as /dev/zero would otherwise be read until memory runs out; a pipe is allowed so that
+    process substitution (``premoe compile MODEL <(...)``) works. Raises ``UnicodeDecodeError`` for non-UTF-8.
+
+    >>> read_small_text("plan.json", "plan")[:1]
+    '{'
+    """
+    import stat
+
+    from premoe.errors import InputError
+
+    path = Path(path)
+    mode = path.stat().st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        raise InputError(f"{what} {path} is not a regular file (a directory, device or socket); give a JSON file")
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise InputError(f"{what} {path} is larger than {limit >> 20} MiB, too large for a {what}; is it the right "
+                         "file?")
+    return data.decode("utf-8")
+
+
 # --------------------------------------------------------------------------- the guard
 
 

@@ -55,9 +55,11 @@ def resolve_model_path(model: str | Path) -> Path:
 
 def read_config(model: str | Path) -> dict:
     """config.json as a dict; a file that is not a JSON object is a :class:`CheckpointError`, not a crash later."""
+    from premoe.fileio import read_small_text
+
     path = resolve_model_path(model) / "config.json"
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(read_small_text(path, "config"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from e
     if not isinstance(config, dict):

@@ -93,11 +93,13 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         """Read a plan file, refusing (one PlanError line) JSON of the wrong shape or types, or an invalid plan."""
+        from premoe.fileio import read_small_text
+
         path = Path(path)
         if not path.exists():
             raise MissingFileError(f"plan {path} does not exist; make one with `premoe plan PROFILE ... --out {path}`")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(read_small_text(path, "plan"))
         except json.JSONDecodeError as e:
             raise PlanError(f"{path} is not a premoe plan (invalid JSON: {e.msg})") from e
         except (OSError, UnicodeDecodeError) as e:

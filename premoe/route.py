@@ -52,6 +52,7 @@ from fastapi import FastAPI, Request  # module level: FastAPI resolves the handl
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from premoe.errors import InputError, MissingFileError
+from premoe.fileio import read_small_text
 from premoe.guard import ApiError, GuardConfig, deadline_protocol, guarded_app, loopback_hosts
 from premoe.openai_request import OpenAIRequest, parse_request
 
@@ -81,9 +82,11 @@ def load_config(path: str | Path) -> RouteConfig:
     """Read and check a route config file (JSON); paths in it are relative to the file."""
     path = Path(path)
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(read_small_text(path, "route config"))
     except FileNotFoundError:
         raise MissingFileError(f"route config {path} does not exist") from None
+    except InputError:
+        raise
     except (ValueError, UnicodeDecodeError) as e:
         raise InputError(f"route config {path} is not valid JSON ({e}); see `premoe route --help`") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("backends"), dict) or \
