@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from premoe.cli.options import NON_NEGATIVE_FLOAT, POSITIVE, SEQ_LEN, json_option, model_input
+from premoe.cli.options import POSITIVE, SEQ_LEN, FiniteFloat, json_option, model_input
 
 
 @click.command("verify")
@@ -17,7 +17,7 @@ from premoe.cli.options import NON_NEGATIVE_FLOAT, POSITIVE, SEQ_LEN, json_optio
 @click.option("--max-tokens", default=2048, show_default=True, type=POSITIVE, help="Tokens per data source.")
 @click.option("--seq-len", default=256, show_default=True, type=SEQ_LEN, help="Tokens per window.")
 @click.option("--batch-size", default=8, show_default=True, type=POSITIVE, help="Windows per forward pass.")
-@click.option("--tolerance", default=1e-4, show_default=True, type=NON_NEGATIVE_FLOAT,
+@click.option("--tolerance", default=1e-4, show_default=True, type=FiniteFloat(),
               help="Largest |logit difference| to the forced-routing original that passes (fp32).")
 @click.option("--stream", is_flag=True,
               help="Load one decoder layer of each model at a time (checkpoints larger than memory).")
