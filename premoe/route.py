@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -107,10 +108,12 @@ def load_config(path: str | Path) -> RouteConfig:
     for key, value in options.items():
         if key == "name" and not (isinstance(value, str) and value):
             raise InputError(f"route config {path}: \"name\" must be a non-empty string")
-        if key != "name" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+        if key != "name" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value) or value <= 0):
             raise InputError(f"route config {path}: \"{key}\" must be a positive number, got {value!r}")
-    if "retrieval_tokens" in options:
-        options["retrieval_tokens"] = int(options["retrieval_tokens"])
+    if "retrieval_tokens" in options and not isinstance(options["retrieval_tokens"], int):
+        raise InputError(f"route config {path}: \"retrieval_tokens\" must be a whole number of tokens, got "
+                         f"{options['retrieval_tokens']!r}")
     return RouteConfig(resolve(raw["model"]), resolve(raw["store"]), backends, **options)
 
 
