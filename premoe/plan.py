@@ -102,6 +102,8 @@ class Plan:
             data = json.loads(read_small_text(path, "plan"))
         except json.JSONDecodeError as e:
             raise PlanError(f"{path} is not a premoe plan (invalid JSON: {e.msg})") from e
+        except InputError as e:  # a directory, a device, an oversized file
+            raise PlanError(f"{path} is not a readable premoe plan ({e})") from e
         except (OSError, UnicodeDecodeError) as e:
             raise PlanError(f"{path} is not a readable premoe plan ({type(e).__name__}); "
                             f"make one with `premoe plan PROFILE ... --out {path}`") from e
