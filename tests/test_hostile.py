@@ -226,3 +226,16 @@ def test_dangling_model_symlink_is_missing_not_internal(tmp_path):
     with pytest.raises(MissingFileError, match="symlink to nowhere"):
         check_config(tmp_path / "m")
 
+
+
+@pytest.mark.parametrize("body, chat, message", [
+    (b'{"prompt": ""}', False, "'prompt' must be a non-empty string, not an empty string"),
+    (b'{"messages": []}', True, "'messages' must be a non-empty list of {role, content} objects, not an empty list"),
+])
+def test_empty_request_fields_say_empty(body, chat, message):
+    from premoe.guard import ApiError
+    from premoe.openai_request import parse_request
+
+    with pytest.raises(ApiError) as raised:
+        parse_request(body, chat)
+    assert raised.value.status == 400 and raised.value.message == message
