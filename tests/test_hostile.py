@@ -239,3 +239,25 @@ def test_empty_request_fields_say_empty(body, chat, message):
     with pytest.raises(ApiError) as raised:
         parse_request(body, chat)
     assert raised.value.status == 400 and raised.value.message == message
+
+
+def test_a_sweep_dry_run_refuses_scorers_the_run_would_refuse(tiny_qwen3, tmp_path):
+    from premoe.modeling import model_identity
+    from premoe.sweep import SweepConfig, estimate_sweep
+
+    profile = toy_profile()
+    profile.model = model_identity(tiny_qwen3)
+    profile.save(tmp_path / "p")
+    with pytest.raises(InputError, match="scorer 'nope' was not collected in this profile"):
+        estimate_sweep(tiny_qwen3, tmp_path / "p", tmp_path / "s", SweepConfig(scorers=["nope"]),
+                       eval_data=[f"a={tiny_qwen3 / 'config.json'}"])
+
+
+def test_an_empty_keep_list_is_refused():
+    import click
+
+    from premoe.cli.options import FRACTION, ListOf
+
+    with pytest.raises(click.BadParameter, match="lists no values"):
+        ListOf(FRACTION, allow_empty=False).convert(",", None, None)
+    assert ListOf(FRACTION).convert("", None, None) == []  # --calib-tokens "": the study is off
