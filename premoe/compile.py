@@ -316,8 +316,12 @@ def plan_writes(model: str | Path, plan: Plan, out: str | Path, *, force: bool =
 def _plan_writes(model: str | Path, plan: Plan, out: str | Path, *, force: bool, export: str, mtp: str,
                  base_model: str | None) -> WritePlan:
     from premoe.adapters import get_adapter
+    from premoe.modelcard import is_hub_id
     from premoe.modeling import model_identity, read_config, resolve_model_path
 
+    if base_model is not None and not is_hub_id(base_model):
+        raise InputError(f"--base-model {base_model!r} is not a Hugging Face Hub id; give OWNER/NAME, e.g. "
+                         "Qwen/Qwen3-30B-A3B, or omit it")
     path = resolve_model_path(model)
     out = Path(out)
     if out.resolve() == path.resolve():

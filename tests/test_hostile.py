@@ -249,7 +249,7 @@ def test_a_sweep_dry_run_refuses_scorers_the_run_would_refuse(tiny_qwen3, tmp_pa
     profile.model = model_identity(tiny_qwen3)
     profile.save(tmp_path / "p")
     with pytest.raises(InputError, match="scorer 'nope' was not collected in this profile"):
-        estimate_sweep(tiny_qwen3, tmp_path / "p", tmp_path / "s", SweepConfig(scorers=["nope"]),
+        estimate_sweep(tiny_qwen3, tmp_path / "p", tmp_path / "s", SweepConfig(scorers=["nope"], default_scorer="router_mass"),
                        eval_data=[f"a={tiny_qwen3 / 'config.json'}"])
 
 
@@ -261,3 +261,11 @@ def test_an_empty_keep_list_is_refused():
     with pytest.raises(click.BadParameter, match="lists no values"):
         ListOf(FRACTION, allow_empty=False).convert(",", None, None)
     assert ListOf(FRACTION).convert("", None, None) == []  # --calib-tokens "": the study is off
+
+
+@pytest.mark.parametrize("name", ["org/x\nlicense: evil", "org/x\n", "../../etc/passwd x", "/abs/path"])
+def test_base_model_must_be_a_hub_id(spread, tmp_path, name):
+    source, plan = spread
+    with pytest.raises(InputError, match="is not a Hugging Face Hub id"):
+        compile_checkpoint(source, plan, tmp_path / "out", base_model=name)
+    assert not (tmp_path / "out").exists()
