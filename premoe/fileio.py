@@ -169,6 +169,8 @@ def check_space(out: str | Path, need_bytes: int = 0) -> None:
     from premoe.errors import DiskSpaceError
 
     parent = _existing_ancestor(_resolve(Path(out)).parent)
+    if not parent.is_dir():
+        raise DiskSpaceError(f"cannot write {out}: {parent} is a file, not a directory; choose another output")
     stats = os.statvfs(parent)
     if stats.f_flag & os.ST_RDONLY:
         raise DiskSpaceError(f"cannot write {out}: {parent} is on a read-only file system; choose another output")

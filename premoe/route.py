@@ -54,6 +54,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from premoe.errors import InputError, MissingFileError
 from premoe.fileio import read_small_text
+from premoe.modeling import TESTBEDS
 from premoe.guard import ApiError, GuardConfig, deadline_protocol, guarded_app, loopback_hosts
 from premoe.openai_request import OpenAIRequest, parse_request
 
@@ -103,7 +104,7 @@ def load_config(path: str | Path) -> RouteConfig:
         raise InputError(f"route config {path} has no \"{GENERALIST}\" backend; requests that match no domain, and "
                          "those whose backend is down, go there")
     here = path.resolve().parent
-    resolve = lambda p: p if p == "testbed" or Path(p).is_absolute() else str(here / p)  # noqa: E731
+    resolve = lambda p: p if p in TESTBEDS or Path(p).is_absolute() else str(here / p)  # noqa: E731
     options = {k: raw[k] for k in ("name", "retrieval_tokens", "health_interval", "connect_timeout") if k in raw}
     for key, value in options.items():
         if key == "name" and not (isinstance(value, str) and value):

@@ -269,3 +269,37 @@ def test_base_model_must_be_a_hub_id(spread, tmp_path, name):
     with pytest.raises(InputError, match="is not a Hugging Face Hub id"):
         compile_checkpoint(source, plan, tmp_path / "out", base_model=name)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_busy_port_or_unknown_host_is_refused_before_the_model_loads():
+    import socket
+
+    from premoe.guard import check_bindable
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(InputError, match=rf"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            check_bindable("127.0.0.1", port)
+    with pytest.raises(InputError, match="--host '999.1.1.1' is not an address"):
+        check_bindable("999.1.1.1", 8000)
+
+
+def test_route_config_names_the_dsv3_testbed_not_a_relative_path(tmp_path):
+    config = {"model": "testbed-dsv3", "store": "store", "backends": {"generalist": {"url": "http://127.0.0.1:1"}}}
+    (tmp_path / "r.json").write_text(json.dumps(config))
+    assert load_config(tmp_path / "r.json").model == "testbed-dsv3"
+
+
+def test_an_output_below_a_file_says_so(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(DiskSpaceError, match=r"f is a file, not a directory"):
+        check_output(tmp_path / "f" / "sub")
+
+
+def test_a_data_path_with_a_control_character_is_shown_quoted(tmp_path):
+    from premoe.data import parse_sources
+
+    with pytest.raises(MissingFileError, match=r"data path '.*d\.txt\\x01' does not exist"):
+        parse_sources([f"a={tmp_path / 'd.txt'}\x01"], tokenizer=tiny.tiny_tokenizer(), max_tokens=8)
