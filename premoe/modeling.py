@@ -105,7 +105,7 @@ def load_model(model: str | Path, device: str = "cpu"):
     from premoe.progress import loading
 
     path = resolve_model_path(model)
-    check_config(path)
+    config = check_config(path)
     try:
         with loading(path):  # transformers' "Loading weights" bar: only for a long load on a terminal
             loaded, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
@@ -116,7 +116,25 @@ def load_model(model: str | Path, device: str = "cpu"):
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise CheckpointError(f"{path}: the weights lack {len(missing)} tensors config.json asks for ({shown}); "
                               "the checkpoint is incomplete or its config.json does not match its shards")
+    beyond = _layers_beyond_config(config, info.get("unexpected_keys") or ())
+    if beyond:  # transformers drops them: a silently shallower model
+        raise CheckpointError(f"{path}: the shards hold decoder layers {beyond[:4]} beyond config.json's "
+                              f"num_hidden_layers = {loaded.config.num_hidden_layers}; restore its config.json")
     return loaded.to(device).eval()
+
+
+def _layers_beyond_config(config: dict, unexpected) -> list[int]:
+    """Decoder layer indices of unloaded tensors past the config's layers and its declared MTP layers."""
+    import re
+
+    from premoe.adapters import REGISTRY, get_adapter
+
+    if config.get("model_type") not in REGISTRY:
+        return []
+    adapter = get_adapter(config)
+    last = adapter.num_hidden_layers(config) + adapter.mtp_declared(config)
+    found = {int(m.group(1)) for k in unexpected if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", k))}
+    return sorted(i for i in found if i >= last)
 
 
 def load_tokenizer(model: str | Path):

@@ -72,6 +72,13 @@ def test_layers_missing_from_the_weights_are_refused_not_randomly_initialised(ti
     assert load_model(tiny_qwen3).config.num_hidden_layers == layers  # the intact checkpoint still loads
 
 
+def test_layers_the_config_no_longer_declares_are_refused_not_dropped(tiny_qwen3, tmp_path):
+    layers = json.loads((tiny_qwen3 / "config.json").read_text())["num_hidden_layers"]
+    path = _copy_with_config(tiny_qwen3, tmp_path / "m", num_hidden_layers=layers - 1)
+    with pytest.raises(CheckpointError, match=rf"decoder layers \[{layers - 1}\] beyond config.json's num_hidden"):
+        load_model(path)
+
+
 def test_symlink_loops_as_model_or_output_are_one_line(capsys, monkeypatch, tiny_qwen3, tmp_path):
     (tmp_path / "a").symlink_to(tmp_path / "b")
     (tmp_path / "b").symlink_to(tmp_path / "a")
