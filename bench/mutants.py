@@ -155,6 +155,6 @@ MUTANTS = [
            "self.margin_weight = 0.0", NOVELTY),
     Mutant("malloc:threshold-not-set", "premoe/malloc.py", "libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)",
            "libc.malloc_trim(0)", MALLOC),
-    Mutant("modeling:compact-not-dispatched", "premoe/modeling.py", 'premoe_block.get("export") == "compact"',
-           'premoe_block.get("export") == "compacted"', COMPILE),
+    Mutant("modeling:compact-not-dispatched", "premoe/modeling.py", 'config["premoe"].get("export") == "compact"',
+           'config["premoe"].get("export") == "compacted"', COMPILE),
 ]

@@ -48,6 +48,7 @@ import os
 import shutil
 import struct
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Collection, Container, NamedTuple, Sequence
@@ -315,8 +316,12 @@ def plan_writes(model: str | Path, plan: Plan, out: str | Path, *, force: bool =
 def _plan_writes(model: str | Path, plan: Plan, out: str | Path, *, force: bool, export: str, mtp: str,
                  base_model: str | None) -> WritePlan:
     from premoe.adapters import get_adapter
+    from premoe.modelcard import is_hub_id
     from premoe.modeling import model_identity, read_config, resolve_model_path
 
+    if base_model is not None and not is_hub_id(base_model):
+        raise InputError(f"--base-model {base_model!r} is not a Hugging Face Hub id; give OWNER/NAME, e.g. "
+                         "Qwen/Qwen3-30B-A3B, or omit it")
     path = resolve_model_path(model)
     out = Path(out)
     if out.resolve() == path.resolve():
@@ -422,6 +427,7 @@ def _tensor_writes(headers: dict[str, tuple[dict, int]], left_out: Container[str
     renumber = {layer: {e: i for i, e in enumerate(experts)} for layer, experts in kept.items()}
     seen_experts: dict[int, set[int]] = {layer: set() for layer in kept}
     routers: set[int] = set()  # layers with tensors sliced along experts (router, fused experts)
+    layouts: dict[int, dict[int, dict[str, tuple]]] = {}  # layer -> expert -> tensor name -> (dtype, shape)
     for shard, (header, _) in headers.items():
         keys = sorted(header.keys() - left_out - {"__metadata__"})
         kinds = adapter.classify_keys(keys)
@@ -438,6 +444,8 @@ def _tensor_writes(headers: dict[str, tuple[dict, int]], left_out: Container[str
                                       f"(it covers {sorted(kept)}); was the plan made for this checkpoint?")
             if what == "expert":
                 seen_experts[layer].add(expert)
+                template = adapter.rename_expert_key(key, expert, -1)  # the same name for every expert
+                layouts.setdefault(layer, {}).setdefault(expert, {})[template] = (info["dtype"], list(info["shape"]))
                 if expert not in renumber[layer]:
                     dropped.append(key)
                     continue
@@ -455,7 +463,31 @@ def _tensor_writes(headers: dict[str, tuple[dict, int]], left_out: Container[str
             absent = sorted(set(range(num_experts)) - found)
             raise CheckpointError(f"layer {layer}: the checkpoint's expert tensors cover experts {sorted(found)[:4]}..., "
                                   f"not 0..{num_experts - 1} (missing {absent[:8]}); it is incomplete or not this model")
+    for layer, experts in layouts.items():
+        _check_same_layout(layer, experts)
     return writes, dropped
+
+
+def _check_same_layout(layer: int, experts: dict[int, dict[str, tuple]]) -> None:
+    """Every expert of a per-expert layer must hold the same tensors with the same dtype and shape.
+
+    A shard missing one projection of one expert, or holding it cut short, would otherwise be copied into a
+    checkpoint that only fails when loaded (or, for a dropped expert, never).
+    """
+    for name in sorted(set().union(*experts.values())):
+        absent = [e for e in sorted(experts) if name not in experts[e]]
+        if absent:
+            key = name.replace(".-1.", f".{absent[0]}.", 1)
+            raise CheckpointError(f"layer {layer}: tensor {key} is missing from the shards though the other "
+                                  "experts have it; the checkpoint is incomplete (re-download it)")
+        described = {e: f"{tensors[name][0]} {tensors[name][1]}" for e, tensors in experts.items()}
+        counts = Counter(described.values())
+        if len(counts) > 1:
+            usual = counts.most_common(1)[0][0]
+            odd = next(e for e, d in sorted(described.items()) if d != usual)
+            key = name.replace(".-1.", f".{odd}.", 1)
+            raise CheckpointError(f"layer {layer}: tensor {key} is {described[odd]} but the other experts' are "
+                                  f"{usual}; the checkpoint is corrupt (re-download it)")
 
 
 def _rows_write(key: str, shard: str, info: dict, rows: list[int], axis: int, num_experts: int) -> TensorWrite:
@@ -811,7 +843,21 @@ def compiled_info(path: str | Path) -> dict:
     info = read_config(path).get("premoe")
     if not info:
         raise CheckpointError(f"{path}/config.json has no 'premoe' block; it was not written by `premoe compile`")
+    source, kept, counts = (info.get(k) if isinstance(info, dict) else None
+                            for k in ("source", "kept_experts", "experts_per_layer"))
+    if not (isinstance(source, dict) and all(isinstance(source.get(k), str) for k in ("name", "config_hash"))
+            and _layer_table(kept, lambda v: isinstance(v, list) and all(type(e) is int and e >= 0 for e in v))
+            and _layer_table(counts, lambda v: type(v) is int and v > 0) and isinstance(info.get("export"), str)):
+        raise CheckpointError(f"{path}/config.json has a malformed 'premoe' block (expected source.name/config_hash, "
+                              "kept_experts, experts_per_layer and export as `premoe compile` writes them); recompile "
+                              "the checkpoint")
     return info
+
+
+def _layer_table(table, valid: Callable[[object], bool]) -> bool:
+    """Whether ``table`` maps decimal layer indices to values ``valid`` accepts (a compiled config's tables)."""
+    return isinstance(table, dict) and all(isinstance(k, str) and k.isascii() and k.isdigit() and valid(v)
+                                           for k, v in table.items())
 
 
 def kept_experts(path: str | Path) -> dict[int, list[int]]:

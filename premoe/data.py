@@ -132,7 +132,8 @@ def read_texts(path: Path, tokenizer=None, max_chars: int | None = None) -> list
     if not str(path).strip():
         raise InputError("a data path is empty; write NAME=PATH to a .txt, .jsonl or directory")
     if not path.exists():
-        raise MissingFileError(f"data path {path} does not exist")
+        shown = str(path) if str(path).isprintable() else repr(str(path))  # a control character is invisible
+        raise MissingFileError(f"data path {shown} does not exist")
     if path.is_dir():
         texts, left = [], max_chars
         for file in _text_files(path):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -224,6 +225,11 @@ def run_lm_eval(model: str | Path, tasks: Sequence[str], *, plan: Plan | None = 
 
     from premoe.adapters import get_adapter
 
+    tasks_found = TaskManager(include_path=str(include_path) if include_path else None)
+    unknown = [t for t in tasks if t not in tasks_found.all_tasks and not os.path.isfile(t)]
+    if unknown:  # before loading the model; lm_eval raises a bare KeyError deep inside otherwise
+        raise InputError(f"--lm-eval: unknown task {', '.join(unknown)}; list the tasks with `lm-eval ls tasks`, "
+                         "or give --lm-eval-include DIR with the task's YAML")
     net, tokenizer = loaded or (load_model(model), load_tokenizer(model))
     if plan is not None:
         plan.check_model(model_identity(model), [l.index for l in get_adapter(net.config).moe_layers(net)])
@@ -231,6 +237,5 @@ def run_lm_eval(model: str | Path, tasks: Sequence[str], *, plan: Plan | None = 
     wrapped = HFLM(pretrained=net, tokenizer=tokenizer, batch_size=batch_size, device=str(net.device))
     restriction = get_adapter(net.config).restrict_routing(net, plan.kept) if plan else contextlib.nullcontext()
     with restriction:
-        tasks_found = TaskManager(include_path=str(include_path) if include_path else None)
         out = lm_eval.simple_evaluate(model=wrapped, tasks=list(tasks), limit=limit, task_manager=tasks_found)
     return out["results"]

@@ -30,6 +30,34 @@ _LEGACY_MANIFESTS = ("profile.json", "store.json", "results.json", "manifest.jso
 _TEMP = re.compile(r"\.(?:tmp|old)-(\d+)-")  # .NAME.tmp-PID-XXXX / .NAME.old-PID-XXXX
 
 
+SMALL_FILE_BYTES = 64 << 20  # a plan, config or route config larger than this is not one
+
+
+def read_small_text(path: str | Path, what: str, limit: int = SMALL_FILE_BYTES) -> str:
+    """The UTF-8 text of a small file the user names (a plan, a config): a regular file or a pipe, at most ``limit``.
+
+    A device such as /dev/zero would otherwise be read until memory runs out; a pipe is allowed so that
+    process substitution (``premoe compile MODEL <(...)``) works. Raises ``UnicodeDecodeError`` for non-UTF-8.
+
+    >>> read_small_text("plan.json", "plan")[:1]
+    '{'
+    """
+    import stat
+
+    from premoe.errors import InputError
+
+    path = Path(path)
+    mode = path.stat().st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        raise InputError(f"{what} {path} is not a regular file (a directory, device or socket); give a JSON file")
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise InputError(f"{what} {path} is larger than {limit >> 20} MiB, too large for a {what}; is it the right "
+                         "file?")
+    return data.decode("utf-8")
+
+
 # --------------------------------------------------------------------------- the guard
 
 
@@ -60,7 +88,7 @@ def check_inputs(out: str | Path, inputs: Iterable[str | Path | None]) -> Path:
     if not str(out).strip():
         raise InputError("the output path is empty; name a file or directory to write")
     if out.is_symlink():
-        raise InputError(f"{out} is a symbolic link; name the real path ({out.resolve()}) as the output")
+        raise InputError(f"{out} is a symbolic link; name the real path ({_resolve(out)}) as the output")
     target = _resolve(out)
     for given in inputs:
         if given is None or not str(given).strip():
@@ -128,7 +156,12 @@ def _read_json(file: Path):
 
 
 def _resolve(path: Path) -> Path:
-    return Path(os.path.abspath(path.expanduser())).resolve()
+    from premoe.errors import InputError
+
+    try:
+        return Path(os.path.abspath(path.expanduser())).resolve()
+    except (RuntimeError, OSError) as e:  # Python 3.11 raises RuntimeError for a symlink loop, 3.13 OSError
+        raise InputError(f"{path} is a symlink loop ({e}); name a real file or directory") from e
 
 
 def check_space(out: str | Path, need_bytes: int = 0) -> None:
@@ -136,11 +169,16 @@ def check_space(out: str | Path, need_bytes: int = 0) -> None:
     from premoe.errors import DiskSpaceError
 
     parent = _existing_ancestor(_resolve(Path(out)).parent)
+    if not parent.is_dir():
+        raise DiskSpaceError(f"cannot write {out}: {parent} is a file, not a directory; choose another output")
     stats = os.statvfs(parent)
     if stats.f_flag & os.ST_RDONLY:
         raise DiskSpaceError(f"cannot write {out}: {parent} is on a read-only file system; choose another output")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise DiskSpaceError(f"cannot write {out}: no permission to write in {parent}; choose another output")
+    if stats.f_blocks == 0:  # procfs, sysfs: nothing can be written there however "free" it looks
+        raise DiskSpaceError(f"cannot write {out}: {parent} is not on a disk (a virtual file system such as /proc "
+                             "or /sys); choose an output on a real disk")
     free = stats.f_bavail * stats.f_frsize
     need = max(int(need_bytes), MIN_FREE_BYTES)
     if free < need:

@@ -93,6 +93,28 @@ def loopback_hosts(host: str, port: int) -> frozenset[str] | None:
     return frozenset(n for name in LOOPBACK_NAMES for n in (name, f"{name}:{port}"))
 
 
+def check_bindable(host: str, port: int) -> None:
+    """Refuse, before the model loads, an address the server could not listen on (a port in use, a bad --host).
+
+    uvicorn would otherwise log its own ``ERROR: [Errno 98] ...`` after the load and exit 1 or 3.
+    """
+    import socket
+
+    from premoe.errors import InputError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no clash
+            probe.bind(address)
+    except socket.gaierror as e:
+        raise InputError(f"--host {host!r} is not an address or a name this machine resolves ({e.strerror}); "
+                         "give e.g. 127.0.0.1 or 0.0.0.0") from e
+    except OSError as e:
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port, or stop what "
+                         "listens there") from e
+
+
 def is_loopback(host: str) -> bool:
     if host.lower() == "localhost":
         return True

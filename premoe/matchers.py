@@ -57,7 +57,7 @@ class MatchParams:
     def check(self) -> "MatchParams":
         if self.method not in METHODS:
             raise InputError(f"retrieval method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if not self.lengths or any(t < 1 for t in self.lengths):
+        if not self.lengths or any(type(t) is not int or t < 1 for t in self.lengths):
             raise InputError(f"request-length buckets must be positive, got {self.lengths}")
         if not 0 < self.quantile <= 1:
             raise InputError(f"fallback quantile must be in (0, 1], got {self.quantile}")
@@ -128,7 +128,7 @@ class Matcher:
 
     @classmethod
     def load(cls, manifest: dict, tensors: dict[str, torch.Tensor]) -> "Matcher":
-        params = MatchParams(**{**manifest["params"], "lengths": tuple(manifest["params"]["lengths"])})
+        params = MatchParams(**{**manifest["params"], "lengths": tuple(manifest["params"]["lengths"])}).check()
         fitted = {k[len("matcher/fit/"):]: v for k, v in tensors.items() if k.startswith("matcher/fit/")}
         bank = {d: {t: tensors[f"matcher/bank/{d}/{t}"] for t in params.lengths if f"matcher/bank/{d}/{t}" in tensors}
                 for d in manifest["domains"]}

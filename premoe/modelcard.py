@@ -24,7 +24,7 @@ from pathlib import Path
 from premoe import __version__
 
 TAGS = ["premoe", "moe", "pruned"]
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as the Hub spells repository ids
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+\Z")  # owner/name, as the Hub spells repository ids
 _LICENSE_FIELDS = ("license", "license_name", "license_link")
 
 TEMPLATE = """---
@@ -140,6 +140,11 @@ def _render_with_hub(metadata: dict, values: dict) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     return str(ModelCard.from_template(ModelCardData(**metadata), template_str=TEMPLATE, **values))
+
+
+def is_hub_id(name) -> bool:
+    """Whether ``name`` has the Hub's ``owner/name`` form (what the card's ``base_model`` must hold)."""
+    return _hub_id(name) is not None
 
 
 def _hub_id(name) -> str | None:

@@ -26,7 +26,10 @@ def is_testbed(model: str | Path) -> bool:
     """Whether ``model`` names or points at a shipped testbed (whose corpus splits are the default data)."""
     if str(model) in TESTBEDS:
         return True
-    path = Path(model).resolve()
+    try:
+        path = Path(model).resolve()
+    except (OSError, RuntimeError):  # a symlink loop: not a testbed; resolve_model_path says what is wrong
+        return False
     return any(path == shipped_dir(name).resolve() for name in TESTBEDS)
 
 
@@ -39,6 +42,9 @@ def resolve_model_path(model: str | Path) -> Path:
                                    f"ship it with {TESTBEDS[str(model)][1]}")
         return path
     path = Path(model)
+    if path.is_symlink() and not path.exists():
+        raise MissingFileError(f"model directory {path} is a symlink to nowhere (dangling, or a loop); point MODEL "
+                               "at the checkpoint directory itself")
     if not path.is_dir():
         raise MissingFileError(f"model directory {path} does not exist; pass a local checkpoint directory or one of "
                                f"{', '.join(TESTBEDS)}")
@@ -48,11 +54,32 @@ def resolve_model_path(model: str | Path) -> Path:
 
 
 def read_config(model: str | Path) -> dict:
+    """config.json as a dict; a file that is not a JSON object is a :class:`CheckpointError`, not a crash later."""
+    from premoe.fileio import read_small_text
+
     path = resolve_model_path(model) / "config.json"
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(read_small_text(path, "config"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, expected an object of config fields; "
+                              "the checkpoint is corrupt (restore its config.json)")
+    return config
+
+
+def check_config(model: str | Path) -> dict:
+    """read_config, plus the expert/top-k/layer counts of a supported family checked before transformers builds.
+
+    A hand-edited count (0, -3, "32", 3.5, a top-k above the expert count)
+    otherwise surfaces as a torch error deep inside model construction.
+    """
+    from premoe.adapters import REGISTRY, get_adapter
+
+    config = read_config(model)
+    if config.get("model_type") in REGISTRY:
+        get_adapter(config).check_counts(config, resolve_model_path(model) / "config.json")
+    return config
 
 
 def config_hash(config: dict) -> str:
@@ -83,20 +110,48 @@ def load_model(model: str | Path, device: str = "cpu"):
     from premoe.progress import loading
 
     path = resolve_model_path(model)
-    premoe_block = read_config(path).get("premoe")
-    if isinstance(premoe_block, dict) and premoe_block.get("export") == "compact":
+    config = check_config(path)
+    if isinstance(config.get("premoe"), dict) and config["premoe"].get("export") == "compact":
         from premoe.compile import load_compact
 
         return load_compact(path).to(device)
     try:
         with loading(path):  # transformers' "Loading weights" bar: only for a long load on a terminal
-            loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            loaded, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # SafetensorError: a truncated shard
         raise CheckpointError(f"could not load the checkpoint in {path}: {str(e).splitlines()[0]}") from e
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers fills them with random weights: a silently wrong model
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise CheckpointError(f"{path}: the weights lack {len(missing)} tensors config.json asks for ({shown}); "
+                              "the checkpoint is incomplete or its config.json does not match its shards")
+    beyond = _layers_beyond_config(config, info.get("unexpected_keys") or ())
+    if beyond:  # transformers drops them: a silently shallower model
+        raise CheckpointError(f"{path}: the shards hold decoder layers {beyond[:4]} beyond config.json's "
+                              f"num_hidden_layers = {loaded.config.num_hidden_layers}; restore its config.json")
     return loaded.to(device).eval()
+
+
+def _layers_beyond_config(config: dict, unexpected) -> list[int]:
+    """Decoder layer indices of unloaded tensors past the config's layers and its declared MTP layers."""
+    import re
+
+    from premoe.adapters import REGISTRY, get_adapter
+
+    if config.get("model_type") not in REGISTRY:
+        return []
+    adapter = get_adapter(config)
+    last = adapter.num_hidden_layers(config) + adapter.mtp_declared(config)
+    found = {int(m.group(1)) for k in unexpected if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", k))}
+    return sorted(i for i in found if i >= last)
 
 
 def load_tokenizer(model: str | Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model_path(model))
+    path = resolve_model_path(model)
+    read_config(path)  # transformers reads config.json too, and reports a broken one as an OSError
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"could not load the tokenizer in {path}: {str(e).splitlines()[0]}") from e

@@ -261,6 +261,8 @@ def _boolean(body: dict, key: str) -> bool:
 
 
 def _kind(value) -> str:
+    if value in ("", [], {}) and not isinstance(value, bool):  # "must be a non-empty string, not a string" misleads
+        return {str: "an empty string", list: "an empty list", dict: "an empty object"}[type(value)]
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
             float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 

@@ -93,13 +93,17 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         """Read a plan file, refusing (one PlanError line) JSON of the wrong shape or types, or an invalid plan."""
+        from premoe.fileio import read_small_text
+
         path = Path(path)
         if not path.exists():
             raise MissingFileError(f"plan {path} does not exist; make one with `premoe plan PROFILE ... --out {path}`")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(read_small_text(path, "plan"))
         except json.JSONDecodeError as e:
             raise PlanError(f"{path} is not a premoe plan (invalid JSON: {e.msg})") from e
+        except InputError as e:  # a directory, a device, an oversized file
+            raise PlanError(f"{path} is not a readable premoe plan ({e})") from e
         except (OSError, UnicodeDecodeError) as e:
             raise PlanError(f"{path} is not a readable premoe plan ({type(e).__name__}); "
                             f"make one with `premoe plan PROFILE ... --out {path}`") from e
@@ -151,9 +155,14 @@ def _plan_fields(data: dict, path: Path) -> dict:
     for key in ("kept", "order"):
         table = {}
         for layer, experts in fields[key].items():
-            if not (isinstance(layer, str) and layer.isdigit() and isinstance(experts, list)
+            if not (isinstance(layer, str) and layer.isascii() and layer.isdigit() and isinstance(experts, list)
                     and all(_is_int(e) for e in experts)):
-                raise PlanError(f"{path}: {key}[{layer!r}] must map a layer index to a list of expert indices")
+                if not (isinstance(layer, str) and layer.isascii() and layer.isdigit()):
+                    raise PlanError(f"{path}: {key} has layer key {layer!r}, expected a decimal layer index; make "
+                                    "the plan again with `premoe plan`")
+                bad = [e for e in experts if not _is_int(e)][:3] if isinstance(experts, list) else experts
+                raise PlanError(f"{path}: {key}[{layer!r}] must map a layer index to a list of integer expert "
+                                f"indices, got {str(bad)[:80]}; make the plan again with `premoe plan`")
             table[int(layer)] = experts
         fields[key] = table
     if not all(_is_int(l) for l in fields["moe_layers"]):
@@ -321,7 +330,12 @@ def make_plan(profile: Profile, request: PlanRequest, profile_path: str = "") ->
     arch = profile.require_architecture()
     groups = profile.groups
     m = experts_for(profile, request)
-    check_experts(m, profile, groups)
+    try:
+        check_experts(m, profile, groups)
+    except PlanError as e:
+        if request.keep is None:
+            raise
+        raise PlanError(f"--keep {request.keep:g} of {profile.num_experts} experts gives {e}") from e
     if request.domain and request.domains:
         raise InputError("give either --domain (a specialist) or --generalist [--domains], not both")
     if request.domain:

@@ -88,6 +88,9 @@ class Profile:
         """
         info = self.check_scorer(scorer)
         names = list(domains or self.domains)
+        twice = sorted({d for d in names if names.count(d) > 1})
+        if twice:  # a repeated domain would silently weigh double
+            raise InputError(f"domain {', '.join(twice)} is listed twice in --domains; list each domain once")
         stats = [self.check_domain(d) for d in names]
         if weighting == "balanced":
             return torch.stack([self.mean_utility(s, scorer, info) for s in stats]).mean(0)

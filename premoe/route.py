@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ from fastapi import FastAPI, Request  # module level: FastAPI resolves the handl
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from premoe.errors import InputError, MissingFileError
+from premoe.fileio import read_small_text
+from premoe.modeling import TESTBEDS
 from premoe.guard import ApiError, GuardConfig, deadline_protocol, guarded_app, loopback_hosts
 from premoe.openai_request import OpenAIRequest, parse_request
 
@@ -81,9 +84,11 @@ def load_config(path: str | Path) -> RouteConfig:
     """Read and check a route config file (JSON); paths in it are relative to the file."""
     path = Path(path)
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(read_small_text(path, "route config"))
     except FileNotFoundError:
         raise MissingFileError(f"route config {path} does not exist") from None
+    except InputError:
+        raise
     except (ValueError, UnicodeDecodeError) as e:
         raise InputError(f"route config {path} is not valid JSON ({e}); see `premoe route --help`") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("backends"), dict) or \
@@ -99,15 +104,17 @@ def load_config(path: str | Path) -> RouteConfig:
         raise InputError(f"route config {path} has no \"{GENERALIST}\" backend; requests that match no domain, and "
                          "those whose backend is down, go there")
     here = path.resolve().parent
-    resolve = lambda p: p if p == "testbed" or Path(p).is_absolute() else str(here / p)  # noqa: E731
+    resolve = lambda p: p if p in TESTBEDS or Path(p).is_absolute() else str(here / p)  # noqa: E731
     options = {k: raw[k] for k in ("name", "retrieval_tokens", "health_interval", "connect_timeout") if k in raw}
     for key, value in options.items():
         if key == "name" and not (isinstance(value, str) and value):
             raise InputError(f"route config {path}: \"name\" must be a non-empty string")
-        if key != "name" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+        if key != "name" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value) or value <= 0):
             raise InputError(f"route config {path}: \"{key}\" must be a positive number, got {value!r}")
-    if "retrieval_tokens" in options:
-        options["retrieval_tokens"] = int(options["retrieval_tokens"])
+    if "retrieval_tokens" in options and not isinstance(options["retrieval_tokens"], int):
+        raise InputError(f"route config {path}: \"retrieval_tokens\" must be a whole number of tokens, got "
+                         f"{options['retrieval_tokens']!r}")
     return RouteConfig(resolve(raw["model"]), resolve(raw["store"]), backends, **options)
 
 

@@ -53,7 +53,7 @@ import torch
 from premoe import __version__
 from premoe.capture import DomainStats
 from premoe.data import Source, token_windows
-from premoe.errors import InputError
+from premoe.errors import InputError, PremoeError
 from premoe.fileio import load_artefact, save_artefact
 from premoe.matchers import Matcher, MatchParams, calibrate, fit_matcher
 from premoe.ngram import NgramParams, TokenLMs, combine, fit_lms
@@ -236,8 +236,18 @@ class Store:
 
     @classmethod
     def load(cls, path: str | Path) -> "Store":
-        m, tensors = load_artefact(path, "store.json", FORMAT, "patterns.safetensors",
-                                   f"premoe store build MODEL --profile P --data D --out {path}")
+        rebuild = f"premoe store build MODEL --profile P --data D --out {path}"
+        m, tensors = load_artefact(path, "store.json", FORMAT, "patterns.safetensors", rebuild)
+        try:
+            return cls._from_manifest(m, tensors)
+        except PremoeError as e:
+            raise InputError(f"{path}/store.json: {e}; rebuild it with `{rebuild}`") from e
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:  # a hand-edited or damaged manifest
+            raise InputError(f"{path}/store.json is damaged ({type(e).__name__}: {str(e)[:120]}); rebuild it with "
+                             f"`{rebuild}`") from e
+
+    @classmethod
+    def _from_manifest(cls, m: dict, tensors: dict) -> "Store":
         scorer = m["scorer"]
         domains = {d: DomainStats(info["tokens"], {scorer: tensors[f"{d}/sums"]}, tensors[f"{d}/routed"])
                    for d, info in m["domains"].items()}

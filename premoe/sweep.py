@@ -220,6 +220,8 @@ def estimate_sweep(model: str | Path, profile: str | Path, out: str | Path, conf
     if main.model["config_hash"] != identity["config_hash"]:
         raise InputError(f"profile {profile} was made for {main.model['name']}, not {identity['name']}; "
                          f"profile this model first")
+    for scorer in dict.fromkeys([*config.scorers, config.default_scorer]):  # as run_sweep: a dry run promises no rows
+        main.check_scorer(scorer)
     _check_generate(config, main)
     if not eval_data and identity["name"] != "testbed":
         raise InputError("give held-out evaluation text with --data NAME=PATH (one per profiled domain)")

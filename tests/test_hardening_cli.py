@@ -369,7 +369,7 @@ def test_disk_errors_and_internal_errors_are_one_line(capsys, monkeypatch, tmp_p
 
 def test_read_only_or_full_disk_is_refused_before_the_work(tmp_path, monkeypatch):
     class Stats:
-        f_flag, f_bavail, f_frsize = os.ST_RDONLY, 10**9, 4096
+        f_flag, f_bavail, f_frsize, f_blocks = os.ST_RDONLY, 10**9, 4096, 10**9
 
     monkeypatch.setattr("premoe.fileio.os.statvfs", lambda path: Stats())
     with pytest.raises(DiskSpaceError, match="read-only file system"):

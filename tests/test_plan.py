@@ -219,7 +219,7 @@ def test_check_model_validates_against_the_checkpoint(tiny_qwen3, tmp_path):
     (lambda d: {**d, "format": "premoe-plan/9"}, "format"),
     (lambda d: {**d, "kept": [[0, 1]]}, "'kept' must be a JSON dict"),
     (lambda d: {**d, "kept": {"0": "0,1"}}, r"kept\['0'\] must map"),
-    (lambda d: {**d, "kept": {"x": [0, 1]}}, r"kept\['x'\] must map"),
+    (lambda d: {**d, "kept": {"x": [0, 1]}}, r"kept has layer key 'x', expected a decimal layer index"),
     (lambda d: {**d, "kept": {**d["kept"], "0": [0, 1.5, 2, 3]}}, r"kept\['0'\] must map"),
     (lambda d: {**d, "kept": {**d["kept"], "0": [-1, 1, 2, 3]}}, "outside 0..7"),
     (lambda d: {**d, "num_experts": "8"}, "'num_experts' must be a JSON int"),

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from premoe.errors import PlanError, UnsupportedModelError
+from premoe.errors import CheckpointError, PlanError, UnsupportedModelError
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # module attributes transformers uses for a block's / router's / experts' own routed-expert count
@@ -113,10 +113,24 @@ class MoEAdapter:
         text = self._text_config(config)
         for key in self.expert_count_keys:
             value = _get(text, key)
-            if isinstance(value, int) and value > 0:
+            if _positive_int(value):
                 return value
         raise UnsupportedModelError(f"{self.name} config sets none of {', '.join(self.expert_count_keys)}; "
                                     "is this config.json complete?")
+
+    def check_counts(self, config, where: str = "config.json") -> None:
+        """Refuse expert, top-k and layer counts this family cannot be built with (a corrupt or hand-edited config)."""
+        text = self._text_config(config)
+        for key in self.expert_count_keys:
+            value = _get(text, key)
+            if value is not None and not _positive_int(value):
+                raise CheckpointError(f"{where}: {key} must be a positive integer, got {value!r}; restore the "
+                                      "checkpoint's config.json")
+        num, k = self.num_experts(config), _get(text, self.top_k_key)
+        if not _positive_int(k) or k > num:
+            raise CheckpointError(f"{where}: {self.top_k_key} must be an integer in 1..{num} (the expert count), got "
+                                  f"{k!r}; restore the checkpoint's config.json")
+        self.num_hidden_layers(config)
 
     def top_k(self, config) -> int:
         return int(_get(self._text_config(config), self.top_k_key))
@@ -521,6 +535,10 @@ def _apply_updates(config, updates: dict) -> None:
             _apply_updates(getattr(config, key), value)
         else:
             setattr(config, key, value)
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _get(config, key: str):

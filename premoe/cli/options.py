@@ -39,14 +39,18 @@ NON_NEGATIVE_FLOAT = FiniteFloat(min=0.0)
 class ListOf(click.ParamType):
     """A comma-separated list whose every item is checked by ``item`` (e.g. ``0.5,0.25`` with FRACTION)."""
 
-    def __init__(self, item: click.ParamType):
+    def __init__(self, item: click.ParamType, allow_empty: bool = True):
         self.item = item
+        self.allow_empty = allow_empty  # False: "," or "" would silently drop every row the option drives
         self.name = f"list of {item.name}"
 
     def convert(self, value, param, ctx):
         if isinstance(value, list):
             return value
-        return [self.item.convert(x.strip(), param, ctx) for x in str(value).split(",") if x.strip()]
+        items = [self.item.convert(x.strip(), param, ctx) for x in str(value).split(",") if x.strip()]
+        if not items and not self.allow_empty:
+            self.fail(f"{value!r} lists no values; give at least one, e.g. 0.5", param, ctx)
+        return items
 
 
 def split_names(text: str) -> list[str]:

@@ -93,10 +93,19 @@ def show(path, scorer, json_out, force) -> None:
 @click.option("--force", is_flag=True, help="Replace --out if it exists and premoe wrote it.")
 def merge(paths, out, force) -> None:
     """Merge profiles of the same model (domains in both are added token-weighted)."""
+    from pathlib import Path
+
+    from premoe.errors import InputError
     from premoe.fileio import check_output
     from premoe.profile import Profile
 
     check_output(out, inputs=paths, force=force)
+    seen: dict[Path, str] = {}
+    for path in paths:  # the same profile twice would count its tokens twice
+        key = Path(path).resolve()
+        if key in seen:
+            raise InputError(f"profile {path} is given twice (also as {seen[key]}); list each profile once")
+        seen[key] = path
     merged = Profile.load(paths[0])
     for path in paths[1:]:
         merged = merged.merge(Profile.load(path))

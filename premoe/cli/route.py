@@ -27,11 +27,12 @@ def command(config, host, port, max_body, read_timeout, api_key, docs) -> None:
     import uvicorn
 
     from premoe.errors import InputError
-    from premoe.guard import GuardConfig, exposure_warning, loopback_hosts
+    from premoe.guard import GuardConfig, check_bindable, exposure_warning, loopback_hosts
     from premoe.route import Router, load_config, route_server_config
 
     if api_key is not None and not api_key.strip():
         raise InputError("--api-key (or PREMOE_API_KEY) is empty; give a key or leave it unset")
+    check_bindable(host, port)  # before the store and model load
     router = Router.load(load_config(config))
     guard = GuardConfig(max_body=max_body, read_timeout=read_timeout, api_key=api_key,
                         allowed_hosts=loopback_hosts(host, port))

@@ -41,7 +41,7 @@ def command(model, store_path, experts, host, port, name, max_prompt_tokens, max
     import uvicorn
 
     from premoe.errors import InputError
-    from premoe.guard import GuardConfig, exposure_warning, loopback_hosts
+    from premoe.guard import GuardConfig, check_bindable, exposure_warning, loopback_hosts
     from premoe.serve import Engine, ServeLimits, server_config
 
     if store_path and experts is None:
@@ -50,6 +50,7 @@ def command(model, store_path, experts, host, port, name, max_prompt_tokens, max
         raise InputError("--experts needs --store; to serve a fixed subset, compile it and serve the compiled dir")
     if api_key is not None and not api_key.strip():
         raise InputError("--api-key (or PREMOE_API_KEY) is empty; give a key or leave it unset")
+    check_bindable(host, port)  # before the model loads
     limits = ServeLimits(max_prompt_tokens, max_tokens, max_queue, retrieval_tokens)
     engine = Engine.retrieval(model, store_path, experts, limits, name) if store_path else \
         Engine.fixed_model(model, limits, name)

@@ -15,7 +15,7 @@ from premoe.cli.options import (FRACTION, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSI
               help="Held-out text per domain, NAME=PATH (default for testbed: each domain's test split).")
 @click.option("--calib-data", "calib_data", multiple=True,
               help="Calibration text for studies that re-profile (default: what --profile used).")
-@click.option("--keep", default="0.75,0.5,0.375,0.25,0.125", show_default=True, type=ListOf(FRACTION),
+@click.option("--keep", default="0.75,0.5,0.375,0.25,0.125", show_default=True, type=ListOf(FRACTION, allow_empty=False),
               help="Keep ratios, each in (0, 1].")
 @click.option("--scorers", default="peu_norm,peu,tcess,tcess_top1,frequency,router_mass,reap,reap_softmax,ean_sum,ean_mean,random",
               show_default=True,
