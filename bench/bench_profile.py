@@ -197,7 +197,8 @@ def _child(args) -> None:
     """One measured run in its own process: prints {seconds, maxrss_bytes} as the last line."""
     from premoe import malloc
 
-    malloc.return_freed_memory()  # what the premoe CLI does first (premoe.cli.main), for every mode alike
+    if args.mode == "stream":
+        malloc.return_freed_memory()  # what the premoe CLI does first for --stream runs (premoe.cli.main)
     from premoe.data import Source
     from premoe.profile import ProfileParams, profile_model
 

@@ -61,7 +61,7 @@ TEXTS = {"code": ("def add(a, b):\n    return a + b\n\n"
 
 PROFILE_CHILD = r"""
 import json, sys, time
-import premoe.malloc; premoe.malloc.return_freed_memory()  # what the premoe CLI does first (premoe.cli.main)
+import premoe.malloc; premoe.malloc.return_freed_memory()  # what `premoe profile --stream` does first (premoe.cli.main)
 mode, model, out, tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 texts, batch = json.loads(sys.argv[5]), int(sys.argv[6])
 def status(field):

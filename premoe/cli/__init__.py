@@ -65,7 +65,8 @@ def cli() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; every failure ends as one line on stderr and a non-zero exit (``PREMOE_DEBUG=1``: traceback)."""
     threads.configure()  # before any verb imports torch: OpenMP reads its settings once
-    malloc.return_freed_memory()  # before the first large free, or glibc's threshold has already risen
+    if "--stream" in (sys.argv[1:] if argv is None else argv):  # layer-by-layer runs: memory over CPU time
+        malloc.return_freed_memory()  # before the first large free, or glibc's threshold has already risen
     try:
         cli.main(args=argv, prog_name="premoe", standalone_mode=False)
     except click.exceptions.Abort:
