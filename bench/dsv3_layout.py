@@ -126,6 +126,7 @@ class Layout:
     topk_group: int = 4
     mtp: int = 1  # num_nextn_predict_layers
     fp8: bool = False
+    model_type: str = "deepseek_v3"  # "kimi_k2": Kimi-K2's config.json names its own type for the same modules
     variant: str = "release"  # "release": keys in model order, cut into shards by size; "scattered": see module doc
     seed: int = 0
 
@@ -139,7 +140,7 @@ class Layout:
                   "qk_nope_head_dim": self.qk_nope_head_dim, "v_head_dim": self.v_head_dim, "vocab_size": self.vocab,
                   "first_k_dense_replace": self.first_dense, "num_experts_per_tok": self.top_k,
                   "n_group": self.n_group, "topk_group": self.topk_group, "num_nextn_predict_layers": self.mtp,
-                  "max_position_embeddings": 4096}
+                  "max_position_embeddings": 4096, "model_type": self.model_type}
         if self.fp8:
             config["quantization_config"] = dict(QUANTIZATION_CONFIG)
         return dict(sorted(config.items()))
@@ -377,10 +378,13 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="checkpoint directory to write (e.g. under /work/tmp)")
     defaults = Layout()
     for name in ("layers", "experts", "shards", "hidden", "moe_intermediate", "intermediate", "first_dense", "mtp",
-                 "seed"):
+                 "top_k", "n_group", "topk_group", "seed"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     parser.add_argument("--fp8", action="store_true", help="FP8 e4m3 weights with 128x128 block scales")
     parser.add_argument("--variant", choices=VARIANTS, default="release")
+    parser.add_argument("--model-type", default="deepseek_v3",
+                        help="config.json's model_type (kimi_k2 with --experts 384 --n-group 1 --topk-group 1 "
+                             "--first-dense 1 --mtp 0 is Kimi-K2's layout)")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
     fields = {k: v for k, v in vars(args).items() if k not in ("out", "force")}

@@ -58,7 +58,7 @@ from premoe import pagemap
 from premoe.adapters import get_adapter
 from premoe.checkpoint import TensorInfo, read_header, tensors, torch_dtype
 from premoe.errors import CheckpointError, InputError, PlanError, UnsupportedModelError
-from premoe.modeling import resolve_model_path
+from premoe.modeling import resolve_model_path, transformers_config
 
 # what a swap can widen into fp32 slots (FP8 weights need their block scales: dequantize first)
 _READABLE = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
@@ -124,11 +124,9 @@ class ExpertBank:
 
     def __init__(self, model: str | Path, kept: Mapping[int, Sequence[int]], loaded=None,
                  cache: str | Path | None = "auto", map_from: int | None = pagemap.MAP_FROM):
-        from transformers import AutoConfig
-
         self.path = resolve_model_path(model)
         # the unpruned config: what kept sets are checked against (a loaded model's is pruned with it)
-        self.config = copy.deepcopy(loaded.config) if loaded is not None else AutoConfig.from_pretrained(self.path)
+        self.config = copy.deepcopy(loaded.config) if loaded is not None else transformers_config(self.path)
         self.adapter = get_adapter(self.config)
         self.num_experts = self.adapter.num_experts(self.config)
         stored = tensors(self.path)

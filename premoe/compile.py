@@ -879,16 +879,16 @@ def load_compact(path: str | Path, dtype=None):
     """
     import torch
     from safetensors.torch import load_file
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from premoe.adapters import get_adapter
     from premoe.adapters.base import prune_in_memory
-    from premoe.modeling import resolve_model_path
+    from premoe.modeling import resolve_model_path, transformers_config
     from premoe.progress import loading
 
     path = resolve_model_path(path)
     counts = {int(layer): n for layer, n in compiled_info(path)["experts_per_layer"].items()}
-    config = AutoConfig.from_pretrained(path)
+    config = transformers_config(path)
     adapter = get_adapter(config)
     largest = max(counts.values())
     state: dict[str, torch.Tensor] = {}

@@ -5,7 +5,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from premoe.errors import CheckpointError, MissingFileError
+from premoe.errors import CheckpointError, MissingFileError, UnsupportedModelError
 
 
 # MODEL names of the shipped testbeds -> (folder under premoe/testbed, how to train and ship it)
@@ -82,11 +82,61 @@ def check_config(model: str | Path) -> dict:
     return config
 
 
+def transformers_config(model: str | Path):
+    """transformers' config of a checkpoint, built from transformers' own classes: premoe never runs a
+    checkpoint's custom code (``auto_map``).
+
+    A family whose config.json names a model_type transformers does not register but whose modules it has
+    (Kimi-K2's ``kimi_k2`` is DeepSeek-V3) is built as the type its adapter names; any other unregistered
+    model_type is refused here, before transformers would ask to run the checkpoint's code.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from premoe.adapters import REGISTRY, supported
+
+    raw = check_config(model)
+    model_type = raw.get("model_type")
+    adapter = REGISTRY.get(model_type)
+    if adapter is not None and adapter.transformers_model_type:
+        fields = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
+        return AutoConfig.for_model(adapter.transformers_model_type, **fields)
+    if model_type not in CONFIG_MAPPING:
+        import transformers
+
+        raise UnsupportedModelError(
+            f"{resolve_model_path(model) / 'config.json'}: model_type {model_type!r} is unknown to transformers "
+            f"{transformers.__version__} and to premoe, which never runs a checkpoint's own code (auto_map); "
+            f"upgrade transformers, or add an adapter in premoe/adapters/families.py (supported: "
+            f"{', '.join(supported())})")
+    return AutoConfig.from_pretrained(resolve_model_path(model))
+
+
 def config_hash(config: dict) -> str:
     """A short hash of the config fields that fix the expert layout (not transformers' version)."""
     ignored = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "premoe"}
     canonical = json.dumps({k: v for k, v in sorted(config.items()) if k not in ignored}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def locate_model(identity: dict) -> str:
+    """Where the model an artefact (profile, store) records is now.
+
+    Its recorded path, or, when that directory is gone (the repository moved, a fresh clone, a removed
+    worktree), its recorded name when that resolves to a model with the same config hash: artefacts of a
+    shipped testbed keep working wherever premoe is installed.
+    """
+    path, name = identity.get("path"), identity.get("name")
+    if path and Path(path).is_dir():
+        return str(path)
+    if name:
+        try:
+            if config_hash(read_config(name)) == identity.get("config_hash"):
+                return str(name)
+        except (MissingFileError, CheckpointError):
+            pass
+    raise MissingFileError(f"the model this was made from ({name}, recorded at {path}) is not there any more; "
+                           "pass --model with its checkpoint directory")
 
 
 def model_identity(model: str | Path) -> dict:
@@ -117,7 +167,8 @@ def load_model(model: str | Path, device: str = "cpu"):
         return load_compact(path).to(device)
     try:
         with loading(path):  # transformers' "Loading weights" bar: only for a long load on a terminal
-            loaded, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+            loaded, info = AutoModelForCausalLM.from_pretrained(path, config=transformers_config(path),
+                                                                dtype=torch.float32, output_loading_info=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # SafetensorError: a truncated shard
         raise CheckpointError(f"could not load the checkpoint in {path}: {str(e).splitlines()[0]}") from e
     missing = sorted(info.get("missing_keys") or ())
@@ -147,11 +198,13 @@ def _layers_beyond_config(config: dict, unexpected) -> list[int]:
 
 
 def load_tokenizer(model: str | Path):
+    """The checkpoint's tokenizer, from transformers' own classes (a tokenizer that needs the checkpoint's code
+    is refused with transformers' message rather than a prompt to run it)."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(model)
-    read_config(path)  # transformers reads config.json too, and reports a broken one as an OSError
+    config = transformers_config(path)  # transformers would read config.json too, and report a broken one as OSError
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, config=config, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"could not load the tokenizer in {path}: {str(e).splitlines()[0]}") from e

@@ -129,17 +129,17 @@ class Profile:
         """
         if self.architecture:
             return self.architecture
-        from premoe.modeling import read_config
+        from premoe.adapters import get_adapter
+        from premoe.modeling import locate_model, read_config, resolve_model_path
 
-        if not Path(self.model.get("path", "")).is_dir():
+        try:
+            model = resolve_model_path(locate_model(self.model))
+        except MissingFileError as e:
             raise InputError(f"this profile (of {self.model.get('name')}) predates premoe recording the model's "
                              f"routing constraints, and the model directory {self.model.get('path')} is gone; "
-                             "profile the model again")
-        from premoe.adapters import get_adapter
-
-        config = read_config(self.model["path"])
-        self.architecture = architecture_of(get_adapter(config), config, Path(self.model["path"]),
-                                            self.num_experts)
+                             "profile the model again") from e
+        config = read_config(model)
+        self.architecture = architecture_of(get_adapter(config), config, model, self.num_experts)
         return self.architecture
 
     def sizes(self):

@@ -225,15 +225,17 @@ def load_first_layers(model: str | Path, layers: int):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from premoe.modeling import load_model, resolve_model_path
+    from premoe.modeling import load_model, resolve_model_path, transformers_config
     from premoe.progress import loading
 
     path = resolve_model_path(model)
+    config = transformers_config(path)
+    config.num_hidden_layers = layers
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "weights of layers N.. not used" is the point, not a problem
     try:
         with loading(path):  # transformers' bar only for a long load on a terminal (premoe.progress)
-            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, num_hidden_layers=layers).eval()
+            return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).eval()
     except (ValueError, TypeError, RuntimeError, OSError):
         return load_model(model)
     finally:

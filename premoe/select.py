@@ -279,19 +279,20 @@ def reconstruct(profile, domains: Sequence[str], m: int, tokens: int = 2048,
     """The reconstruction plan's (layers, experts) utility (greedy order) and kept rows (after swaps) at M = ``m``.
 
     Re-reads the profile's calibration text (the origins it recorded) and the
-    model (``profile.model["path"]``, or ``loaded``) to sample ``tokens`` router
-    inputs per layer and domain; a generalist pools the domains equally, at most
+    model (``profile.model``, wherever :func:`~premoe.modeling.locate_model` finds it, or ``loaded``) to
+    sample ``tokens`` router inputs per layer and domain; a generalist pools the domains equally, at most
     2 × ``tokens`` in all. ``loaded`` is an optional (model, tokenizer) pair.
     """
     from premoe.adapters import get_adapter
     from premoe.data import parse_sources, token_windows
-    from premoe.modeling import load_model, load_tokenizer
     from premoe.errors import InputError
+    from premoe.modeling import load_model, load_tokenizer, locate_model
     from premoe.sweep import calib_specs_of
 
     if tokens < 1:
         raise InputError(f"--sample-tokens must be ≥ 1, got {tokens}")
-    net, tokenizer = loaded or (load_model(profile.model["path"]), load_tokenizer(profile.model["path"]))
+    model = locate_model(profile.model) if loaded is None else None
+    net, tokenizer = loaded or (load_model(model), load_tokenizer(model))
     adapter = get_adapter(net.config)
     per_domain = tokens if len(domains) == 1 else max(1, 2 * tokens // len(domains))
     specs = {s.partition("=")[0].partition(":")[0]: s for s in calib_specs_of(profile)}

@@ -251,13 +251,11 @@ def load_pruned(model: str | Path, kept: dict[int, Sequence[int]], on_layer=None
 
 def _open(model: str | Path, device: str) -> tuple:
     """(path, config, skeleton, adapter, {index: MoE layer}, decoder layers, loader) of a checkpoint, nothing loaded."""
-    from transformers import AutoConfig
-
     from premoe.adapters import get_adapter
-    from premoe.modeling import resolve_model_path
+    from premoe.modeling import resolve_model_path, transformers_config
 
     path = resolve_model_path(model)
-    config = AutoConfig.from_pretrained(path)
+    config = transformers_config(path)
     net = _skeleton(config)
     adapter = get_adapter(config, net)
     moe = {layer.index: layer for layer in adapter.moe_layers(net)}

@@ -27,6 +27,10 @@ FAST = Layout(layers=5, hidden=64, moe_intermediate=32, intermediate=128, heads=
               qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)
 # what nobody tuned for: 97 shards, keys shuffled inside each, a layer's experts dealt over every shard, 1 dense layer
 VARIANT = replace(FAST, shards=97, variant="scattered", first_dense=1, layers=3, seed=7)
+# Kimi-K2's layout: DeepSeek-V3's modules under model_type "kimi_k2" (unknown to transformers, custom code in
+# auto_map), 384 experts in one group, the first layer dense, no MTP layer
+KIMI = replace(FAST, layers=3, experts=384, n_group=1, topk_group=1, first_dense=1, mtp=0, shards=40,
+               model_type="kimi_k2")
 TEXTS = {"code": "def add(a, b):\n    return a + b\n" * 40,
          "prose": "In the beginning God created the heaven and the earth.\n" * 40}
 PARAMS = ProfileParams(max_tokens=256, seq_len=64, batch_size=4)
@@ -166,6 +170,35 @@ def test_layout_variant_profile_plan_compile_verify(written, profiles, tmp_path)
     assert set(index.values()) == {p.name for p in out.glob("*.safetensors")}  # shards left empty are not written
     report = verify(written["variant"], out, [CODE], max_tokens=128, seq_len=64, progress=False)
     assert report.passed, report.summary()
+
+
+def test_kimi_k2_layout_profile_plan_compile_verify(tmp_path):
+    """model_type kimi_k2 is built as DeepSeek-V3 from transformers' classes, never from the checkpoint's code."""
+    from premoe.modeling import transformers_config
+    from premoe.streaming import profile_streaming
+    from premoe.verify import verify
+
+    model = dsv3_layout.write(KIMI, tmp_path / "kimi")
+    assert json.loads((model / "config.json").read_text())["auto_map"]  # what would make transformers ask
+    assert transformers_config(model).model_type == "deepseek_v3"
+    profile = profile_streaming(model, [CODE], ["peu"], PARAMS, progress=False)
+    assert profile.family == "DeepSeek-V3" and profile.moe_layers  # the modules it is built from == [1, 2] and profile.num_experts == 384
+    plan = make_plan(profile, PlanRequest(keep=0.5, domain="code", scorer="peu"))
+    out = _compile(model, plan, tmp_path, "drop")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["n_routed_experts"]) == ("kimi_k2", 192)
+    report = verify(model, out, [CODE], max_tokens=128, seq_len=64, progress=False)
+    assert report.passed, report.summary()
+
+
+def test_unregistered_model_type_is_refused_before_transformers_asks_to_run_its_code(tmp_path):
+    from premoe.errors import UnsupportedModelError
+    from premoe.modeling import load_tokenizer, transformers_config
+
+    model = dsv3_layout.write(replace(KIMI, model_type="moonshot_next", shards=3), tmp_path / "unknown")
+    for load in (transformers_config, load_tokenizer):
+        with pytest.raises(UnsupportedModelError, match="'moonshot_next' is unknown to transformers .* never runs"):
+            load(model)
 
 
 def _compile(model: Path, plan, tmp_path: Path, mtp: str) -> Path:

@@ -186,3 +186,19 @@ def test_cli_says_testbed_dsv3_is_not_shipped_yet():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "testbed-dsv3 model is not shipped" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_artefacts_of_a_shipped_testbed_find_it_after_the_repository_moves(tmp_path):
+    """A store or profile records the testbed's absolute path; a fresh clone elsewhere must still find it by name,
+    and only when the config hash says it is the same model."""
+    from premoe.errors import MissingFileError
+    from premoe.modeling import locate_model, model_identity
+
+    identity = model_identity("testbed")
+    assert locate_model(identity) == identity["path"]
+    moved = {**identity, "path": str(tmp_path / "old-clone" / "premoe" / "testbed" / "model")}
+    assert locate_model(moved) == "testbed"
+    with pytest.raises(MissingFileError, match="not there any more; pass --model"):
+        locate_model({**moved, "config_hash": "0" * 16})
+    with pytest.raises(MissingFileError, match="not there any more"):
+        locate_model({**moved, "name": str(tmp_path / "elsewhere")})

@@ -72,6 +72,9 @@ class MoEAdapter:
     model_types: tuple[str, ...]  # config.model_type values this adapter serves
     expert_count_keys: tuple[str, ...]  # config fields holding the routed expert count (all rewritten)
     top_k_key: str = "num_experts_per_tok"
+    # the model_type transformers builds this family as, when config.json names one transformers does not register
+    # (Kimi-K2 ships model_type "kimi_k2" with DeepSeek-V3's modules and custom code premoe never runs); None: itself
+    transformers_model_type: str | None = None
     scoring: str = "softmax"  # "softmax" or "sigmoid": how router logits become gate probabilities
     norm_topk_key: str | None = "norm_topk_prob"  # None: the family's renormalisation is fixed (always_renormalises)
     always_renormalises: bool = True  # used when norm_topk_key is None

@@ -128,6 +128,10 @@ _DEEPSEEK_V3_LIKE = dict(
 DEEPSEEK_V3 = MoEAdapter(name="DeepSeek-V3", model_types=("deepseek_v3",), **_DEEPSEEK_V3_LIKE,
                          notes=("the multi-token-prediction layer (model.layers.61 on disk) is not loaded by "
                                 "transformers; compile drops it by default (--mtp prune keeps it, pruned)",))
+# Kimi-K2 (moonshotai): DeepSeek-V3's architecture (architectures: DeepseekV3ForCausalLM; 384 experts, one group,
+# first layer dense, no MTP layer) under its own model_type, which transformers does not register
+KIMI_K2 = MoEAdapter(name="Kimi-K2", model_types=("kimi_k2",), transformers_model_type="deepseek_v3",
+                     **_DEEPSEEK_V3_LIKE)
 DEEPSEEK_V32 = MoEAdapter(name="DeepSeek-V3.2", model_types=("deepseek_v32",), **_DEEPSEEK_V3_LIKE)
 GLM4_MOE = MoEAdapter(name="GLM-4-MoE", model_types=("glm4_moe",), **_DEEPSEEK_V3_LIKE)
 GLM4_MOE_LITE = MoEAdapter(name="GLM-4-MoE-Lite", model_types=("glm4_moe_lite",), **_DEEPSEEK_V3_LIKE)
@@ -300,7 +304,7 @@ GPT_OSS = _GptOssAdapter(
 
 ALL: tuple[MoEAdapter, ...] = (
     QWEN3_MOE, QWEN2_MOE, QWEN3_NEXT, QWEN3_5_MOE, OLMOE, FLEX_OLMO, MIXTRAL, MINIMAX, MINIMAX_M2, PHIMOE,
-    HUNYUAN_MOE, HY_V3, DEEPSEEK_V2, DEEPSEEK_V3, DEEPSEEK_V32, GLM4_MOE, GLM4_MOE_LITE, DOTS1, SOLAR_OPEN,
+    HUNYUAN_MOE, HY_V3, DEEPSEEK_V2, DEEPSEEK_V3, KIMI_K2, DEEPSEEK_V32, GLM4_MOE, GLM4_MOE_LITE, DOTS1, SOLAR_OPEN,
     MIMO_V2_FLASH, KIMI_LINEAR, EXAONE_MOE, KOLIBRI1, AFMOE, LFM2_MOE, JAMBA, ERNIE4_5_MOE, GRANITE_MOE, LLAMA4,
     GPT_OSS,
 )

@@ -83,14 +83,14 @@ def add(store_path, profile_path, data, held_out) -> None:
     from premoe.adapters import get_adapter
     from premoe.data import data_paths
     from premoe.fileio import check_inputs
-    from premoe.modeling import load_model, load_tokenizer
+    from premoe.modeling import load_model, load_tokenizer, locate_model
     from premoe.patterns import PatternReader
     from premoe.profile import Profile
     from premoe.store import PatternData, Store, calibrate_store, calibration_ids, read_patterns
 
     check_inputs(store_path, [profile_path, *data_paths(data), *data_paths(held_out)])  # rewritten: no input inside
     store = Store.load(store_path)
-    model = store.model["path"]
+    model = locate_model(store.model)
     net, tokenizer = load_model(model), load_tokenizer(model)
     params = store.matcher.params
     reader = PatternReader(net, get_adapter(net.config), params.feature, params.layers)
@@ -123,12 +123,12 @@ def query(store_path, text, model, tokens, mixed, json_out, force) -> None:
     """Which stored domain TEXT retrieves, with its score for every domain (lower = nearer)."""
     from premoe.adapters import get_adapter
     from premoe.fileio import emit_json
-    from premoe.modeling import load_model, load_tokenizer
+    from premoe.modeling import load_model, load_tokenizer, locate_model
     from premoe.retrieval import Retriever
     from premoe.store import Store
 
     store = Store.load(store_path)
-    model = model or store.model["path"]
+    model = model or locate_model(store.model)
     net = load_model(model)
     retriever = Retriever(net, get_adapter(net.config), store, load_tokenizer(model), mixed=mixed)
     hit = retriever.retrieve(text, tokens)
