@@ -207,4 +207,7 @@ def load_tokenizer(model: str | Path):
     try:
         return AutoTokenizer.from_pretrained(path, config=config, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as e:
-        raise CheckpointError(f"could not load the tokenizer in {path}: {str(e).splitlines()[0]}") from e
+        hint = ("; premoe never runs a checkpoint's own code: save the tokenizer as tokenizer.json (a "
+                "PreTrainedTokenizerFast) in that directory") if "custom code" in str(e) else ""
+        reason = str(e).splitlines()[0].rstrip(" .")
+        raise CheckpointError(f"could not load the tokenizer in {path}: {reason}{hint}") from e

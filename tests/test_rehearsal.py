@@ -201,6 +201,19 @@ def test_unregistered_model_type_is_refused_before_transformers_asks_to_run_its_
             load(model)
 
 
+def test_a_tokenizer_that_needs_the_checkpoints_code_is_refused_with_the_fix(tmp_path):
+    from premoe.errors import CheckpointError
+    from premoe.modeling import load_tokenizer
+
+    model = dsv3_layout.write(replace(KIMI, shards=3), tmp_path / "kimi")
+    (model / "tokenizer.json").unlink()  # as released: tiktoken, loaded by tokenization_kimi.py
+    (model / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "TikTokenTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer",
+                                                                                 None]}}))
+    with pytest.raises(CheckpointError, match="custom code.*never runs a checkpoint's own code: save the tokenizer"):
+        load_tokenizer(model)
+
+
 def _compile(model: Path, plan, tmp_path: Path, mtp: str) -> Path:
     from premoe.compile import compile_checkpoint
 
