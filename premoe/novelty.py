@@ -59,6 +59,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from premoe.bytelm import ByteLMs, fit_byte_lms
 from premoe.errors import InputError
 from premoe.matchers import bucket
 from premoe.ngram import TokenLMs, bigram_codes, calibration_ids, combine
@@ -80,6 +81,9 @@ class NoveltyParams:
     margin_weight: float | None = None  # kn, joint: weight of the margin between the two lowest scores; None: the
     # method's val choice, MARGIN_WEIGHTS (kn: .5 of 0, .5, 1; joint: 0 of 0, .5)
     pattern_weight: float = 0.5  # joint: beta of premoe.ngram.combine for the pattern's NLL (val grid .5, 1, 2)
+    byte_weight: float = 2.0  # kn, joint: weight of the lowest mean NLL per byte under the domains' byte n-gram
+    # models (premoe.bytelm) added to the score; 0: no byte models (val grid 0, 1, 2, 4)
+    byte_order: int = 5  # bytes per n-gram of those models (val: 4 and 5 within 0.01 AUROC, 3 worse)
     max_tokens: int = 1 << 18  # ngram: calibration (and held-out) tokens per domain read (tokenised only)
 
     def check(self) -> "NoveltyParams":
@@ -93,6 +97,10 @@ class NoveltyParams:
             raise InputError(f"novelty margin weight must be >= 0, got {self.margin_weight}")
         if not self.pattern_weight >= 0:
             raise InputError(f"novelty pattern weight must be >= 0, got {self.pattern_weight}")
+        if not self.byte_weight >= 0:
+            raise InputError(f"novelty byte weight must be >= 0, got {self.byte_weight}")
+        if isinstance(self.byte_order, bool) or not isinstance(self.byte_order, int) or not 1 <= self.byte_order <= 7:
+            raise InputError(f"novelty byte order must be an integer in 1..7, got {self.byte_order!r}")
         if self.max_tokens < 2:
             raise InputError(f"novelty calibration tokens must be >= 2, got {self.max_tokens}")
         return self
@@ -115,6 +123,11 @@ class Detector:
     unigrams: dict[str, torch.Tensor]  # domain -> sorted distinct token ids (int64) of its calibration text
     thresholds: dict[int, float] = field(default_factory=dict)  # length bucket -> fallback score
     lms: TokenLMs | None = None  # kn, joint: the store's token models (saved by the store, not here)
+    byte_lms: ByteLMs | None = None  # kn, joint with byte_weight > 0: the domains' byte n-gram models
+
+    @property
+    def uses_bytes(self) -> bool:
+        return self.params.method in TOKEN_MODEL_METHODS and self.params.byte_weight > 0
 
     @property
     def domains(self) -> list[str]:
@@ -152,10 +165,16 @@ class Detector:
         score less ``margin_weight`` times its margin to the second lowest (text one domain explains much better
         than the rest is familiar even when hard). ``pattern_scores``, ``features``: as :meth:`scores`."""
         scores = self.scores(ids, pattern_scores, features)  # (n, D)
-        if self.params.method not in TOKEN_MODEL_METHODS or scores.shape[1] < 2:
+        if self.params.method not in TOKEN_MODEL_METHODS:
             return scores.min(1).values
-        two = scores.topk(2, dim=1, largest=False).values  # (n, 2) ascending
-        return two[:, 0] - self.params.margin_weight * (two[:, 1] - two[:, 0])
+        if scores.shape[1] < 2:
+            score = scores[:, 0]
+        else:
+            two = scores.topk(2, dim=1, largest=False).values  # (n, 2) ascending
+            score = two[:, 0] - self.params.margin_weight * (two[:, 1] - two[:, 0])
+        if self.uses_bytes:  # text whose spelling no domain knows: a language or code the store never saw
+            score = score + self.params.byte_weight * self.byte_lms.nll(ids.long().reshape(len(ids), -1)).min(1).values
+        return score
 
     def threshold(self, tokens: int) -> float | None:
         """The fallback threshold of a ``tokens``-token request (None: not calibrated, never falls back)."""
@@ -172,8 +191,11 @@ class Detector:
     def add(self, ids: dict[str, torch.Tensor]) -> "Detector":
         """Add domains from their calibration ids ``{domain: (tokens,)}``; thresholds are kept (recalibrate).
 
-        A ``kn`` or ``joint`` detector reads the store's token models: the store adds the domains there."""
+        A ``kn`` or ``joint`` detector reads the store's token models (the store adds the domains there) and
+        adds the domains' byte models here."""
         if self.params.method in TOKEN_MODEL_METHODS:
+            if self.uses_bytes:
+                self.byte_lms.add(ids)
             return self
         clashes = sorted(set(ids) & set(self.bigrams))
         if clashes:
@@ -187,22 +209,35 @@ class Detector:
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"novelty/bigrams/{d}": t.contiguous() for d, t in self.bigrams.items()}
         out.update({f"novelty/unigrams/{d}": t.contiguous() for d, t in self.unigrams.items()})
+        out.update({f"novelty/{k}": t for k, t in self.byte_lms.tensors().items()} if self.uses_bytes else {})
         return out
 
     def manifest(self) -> dict:
         return {"params": asdict(self.params), "vocab": self.vocab, "lengths": list(self.lengths),
-                "domains": self.domains, "thresholds": {str(t): v for t, v in self.thresholds.items()}}
+                "domains": self.domains, "thresholds": {str(t): v for t, v in self.thresholds.items()},
+                **({"bytes": self.byte_lms.manifest()} if self.uses_bytes else {})}
 
     @classmethod
     def load(cls, manifest: dict, tensors: dict[str, torch.Tensor], lms: TokenLMs | None = None) -> "Detector":
         domains = manifest["domains"]
-        params = NoveltyParams(**manifest["params"]).check()
+        params = NoveltyParams(**{"byte_weight": 0.0, **manifest["params"]}).check()  # saved before byte models
         if params.method in TOKEN_MODEL_METHODS:
             if lms is None:
                 raise InputError(f"the store's fallback score is {params.method!r} but it has no token models; "
                                  "rebuild the store")
-            return cls(params, int(manifest["vocab"]), tuple(int(t) for t in manifest["lengths"]), {}, {},
-                       {int(t): float(v) for t, v in manifest["thresholds"].items()}, lms)
+            detector = cls(params, int(manifest["vocab"]), tuple(int(t) for t in manifest["lengths"]), {}, {},
+                           {int(t): float(v) for t, v in manifest["thresholds"].items()}, lms)
+            if detector.uses_bytes:
+                if "bytes" not in manifest:
+                    raise InputError(f"the store's fallback score weighs byte models ({params.byte_weight}) but it "
+                                     "has none; rebuild the store")
+                detector.byte_lms = ByteLMs.load(manifest["bytes"], {k.removeprefix("novelty/"): t
+                                                                  for k, t in tensors.items()
+                                                                  if k.startswith("novelty/bytes/")})
+                if detector.byte_lms.domains != lms.domains:
+                    raise InputError("the store's byte models and token models name different domains; "
+                                     "rebuild the store")
+            return detector
         missing = [d for d in domains if f"novelty/bigrams/{d}" not in tensors or f"novelty/unigrams/{d}" not in tensors]
         if missing:
             raise InputError(f"the store's novelty tables lack domain {', '.join(missing)}; rebuild the store")
@@ -220,9 +255,11 @@ def _tables(ids: torch.Tensor, vocab: int, domain: str) -> tuple[torch.Tensor, t
 
 
 def fit_detector(params: NoveltyParams, ids: dict[str, torch.Tensor], vocab: int,
-                 lengths: tuple[int, ...], lms: TokenLMs | None = None) -> Detector:
+                 lengths: tuple[int, ...], lms: TokenLMs | None = None,
+                 token_bytes: list[bytes] | None = None) -> Detector:
     """Novelty tables of every domain from its calibration ids ``{domain: (tokens,)}`` (documents EOS-joined);
-    a ``kn`` or ``joint`` detector scores with ``lms`` (the store's token models) instead."""
+    a ``kn`` or ``joint`` detector scores with ``lms`` (the store's token models) instead, plus (byte weight
+    > 0) byte models fit on the same ids read through ``token_bytes`` (:func:`premoe.bytelm.token_bytes`)."""
     params.check()
     if params.method == "nearest":
         raise InputError("fit_detector builds the 'ngram', 'kn' or 'joint' fallback score, not 'nearest'")
@@ -232,7 +269,13 @@ def fit_detector(params: NoveltyParams, ids: dict[str, torch.Tensor], vocab: int
                              "(NgramParams(use=True))")
         if not lengths or any(t < 1 for t in lengths):
             raise InputError(f"request-length buckets must be positive, got {lengths}")
-        return Detector(params, int(vocab), tuple(sorted(lengths)), {}, {}, lms=lms)
+        detector = Detector(params, int(vocab), tuple(sorted(lengths)), {}, {}, lms=lms)
+        if detector.uses_bytes:
+            if token_bytes is None or set(ids) != set(lms.domains):
+                raise InputError(f"the byte models need every domain's calibration ids and the tokens' bytes "
+                                 f"(domains {', '.join(lms.domains)}); or set the byte weight to 0")
+            detector.byte_lms = fit_byte_lms({d: ids[d] for d in lms.domains}, token_bytes, params.byte_order)
+        return detector
     if not ids:
         raise InputError("no domains to build novelty tables for; give calibration text for at least one domain")
     if not lengths or any(t < 1 for t in lengths):

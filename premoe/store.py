@@ -51,6 +51,7 @@ from typing import Sequence
 import torch
 
 from premoe import __version__
+from premoe.bytelm import token_bytes
 from premoe.capture import DomainStats
 from premoe.data import Source, token_windows
 from premoe.errors import InputError, PremoeError
@@ -62,7 +63,8 @@ from premoe.patterns import PatternReader, chunk_means, prefix_means
 from premoe.profile import Profile
 from premoe.scores import DEFAULT_SCORER
 
-FORMAT = "premoe-store/4"  # 3: novelty tables (the fallback score) beside the matcher; 4: token models (premoe.ngram)
+FORMAT = "premoe-store/5"  # 3: novelty tables (the fallback score) beside the matcher; 4: token models (premoe.ngram);
+# 5: byte n-gram models in the fallback score (premoe.bytelm)
 GENERALIST = "generalist"
 DEFAULT_RANKING = DEFAULT_SCORER
 
@@ -341,9 +343,10 @@ def build_store(model, profile: Profile, data: Sequence[Source], held_out: Seque
     bank = read_patterns(reader, tokenizer, data, match.lengths, amounts.tokens, amounts.batch_size)
     vocab = _vocab(net, tokenizer)
     lms = fit_lms(ngram, calibration_ids(tokenizer, data, ngram.max_tokens), vocab) if ngram.use else None
+    reads_ids = novelty.method == "ngram" or (novelty.method in TOKEN_MODEL_METHODS and novelty.byte_weight > 0)
     detector = None if novelty.method == "nearest" else fit_detector(
-        novelty, calibration_ids(tokenizer, data, novelty.max_tokens) if novelty.method == "ngram" else {},
-        vocab, match.lengths, lms)
+        novelty, calibration_ids(tokenizer, data, novelty.max_tokens) if reads_ids else {},
+        vocab, match.lengths, lms, token_bytes(tokenizer, vocab) if reads_ids else None)
     store = Store(ranked, scorer, fit_matcher(match, bank),
                   {"data": {s.name: s.origin for s in data}, "amounts": asdict(amounts)}, detector, lms)
     if held_out:

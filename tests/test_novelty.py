@@ -142,7 +142,7 @@ def test_kn_score_is_the_lowest_nll_less_the_weighted_margin():
     requests = torch.tensor([[0, 1, 0, 1], [3, 3, 3, 3]])
     nll = lms.nll(requests).sort(1).values  # (2, 3)
     for weight in (0.0, 0.5, 1.0):
-        detector = fit_detector(NoveltyParams(method="kn", margin_weight=weight), {}, 4, (2, 4), lms)
+        detector = fit_detector(NoveltyParams(method="kn", byte_weight=0.0, margin_weight=weight), {}, 4, (2, 4), lms)
         expected = nll[:, 0] - weight * (nll[:, 1] - nll[:, 0])
         assert torch.equal(detector.score(requests), expected) and detector.domains == ["a", "b", "c"]
     calibrate_detector(detector, {"a": torch.tensor([[0, 1, 0, 1]]), "b": torch.tensor([[2, 3, 2, 3]])}, 1.0)
@@ -169,7 +169,7 @@ def test_joint_score_is_kns_rule_on_the_classifiers_joint_nll():
     requests = torch.tensor([[0, 1, 0, 1], [3, 3, 3, 3], [1, 2, 1, 2]])
     patterns = torch.tensor([[0.5, 2.0, 1.0], [0.0, 3.0, 0.25], [4.0, 1.0, 0.0]], dtype=torch.float64)  # (n, D)
     for beta, weight in ((0.5, 0.0), (1.0, 0.5), (2.0, 1.0)):
-        detector = fit_detector(NoveltyParams(method="joint", pattern_weight=beta, margin_weight=weight), {}, 4,
+        detector = fit_detector(NoveltyParams(method="joint", byte_weight=0.0, pattern_weight=beta, margin_weight=weight), {}, 4,
                                 (2, 4), lms)
         joint = lms.nll(requests) + beta * 8 / (2 * 4) * patterns  # features 8, tokens 4: combine's scaling
         assert torch.allclose(joint, combine(lms.nll(requests), patterns, 4, 8, beta), rtol=0, atol=1e-12)
@@ -177,8 +177,8 @@ def test_joint_score_is_kns_rule_on_the_classifiers_joint_nll():
         assert torch.allclose(detector.score(requests, patterns, 8), two[:, 0] - weight * (two[:, 1] - two[:, 0]),
                               rtol=0, atol=1e-12)
         assert detector.reads_patterns and detector.domains == ["a", "b", "c"] and detector.tensors() == {}
-    zero = fit_detector(NoveltyParams(method="joint", pattern_weight=0.0, margin_weight=0.5), {}, 4, (2, 4), lms)
-    kn = fit_detector(NoveltyParams(method="kn", margin_weight=0.5), {}, 4, (2, 4), lms)
+    zero = fit_detector(NoveltyParams(method="joint", byte_weight=0.0, pattern_weight=0.0, margin_weight=0.5), {}, 4, (2, 4), lms)
+    kn = fit_detector(NoveltyParams(method="kn", byte_weight=0.0, margin_weight=0.5), {}, 4, (2, 4), lms)
     assert torch.equal(zero.score(requests, patterns, 8), kn.score(requests))  # no pattern weight: kn itself
     with pytest.raises(InputError, match="needs the request's pattern scores"):
         zero.score(requests)
@@ -188,7 +188,7 @@ def test_joint_score_is_kns_rule_on_the_classifiers_joint_nll():
 
 def test_joint_thresholds_read_the_held_out_windows_pattern_scores():
     lms = _three_lms()
-    detector = fit_detector(NoveltyParams(method="joint"), {}, 4, (2, 4), lms)
+    detector = fit_detector(NoveltyParams(method="joint", byte_weight=0.0), {}, 4, (2, 4), lms)
     held = {"a": torch.tensor([[0, 1, 0, 1], [1, 0, 1, 0]]), "b": torch.tensor([[2, 3, 2, 3]])}
     scores = {"a": {2: torch.tensor([[0.0, 1, 1], [1, 1, 1]]), 4: torch.tensor([[0.0, 2, 2], [3, 1, 1]])},
               "b": {2: torch.tensor([[1.0, 0, 1]]), 4: torch.tensor([[9.0, 9, 9]])}}
@@ -216,6 +216,13 @@ def test_margin_weight_defaults_to_each_methods_val_choice():
            "vocab": 4, "lengths": [2, 4], "domains": ["a", "b", "c"], "thresholds": {"4": 1.25}}
     loaded = Detector.load(old, {}, _three_lms())
     assert loaded.params.margin_weight == 0.5 and loaded.thresholds == {4: 1.25} and not loaded.reads_patterns
+    assert loaded.params.byte_weight == 0.0 and not loaded.uses_bytes  # saved before byte models: none
+    assert (NoveltyParams().byte_weight, NoveltyParams().byte_order) == (2.0, 5)  # the val choice
+    for order in (0, 8, 2.5, True):
+        with pytest.raises(InputError, match="byte order"):
+            NoveltyParams(byte_order=order).check()
+    with pytest.raises(InputError, match="byte weight"):
+        NoveltyParams(byte_weight=float("nan")).check()
 
 
 @settings(max_examples=25, deadline=None)
@@ -224,7 +231,7 @@ def test_margin_weight_defaults_to_each_methods_val_choice():
        request=st.lists(st.integers(0, 3), min_size=1, max_size=12),
        patterns=st.lists(st.floats(0, 10, allow_nan=False), min_size=3, max_size=3))
 def test_joint_detector_round_trips_through_json(beta, weight, thresholds, request, patterns):
-    detector = fit_detector(NoveltyParams(method="joint", pattern_weight=beta, margin_weight=weight), {}, 4, (2, 4),
+    detector = fit_detector(NoveltyParams(method="joint", byte_weight=0.0, pattern_weight=beta, margin_weight=weight), {}, 4, (2, 4),
                             _three_lms())
     detector.thresholds = dict(zip((2, 4), thresholds))
     again = Detector.load(json.loads(json.dumps(detector.manifest())), {}, _three_lms())
@@ -240,7 +247,7 @@ def test_a_store_hands_the_joint_score_its_pattern_scores_in_the_detectors_domai
     from premoe.matchers import Matcher, MatchParams
     from premoe.store import Store
 
-    detector = fit_detector(NoveltyParams(method="joint", pattern_weight=1.0), {}, 4, (2, 4), _three_lms())
+    detector = fit_detector(NoveltyParams(method="joint", byte_weight=0.0, pattern_weight=1.0), {}, 4, (2, 4), _three_lms())
     matcher = Matcher(MatchParams(), ["c", "a", "b"], {})  # another order than the token models' a, b, c
     store = Store(None, "peu", matcher, detector=detector, lms=detector.lms)
     ids, by_matcher = torch.tensor([0, 1, 0, 1]), torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64)  # c, a, b

@@ -108,7 +108,7 @@ def test_round_trip(built, tmp_path):
     _, store, _ = built
     store.save(tmp_path / "store")
     manifest = json.loads((tmp_path / "store" / "store.json").read_text())
-    assert manifest["format"] == FORMAT == "premoe-store/4" and manifest["scorer"] == "peu_norm"
+    assert manifest["format"] == FORMAT == "premoe-store/5" and manifest["scorer"] == "peu_norm"
     assert manifest["matcher"]["params"]["method"] == "lda"
     again = Store.load(tmp_path / "store")
     assert again.domains == store.domains and again.matcher.thresholds == store.matcher.thresholds
@@ -173,10 +173,10 @@ def test_bad_inputs(built, tiny_qwen3, tmp_path):
     (tmp_path / "bad" / "store.json").write_text(json.dumps({"format": "premoe-store/1"}))
     with pytest.raises(InputError, match="fallback score must be one of"):
         build_store(tiny_qwen3, profile, domains.sources(0), novelty=NoveltyParams(method="vibes"), loaded=loaded)
-    with pytest.raises(CheckpointError, match="premoe-store/4"):
+    with pytest.raises(CheckpointError, match="premoe-store/5"):
         Store.load(tmp_path / "bad")
     (tmp_path / "bad" / "store.json").write_text(json.dumps({"format": "premoe-store/3"}))  # before token models
-    with pytest.raises(CheckpointError, match="'premoe-store/3'; this premoe reads premoe-store/4"):
+    with pytest.raises(CheckpointError, match="'premoe-store/3'; this premoe reads premoe-store/5"):
         Store.load(tmp_path / "bad")
     from premoe.ngram import NgramParams
 

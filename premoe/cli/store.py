@@ -43,6 +43,9 @@ def command() -> None:
                    "domains' Kneser-Ney bigram models; joint = kn on that NLL plus the weighted pattern NLL (the "
                    "classifier's own score); ngram = the share of its bigrams never seen in any domain's "
                    "calibration text; nearest = the matcher's nearest-domain score.")
+@click.option("--byte-weight", "byte_weight", default=2.0, show_default=True, type=click.FloatRange(min=0),
+              help="kn and joint: add this times the request's lowest mean NLL per byte under each domain's byte "
+                   "5-gram model (spelling: languages and code the store never saw); 0 leaves the byte models out.")
 @click.option("--token-models/--no-token-models", "token_models", default=True, show_default=True,
               help="Classify requests by their tokens' n-gram NLL under each domain as well as by their pattern; "
                    "--no-token-models: the matcher alone (needs --fallback-score ngram or nearest).")
@@ -51,7 +54,7 @@ def command() -> None:
 @click.option("--calib-tokens", default=32768, show_default=True, type=POSITIVE, help="Calibration tokens per domain.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and premoe wrote it.")
 def build(model, profile_path, data, out, held_out, scorer, method, feature, pattern_layers, fallback_score,
-          token_models, quantile, calib_tokens, force) -> None:
+          byte_weight, token_models, quantile, calib_tokens, force) -> None:
     """Store the patterns and rankings of every domain in --profile."""
     from premoe.data import data_paths
     from premoe.fileio import check_output
@@ -66,7 +69,7 @@ def build(model, profile_path, data, out, held_out, scorer, method, feature, pat
     store = build_store(model, profile, _sources(model, data or _profiled(profile), "calib"),
                         _sources(model, held_out, "val"), scorer,
                         MatchParams(method=method, feature=feature, layers=pattern_layers, quantile=quantile),
-                        PatternData(tokens=calib_tokens), novelty=NoveltyParams(method=fallback_score),
+                        PatternData(tokens=calib_tokens), novelty=NoveltyParams(method=fallback_score, byte_weight=byte_weight),
                         ngram=NgramParams(use=token_models))
     store.save(out, force=force)
     _describe(store, out)
