@@ -61,11 +61,16 @@ import taer_setup
 METHOD_GRID = [("centroid", {}), ("knn", {}), ("diagonal", {}), ("lda", {"shrinkage": 0.1}),
                ("lda", {"shrinkage": 0.01}), ("logistic", {})]
 OOD_GRID = [("nearest", {}), ("knn", {"k": 10}), ("unigram", {"alpha": 0.1}), ("ngram", {"unigram_weight": 0.0}),
-            ("ngram", {"unigram_weight": 0.5}), ("ngram", {"unigram_weight": 1.0}), ("kn", {"margin_weight": 0.0}),
-            ("kn", {"margin_weight": 0.5}), ("kn", {"margin_weight": 1.0}),
-            *[("joint", {"pattern_weight": b, "margin_weight": m}) for b in (0.5, 1.0, 2.0) for m in (0.0, 0.5)],
+            ("ngram", {"unigram_weight": 0.5}), ("ngram", {"unigram_weight": 1.0}),
+            *[("kn", {"margin_weight": m, "byte_weight": 0.0}) for m in (0.0, 0.5, 1.0)],
+            *[("joint", {"pattern_weight": b, "margin_weight": m, "byte_weight": 0.0}) for b in (0.5, 1.0, 2.0)
+              for m in (0.0, 0.5)],
             ("kn_domain_z", {}), ("kn_domain_threshold", {}), ("kn+pattern_z", {"weight": 0.5}),
-            ("kn+pattern_z", {"weight": 1.0})]  # joint: premoe.novelty; the last four are tried here only
+            ("kn+pattern_z", {"weight": 1.0}),  # joint: premoe.novelty; these four are tried here only
+            ("bytes", {"order": 5}), ("bytes", {"order": 4}),  # the byte models' lowest NLL alone (premoe.bytelm)
+            ("kn", {"margin_weight": 0.5, "byte_weight": 2.0}),
+            *[("joint", {"pattern_weight": 0.5, "margin_weight": 0.0, "byte_weight": w}) for w in (1.0, 2.0, 4.0)],
+            ("joint", {"pattern_weight": 0.5, "margin_weight": 0.0, "byte_weight": 2.0, "byte_order": 4})]
 SECTIONS = ("selection", "perplexity", "mixed")  # the slow ones --skip can leave out
 FEATURE_GRID = [("router_input", 1), ("router_logits", 1), ("router_mass", 1), ("tcess", 1), ("router_logits", 2)]
 COMBINED = ("lda", {"shrinkage": 0.01})  # the matcher rows also tried with the token models (premoe.ngram.combine)
@@ -213,6 +218,7 @@ def fallback_selection(retriever, s, tokenizer, windows: dict, args) -> dict:
     unseen testbed domains. Rule: the highest mean fallback over those
     foreign sets at T = ``--prompt-tokens``.
     """
+    from premoe.bytelm import fit_byte_lms, token_bytes
     from premoe.data import parse_sources
     from premoe.novelty import NoveltyParams
     from premoe.store import _vocab, calibration_ids
@@ -226,16 +232,24 @@ def fallback_selection(retriever, s, tokenizer, windows: dict, args) -> dict:
     for src in [*s.val, *(parse_sources(foreign_val, tokenizer) if foreign_val else [])]:
         w = _windows(src, tokenizer, args.seq_len, NoveltyParams().max_tokens // args.seq_len)  # (n, seq)
         val[src.name] = (w, torch.cat([retriever.reader.tokens(w[i: i + 16]) for i in range(0, len(w), 16)]))
+    table = token_bytes(tokenizer, vocab)
+    byte_lms = {order: fit_byte_lms(ids, table, order) for order in (4, 5)}  # every stored domain, one column each
+    byte_nll = {(order, d, length): lms.nll(w[:, :length]) for order, lms in byte_lms.items()
+                for d, (w, x) in val.items() for length in args.tokens if w.shape[1] >= length}  # (n, D) each
     rows = []
     for method, extra in OOD_GRID:
         row = {"method": method, **extra, "val": {}}
+        order = extra.get("byte_order", extra.get("order", 5))
         for length in args.tokens:
-            req = {d: (w[:, :length], x[:, :length].mean(1)) for d, (w, x) in val.items() if w.shape[1] >= length}
+            req = {d: (w[:, :length], x[:, :length].mean(1), byte_nll[order, d, length])
+                   for d, (w, x) in val.items() if w.shape[1] >= length}
             cell = {}
             for left_out in [None, *store.domains]:
                 fitted = [d for d in store.domains if d != left_out]
-                score = _candidate(method, extra, store, {d: ids[d] for d in fitted}, vocab,
-                                   {d: req[d] for d in fitted}, length)
+                columns = [store.domains.index(d) for d in fitted]  # byte_lms were fit in store.domains order
+                score = _with_bytes(_candidate(method, extra, store, {d: ids[d] for d in fitted}, vocab,
+                                               {d: req[d][:2] for d in fitted}, length),
+                                   1.0 if method == "bytes" else extra.get("byte_weight", 0.0), columns)
                 threshold = torch.cat([score(*req[d], length) for d in fitted]).quantile(q)
                 targets = [left_out] if left_out else [d for d in req if d not in store.domains]
                 for d in targets:
@@ -248,17 +262,25 @@ def fallback_selection(retriever, s, tokenizer, windows: dict, args) -> dict:
             row["val"][length] = cell
         rows.append(row)
     best = max(rows, key=lambda r: r["val"][args.prompt_tokens]["foreign mean"])
-    chosen = {"method": store.fallback_method, **({"unigram_weight": store.detector.params.unigram_weight}
+    params = store.detector.params if store.detector is not None else None
+    chosen = {"method": store.fallback_method, **({"unigram_weight": params.unigram_weight}
                                                   if store.fallback_method == "ngram" else {}),
-              **({"margin_weight": store.detector.params.margin_weight}
-                 if store.fallback_method in ("kn", "joint") else {}),
-              **({"pattern_weight": store.detector.params.pattern_weight} if store.fallback_method == "joint" else {})}
+              **({"margin_weight": params.margin_weight} if store.fallback_method in ("kn", "joint") else {}),
+              **({"pattern_weight": params.pattern_weight} if store.fallback_method == "joint" else {}),
+              **({"byte_weight": params.byte_weight} if store.fallback_method in ("kn", "joint") else {}),
+              **({"byte_order": params.byte_order} if params is not None and params.byte_order != 5 else {})}
     return {"rule": f"max mean fallback of foreign val requests (leave-one-domain-out + unseen val) at T = "
                     f"{args.prompt_tokens}, threshold = {q} quantile of in-domain val", "rows": rows,
             "best": {k: v for k, v in best.items() if k != "val"},
             "store_is_best": {k: v for k, v in best.items() if k != "val"} == chosen,
             "cost_vs_forward": _novelty_cost(retriever, windows[store.domains[0]][:1, :args.prompt_tokens]),
             "cost_tokens": args.prompt_tokens}
+
+
+def _with_bytes(score, weight: float, columns: list[int]):
+    """score(ids, patterns, byte NLL (n, all stored domains), T): ``score`` plus ``weight`` times the lowest
+    byte NLL over the fitted domains' ``columns`` (as premoe.novelty adds it); the ``bytes`` rows are that alone."""
+    return lambda w, p, b, t: score(w, p, t) + (weight * b[:, columns].min(1).values if weight else 0.0)
 
 
 def _candidate(method: str, extra: dict, store, ids: dict, vocab: int, held: dict, length: int):
@@ -271,18 +293,21 @@ def _candidate(method: str, extra: dict, store, ids: dict, vocab: int, held: dic
 
     domains = list(ids)
     lengths = store.matcher.params.lengths
+    extra = {k: v for k, v in extra.items() if k not in ("byte_weight", "byte_order")}  # added by _with_bytes
+    if method == "bytes":
+        return lambda w, p, t: 0.0
     if method == "ngram":
         detector = fit_detector(NoveltyParams(method="ngram", **extra), ids, vocab, lengths)
         return lambda w, p, t: detector.score(w)
     if method == "kn":  # lowest per-token NLL under the domains' Kneser-Ney bigrams, less a weighted margin
-        detector = fit_detector(NoveltyParams(method="kn", **extra), {}, vocab, lengths,
+        detector = fit_detector(NoveltyParams(method="kn", byte_weight=0.0, **extra), {}, vocab, lengths,
                                 fit_lms(NgramParams(), ids, vocab))
         return lambda w, p, t: detector.score(w)
     if method in ("joint", "kn_domain_z", "kn_domain_threshold", "kn+pattern_z"):
         lms = fit_lms(NgramParams(), ids, vocab)
         matcher = fit_matcher(store.matcher.params, {d: store.matcher.bank[d] for d in domains})
         if method == "joint":  # kn's rule on the classifier's joint score (premoe.novelty)
-            detector = fit_detector(NoveltyParams(method="joint", **extra), {}, vocab, lengths, lms)
+            detector = fit_detector(NoveltyParams(method="joint", byte_weight=0.0, **extra), {}, vocab, lengths, lms)
             return lambda w, p, t: detector.score(w, matcher.scores(p, t), p.shape[1])
         return _per_domain_candidate(method, extra, lms, matcher, held, length)
     if method == "unigram":  # per-domain add-alpha unigram; score = -max over domains of mean log-prob per token

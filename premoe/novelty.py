@@ -81,9 +81,9 @@ class NoveltyParams:
     margin_weight: float | None = None  # kn, joint: weight of the margin between the two lowest scores; None: the
     # method's val choice, MARGIN_WEIGHTS (kn: .5 of 0, .5, 1; joint: 0 of 0, .5)
     pattern_weight: float = 0.5  # joint: beta of premoe.ngram.combine for the pattern's NLL (val grid .5, 1, 2)
-    byte_weight: float = 2.0  # kn, joint: weight of the lowest mean NLL per byte under the domains' byte n-gram
-    # models (premoe.bytelm) added to the score; 0: no byte models (val grid 0, 1, 2, 4)
-    byte_order: int = 5  # bytes per n-gram of those models (val: 4 and 5 within 0.01 AUROC, 3 worse)
+    byte_weight: float = 1.0  # kn, joint: weight of the lowest mean NLL per byte under the domains' byte n-gram
+    # models (premoe.bytelm) added to the score; 0: no byte models (val grid 0, 1, 2, 4: 1 wins section 3a)
+    byte_order: int = 5  # bytes per n-gram of those models (val: order 4 ties 5 at weight 2)
     max_tokens: int = 1 << 18  # ngram: calibration (and held-out) tokens per domain read (tokenised only)
 
     def check(self) -> "NoveltyParams":
@@ -99,8 +99,8 @@ class NoveltyParams:
             raise InputError(f"novelty pattern weight must be >= 0, got {self.pattern_weight}")
         if not self.byte_weight >= 0:
             raise InputError(f"novelty byte weight must be >= 0, got {self.byte_weight}")
-        if isinstance(self.byte_order, bool) or not isinstance(self.byte_order, int) or not 1 <= self.byte_order <= 7:
-            raise InputError(f"novelty byte order must be an integer in 1..7, got {self.byte_order!r}")
+        if isinstance(self.byte_order, bool) or not isinstance(self.byte_order, int) or not 1 <= self.byte_order <= 6:
+            raise InputError(f"novelty byte order must be an integer in 1..6, got {self.byte_order!r}")
         if self.max_tokens < 2:
             raise InputError(f"novelty calibration tokens must be >= 2, got {self.max_tokens}")
         return self

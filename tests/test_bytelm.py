@@ -92,8 +92,8 @@ def test_saved_models_score_the_same():
 
 
 def test_refuses_what_it_cannot_model():
-    with pytest.raises(InputError, match="order must be in 1..7"):
-        fit_byte_lms({"a": _ids(b"abc")}, RAW, 8)
+    with pytest.raises(InputError, match="order must be in 1..6"):
+        fit_byte_lms({"a": _ids(b"abc")}, RAW, 7)
     with pytest.raises(InputError, match="no calibration text"):
         fit_byte_lms({"a": _ids(b"a")}, RAW, 2)
     lms = fit_byte_lms({"a": _ids(b"abc")}, RAW, 2)

@@ -217,8 +217,8 @@ def test_margin_weight_defaults_to_each_methods_val_choice():
     loaded = Detector.load(old, {}, _three_lms())
     assert loaded.params.margin_weight == 0.5 and loaded.thresholds == {4: 1.25} and not loaded.reads_patterns
     assert loaded.params.byte_weight == 0.0 and not loaded.uses_bytes  # saved before byte models: none
-    assert (NoveltyParams().byte_weight, NoveltyParams().byte_order) == (2.0, 5)  # the val choice
-    for order in (0, 8, 2.5, True):
+    assert (NoveltyParams().byte_weight, NoveltyParams().byte_order) == (1.0, 5)  # the val choice
+    for order in (0, 7, 2.5, True):
         with pytest.raises(InputError, match="byte order"):
             NoveltyParams(byte_order=order).check()
     with pytest.raises(InputError, match="byte weight"):
