@@ -183,6 +183,32 @@ def _aligned(gate_up_k, down_k, gate_up_j, down_j):
     return torch.cat([gate_up_j[:width][p], gate_up_j[width:][p]]), down_j[:, p]
 
 
+def fair_generalist(profile: Profile, like: dict) -> dict:
+    """Per layer, as many experts as ``like`` keeps, chosen greedily to maximise Σ_d log(coverage_d): each
+    domain's share of its own ``peu_norm`` utility held by the kept set (proportional fairness), each routing
+    group keeping the same count. The token-weighted sum (``prune``) lets the largest users decide."""
+    share = torch.stack([u.clamp(min=0) / u.clamp(min=0).sum(1, keepdim=True).clamp(min=1e-30)
+                         for u in (profile.utility(d, "peu_norm") for d in profile.domains)])  # (D, layers, E)
+    n_group = profile.groups[0]
+    size = profile.num_experts // n_group
+    kept = {}
+    for i, layer in enumerate(profile.moe_layers):
+        m, u = len(like[layer]), share[:, i]  # u: (D, E)
+        quota = {g: m // n_group for g in range(n_group)}
+        chosen, covered = [], torch.full((u.shape[0],), 1e-6, dtype=u.dtype)
+        for _ in range(m):
+            gain = (covered.unsqueeze(1) + u).log().sum(0)  # (E,) Σ_d log coverage after adding each expert
+            for e in range(u.shape[1]):
+                if e in chosen or quota[e // size] == 0:
+                    gain[e] = -math.inf
+            best = int(gain.argmax())
+            chosen.append(best)
+            quota[best // size] -= 1
+            covered = covered + u[:, best]
+        kept[layer] = sorted(chosen)
+    return kept
+
+
 def overlap(profile: Profile, keep: float) -> list[str]:
     """Per layer: how many experts the domains' specialists keep between them, and how much of each the generalist
     holds — when the specialists' union is near every expert, no generalist of the same size can match them."""
@@ -279,6 +305,8 @@ def main() -> None:
                 kept, evaluations = budgets[target]
                 note = (f"per-layer counts {','.join(str(len(kept[l])) for l in sorted(kept))}, "
                         f"{evaluations} evaluations")
+            elif name == "fair":
+                kept = fair_generalist(profile, plan.kept)
             elif name == "balanced":
                 kept = make_plan(profile, PlanRequest(keep=args.keep, scorer="peu_norm", weighting="balanced")).kept
             elif name == "global":

@@ -16,6 +16,10 @@ RETRIEVAL = ("tests/test_retrieval.py", "tests/test_store.py", "tests/test_match
 BANK = ("tests/test_bank.py",)
 NOVELTY = ("tests/test_novelty.py", "tests/test_store.py")
 MALLOC = ("tests/test_malloc.py",)
+BYTES = ("tests/test_bytelm.py",)
+MODELING = ("tests/test_rehearsal.py::test_kimi_k2_layout_profile_plan_compile_verify",
+            "tests/test_rehearsal.py::test_unregistered_model_type_is_refused_before_transformers_asks_to_run_its_code",
+            "tests/test_testbed.py::test_artefacts_of_a_shipped_testbed_find_it_after_the_repository_moves")
 
 MUTANTS = [
     # ---------------------------------------------------------------- scores
@@ -157,4 +161,17 @@ MUTANTS = [
            "libc.malloc_trim(0)", MALLOC),
     Mutant("modeling:compact-not-dispatched", "premoe/modeling.py", 'config["premoe"].get("export") == "compact"',
            'config["premoe"].get("export") == "compacted"', COMPILE),
+    # ---------------------------------------------------------------- added with byte models, Kimi-K2, locate_model
+    Mutant("bytes:context-crosses-requests", "premoe/bytelm.py", "found &= offset[k:] >= k", "found &= offset[k:] >= 0",
+           BYTES),
+    Mutant("bytes:no-interpolation", "premoe/bytelm.py", "(count + types * lower) / (total + types).clamp(min=1)",
+           "(count + 1 / 256) / (total + types).clamp(min=1)", BYTES),
+    Mutant("bytes:partial-utf8-decoded", "premoe/bytelm.py", "if all(isinstance(p, str) and all(c in alphabet",
+           "if False and all(isinstance(p, str) and all(c in alphabet", BYTES),
+    Mutant("novelty:bytes-not-added", "premoe/novelty.py", "score = score + self.params.byte_weight * ",
+           "score = score + 0.0 * ", BYTES),
+    Mutant("modeling:kimi-not-aliased", "premoe/modeling.py", "if adapter is not None and adapter.transformers_model_type:",
+           "if False:", MODELING),
+    Mutant("modeling:moved-testbed-lost", "premoe/modeling.py", "            if config_hash(read_config(name)) ==",
+           "            if False and config_hash(read_config(name)) ==", MODELING),
 ]
