@@ -29,6 +29,8 @@ model computes* rather than which experts it keeps, each still a checkpoint
   (assumes the layers' losses add), at the same total count as ``prune``.
   Compact export only, like ``global``.
 * ``balanced`` (``--generalist`` only): each domain's utility counts equally instead of each token.
+* ``fair`` / ``fair:shares`` (``--generalist`` only): per layer, greedy on Σ_d log(coverage_d) (proportional
+  fairness) or Σ_d coverage_d, coverage_d being the share of domain d's own utility the kept set holds.
 * ``global``: uneven per-layer budgets (premoe's global ranking) at the same
   total count: a compact export only, shown as what uneven budgets could give.
 
@@ -183,7 +185,7 @@ def _aligned(gate_up_k, down_k, gate_up_j, down_j):
     return torch.cat([gate_up_j[:width][p], gate_up_j[width:][p]]), down_j[:, p]
 
 
-def fair_generalist(profile: Profile, like: dict) -> dict:
+def fair_generalist(profile: Profile, like: dict, objective: str = "log") -> dict:
     """Per layer, as many experts as ``like`` keeps, chosen greedily to maximise Σ_d log(coverage_d): each
     domain's share of its own ``peu_norm`` utility held by the kept set (proportional fairness), each routing
     group keeping the same count. The token-weighted sum (``prune``) lets the largest users decide."""
@@ -197,7 +199,8 @@ def fair_generalist(profile: Profile, like: dict) -> dict:
         quota = {g: m // n_group for g in range(n_group)}
         chosen, covered = [], torch.full((u.shape[0],), 1e-6, dtype=u.dtype)
         for _ in range(m):
-            gain = (covered.unsqueeze(1) + u).log().sum(0)  # (E,) Σ_d log coverage after adding each expert
+            after = covered.unsqueeze(1) + u  # (D, E) each domain's coverage after adding each expert
+            gain = after.log().sum(0) if objective == "log" else after.sum(0)  # "shares": Σ_d coverage (linear)
             for e in range(u.shape[1]):
                 if e in chosen or quota[e // size] == 0:
                     gain[e] = -math.inf
@@ -306,7 +309,7 @@ def main() -> None:
                 note = (f"per-layer counts {','.join(str(len(kept[l])) for l in sorted(kept))}, "
                         f"{evaluations} evaluations")
             elif name == "fair":
-                kept = fair_generalist(profile, plan.kept)
+                kept = fair_generalist(profile, plan.kept, option or "log")
             elif name == "balanced":
                 kept = make_plan(profile, PlanRequest(keep=args.keep, scorer="peu_norm", weighting="balanced")).kept
             elif name == "global":
