@@ -227,9 +227,9 @@ def test_cli_build_add_query(built, tiny_qwen3, tmp_path):
     assert hit["fallback_score"] <= hit["threshold"] and not hit["fallback"]  # code text of the code domain
     result = runner.invoke(cli, ["store", "query", str(out), text], catch_exceptions=False)
     assert result.exit_code == 0 and "knn+kn over" in result.output and "bible" in result.output
-    assert "(joint NLL " in result.output and "ms]" in result.output
+    assert "(joint NLL + byte NLL " in result.output and "ms]" in result.output
     result = runner.invoke(cli, ["store", "query", str(out), "日本語のテキストです。" * 8, "--tokens", "16"], catch_exceptions=False)
-    assert "fallback to generalist (joint NLL " in result.output  # every bigram and token new
+    assert "fallback to generalist (joint NLL + byte NLL " in result.output  # every bigram and token new
     nearest = tmp_path / "nearest"
     result = runner.invoke(cli, ["store", "build", str(tiny_qwen3), "--profile", str(tmp_path / "prof2"), *data,
                                  "--out", str(nearest), "--fallback-score", "nearest", "--no-token-models",

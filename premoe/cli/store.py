@@ -140,6 +140,8 @@ def query(store_path, text, model, tokens, mixed, json_out, force) -> None:
         return
     what = {"kn": "n-gram NLL", "joint": "joint NLL", "ngram": "novelty"}.get(store.fallback_method,
                                                                               f"nearest {hit.nearest} scores")
+    if store.detector is not None and store.detector.uses_bytes:
+        what += " + byte NLL"
     if hit.mixed:
         verdict = "fallback to generalist (the halves of the request retrieve different domains)"
     elif hit.fallback:
