@@ -55,6 +55,7 @@ Example::
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -93,12 +94,12 @@ class NoveltyParams:
             self.margin_weight = MARGIN_WEIGHTS.get(self.method, 0.0)
         if not self.unigram_weight >= 0:
             raise InputError(f"novelty unigram weight must be >= 0, got {self.unigram_weight}")
-        if not self.margin_weight >= 0:
-            raise InputError(f"novelty margin weight must be >= 0, got {self.margin_weight}")
-        if not self.pattern_weight >= 0:
-            raise InputError(f"novelty pattern weight must be >= 0, got {self.pattern_weight}")
-        if not self.byte_weight >= 0:
-            raise InputError(f"novelty byte weight must be >= 0, got {self.byte_weight}")
+        if not 0 <= self.margin_weight < math.inf:
+            raise InputError(f"novelty margin weight must be a finite number >= 0, got {self.margin_weight}")
+        if not 0 <= self.pattern_weight < math.inf:
+            raise InputError(f"novelty pattern weight must be a finite number >= 0, got {self.pattern_weight}")
+        if not 0 <= self.byte_weight < math.inf:
+            raise InputError(f"novelty byte weight must be a finite number >= 0, got {self.byte_weight}")
         if isinstance(self.byte_order, bool) or not isinstance(self.byte_order, int) or not 1 <= self.byte_order <= 6:
             raise InputError(f"novelty byte order must be an integer in 1..6, got {self.byte_order!r}")
         if self.max_tokens < 2:

@@ -221,8 +221,9 @@ def test_margin_weight_defaults_to_each_methods_val_choice():
     for order in (0, 7, 2.5, True):
         with pytest.raises(InputError, match="byte order"):
             NoveltyParams(byte_order=order).check()
-    with pytest.raises(InputError, match="byte weight"):
-        NoveltyParams(byte_weight=float("nan")).check()
+    for weight in ("nan", "inf"):  # an infinite weight made every score inf: nothing ever fell back
+        with pytest.raises(InputError, match="byte weight must be a finite number"):
+            NoveltyParams(byte_weight=float(weight)).check()
 
 
 @settings(max_examples=25, deadline=None)
