@@ -21,7 +21,9 @@ unseen domains (c_headers, es and the texts in tests/data/unseen).
 2. **accuracy** of the default store on test: per domain and T, with the
    fallback rate (fallbacks count as misses); the misses' text is listed.
 3. **unseen**: (3a, val only) which fallback score: the matcher's nearest
-   score, k-NN distance, unigram log-likelihood, n-gram novelty, each judged
+   score, k-NN distance, unigram log-likelihood, n-gram novelty, the token
+   models' NLL (``kn``, ``joint``), with and without the byte n-gram models
+   (premoe.bytelm) and at several weights, each judged
    by the fallback of foreign val requests (each domain left out in turn +
    the unseen domains' val splits) at the val threshold; then on test, the
    store's fallback rate per unseen source and T, and the ROC curve of its

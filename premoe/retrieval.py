@@ -81,6 +81,11 @@ class Retriever:
 
     def tokenize(self, text: str, tokens: int | None = None) -> torch.Tensor:
         """(1, seq) ids of ``text``, cut to its first ``tokens`` tokens when given."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: undecodable argv bytes, or JSON's "\ud800"
+            raise InputError(f"the request is not valid Unicode text (character {e.start} is a lone surrogate); "
+                             "send UTF-8 text") from e
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if tokens is not None:
             ids = ids[:tokens]

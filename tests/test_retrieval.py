@@ -164,3 +164,19 @@ def test_pruned_model_retrieves_through_the_full_router(tiny_qwen3, retriever):
     assert swapped.retrieve(ids).domain == retriever.retrieve(ids).domain
     first = bank.layers[store.moe_layers[0]]
     assert first.router is bank.model.get_submodule(first.router_name)  # the resident router is back in place
+
+
+def test_a_request_with_a_lone_surrogate_is_refused_in_one_line():
+    """`premoe store query STORE $'\\xe9'` hands Python undecodable argv bytes as lone surrogates; the tokenizer
+    then failed with a TypeError (an internal error)."""
+    from types import SimpleNamespace
+
+    from tiny import tiny_tokenizer
+
+    from premoe.errors import InputError
+    from premoe.retrieval import Retriever
+
+    fake = SimpleNamespace(tokenizer=tiny_tokenizer())
+    assert Retriever.tokenize(fake, "def f(): pass", 3).shape == (1, 3)
+    with pytest.raises(InputError, match="character 2 is a lone surrogate"):
+        Retriever.tokenize(fake, "ab\udce9")
