@@ -101,6 +101,9 @@ def transformers_config(model: str | Path):
     if adapter is not None and adapter.transformers_model_type:
         fields = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
         return AutoConfig.for_model(adapter.transformers_model_type, **fields)
+    if not isinstance(model_type, str) or not model_type:
+        raise UnsupportedModelError(f"{resolve_model_path(model) / 'config.json'} has no model_type; is it a Hugging "
+                                    "Face checkpoint's config.json?")
     if model_type not in CONFIG_MAPPING:
         import transformers
 
