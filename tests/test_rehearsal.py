@@ -199,6 +199,11 @@ def test_unregistered_model_type_is_refused_before_transformers_asks_to_run_its_
     for load in (transformers_config, load_tokenizer):
         with pytest.raises(UnsupportedModelError, match="'moonshot_next' is unknown to transformers .* never runs"):
             load(model)
+    config = json.loads((model / "config.json").read_text())
+    del config["model_type"]
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match="config.json has no model_type"):
+        transformers_config(model)
 
 
 def test_a_tokenizer_that_needs_the_checkpoints_code_is_refused_with_the_fix(tmp_path):
