@@ -35,7 +35,7 @@ import torch
 
 from premoe.errors import InputError
 
-MAX_ORDER = 6  # n-gram codes pack n bytes into an int64 below 2**48; the domain's index goes above (_Merged)
+MAX_ORDER = 6  # n-gram codes pack n bytes into an int64 below 2**48; the domain index goes above (ByteLMs._merged)
 
 
 def token_bytes(tokenizer, vocab: int) -> list[bytes]:
