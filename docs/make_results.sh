@@ -41,6 +41,11 @@ done
 # 4. task-adaptive retrieval: matcher choice (val), accuracy, unseen fallback + ROC, served perplexity, swaps
 python bench/eval_retrieval.py --model testbed --store "$runs/store" --json docs/results/retrieval.json \
     --roc docs/results/retrieval_roc.png > docs/results/retrieval.txt
+python bench/eval_retrieval.py --model testbed --store "$runs/store" --skip selection perplexity mixed \
+    --json docs/results/fallback.json --roc docs/results/fallback_roc.png > docs/results/fallback.txt
+python bench/eval_retrieval.py --model testbed --store "$runs/store" --skip selection \
+    --json docs/results/retrieval-served.json > docs/results/retrieval-served.txt
+python bench/outside_probe.py --store "$runs/store" --json bench/results/outside-probe.json
 python bench/bench_serve.py --store "$runs/store" --json bench/results/serve-testbed.json
 
 # 5. the selection study behind the default scorer (docs/selection.md, "Reproduce"), on both testbeds; on the
