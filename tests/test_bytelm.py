@@ -138,3 +138,17 @@ def test_requests_scored_together_score_as_alone():
     together = lms.nll(torch.stack(requests))
     alone = torch.cat([lms.nll(r.reshape(1, -1)) for r in requests])
     assert torch.allclose(together, alone, rtol=1e-12) and not torch.equal(together[0], together[1])
+
+
+@settings(max_examples=25, deadline=None)
+@given(corpora=st.dictionaries(st.sampled_from(["a", "b", "c"]), st.binary(min_size=2, max_size=40), min_size=1),
+       requests=st.lists(st.binary(min_size=0, max_size=12), min_size=1, max_size=4), order=st.integers(1, 6))
+def test_saved_byte_models_load_to_the_same_scores(corpora, requests, order):
+    from safetensors.torch import load, save
+
+    lms = fit_byte_lms({d: _ids(text) for d, text in corpora.items()}, RAW, order)
+    again = ByteLMs.load(lms.manifest(), load(save(lms.tensors())))  # through the safetensors bytes a store writes
+    width = max(len(r) for r in requests)
+    ids = torch.tensor([list(r) + [0] * (width - len(r)) for r in requests], dtype=torch.long)  # byte 0 pads
+    assert again.domains == lms.domains
+    assert torch.equal(again.nll(ids), lms.nll(ids))
