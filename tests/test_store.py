@@ -211,7 +211,7 @@ def test_cli_build_add_query(built, tiny_qwen3, tmp_path):
                            catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "domains code, bible" in result.output and "matcher knn on router_input" in result.output
-    assert "fallback score joint, thresholds by request tokens: 16:" in result.output
+    assert "fallback score joint + 1 x byte 5-gram NLL, thresholds by request tokens: 16:" in result.output
     result = runner.invoke(cli, ["store", "add", str(out), "--profile", str(tmp_path / "prof-de"),
                                  "--data", f"de={tmp_path / 'de.txt'}"], catch_exceptions=False)
     assert result.exit_code == 0, result.output

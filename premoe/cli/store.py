@@ -178,11 +178,18 @@ def _sources(model: str, specs, split: str) -> list:
     return parse_sources(list(specs), tokenizer=load_tokenizer(model), split=split) if specs else []
 
 
+def _bytes_part(store) -> str:
+    detector = store.detector
+    if detector is None or not detector.uses_bytes:
+        return ""
+    return f" + {detector.params.byte_weight:g} x byte {detector.params.byte_order}-gram NLL"
+
+
 def _describe(store, path) -> None:
     params = store.matcher.params
     thresholds = ", ".join(f"{t}: {v:.4g}" for t, v in sorted(store.fallback_scorer.thresholds.items()))
     click.echo(f"store {path}: {store.model['name']}, domains {', '.join(store.domains)}; ranking scorer "
                f"{store.scorer}; matcher {params.method} on {params.feature} (layers {params.layers})"
                f"{' + token models' if store.lms is not None else ''}; "
-               f"fallback score {store.fallback_method}, thresholds by request tokens: "
+               f"fallback score {store.fallback_method}{_bytes_part(store)}, thresholds by request tokens: "
                f"{thresholds or 'none (never falls back)'}")
