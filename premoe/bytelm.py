@@ -88,8 +88,7 @@ class ByteLMs:
     table: torch.Tensor  # (total bytes,) uint8: every token id's bytes, concatenated
     offsets: torch.Tensor  # (vocab + 1,) int64: token id i's bytes are table[offsets[i]:offsets[i + 1]]
     models: dict[str, list[_Order]] = field(default_factory=dict)  # domain -> orders 0..order-1 (context bytes)
-    _merged_for: tuple = field(default=(), init=False, repr=False, compare=False)  # the domains _merged_tables hold
-    _merged_tables: list = field(default_factory=list, init=False, repr=False, compare=False)
+    _merged_tables: list = field(default_factory=list, init=False, repr=False, compare=False)  # emptied by add()
 
     @property
     def domains(self) -> list[str]:
@@ -116,6 +115,7 @@ class ByteLMs:
             if len(data) < 2:
                 raise InputError(f"domain {domain!r} has no calibration text for its byte model")
             self.models[domain] = [_count(data, k) for k in range(self.order)]
+        self._merged_tables = []  # rebuilt with the new domains on the next score
         return self
 
     def nll(self, ids: torch.Tensor) -> torch.Tensor:
@@ -137,15 +137,13 @@ class ByteLMs:
 
     def _merged(self) -> list[_Order]:
         """Per order, every domain's table in one, codes offset by domain index << 48 (one search for all)."""
-        key = tuple(self.models)
-        if self._merged_for != key:
+        if not self._merged_tables:
             shift = [i << 48 for i in range(len(self.models))]
             self._merged_tables = [
                 _Order(*(torch.cat([getattr(orders[k], name) + (s if name in ("grams", "contexts") else 0)
                                     for s, orders in zip(shift, self.models.values())])
                          for name in ("grams", "gram_counts", "contexts", "totals", "types")))
                 for k in range(self.order)]
-            self._merged_for = key
         return self._merged_tables
 
     # ------------------------------------------------------------------ files

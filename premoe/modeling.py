@@ -90,29 +90,33 @@ def transformers_config(model: str | Path):
     (Kimi-K2's ``kimi_k2`` is DeepSeek-V3) is built as the type its adapter names; any other unregistered
     model_type is refused here, before transformers would ask to run the checkpoint's code.
     """
+    return _transformers_config(resolve_model_path(model), check_config(model))
+
+
+def _transformers_config(path: Path, raw: dict):
+    """:func:`transformers_config` from the checkpoint directory and its already checked config.json fields."""
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from premoe.adapters import REGISTRY, supported
 
-    raw = check_config(model)
     model_type = raw.get("model_type")
     adapter = REGISTRY.get(model_type)
     if adapter is not None and adapter.transformers_model_type:
         fields = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
         return AutoConfig.for_model(adapter.transformers_model_type, **fields)
     if not isinstance(model_type, str) or not model_type:
-        raise UnsupportedModelError(f"{resolve_model_path(model) / 'config.json'} has no model_type; is it a Hugging "
-                                    "Face checkpoint's config.json?")
+        raise UnsupportedModelError(f"{path / 'config.json'} has no model_type; is it a Hugging Face checkpoint's "
+                                    "config.json?")
     if model_type not in CONFIG_MAPPING:
         import transformers
 
         raise UnsupportedModelError(
-            f"{resolve_model_path(model) / 'config.json'}: model_type {model_type!r} is unknown to transformers "
+            f"{path / 'config.json'}: model_type {model_type!r} is unknown to transformers "
             f"{transformers.__version__} and to premoe, which never runs a checkpoint's own code (auto_map); "
             f"upgrade transformers, or add an adapter in premoe/adapters/families.py (supported: "
             f"{', '.join(supported())})")
-    return AutoConfig.from_pretrained(resolve_model_path(model))
+    return AutoConfig.from_pretrained(path)
 
 
 def config_hash(config: dict) -> str:
@@ -170,7 +174,7 @@ def load_model(model: str | Path, device: str = "cpu"):
         return load_compact(path).to(device)
     try:
         with loading(path):  # transformers' "Loading weights" bar: only for a long load on a terminal
-            loaded, info = AutoModelForCausalLM.from_pretrained(path, config=transformers_config(path),
+            loaded, info = AutoModelForCausalLM.from_pretrained(path, config=_transformers_config(path, config),
                                                                 dtype=torch.float32, output_loading_info=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # SafetensorError: a truncated shard
         raise CheckpointError(f"could not load the checkpoint in {path}: {str(e).splitlines()[0]}") from e
@@ -188,16 +192,14 @@ def load_model(model: str | Path, device: str = "cpu"):
 
 def _layers_beyond_config(config: dict, unexpected) -> list[int]:
     """Decoder layer indices of unloaded tensors past the config's layers and its declared MTP layers."""
-    import re
-
     from premoe.adapters import REGISTRY, get_adapter
+    from premoe.adapters.base import layer_index
 
     if config.get("model_type") not in REGISTRY:
         return []
     adapter = get_adapter(config)
     last = adapter.num_hidden_layers(config) + adapter.mtp_declared(config)
-    found = {int(m.group(1)) for k in unexpected if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", k))}
-    return sorted(i for i in found if i >= last)
+    return sorted({i for key in unexpected if (i := layer_index(key)) is not None and i >= last})
 
 
 def load_tokenizer(model: str | Path):

@@ -113,6 +113,11 @@ class NoveltyParams:
             raise InputError(f"novelty calibration tokens must be >= 2, got {self.max_tokens}")
         return self
 
+    @property
+    def uses_bytes(self) -> bool:
+        """Whether the score adds the byte models' NLL (``kn`` and ``joint`` with a positive byte weight)."""
+        return self.method in TOKEN_MODEL_METHODS and self.byte_weight > 0
+
 
 def _unseen(table: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """(same shape as values) float64: 1 where a value is not in the sorted 1-D ``table``, else 0."""
@@ -135,7 +140,7 @@ class Detector:
 
     @property
     def uses_bytes(self) -> bool:
-        return self.params.method in TOKEN_MODEL_METHODS and self.params.byte_weight > 0
+        return self.params.uses_bytes
 
     @property
     def domains(self) -> list[str]:

@@ -342,11 +342,18 @@ def build_store(model, profile: Profile, data: Sequence[Source], held_out: Seque
     reader = PatternReader(net, get_adapter(net.config), match.feature, match.layers)
     bank = read_patterns(reader, tokenizer, data, match.lengths, amounts.tokens, amounts.batch_size)
     vocab = _vocab(net, tokenizer)
-    lms = fit_lms(ngram, calibration_ids(tokenizer, data, ngram.max_tokens), vocab) if ngram.use else None
-    reads_ids = novelty.method == "ngram" or (novelty.method in TOKEN_MODEL_METHODS and novelty.byte_weight > 0)
+    tokenised: dict[int, dict[str, torch.Tensor]] = {}  # max tokens -> calibration ids: each text tokenised once
+
+    def ids(max_tokens: int) -> dict[str, torch.Tensor]:
+        if max_tokens not in tokenised:
+            tokenised[max_tokens] = calibration_ids(tokenizer, data, max_tokens)
+        return tokenised[max_tokens]
+
+    lms = fit_lms(ngram, ids(ngram.max_tokens), vocab) if ngram.use else None
+    reads_ids = novelty.method == "ngram" or novelty.uses_bytes
     detector = None if novelty.method == "nearest" else fit_detector(
-        novelty, calibration_ids(tokenizer, data, novelty.max_tokens) if reads_ids else {},
-        vocab, match.lengths, lms, token_bytes(tokenizer, vocab) if reads_ids else None)
+        novelty, ids(novelty.max_tokens) if reads_ids else {},
+        vocab, match.lengths, lms, token_bytes(tokenizer, vocab) if novelty.uses_bytes else None)
     store = Store(ranked, scorer, fit_matcher(match, bank),
                   {"data": {s.name: s.origin for s in data}, "amounts": asdict(amounts)}, detector, lms)
     if held_out:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import struct
 import tempfile
 import time
@@ -47,12 +46,12 @@ import torch
 from torch import nn
 
 from premoe import checkpoint, malloc
+from premoe.adapters.base import layer_index
 from premoe.capture import DomainStats, RouterCapture
 from premoe.data import Source, token_windows
 from premoe.errors import CheckpointError, InputError, UnsupportedModelError
 from premoe.profile import Profile, ProfileParams, assemble_profile, check_sources, resolve_scorers
 
-_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # decoder layer index in a tensor name
 _CHUNK = 1 << 30  # bytes per pwrite call (Linux moves at most ~2 GiB per call)
 _SYNC_LOAD = "HF_DEACTIVATE_ASYNC_LOAD"  # read by transformers' convert_and_load_state_dict_in_model
 _SCALE_SUFFIX = "_scale_inv"  # FP8 checkpoints (DeepSeek-V3/R1, Kimi-K2, GLM-4.5-FP8): "<name>.weight_scale_inv"
@@ -299,8 +298,7 @@ class _Loader:
         self.weight_mapping = get_model_conversion_mapping(net)  # the family's on-disk -> in-memory key rules
         self.by_layer: dict[int | None, list[str]] = {}  # decoder layer (None: outside the layers) -> keys
         for key in stored:
-            match = _LAYER_KEY.search(key)
-            self.by_layer.setdefault(int(match.group(1)) if match else None, []).append(key)
+            self.by_layer.setdefault(layer_index(key), []).append(key)
         missing = sorted(set(range(num_layers)) - set(self.by_layer))
         if missing:
             raise CheckpointError(f"{path} holds no tensor of decoder layer {missing[0]} ({len(missing)} layers "

@@ -284,12 +284,11 @@ class MoEAdapter:
             block_name = name.rsplit(".", 1)[0]
             block = model.get_submodule(block_name)
             experts = getattr(block, self.experts, None)
-            match = _LAYER_INDEX.search(name)
-            if experts is None or match is None:
+            index = layer_index(name)
+            if experts is None or index is None:
                 continue
             num = module.get_parameter(self.router_weight).shape[0]
-            layers.append(MoELayer(int(match.group(1)), name, module, f"{block_name}.{self.experts}", experts, num,
-                                   block))
+            layers.append(MoELayer(index, name, module, f"{block_name}.{self.experts}", experts, num, block))
         return layers
 
     def router_logits(self, output) -> torch.Tensor:
@@ -538,6 +537,12 @@ def _apply_updates(config, updates: dict) -> None:
             _apply_updates(getattr(config, key), value)
         else:
             setattr(config, key, value)
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a module or tensor name belongs to (``...layers.N....``), or None outside the layers."""
+    match = _LAYER_INDEX.search(name)
+    return int(match.group(1)) if match else None
 
 
 def _positive_int(value) -> bool:

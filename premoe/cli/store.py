@@ -69,7 +69,8 @@ def build(model, profile_path, data, out, held_out, scorer, method, feature, pat
     store = build_store(model, profile, _sources(model, data or _profiled(profile), "calib"),
                         _sources(model, held_out, "val"), scorer,
                         MatchParams(method=method, feature=feature, layers=pattern_layers, quantile=quantile),
-                        PatternData(tokens=calib_tokens), novelty=NoveltyParams(method=fallback_score, byte_weight=byte_weight),
+                        PatternData(tokens=calib_tokens),
+                        novelty=NoveltyParams(method=fallback_score, byte_weight=byte_weight),
                         ngram=NgramParams(use=token_models))
     store.save(out, force=force)
     _describe(store, out)
