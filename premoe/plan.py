@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from decimal import ROUND_CEILING, Decimal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -269,17 +270,24 @@ def _experts_for_budget(profile: Profile, budget_gb: float) -> int:
 
 
 def gb_at_least(nbytes: int) -> str:
-    """The shortest GB figure (4 significant digits) that is not below ``nbytes``: a budget the user can pass.
+    """The smallest GB figure of 4 significant digits that the budget check (``GB * 1e9 >= bytes``) accepts.
+
+    Rounded up in exact decimal arithmetic: rounding ``nbytes / 1e9`` up in
+    floats overshot by one unit where the float product landed a hair above
+    the true value (35 bytes gave 0.00000003501, not 0.00000003500).
 
     >>> gb_at_least(8_976_131)
     '0.008977'
     """
-    value = nbytes / 1e9
-    digits = 3 - math.floor(math.log10(value)) if value > 0 else 0
-    text = f"{math.ceil(value * 10 ** digits) / 10 ** digits:.{max(digits, 0)}f}"
-    while float(text) * 1e9 < nbytes:  # float rounding: step up by one in the last digit
-        text = f"{float(text) + 10 ** -digits:.{max(digits, 0)}f}"
-    return text
+    if nbytes <= 0:
+        return "0"
+    value = Decimal(nbytes) / 10**9  # exact: 28 significant digits hold any byte count
+    unit = Decimal(1).scaleb(value.adjusted() - 3)  # one in the 4th significant digit
+    figure = value.quantize(unit, rounding=ROUND_CEILING) if unit < 1 else (value / unit).to_integral_value(
+        rounding=ROUND_CEILING) * unit
+    while float(figure) * 1e9 < nbytes:  # the check runs in floats: step up by one unit where it rounds below
+        figure += unit
+    return f"{figure:f}"
 
 
 def export_counts(kept: dict[int, list[int]]) -> dict[int, int]:

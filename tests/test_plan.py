@@ -335,3 +335,55 @@ def test_validate_plan_refuses_uneven_groups_even_with_two_per_group():
         validate_plan(plan, 8, 2, (2, 1))
     plan.kept[0] = [0, 1, 4, 5]
     validate_plan(plan, 8, 2, (2, 1))
+
+
+# --- gaps mutmut found (bench/mutmut_run.py): each test below fails under a mutant that survived the suite before
+
+
+def test_utility_kept_is_each_domains_mean_share_over_layers():
+    plan = make_plan(toy_profile(), PlanRequest(experts=3, domain="a", scorer="router_mass"))
+    # a: layer 0 keeps 8 + 7 + 6 of 36, layer 1 keeps 6 + 7 + 8 of 36; b: 1 + 1 + 1 of 24 in both layers
+    assert plan.utility_kept == {"a": round(21 / 36, 6), "b": 0.125}
+    # negative utilities count as zero; a layer with no utility holds a share of 0; totals below 1 are shares too
+    odd = profile_of({"a": [[-4, 3, 2, 1, 0, 0, 0, 0], [0.5, 0.25, 0.125, 0.125, 0, 0, 0, 0]],
+                      "b": [[0] * 8, [0] * 8]})
+    plan = make_plan(odd, PlanRequest(experts=2, domain="a", scorer="router_mass"))
+    assert plan.kept == {0: [1, 2], 1: [0, 1]}
+    assert plan.utility_kept == {"a": round((5 / 6 + 0.75) / 2, 6), "b": 0.0}
+
+
+def test_balanced_weighting_changes_the_generalist_where_token_counts_differ():
+    # a (10 tokens) loves experts 0, 1; b (90 tokens) mildly prefers 2, 3
+    uneven = profile_of({"a": [[10, 10, 0, 0, 0, 0, 0, 0]] * 2, "b": [[0, 0, 3, 3, 0, 0, 0, 0]] * 2},
+                        {"a": 10, "b": 90})
+    by_tokens = make_plan(uneven, PlanRequest(experts=2, scorer="router_mass"))  # (10a + 90b) / 100: 1.0 vs 2.7
+    balanced = make_plan(uneven, PlanRequest(experts=2, scorer="router_mass", weighting="balanced"))  # 5 vs 1.5
+    assert by_tokens.kept == {0: [2, 3], 1: [2, 3]}
+    assert balanced.kept == {0: [0, 1], 1: [0, 1]}
+    assert by_tokens.target == balanced.target == "generalist:a,b"
+
+
+@pytest.mark.parametrize("nbytes, text", [(0, "0"), (8_976_131, "0.008977"), (10**9, "1.000"),
+                                           (123_456_789_012, "123.5"), (5 * 10**14, "500000"),
+                                           (15, "0.00000001501"),  # 1.500e-8 * 1e9 < 15 in floats: one step up
+                                           (35, "0.00000003500"), (1, "0.000000001000")])  # floats once gave 3501
+def test_gb_at_least_pins(nbytes, text):
+    from premoe.plan import gb_at_least
+
+    assert gb_at_least(nbytes) == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 10**15))
+def test_gb_at_least_is_the_smallest_four_digit_budget_that_fits(nbytes):
+    """What the refusal tells the user to pass must be accepted by the check the planner runs (x * 1e9 >= bytes),
+    with four significant digits, and one unit less in its last digit must not be."""
+    from premoe.plan import gb_at_least
+
+    from decimal import Decimal
+
+    text = gb_at_least(nbytes)
+    assert float(text) * 1e9 >= nbytes
+    figure = Decimal(text)
+    assert len(figure.normalize().as_tuple().digits) <= 4
+    assert float(figure - Decimal(1).scaleb(figure.adjusted() - 3)) * 1e9 < nbytes  # one unit less: refused

@@ -228,3 +228,45 @@ def test_biased_rule_without_a_bias_is_the_logits_rule(experts, candidates, seed
         assert torch.equal(peu(b, candidates=candidates, threshold=0.55, transform="gate", candidates_from="biased"),
                            peu(b, candidates=candidates, threshold=0.55, transform="gate"))
     assert dict(PRESETS["peu_norm"].params)["candidates_from"] == "biased"
+
+
+# --- gaps mutmut found (bench/mutmut_run.py): each test below fails under a mutant that survived the suite before
+
+
+def test_shifted_logit_with_a_non_logits_rule_subtracts_each_tokens_own_best_outside():
+    """Two tokens, two candidates: a per-token margin must not broadcast one token's best-outside logit onto the other
+    token's candidates (keepdim), and the biased rule without a bias must give the logits rule's margins."""
+    want = peu(batch(), candidates=2, threshold=0.0, transform="shifted_logit")
+    for rule in ("biased", "routed"):
+        b = RouterBatch(LOGITS, LOGITS.softmax(-1), LOGITS.topk(2, dim=-1).indices, None, 0)
+        assert torch.equal(peu(b, candidates=2, threshold=0.0, transform="shifted_logit", candidates_from=rule), want)
+
+
+def test_reap_renormalise_true_and_false_override_the_model():
+    norms = torch.tensor([[2.0, 3.0], [4.0, 5.0]])
+    chosen = LOGITS.softmax(-1).double().gather(1, SELECTED)
+    local = chosen / chosen.sum(-1, keepdim=True)
+    expected = torch.zeros(2, 4, dtype=torch.float64).scatter_(1, SELECTED, local * norms.double())
+    assert torch.allclose(reap(batch(norms=norms), renormalise=True), expected, atol=1e-12)  # model does not
+    renormalising = RouterBatch(LOGITS, LOGITS.softmax(-1), SELECTED, norms, renormalises=True)
+    raw = torch.zeros(2, 4, dtype=torch.float64).scatter_(1, SELECTED, chosen * norms.double())
+    assert torch.allclose(reap(renormalising, renormalise=False), raw, atol=1e-12)  # model does
+    with pytest.raises(ValueError, match="renormalise must be true, false or model, got 'yes'"):
+        reap(batch(norms=norms), renormalise="yes")
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("TRUE", True), ("True", True), ("false", False),
+                                         ("False", False), ("model", "model")])
+def test_parse_scorer_reads_booleans_in_any_case(text, value):
+    assert parse_scorer(f"reap(renormalise={text})").params == (("renormalise", value),)
+
+
+def test_defaults_candidate_rule_frequency_dtype_and_random_seed():
+    b = biased()
+    assert torch.equal(candidate_experts(b, 2), candidate_experts(b, 2, "logits"))  # the authors' rule by default
+    assert frequency(batch()).dtype == torch.float64  # profiles sum millions of these: float32 would drift
+    assert torch.equal(random_scores(batch(layer=2)), random_scores(batch(layer=2), seed=0))
+    # seed 0, layer 1: the digest's first byte is >= 128, so the modulus 2**63 matters (layer 0's does not)
+    pinned = random_scores(batch(layer=1), seed=0)[0]
+    assert torch.allclose(pinned, torch.tensor([0.8853859974569112, 0.155543872508479, 0.7672039816366889,
+                                                0.3897681382411877], dtype=torch.float64), atol=1e-12), pinned.tolist()
