@@ -387,3 +387,63 @@ def test_gb_at_least_is_the_smallest_four_digit_budget_that_fits(nbytes):
     figure = Decimal(text)
     assert len(figure.normalize().as_tuple().digits) <= 4
     assert float(figure - Decimal(1).scaleb(figure.adjusted() - 3)) * 1e9 < nbytes  # one unit less: refused
+
+
+def test_budget_with_global_ranking_steps_down_until_the_padded_checkpoint_fits():
+    # 200 base bytes + 50 per expert per layer... M = 4 fits 400 bytes uniformly, but global ranking at M = 4 keeps
+    # 5 + 3 experts (layer 1's utility sits in two experts), padded to 5 per layer = 450 bytes: one step down to
+    # M = 3 keeps 4 + 2, padded to 4 = 400 bytes
+    p = profile_of({"a": [[10, 9.9, 9.8, 9.7, 9.6, 1, 1, 1], [10, 9.95, 1, 1, 1, 1, 1, 1]]})
+    assert make_plan(p, PlanRequest(experts=4, domain="a", scorer="router_mass", ranking="global")).kept == \
+        {0: [0, 1, 2, 3, 4], 1: [0, 1, 2]}
+    plan = make_plan(p, PlanRequest(budget_gb=400e-9, domain="a", scorer="router_mass", ranking="global"))
+    assert plan.kept == {0: [0, 1, 2, 3], 1: [0, 1]}
+    assert any("predates header sizes" in n for n in plan.notes)
+
+
+def test_save_with_force_replaces_and_without_force_refuses(tmp_path):
+    first = make_plan(toy_profile(), PlanRequest(experts=3, domain="a", scorer="router_mass"))
+    second = make_plan(toy_profile(), PlanRequest(experts=4, domain="a", scorer="router_mass"))
+    path = first.save(tmp_path / "p.json")
+    with pytest.raises(PremoeError, match="already exists"):
+        second.save(path)
+    assert Plan.load(path).kept == first.kept
+    second.save(path, force=True)
+    assert Plan.load(path).kept == second.kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
+
+
+def test_check_model_refuses_a_plan_for_other_moe_layers(tiny_qwen3):
+    profile = profile_model(tiny_qwen3, [Source("code", [tiny.TEXT[:600]], "x")], ["router_mass"],
+                            ProfileParams(max_tokens=64, seq_len=32), progress=False)
+    plan = make_plan(profile, PlanRequest(experts=4, domain="code", scorer="router_mass"))
+    from premoe.modeling import model_identity
+
+    with pytest.raises(PlanError):
+        plan.check_model(model_identity(tiny_qwen3), moe_layers=[0, 1, 2])
+
+
+def test_keep_one_keeps_every_expert_and_notes_follow_multiples_of_four():
+    everything = make_plan(toy_profile(), PlanRequest(keep=1.0, domain="a", scorer="router_mass"))
+    assert everything.kept == {0: list(range(8)), 1: list(range(8))}
+    assert not any("multiple of 4" in n for n in everything.notes)  # M = 8
+    five = make_plan(toy_profile(), PlanRequest(experts=5, domain="a", scorer="router_mass"))
+    assert any("M = 5 is not a multiple of 4" in n for n in five.notes)
+    for keep in (0.0, 1.5):
+        with pytest.raises(InputError):
+            make_plan(toy_profile(), PlanRequest(keep=keep, domain="a", scorer="router_mass"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(1e-6, 1e3), min_size=2, max_size=2))
+def test_global_ranking_does_not_depend_on_each_layers_utility_scale(scales):
+    """Global ranking compares each layer's utility *shares*: scaling one layer's utilities (another scorer's
+    units, a layer with tiny logits) must not move experts between layers, including scales where a layer's total
+    is below 1."""
+    rows = [[8, 7, 6, 5, 4, 3, 2, 1], [9, 9, 1, 1, 1, 1, 1, 1]]
+    base = make_plan(profile_of({"a": rows}), PlanRequest(experts=4, domain="a", scorer="router_mass",
+                                                           ranking="global"))
+    scaled = [[v * s for v in row] for row, s in zip(rows, scales)]
+    got = make_plan(profile_of({"a": scaled}), PlanRequest(experts=4, domain="a", scorer="router_mass",
+                                                            ranking="global"))
+    assert got.kept == base.kept
