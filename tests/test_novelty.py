@@ -256,3 +256,58 @@ def test_a_store_hands_the_joint_score_its_pattern_scores_in_the_detectors_domai
     assert store.fallback_score(ids, by_matcher, 7) == float(expected[0])
     with pytest.raises(InputError, match="pass its ids"):
         store.fallback_score(None, by_matcher, 7)
+
+
+# --- gaps mutmut found (bench/mutmut_run.py): each test below fails under a mutant that survived the suite before
+
+TABLE = [b"a", b"bc", b"d", b"ee"]  # each token id's bytes
+THREE = {"a": torch.tensor([0, 1] * 20), "b": torch.tensor([2, 3] * 20), "c": torch.tensor([1, 2] * 20)}
+
+
+def test_byte_weight_adds_the_lowest_byte_nll_and_round_trips(tmp_path):
+    from premoe.bytelm import fit_byte_lms
+
+    requests = torch.tensor([[0, 1, 0, 1], [3, 3, 3, 3], [1, 2, 1, 2]])
+    token_only = fit_detector(NoveltyParams(method="kn", byte_weight=0.0), {}, 4, (2, 4), _three_lms())
+    byte_nll = fit_byte_lms(THREE, TABLE, 3).nll(requests).min(1).values  # (3,)
+    for weight in (0.5, 2.0):
+        params = NoveltyParams(method="kn", byte_weight=weight, byte_order=3)
+        detector = fit_detector(params, THREE, 4, (2, 4), _three_lms(), token_bytes=TABLE)
+        assert torch.allclose(detector.score(requests), token_only.score(requests) + weight * byte_nll, rtol=0,
+                              atol=1e-12)
+        tensors = detector.tensors()
+        assert tensors and all(k.startswith("novelty/bytes/") for k in tensors)
+        manifest = json.loads(json.dumps(detector.manifest()))
+        again = Detector.load(manifest, tensors, _three_lms())
+        assert torch.equal(again.score(requests), detector.score(requests))
+    with pytest.raises(InputError, match="weighs byte models .* has none"):
+        Detector.load({k: v for k, v in manifest.items() if k != "bytes"}, tensors, _three_lms())
+    from premoe.ngram import NgramParams, fit_lms
+
+    two = fit_lms(NgramParams(), {d: THREE[d] for d in ("a", "b")}, vocab=4)
+    with pytest.raises(InputError, match="name different domains"):
+        Detector.load(manifest, tensors, two)
+    with pytest.raises(InputError, match="byte models need every domain"):
+        fit_detector(params, THREE, 4, (2, 4), _three_lms())  # no token bytes
+    with pytest.raises(InputError, match="byte models need every domain"):
+        fit_detector(params, {d: THREE[d] for d in ("a", "b")}, 4, (2, 4), _three_lms(), token_bytes=TABLE)
+
+
+@pytest.mark.parametrize("field, ok, bad", [("byte_order", (1, 6), (0, 7)), ("max_tokens", (2,), (1,)),
+                                            ("margin_weight", (0.0, 1e300), (float("inf"), -0.1)),
+                                            ("pattern_weight", (0.0, 1e300), (float("inf"), -0.1))])
+def test_novelty_params_bounds_are_inclusive_where_documented(field, ok, bad):
+    for value in ok:
+        NoveltyParams(**{field: value}).check()
+    for value in bad:
+        with pytest.raises(InputError):
+            NoveltyParams(**{field: value}).check()
+
+
+def test_lengths_of_one_token_are_valid_and_uncalibrated_detectors_answer_booleans():
+    detector = fit_detector(NoveltyParams(method="ngram"), {"a": torch.tensor([1, 2, 3])}, 10, (1, 4))
+    assert detector.score(torch.tensor([[1]])).tolist() == [0.0]
+    with pytest.raises(InputError):
+        fit_detector(NoveltyParams(method="ngram"), {"a": torch.tensor([1, 2, 3])}, 10, (0, 4))
+    foreign = detector.foreign(torch.tensor([[8, 8], [1, 2]]))
+    assert foreign.dtype == torch.bool and foreign.tolist() == [False, False]
