@@ -152,3 +152,30 @@ def test_saved_byte_models_load_to_the_same_scores(corpora, requests, order):
     ids = torch.tensor([list(r) + [0] * (width - len(r)) for r in requests], dtype=torch.long)  # byte 0 pads
     assert again.domains == lms.domains
     assert torch.equal(again.nll(ids), lms.nll(ids))
+
+
+# --- gaps mutmut found (bench/mutmut_run.py): each test below fails under a mutant that survived the suite before
+
+
+@settings(max_examples=25, deadline=None)
+@given(first=st.binary(min_size=2, max_size=60), second=st.binary(min_size=2, max_size=60),
+       request=st.binary(min_size=1, max_size=20), order=st.integers(2, 5))
+def test_every_domain_of_the_merged_tables_is_its_own_witten_bell_model(first, second, request, order):
+    """The domains share one merged table (codes shifted per domain): each column must still be that domain's
+    own model, not another domain's counts under a wrong shift."""
+    squash = lambda data: bytes(b"abc d"[b % 5] for b in data)  # noqa: E731  small alphabet: contexts recur
+    first, second, request = squash(first), squash(second), squash(request)
+    lms = fit_byte_lms({"d": _ids(first), "e": _ids(second)}, RAW, order)
+    got = lms.nll(_ids(request).reshape(1, -1))[0]
+    assert got.dtype == torch.float64
+    assert got.tolist() == pytest.approx([_reference_nll(first, request, order),
+                                          _reference_nll(second, request, order)], rel=1e-12)
+
+
+def test_default_order_is_five_and_loading_needs_both_tables():
+    lms = fit_byte_lms({"d": _ids(b"abcabc")}, RAW)
+    assert lms.manifest()["order"] == 5
+    tensors = lms.tensors()
+    for gone in [k for k in tensors if k in ("bytes/table", "bytes/offsets")]:
+        with pytest.raises(InputError):
+            ByteLMs.load(lms.manifest(), {k: v for k, v in tensors.items() if k != gone})

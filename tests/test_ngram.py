@@ -75,3 +75,42 @@ def test_bad_input_names_the_fix():
         lms.nll(torch.tensor([[1, 9]]))
     with pytest.raises(InputError, match="lack domain b"):
         TokenLMs.load({**lms.manifest(), "domains": ["a", "b"]}, lms.tensors())
+
+
+# --- gaps mutmut found (bench/mutmut_run.py): each test below fails under a mutant that survived the suite before
+
+
+def test_a_history_seen_once_and_a_two_token_request():
+    """ids 0 1 2: history 0 is seen once, followed by one type: p(1|0) = (1 - .75)/1 + .75 * 1/1 * p_cont(1)."""
+    lms = fit_lms(NgramParams(discount=0.75, delta=0.5), {"a": torch.tensor([0, 1, 2])}, vocab=3)
+    cont = lms._tables["a"].cont.tolist()
+    p = lms.logprob("a", torch.tensor([[0, 1]]))[0].exp().item()
+    assert p == pytest.approx(0.25 + 0.75 * cont[1], abs=1e-12)
+    # a 2-token request is one bigram, not its first token's continuation probability
+    assert lms.nll(torch.tensor([[0, 1]]))[0, 0].item() == pytest.approx(-math.log(p), abs=1e-12)
+
+
+@pytest.mark.parametrize("field, ok, bad", [("discount", (0.01, 0.99), (0.0, 1.0)), ("delta", (1e-9,), (0.0,)),
+                                            ("pattern_weight", (0.0, 0.5), (-0.1,)), ("max_tokens", (2,), (1,))])
+def test_ngram_params_bounds(field, ok, bad):
+    for value in ok:
+        NgramParams(**{field: value}).check()
+    for value in bad:
+        with pytest.raises(InputError):
+            NgramParams(**{field: value}).check()
+
+
+def test_token_ids_equal_to_the_vocabulary_size_are_refused():
+    with pytest.raises(InputError):
+        fit_lms(NgramParams(), {"a": torch.tensor([0, 1, 3])}, vocab=3)
+    lms = fit_lms(NgramParams(), {"a": torch.tensor([0, 1, 2])}, vocab=3)
+    with pytest.raises(InputError):
+        lms.nll(torch.tensor([[0, 3]]))
+    with pytest.raises(InputError):
+        TokenLMs.load(lms.manifest(), {k: v for k, v in lms.tensors().items() if "counts" not in k})
+
+
+def test_combine_with_one_token():
+    nll, patterns = torch.tensor([[1.0, 2.0]], dtype=torch.float64), torch.tensor([[4.0, 8.0]])
+    assert combine(nll, patterns, tokens=1, features=3, pattern_weight=0.5).tolist() == [[1.0 + 3.0, 2.0 + 6.0]]
+    assert combine(nll, patterns, tokens=0, features=3, pattern_weight=0.5).tolist() == [[4.0, 8.0]]
