@@ -36,7 +36,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")  # a domain name: used i
 class Source:
     name: str
     texts: list[str]
-    origin: str  # what the user passed, recorded in artefacts
+    origin: str  # recorded in artefacts: testbed:<domain>:<split>, or the absolute path (rereadable from any cwd)
 
 
 def text_budget(max_tokens: int | None) -> int | None:
@@ -70,7 +70,7 @@ def parse_sources(specs: list[str], tokenizer=None, split: str = DEFAULT_SPLIT,
                              "(up to 64, starting with a letter or digit); it names the domain in artefacts")
         if not where.strip():
             raise InputError(f"--data {spec!r} has an empty PATH; write NAME=PATH to a .txt, .jsonl or directory")
-        sources.append(Source(name, read_texts(Path(where), tokenizer, budget), where))
+        sources.append(Source(name, read_texts(Path(where), tokenizer, budget), _absolute(where)))
     names = [s.name for s in sources]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -82,8 +82,20 @@ def parse_sources(specs: list[str], tokenizer=None, split: str = DEFAULT_SPLIT,
 
 
 def data_paths(specs) -> list[Path]:
-    """The file-system paths among ``--data`` specs (``NAME=PATH``); testbed names have none."""
-    return [Path(where) for name, sep, where in (str(s).partition("=") for s in specs or ()) if sep and where.strip()]
+    """The file-system paths ``--data`` specs read: each ``NAME=PATH``, and the shipped corpus for testbed names.
+
+    Outputs are checked against these (:func:`premoe.fileio.check_output`), so ``--out`` can never replace the
+    corpus a testbed domain was just read from.
+    """
+    from premoe import testbed
+
+    paths = []
+    for name, sep, where in (str(s).partition("=") for s in specs or ()):
+        if sep and where.strip():
+            paths.append(Path(where))
+        elif not sep and testbed.corpus_path() not in paths:
+            paths.append(testbed.corpus_path())
+    return paths
 
 
 def source_origins(specs: list[str], split: str = DEFAULT_SPLIT) -> dict[str, str]:
@@ -91,8 +103,14 @@ def source_origins(specs: list[str], split: str = DEFAULT_SPLIT) -> dict[str, st
     origins = {}
     for spec in specs:
         name, sep, where = spec.partition("=")
-        origins.update({name: where} if sep else {n: f"testbed:{n}:{s}" for n, s in _testbed_names(spec, split)})
+        origins.update({name: _absolute(where)} if sep
+                       else {n: f"testbed:{n}:{s}" for n, s in _testbed_names(spec, split)})
     return origins
+
+
+def _absolute(where: str) -> str:
+    """A data path as artefacts record it: absolute, so a later command run elsewhere rereads the same file."""
+    return os.path.abspath(where)
 
 
 def _testbed_names(spec: str, default_split: str) -> list[tuple[str, str]]:

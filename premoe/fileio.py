@@ -319,6 +319,12 @@ def _ordinary_permissions(root: Path) -> None:
                 os.chmod(os.path.join(directory, name), 0o666 & ~mask)
 
 
+def read_marker(directory: str | Path) -> dict:
+    """What the ``.premoe`` marker of ``directory`` says (its ``kind``: profile, sweep, demo, ...); {} if none."""
+    data = _read_json(Path(directory) / MARKER)
+    return data if isinstance(data, dict) else {}
+
+
 def write_marker(directory: str | Path, info: dict | None = None) -> None:
     """Mark ``directory`` as written by premoe (so a later ``--force`` may replace it)."""
     from premoe import __version__

@@ -64,9 +64,10 @@ def build(model, profile_path, data, out, held_out, scorer, method, feature, pat
     from premoe.profile import Profile
     from premoe.store import PatternData, build_store
 
-    check_output(out, inputs=[model_input(model), profile_path, *data_paths(data), *data_paths(held_out)], force=force)
     profile = Profile.load(profile_path)
-    store = build_store(model, profile, _sources(model, data or _profiled(profile), "calib"),
+    calib = list(data) or _profiled(profile)  # the profile's own text by default: an input like any --data
+    check_output(out, inputs=[model_input(model), profile_path, *data_paths(calib), *data_paths(held_out)], force=force)
+    store = build_store(model, profile, _sources(model, calib, "calib"),
                         _sources(model, held_out, "val"), scorer,
                         MatchParams(method=method, feature=feature, layers=pattern_layers, quantile=quantile),
                         PatternData(tokens=calib_tokens),
@@ -132,6 +133,8 @@ def query(store_path, text, model, tokens, mixed, json_out, force) -> None:
     from premoe.store import Store
 
     store = Store.load(store_path)
+    if model is not None:
+        _check_same_model(store, model)
     model = model or locate_model(store.model)
     net = load_model(model)
     retriever = Retriever(net, get_adapter(net.config), store, load_tokenizer(model), mixed=mixed)
@@ -154,6 +157,21 @@ def query(store_path, text, model, tokens, mixed, json_out, force) -> None:
     click.echo(f"{verdict}  [{hit.method} over {hit.tokens} tokens, {hit.seconds * 1000:.1f} ms]")
     for name, distance in sorted(hit.distances.items(), key=lambda kv: kv[1]):
         click.echo(f"  {name:<14} {distance:.6g}")
+
+
+def _check_same_model(store, model: str) -> None:
+    """--model must be the checkpoint the store was built from (moved, copied): patterns of another model mean nothing.
+
+    A model of the same shape (another training run, a compiled checkpoint) would still run, and retrieve wrongly.
+    """
+    from premoe.errors import InputError
+    from premoe.modeling import config_hash, read_config
+
+    recorded, got = store.model.get("config_hash"), config_hash(read_config(model))
+    if got != recorded:
+        raise InputError(f"--model {model} (config {got}) is not the model the store was built from "
+                         f"({store.model.get('name')}, config {recorded}); pass that checkpoint, or build a store "
+                         "for this model with `premoe store build`")
 
 
 def _profiled(profile) -> list[str]:
