@@ -84,9 +84,9 @@ def check_inputs(out: str | Path, inputs: Iterable[str | Path | None]) -> Path:
     """Refuse an output path that is empty, a symlink, or equals, contains or lies inside one of ``inputs``."""
     from premoe.errors import InputError
 
-    out = Path(out)
-    if not str(out).strip():
+    if not str(out).strip():  # before Path(), which reads "" as "."
         raise InputError("the output path is empty; name a file or directory to write")
+    out = Path(out)
     if out.is_symlink():
         raise InputError(f"{out} is a symbolic link; name the real path ({_resolve(out)}) as the output")
     target = _resolve(out)

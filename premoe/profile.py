@@ -318,13 +318,14 @@ def profile_model(model: str | Path, sources: Sequence[Source], scorers: Sequenc
     ``loaded`` is an optional ``(model, tokenizer)`` pair already in memory.
     """
     from premoe.adapters import get_adapter
-    from premoe.modeling import load_model, load_tokenizer, model_identity
+    from premoe.modeling import check_context, load_model, load_tokenizer, model_identity, read_config
     from premoe.progress import domains_bar
 
     params = params or ProfileParams()
     check_sources(sources)
     specs = resolve_scorers(scorers)
     identity = model_identity(model)
+    check_context(read_config(model) if loaded is None else loaded[0].config, params.seq_len)
     net, tokenizer = loaded or (load_model(model, params.device), load_tokenizer(model))
     adapter = get_adapter(net.config)
     started = time.time()

@@ -136,11 +136,12 @@ def run_sweep(model: str | Path, profile: str | Path, out: str | Path, config: S
     text for the studies that re-profile (default: what the profile used).
     """
     from premoe.evaluate import Evaluator
-    from premoe.modeling import load_model, load_tokenizer, model_identity
+    from premoe.modeling import check_context, load_model, load_tokenizer, model_identity, read_config
     from premoe.progress import bar
 
     config = config or SweepConfig()
     out = Path(out)
+    check_context(read_config(model), config.seq_len)
     _check_out(out, model, profile, eval_data, calib_data)
     main = Profile.load(profile)
     identity = model_identity(model)
@@ -209,9 +210,10 @@ def estimate_sweep(model: str | Path, profile: str | Path, out: str | Path, conf
     486
     """
     from premoe.data import source_origins
-    from premoe.modeling import model_identity
+    from premoe.modeling import check_context, model_identity, read_config
 
     config = config or SweepConfig()
+    check_context(read_config(model), config.seq_len)
     _check_out(Path(out), model, profile, eval_data, calib_data, create=False)  # what the run would refuse
     main = Profile.load(profile)
     identity = model_identity(model)
