@@ -250,3 +250,17 @@ def test_the_cli_refuses_windows_beyond_the_testbed_positions(capsys, monkeypatc
     fails(capsys, monkeypatch, *verb, tmp_path / "out", "--seq-len", "4096",
           expect="max_position_embeddings (1024)")
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- plan targets
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--domain", "python", "--domain", "de"], "'--domain': given 2 times (python, de); a specialist serves one"),
+    (["--generalist", "--domains", ""], "'--domains': '' lists no domains"),
+    (["--generalist", "--domains", " , "], "'--domains': ' , ' lists no domains"),
+])
+def test_plan_targets_that_would_silently_change_are_refused(capsys, monkeypatch, tmp_path, argv, message):
+    """--domain python --domain de planned for de alone; --domains '' planned for every domain; ',' said a domain
+    was listed twice."""
+    fails(capsys, monkeypatch, "plan", tmp_path / "prof", "--keep", "0.5", *argv, "--dry-run", expect=message)
