@@ -264,3 +264,25 @@ def test_plan_targets_that_would_silently_change_are_refused(capsys, monkeypatch
     """--domain python --domain de planned for de alone; --domains '' planned for every domain; ',' said a domain
     was listed twice."""
     fails(capsys, monkeypatch, "plan", tmp_path / "prof", "--keep", "0.5", *argv, "--dry-run", expect=message)
+
+
+# --------------------------------------------------------------------------- numbers click let through
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "testbed", "--read-timeout", "nan"],
+    ["route", "route.json", "--read-timeout", "nan"],
+    ["store", "build", "testbed", "--profile", "p", "--out", "s", "--byte-weight", "nan"],
+])
+def test_nan_is_not_a_timeout_or_a_weight(capsys, monkeypatch, tmp_path, argv):
+    """click's FloatRange compares, and NaN compares false: a NaN read timeout (never times out) was accepted."""
+    monkeypatch.chdir(tmp_path)
+    option = argv[-2]
+    fails(capsys, monkeypatch, *argv, expect=f"Invalid value for '{option}': 'nan' is not a finite number")
+
+
+def test_unbounded_numbers_show_no_range_in_help(capsys, monkeypatch):
+    from test_hardening_cli import run
+
+    code, out, _ = run(capsys, monkeypatch, "verify", "--help")
+    assert code == 0 and "[default: 0.0001]" in out and "None" not in out

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from premoe.cli.options import FRACTION, POSITIVE, json_option, model_input
+from premoe.cli.options import FRACTION, NON_NEGATIVE_FLOAT, POSITIVE, json_option, model_input
 
 _METHODS = ("centroid", "knn", "diagonal", "lda", "logistic")  # premoe.matchers.METHODS (no torch import for --help)
 _FALLBACK = ("kn", "joint", "ngram", "nearest")  # premoe.novelty.METHODS
@@ -43,7 +43,7 @@ def command() -> None:
                    "domains' Kneser-Ney bigram models; joint = kn on that NLL plus the weighted pattern NLL (the "
                    "classifier's own score); ngram = the share of its bigrams never seen in any domain's "
                    "calibration text; nearest = the matcher's nearest-domain score.")
-@click.option("--byte-weight", "byte_weight", default=1.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--byte-weight", "byte_weight", default=1.0, show_default=True, type=NON_NEGATIVE_FLOAT,
               help="kn and joint: add this times the request's lowest mean NLL per byte under each domain's byte "
                    "5-gram model (spelling: languages and code the store never saw); 0 leaves the byte models out.")
 @click.option("--token-models/--no-token-models", "token_models", default=True, show_default=True,
