@@ -286,3 +286,18 @@ def test_unbounded_numbers_show_no_range_in_help(capsys, monkeypatch):
 
     code, out, _ = run(capsys, monkeypatch, "verify", "--help")
     assert code == 0 and "[default: 0.0001]" in out and "None" not in out
+
+
+def test_verify_card_checks_the_card_before_verifying(capsys, monkeypatch, tmp_path):
+    """A README.md without a Quality section (or a directory) was found only after the whole verification."""
+    import premoe.verify
+
+    monkeypatch.setattr(premoe.verify, "verify", lambda *a, **k: pytest.fail("verified before checking the card"))
+    compiled = tmp_path / "c"
+    compiled.mkdir()
+    (compiled / "README.md").write_text("my own notes\n")
+    fails(capsys, monkeypatch, "verify", "testbed", compiled, "--card", inputs=[compiled],
+          expect="README.md has no '## Quality' section")
+    (compiled / "README.md").unlink()
+    (compiled / "README.md").mkdir()
+    fails(capsys, monkeypatch, "verify", "testbed", compiled, "--card", expect="README.md is not a file")
