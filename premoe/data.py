@@ -165,6 +165,9 @@ def read_texts(path: Path, tokenizer=None, max_chars: int | None = None) -> list
     _check_regular(path)
     if path.name.endswith((".jsonl", ".jsonl.gz")):
         return _read_jsonl(path, tokenizer, max_chars)
+    if path.name.lower().endswith(".json"):  # a JSON array of records would be calibrated on as raw JSON syntax
+        raise InputError(f"{path} is a .json file; premoe reads .jsonl (one {{\"text\": ...}} object per line), "
+                         ".jsonl.gz or .txt: convert it to .jsonl, or rename it .txt to use its raw text")
     return [_read_text_file(path, max_chars)]
 
 
@@ -238,7 +241,8 @@ def _read_jsonl(path: Path, tokenizer, max_chars: int | None) -> list[str]:
                                      "line, each below that")
                 if not raw.strip():
                     continue
-                texts.append(_record_text(_parse_line(raw, path, number), path, number, tokenizer))
+                texts.append(_valid_unicode(_record_text(_parse_line(raw, path, number), path, number, tokenizer),
+                                            path, number))
                 chars += len(texts[-1])
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise InputError(f"{path}:{number + 1} is a corrupt or truncated gzip file ({e}); recompress it with gzip, "
@@ -263,6 +267,16 @@ def _parse_line(raw: bytes, path: Path, number: int) -> dict:
         raise InputError(f"{path}:{number} is a JSON {type(record).__name__}, not an object; "
                          'write {"text": "..."} per line')
     return record
+
+
+def _valid_unicode(text: str, path: Path, number: int) -> str:
+    """``text`` if it encodes as UTF-8: a JSON escape such as "\\ud800" decodes to a lone surrogate no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{path}:{number} holds a lone surrogate ({text[e.start]!r} at character {e.start} of the "
+                         "text, from a JSON \\u escape), not valid Unicode; fix or drop that record") from e
+    return text
 
 
 def _record_text(record: dict, path: Path, number: int, tokenizer) -> str:

@@ -301,3 +301,35 @@ def test_verify_card_checks_the_card_before_verifying(capsys, monkeypatch, tmp_p
     (compiled / "README.md").unlink()
     (compiled / "README.md").mkdir()
     fails(capsys, monkeypatch, "verify", "testbed", compiled, "--card", expect="README.md is not a file")
+
+
+# --------------------------------------------------------------------------- data files
+
+
+def test_a_lone_surrogate_in_jsonl_is_one_line(tmp_path):
+    """A JSON escape "\\ud800" decoded to a lone surrogate and the tokenizer crashed (exit 70, TypeError)."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": "a\\ud800b"}\n')
+    with pytest.raises(InputError, match=r"d.jsonl:2 holds a lone surrogate \('\\ud800' at character 1"):
+        parse_sources([f"x={data}"])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=12))
+def test_any_jsonl_text_record_reads_or_fails_in_one_line(tmp_path_factory, text):
+    data = tmp_path_factory.mktemp("j") / "d.jsonl"
+    data.write_text(json.dumps({"text": text}) + "\n")  # json.dumps escapes surrogates as \\udXXX
+    try:
+        [source] = parse_sources([f"x={data}"])
+    except InputError as e:
+        assert "\n" not in str(e) and ("contains no text" in str(e) or "lone surrogate" in str(e))
+        return
+    assert source.texts == [text] and text.encode("utf-8")
+
+
+def test_a_json_file_is_not_calibrated_on_as_raw_text(tmp_path):
+    """records.json (a JSON array, as datasets are often saved) was read as one text of JSON syntax."""
+    data = tmp_path / "records.json"
+    data.write_text(json.dumps([{"text": "hello"}]))
+    with pytest.raises(InputError, match=r"records.json is a .json file; premoe reads .jsonl .* rename it .txt"):
+        parse_sources([f"x={data}"])
