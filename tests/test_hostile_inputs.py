@@ -333,3 +333,41 @@ def test_a_json_file_is_not_calibrated_on_as_raw_text(tmp_path):
     data.write_text(json.dumps([{"text": "hello"}]))
     with pytest.raises(InputError, match=r"records.json is a .json file; premoe reads .jsonl .* rename it .txt"):
         parse_sources([f"x={data}"])
+
+
+# --------------------------------------------------------------------------- profile.json: what later verbs reread
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["data"].__setitem__("a", "testbed:python"), r"data\['a'\] must be where a profiled domain's text"),
+    (lambda m: m["data"].__setitem__("a", 5), r"data\['a'\] must be"),
+    (lambda m: m["data"].__setitem__("zzz", "x.txt"), r"data\['zzz'\] must be"),
+    (lambda m: m["params"].__setitem__("seq_len", "x"), "params.seq_len must be an integer ≥ 2"),
+    (lambda m: m["params"].__setitem__("generate", -1), "params.generate must be an integer ≥ 0"),
+])
+def test_profile_origins_and_params_are_checked_on_load(tmp_path, edit, message):
+    """store build, plan --select reconstruct and sweep crashed on these (exit 70: ValueError, AttributeError)."""
+    from test_plan import toy_profile
+
+    from premoe.profile import Profile
+
+    profile = toy_profile()
+    profile.data, profile.params = {"a": "testbed:python:calib", "b": "/data/b.txt"}, {"seq_len": 64}
+    profile.save(tmp_path / "p")
+    manifest = json.loads((tmp_path / "p" / "profile.json").read_text())
+    edit(manifest)
+    (tmp_path / "p" / "profile.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=message):
+        Profile.load(tmp_path / "p")
+
+
+def test_reconstruct_names_a_domain_without_recorded_text():
+    """A profile whose data lacked the domain gave exit 70 (KeyError) in plan --select reconstruct."""
+    from test_plan import toy_profile
+
+    from premoe.select import reconstruct
+
+    profile = toy_profile()
+    profile.data = {"b": "/data/b.txt"}
+    with pytest.raises(InputError, match="does not record where the text of a came from"):
+        reconstruct(profile, ["a"], 4, loaded=(object(), object()))
