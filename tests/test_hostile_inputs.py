@@ -371,3 +371,21 @@ def test_reconstruct_names_a_domain_without_recorded_text():
     profile.data = {"b": "/data/b.txt"}
     with pytest.raises(InputError, match="does not record where the text of a came from"):
         reconstruct(profile, ["a"], 4, loaded=(object(), object()))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("calibration", {"amounts": {"zzz": 1}}, "'calibration' must be an object whose 'amounts' map tokens"),
+    ("calibration", {"amounts": {"tokens": "x"}}, r"got \{'tokens': 'x'\}"),
+    ("calibration", "x", "got 'x'"),
+    ("model", {"name": "m", "path": 5, "config_hash": "0"}, "'model' must hold string name, path and config_hash"),
+])
+def test_store_fields_read_later_are_checked_on_load(tmp_path, key, value, message):
+    """store add (calibration amounts) and store query (model path) crashed with exit 70 on these."""
+    from premoe.store import Store
+
+    known_store(tmp_path / "m").save(tmp_path / "s")
+    manifest = json.loads((tmp_path / "s" / "store.json").read_text())
+    manifest[key] = value
+    (tmp_path / "s" / "store.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match=message):
+        Store.load(tmp_path / "s")
