@@ -389,3 +389,29 @@ def test_store_fields_read_later_are_checked_on_load(tmp_path, key, value, messa
     (tmp_path / "s" / "store.json").write_text(json.dumps(manifest))
     with pytest.raises(InputError, match=message):
         Store.load(tmp_path / "s")
+
+
+# --------------------------------------------------------------------------- --json FILE
+
+
+def test_json_never_replaces_an_artefact_manifest(tmp_path):
+    """`eval --json prof/profile.json --force` replaced the profile's manifest with eval results (premoe's JSON)."""
+    from test_plan import toy_profile
+
+    toy_profile().save(tmp_path / "prof")
+    before = tree_hash(tmp_path / "prof")
+    with pytest.raises(OutputExistsError, match="is the manifest of the premoe profile in"):
+        check_output(tmp_path / "prof" / "profile.json", force=True, kind="file")
+    assert tree_hash(tmp_path / "prof") == before
+    (tmp_path / "e.json").write_text(json.dumps({"format": "premoe-eval/1"}))
+    check_output(tmp_path / "e.json", force=True, kind="file")  # a --json report premoe wrote: replaceable
+
+
+@pytest.mark.parametrize("verb", [["compile", "testbed", "plan.json"], ["report", "results.json"]])
+def test_json_equal_to_out_fails_before_writing(capsys, monkeypatch, tmp_path, verb):
+    """compile wrote the checkpoint, then refused its --json (the same path) and exited 2 with it in place."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("plan.json", "results.json"):
+        (tmp_path / name).write_text("{}")
+    fails(capsys, monkeypatch, *verb, "--out", "x", "--json", "x", expect="the output x is the input x")
+    assert not (tmp_path / "x").exists()

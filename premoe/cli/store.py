@@ -57,16 +57,17 @@ def build(model, profile_path, data, out, held_out, scorer, method, feature, pat
           byte_weight, token_models, quantile, calib_tokens, force) -> None:
     """Store the patterns and rankings of every domain in --profile."""
     from premoe.data import data_paths
-    from premoe.fileio import check_output
+    from premoe.fileio import check_inputs, check_output
     from premoe.matchers import MatchParams
     from premoe.ngram import NgramParams
     from premoe.novelty import NoveltyParams
     from premoe.profile import Profile
     from premoe.store import PatternData, build_store
 
+    check_output(out, inputs=[model_input(model), profile_path, *data_paths(data), *data_paths(held_out)], force=force)
     profile = Profile.load(profile_path)
     calib = list(data) or _profiled(profile)  # the profile's own text by default: an input like any --data
-    check_output(out, inputs=[model_input(model), profile_path, *data_paths(calib), *data_paths(held_out)], force=force)
+    check_inputs(out, data_paths(calib))
     store = build_store(model, profile, _sources(model, calib, "calib"),
                         _sources(model, held_out, "val"), scorer,
                         MatchParams(method=method, feature=feature, layers=pattern_layers, quantile=quantile),
@@ -127,7 +128,7 @@ def add(store_path, profile_path, data, held_out) -> None:
 def query(store_path, text, model, tokens, mixed, json_out, force) -> None:
     """Which stored domain TEXT retrieves, with its score for every domain (lower = nearer)."""
     from premoe.adapters import get_adapter
-    from premoe.fileio import emit_json
+    from premoe.fileio import check_output, emit_json
     from premoe.modeling import load_model, load_tokenizer, locate_model
     from premoe.retrieval import Retriever
     from premoe.store import Store
@@ -136,6 +137,8 @@ def query(store_path, text, model, tokens, mixed, json_out, force) -> None:
     if model is not None:
         _check_same_model(store, model)
     model = model or locate_model(store.model)
+    if json_out not in (None, "-"):  # before the model loads, not after
+        check_output(json_out, inputs=[store_path, model_input(model)], force=force, kind="file")
     net = load_model(model)
     retriever = Retriever(net, get_adapter(net.config), store, load_tokenizer(model), mixed=mixed)
     hit = retriever.retrieve(text, tokens)
