@@ -851,7 +851,28 @@ def compiled_info(path: str | Path) -> dict:
         raise CheckpointError(f"{path}/config.json has a malformed 'premoe' block (expected source.name/config_hash, "
                               "kept_experts, experts_per_layer and export as `premoe compile` writes them); recompile "
                               "the checkpoint")
+    problem = _block_problem(info)
+    if problem:
+        raise CheckpointError(f"{path}/config.json: the 'premoe' block {problem}; recompile the checkpoint")
     return info
+
+
+def _block_problem(info: dict) -> str | None:
+    """What makes a well-typed ``premoe`` block inconsistent (verify would crash or mis-route on it), or None."""
+    if info.get("format", FORMAT) != FORMAT:
+        return f"has format {info['format']!r}, not {FORMAT} (a newer premoe wrote it?)"
+    total, kept, counts = info.get("num_experts_original"), info["kept_experts"], info["experts_per_layer"]
+    if type(total) is not int or total < 1:
+        return f"has num_experts_original {total!r}, expected a positive integer"
+    if info["export"] not in ("uniform", "padded", "compact"):
+        return f"has export {info['export']!r}, expected uniform, padded or compact"
+    if kept.keys() != counts.keys():
+        return f"lists kept experts for layers {sorted(kept, key=int)} but counts for {sorted(counts, key=int)}"
+    for layer, experts in kept.items():
+        if len(set(experts)) != len(experts) or len(experts) != counts[layer] or max(experts, default=0) >= total:
+            return (f"keeps experts {experts} in layer {layer}: expected {counts[layer]} distinct indices "
+                    f"below {total}")
+    return None
 
 
 def _layer_table(table, valid: Callable[[object], bool]) -> bool:

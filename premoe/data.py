@@ -36,7 +36,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")  # a domain name: used i
 class Source:
     name: str
     texts: list[str]
-    origin: str  # what the user passed, recorded in artefacts
+    origin: str  # recorded in artefacts: testbed:<domain>:<split>, or the absolute path (rereadable from any cwd)
 
 
 def text_budget(max_tokens: int | None) -> int | None:
@@ -70,7 +70,7 @@ def parse_sources(specs: list[str], tokenizer=None, split: str = DEFAULT_SPLIT,
                              "(up to 64, starting with a letter or digit); it names the domain in artefacts")
         if not where.strip():
             raise InputError(f"--data {spec!r} has an empty PATH; write NAME=PATH to a .txt, .jsonl or directory")
-        sources.append(Source(name, read_texts(Path(where), tokenizer, budget), where))
+        sources.append(Source(name, read_texts(Path(where), tokenizer, budget), _absolute(where)))
     names = [s.name for s in sources]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -82,8 +82,20 @@ def parse_sources(specs: list[str], tokenizer=None, split: str = DEFAULT_SPLIT,
 
 
 def data_paths(specs) -> list[Path]:
-    """The file-system paths among ``--data`` specs (``NAME=PATH``); testbed names have none."""
-    return [Path(where) for name, sep, where in (str(s).partition("=") for s in specs or ()) if sep and where.strip()]
+    """The file-system paths ``--data`` specs read: each ``NAME=PATH``, and the shipped corpus for testbed names.
+
+    Outputs are checked against these (:func:`premoe.fileio.check_output`), so ``--out`` can never replace the
+    corpus a testbed domain was just read from.
+    """
+    from premoe import testbed
+
+    paths = []
+    for name, sep, where in (str(s).partition("=") for s in specs or ()):
+        if sep and where.strip():
+            paths.append(Path(where))
+        elif not sep and testbed.corpus_path() not in paths:
+            paths.append(testbed.corpus_path())
+    return paths
 
 
 def source_origins(specs: list[str], split: str = DEFAULT_SPLIT) -> dict[str, str]:
@@ -91,8 +103,14 @@ def source_origins(specs: list[str], split: str = DEFAULT_SPLIT) -> dict[str, st
     origins = {}
     for spec in specs:
         name, sep, where = spec.partition("=")
-        origins.update({name: where} if sep else {n: f"testbed:{n}:{s}" for n, s in _testbed_names(spec, split)})
+        origins.update({name: _absolute(where)} if sep
+                       else {n: f"testbed:{n}:{s}" for n, s in _testbed_names(spec, split)})
     return origins
+
+
+def _absolute(where: str) -> str:
+    """A data path as artefacts record it: absolute, so a later command run elsewhere rereads the same file."""
+    return os.path.abspath(where)
 
 
 def _testbed_names(spec: str, default_split: str) -> list[tuple[str, str]]:
@@ -147,6 +165,9 @@ def read_texts(path: Path, tokenizer=None, max_chars: int | None = None) -> list
     _check_regular(path)
     if path.name.endswith((".jsonl", ".jsonl.gz")):
         return _read_jsonl(path, tokenizer, max_chars)
+    if path.name.lower().endswith(".json"):  # a JSON array of records would be calibrated on as raw JSON syntax
+        raise InputError(f"{path} is a .json file; premoe reads .jsonl (one {{\"text\": ...}} object per line), "
+                         ".jsonl.gz or .txt: convert it to .jsonl, or rename it .txt to use its raw text")
     return [_read_text_file(path, max_chars)]
 
 
@@ -220,7 +241,8 @@ def _read_jsonl(path: Path, tokenizer, max_chars: int | None) -> list[str]:
                                      "line, each below that")
                 if not raw.strip():
                     continue
-                texts.append(_record_text(_parse_line(raw, path, number), path, number, tokenizer))
+                texts.append(_valid_unicode(_record_text(_parse_line(raw, path, number), path, number, tokenizer),
+                                            path, number))
                 chars += len(texts[-1])
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise InputError(f"{path}:{number + 1} is a corrupt or truncated gzip file ({e}); recompress it with gzip, "
@@ -245,6 +267,16 @@ def _parse_line(raw: bytes, path: Path, number: int) -> dict:
         raise InputError(f"{path}:{number} is a JSON {type(record).__name__}, not an object; "
                          'write {"text": "..."} per line')
     return record
+
+
+def _valid_unicode(text: str, path: Path, number: int) -> str:
+    """``text`` if it encodes as UTF-8: a JSON escape such as "\\ud800" decodes to a lone surrogate no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{path}:{number} holds a lone surrogate ({text[e.start]!r} at character {e.start} of the "
+                         "text, from a JSON \\u escape), not valid Unicode; fix or drop that record") from e
+    return text
 
 
 def _record_text(record: dict, path: Path, number: int, tokenizer) -> str:

@@ -114,9 +114,11 @@ def _prepare(out: Path, force: bool) -> None:
     The demo marks ``out`` as unfinished (with its process id) before step 1 and as complete after step 5, so a
     rerun after Ctrl-C or a kill starts over cleanly, while a finished demo is replaced only with ``--force``.
     """
-    from premoe.fileio import MARKER, check_output, check_replaceable
+    from premoe import testbed
+    from premoe.fileio import check_inputs, check_output, check_replaceable, read_marker
 
-    info = _read_marker(out / MARKER)
+    check_inputs(out, [testbed.path(), testbed.corpus_path()])  # what the demo reads: never replaced, even with --force
+    info = read_marker(out)
     unfinished = info.get("kind") == "demo" and not info.get("complete") and not _running(info.get("pid"))
     if unfinished:
         click.echo(f"premoe: removing the unfinished demo in {out} (an interrupted run) and starting again", err=True)
@@ -127,16 +129,6 @@ def _prepare(out: Path, force: bool) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     write_marker(out, {"kind": "demo", "complete": False, "pid": os.getpid()})
-
-
-def _read_marker(file: Path) -> dict:
-    import json
-
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _running(pid) -> bool:

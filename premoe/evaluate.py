@@ -94,9 +94,11 @@ class Evaluator:
                  max_windows: int | None = None, batch_size: int = 8, device: str = "cpu", cache_gb: float = 4.0,
                  name: str = "model", progress: bool = False):
         from premoe.adapters import get_adapter
+        from premoe.modeling import check_context
 
         if seq_len < 2:
             raise InputError(f"seq_len must be at least 2 (one token predicts the next), got {seq_len}")
+        check_context(model.config, seq_len)
         self.model, self.reference, self.name = model, reference, name
         self.adapter = get_adapter(model.config)
         self.seq_len, self.batch_size, self.device, self.progress = seq_len, batch_size, device, progress

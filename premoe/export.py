@@ -34,6 +34,7 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 #: llama.cpp's conversion/base.py (TextModel.set_gguf_parameters, find_hparam) reads the expert count
 #: from the first of these present in config.json (Qwen2/3-MoE's modify_tensors: the first two only)
 CONVERTER_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+GGUF_MAGIC = b"GGUF"  # the first bytes of every GGUF file: what --force may replace
 
 HOW_TO_GET = (
     "get llama.cpp's converter with `git clone https://github.com/ggml-org/llama.cpp` (or unpack the "
@@ -119,9 +120,13 @@ def converter_count_key(config: dict, path: Path) -> str:
 def check_uniform(config: dict, path: Path) -> None:
     """GGUF holds one expert count per model: refuse a compact checkpoint (different counts per layer)."""
     info = config.get("premoe") or {}
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}/config.json has a malformed 'premoe' block (a JSON {type(info).__name__}, "
+                              "expected an object); recompile the checkpoint")
     if info.get("export") == "compact":
-        counts = sorted(set(info.get("experts_per_layer", {}).values()))
-        raise CheckpointError(f"{path} is a compact checkpoint ({counts} experts per layer); GGUF's single expert "
+        counts = info.get("experts_per_layer")
+        shown = ", ".join(sorted({json.dumps(n) for n in counts.values()})) if isinstance(counts, dict) else "?"
+        raise CheckpointError(f"{path} is a compact checkpoint ([{shown}] experts per layer); GGUF's single expert "
                               "count cannot describe it; recompile with `premoe compile ... --export padded`")
 
 
@@ -131,11 +136,14 @@ def fallback_pre_tokenizer(model_dir: Path) -> str | None:
     if not file.is_file():
         return None
     try:
-        tokenizer = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+        tokenizer = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is not valid JSON ({e}); the checkpoint is corrupt") from e
-    pre = tokenizer.get("pre_tokenizer") or {}
-    plain = (tokenizer.get("model", {}).get("type") == "BPE" and tokenizer.get("normalizer") is None
+    if not isinstance(tokenizer, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(tokenizer).__name__}, not a tokenizer object; the "
+                              "checkpoint is corrupt")
+    model, pre = (tokenizer.get(k) if isinstance(tokenizer.get(k), dict) else {} for k in ("model", "pre_tokenizer"))
+    plain = (model.get("type") == "BPE" and tokenizer.get("normalizer") is None
              and pre.get("type") == "ByteLevel" and pre.get("use_regex", True))
     return "gpt-2" if plain else None
 
@@ -155,10 +163,8 @@ def export_gguf(model: str | Path, out: str | Path, *, llama_cpp: str | Path | N
     """
     if outtype not in OUTTYPES:
         raise InputError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
-    out = Path(out)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists; pass --force to replace it")
     model_dir = resolve_model_path(model)
+    out = _check_out(out, model_dir, force)
     config = read_config(model_dir)
     converter_count_key(config, model_dir)
     check_uniform(config, model_dir)
@@ -176,6 +182,29 @@ def export_gguf(model: str | Path, out: str | Path, *, llama_cpp: str | Path | N
         final.chmod(0o644)
         os.replace(final, out)
     return GgufExport(out, outtype, quantize, out.stat().st_size, pre)
+
+
+def _check_out(out: str | Path, model_dir: Path, force: bool) -> Path:
+    """The output file: not the model or inside it, and replaced (with ``force``) only if it is a GGUF file or empty.
+
+    The general rule (:mod:`premoe.fileio`) recognises premoe's JSON; a .gguf is llama.cpp's format, known by its
+    magic bytes, so anything else at ``out`` (a file of the user's, a directory) is never replaced.
+    """
+    from premoe.fileio import check_inputs, check_space
+
+    out = check_inputs(out, [model_dir])
+    if out.exists():
+        if not force:
+            raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+        if not out.is_file():
+            raise OutputExistsError(f"{out} exists and is not a regular file; choose another output file")
+        with open(out, "rb") as f:
+            magic = f.read(4)
+        if magic and magic != GGUF_MAGIC:
+            raise OutputExistsError(f"{out} is not a GGUF file, so --force does not replace it; remove it yourself "
+                                    "or choose another output file")
+    check_space(out)
+    return out
 
 
 def _run(command: list[str], what: str) -> None:

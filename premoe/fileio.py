@@ -27,6 +27,8 @@ from typing import Callable, Iterable
 MARKER = ".premoe"  # left in every directory premoe writes; its presence lets --force replace the directory
 MIN_FREE_BYTES = 1 << 20  # refuse to start a job whose output would land on a (nearly) full file system
 _LEGACY_MANIFESTS = ("profile.json", "store.json", "results.json", "manifest.json", "config.json")
+# formats of the manifests that hold a premoe directory together: never replaced by a --json or --out FILE
+_DIRECTORY_MANIFESTS = ("premoe-profile/", "premoe-store/", "premoe-sweep/", "premoe-corpus/")
 _TEMP = re.compile(r"\.(?:tmp|old)-(\d+)-")  # .NAME.tmp-PID-XXXX / .NAME.old-PID-XXXX
 
 
@@ -74,19 +76,33 @@ def check_output(out: str | Path, *, inputs: Iterable[str | Path | None] = (), f
     """
     out = check_inputs(out, inputs)
     if out.exists():
+        if kind == "file":
+            _check_not_a_manifest(out)
         check_replaceable(out, force=force, kind=kind)
     check_space(out, need_bytes)
     clean_stale_temps(out)
     return out
 
 
+def _check_not_a_manifest(out: Path) -> None:
+    """Refuse an output file that is the manifest of a premoe directory (a profile's profile.json, a sweep's
+    results.json): premoe wrote it, but replacing it with a --json report would break the whole directory."""
+    from premoe.errors import OutputExistsError
+
+    data = _read_json(out) if out.is_file() and out.stat().st_size < (64 << 20) else None
+    form = str(data.get("format", "")) if isinstance(data, dict) else ""
+    if form.startswith(_DIRECTORY_MANIFESTS):
+        raise OutputExistsError(f"{out} is the manifest of the premoe {form.split('/')[0].removeprefix('premoe-')} "
+                                f"in {out.parent}; replacing it would break that; choose another output file")
+
+
 def check_inputs(out: str | Path, inputs: Iterable[str | Path | None]) -> Path:
     """Refuse an output path that is empty, a symlink, or equals, contains or lies inside one of ``inputs``."""
     from premoe.errors import InputError
 
-    out = Path(out)
-    if not str(out).strip():
+    if not str(out).strip():  # before Path(), which reads "" as "."
         raise InputError("the output path is empty; name a file or directory to write")
+    out = Path(out)
     if out.is_symlink():
         raise InputError(f"{out} is a symbolic link; name the real path ({_resolve(out)}) as the output")
     target = _resolve(out)
@@ -317,6 +333,12 @@ def _ordinary_permissions(root: Path) -> None:
         for name in files:
             if not os.path.islink(os.path.join(directory, name)):
                 os.chmod(os.path.join(directory, name), 0o666 & ~mask)
+
+
+def read_marker(directory: str | Path) -> dict:
+    """What the ``.premoe`` marker of ``directory`` says (its ``kind``: profile, sweep, demo, ...); {} if none."""
+    data = _read_json(Path(directory) / MARKER)
+    return data if isinstance(data, dict) else {}
 
 
 def write_marker(directory: str | Path, info: dict | None = None) -> None:

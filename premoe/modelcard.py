@@ -222,21 +222,32 @@ def record_verification(path: str | Path, report) -> Path:
 
     >>> record_verification("python-50/", verify("testbed", "python-50/"))
     """
-    from premoe.errors import CheckpointError, MissingFileError
-
-    readme = Path(path) / "README.md"
-    if not readme.is_file():
-        raise MissingFileError(f"{readme} not found; recompile with this premoe to get a model card")
-    text = readme.read_text()
-    start = text.find("\n## Quality\n")
-    if start < 0:
-        raise CheckpointError(f"{readme} has no '## Quality' section; was it written by `premoe compile`?")
+    readme, text, start = check_card(path)
     end = text.find("\n## ", start + 1)
     updated = text[:start] + "\n" + _quality(report) + (text[end:] if end >= 0 else "\n")
     tmp = readme.with_name(f".{readme.name}.tmp")
     tmp.write_text(updated)
     tmp.replace(readme)
     return readme
+
+
+def check_card(path: str | Path) -> tuple[Path, str, int]:
+    """README.md of a compiled checkpoint, its text and where its Quality section starts; an error if it has none.
+
+    ``verify --card`` calls it before verifying, so a card it cannot update fails in seconds, not after the run.
+    """
+    from premoe.errors import CheckpointError, MissingFileError
+
+    readme = Path(path) / "README.md"
+    if readme.exists() and not readme.is_file():
+        raise CheckpointError(f"{readme} is not a file; recompile with this premoe to get a model card")
+    if not readme.is_file():
+        raise MissingFileError(f"{readme} not found; recompile with this premoe to get a model card")
+    text = readme.read_text()
+    start = text.find("\n## Quality\n")
+    if start < 0:
+        raise CheckpointError(f"{readme} has no '## Quality' section; was it written by `premoe compile`?")
+    return readme, text, start
 
 
 def _quality(report) -> str:

@@ -5,7 +5,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from premoe.errors import CheckpointError, MissingFileError, UnsupportedModelError
+from premoe.errors import CheckpointError, InputError, MissingFileError, UnsupportedModelError
 
 
 # MODEL names of the shipped testbeds -> (folder under premoe/testbed, how to train and ship it)
@@ -45,6 +45,9 @@ def resolve_model_path(model: str | Path) -> Path:
     if path.is_symlink() and not path.exists():
         raise MissingFileError(f"model directory {path} is a symlink to nowhere (dangling, or a loop); point MODEL "
                                "at the checkpoint directory itself")
+    if path.exists() and not path.is_dir():
+        raise InputError(f"model {path} is a file, not a checkpoint directory; pass the directory that holds "
+                         f"config.json and the .safetensors shards (e.g. {path.parent})")
     if not path.is_dir():
         raise MissingFileError(f"model directory {path} does not exist; pass a local checkpoint directory or one of "
                                f"{', '.join(TESTBEDS)}")
@@ -140,10 +143,25 @@ def locate_model(identity: dict) -> str:
         try:
             if config_hash(read_config(name)) == identity.get("config_hash"):
                 return str(name)
-        except (MissingFileError, CheckpointError):
+        except (MissingFileError, CheckpointError, InputError):
             pass
     raise MissingFileError(f"the model this was made from ({name}, recorded at {path}) is not there any more; "
                            "pass --model with its checkpoint directory")
+
+
+def check_context(config, seq_len: int) -> None:
+    """Refuse windows longer than the model's positions (``max_position_embeddings``, no RoPE scaling configured).
+
+    Beyond them the model runs, on positions it never saw, and every number measured there (profile, perplexity,
+    KL) is silently off. ``config`` is config.json as a dict or a transformers config.
+    """
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    limit = get("max_position_embeddings")
+    rope = get("rope_parameters") or get("rope_scaling") or {}
+    scaled = isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) not in (None, "default")
+    if type(limit) is int and limit > 0 and not scaled and seq_len > limit:
+        raise InputError(f"--seq-len {seq_len} is longer than the model's max_position_embeddings ({limit}): "
+                         f"windows beyond it measure positions the model never saw; use --seq-len {limit} or less")
 
 
 def model_identity(model: str | Path) -> dict:

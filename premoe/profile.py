@@ -20,6 +20,7 @@ Example::
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,6 +215,9 @@ class Profile:
                    manifest.get("architecture") or {})
 
 
+_TESTBED_ORIGIN = re.compile(r"testbed:[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}:(?:calib|val|test)")  # data.Source.origin
+
+
 def _check_manifest(m, path) -> None:
     """Types and ranges of profile.json's fields; one CheckpointError naming the first bad one."""
     def bad(key: str, expected: str) -> CheckpointError:
@@ -246,6 +250,14 @@ def _check_manifest(m, path) -> None:
     for domain, info in m["domains"].items():
         if "/" in domain or not isinstance(info, dict) or not is_int(info.get("tokens")):
             raise bad(f"domains[{domain!r}]", "{tokens: integer ≥ 0} under a name without '/'")
+    for domain, origin in m["data"].items():  # reread by store build, plan --select reconstruct and sweep studies
+        if domain not in m["domains"] or not isinstance(origin, str) or (
+                origin.startswith("testbed:") and not _TESTBED_ORIGIN.fullmatch(origin)):
+            raise bad(f"data[{domain!r}]", "where a profiled domain's text came from: a path, or "
+                                           "testbed:<domain>:<calib|val|test>")
+    for key, low in (("max_tokens", 1), ("seq_len", 2), ("batch_size", 1), ("generate", 0)):
+        if key in m["params"] and not is_int(m["params"][key], low):
+            raise bad(f"params.{key}", f"an integer ≥ {low}")
     arch = m.get("architecture") or {}
     if not isinstance(arch, dict):
         raise bad("architecture", "a JSON object")
@@ -318,13 +330,14 @@ def profile_model(model: str | Path, sources: Sequence[Source], scorers: Sequenc
     ``loaded`` is an optional ``(model, tokenizer)`` pair already in memory.
     """
     from premoe.adapters import get_adapter
-    from premoe.modeling import load_model, load_tokenizer, model_identity
+    from premoe.modeling import check_context, load_model, load_tokenizer, model_identity, read_config
     from premoe.progress import domains_bar
 
     params = params or ProfileParams()
     check_sources(sources)
     specs = resolve_scorers(scorers)
     identity = model_identity(model)
+    check_context(read_config(model) if loaded is None else loaded[0].config, params.seq_len)
     net, tokenizer = loaded or (load_model(model, params.device), load_tokenizer(model))
     adapter = get_adapter(net.config)
     started = time.time()

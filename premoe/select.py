@@ -291,11 +291,15 @@ def reconstruct(profile, domains: Sequence[str], m: int, tokens: int = 2048,
 
     if tokens < 1:
         raise InputError(f"--sample-tokens must be ≥ 1, got {tokens}")
+    specs = {s.partition("=")[0].partition(":")[0]: s for s in calib_specs_of(profile)}
+    unknown = [d for d in domains if d not in specs]
+    if unknown:
+        raise InputError(f"the profile does not record where the text of {', '.join(unknown)} came from, which "
+                         "--select reconstruct rereads; profile the model again, or use --select top")
     model = locate_model(profile.model) if loaded is None else None
     net, tokenizer = loaded or (load_model(model), load_tokenizer(model))
     adapter = get_adapter(net.config)
     per_domain = tokens if len(domains) == 1 else max(1, 2 * tokens // len(domains))
-    specs = {s.partition("=")[0].partition(":")[0]: s for s in calib_specs_of(profile)}
     seq_len = int(profile.params.get("seq_len", 256))
     pooled: dict[int, list[torch.Tensor]] = {}
     for domain in domains:

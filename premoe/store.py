@@ -250,6 +250,7 @@ class Store:
 
     @classmethod
     def _from_manifest(cls, m: dict, tensors: dict) -> "Store":
+        _check_used_later(m)
         scorer = m["scorer"]
         domains = {d: DomainStats(info["tokens"], {scorer: tensors[f"{d}/sums"]}, tensors[f"{d}/routed"])
                    for d, info in m["domains"].items()}
@@ -273,6 +274,18 @@ def _one_scorer(profile: Profile, scorer: str) -> Profile:
                              "not allowed")
     return Profile(profile.model, profile.family, profile.moe_layers, profile.num_experts, profile.top_k,
                    {scorer: info}, domains, profile.params, profile.data, profile.timing, profile.architecture)
+
+
+def _check_used_later(m: dict) -> None:
+    """The manifest fields only later commands read (query: model; add: calibration amounts), checked on load."""
+    model, calibration = m["model"], m["calibration"]
+    if not (isinstance(model, dict) and all(isinstance(model.get(k), str) for k in ("name", "path", "config_hash"))):
+        raise InputError("'model' must hold string name, path and config_hash")
+    amounts = calibration.get("amounts", {}) if isinstance(calibration, dict) else None
+    fields = PatternData.__dataclass_fields__
+    if not (isinstance(amounts, dict) and all(k in fields and type(v) is int and v >= 1 for k, v in amounts.items())):
+        raise InputError(f"'calibration' must be an object whose 'amounts' map {', '.join(fields)} to positive "
+                         f"integers, got {amounts if isinstance(calibration, dict) else calibration!r:.80}")
 
 
 def _check_same_domains(ranked: list[str], patterned: list[str]) -> None:

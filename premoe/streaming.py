@@ -82,10 +82,11 @@ def profile_streaming(model: str | Path, sources: Sequence[Source], scorers: Seq
     so the hidden states never cost more than the layer itself; 0 forces the
     file). Text only: ``params.generate`` needs the whole model in memory.
     """
-    from premoe.modeling import load_tokenizer, model_identity
+    from premoe.modeling import check_context, load_tokenizer, model_identity, read_config
     from premoe.progress import bar
 
     params = params or ProfileParams()
+    check_context(read_config(model), params.seq_len)
     if params.generate:
         raise InputError("generating continuations needs the whole model in memory; profile without --stream, "
                          "or set --generate 0")

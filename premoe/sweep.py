@@ -36,7 +36,7 @@ from typing import Sequence
 
 from premoe import __version__
 from premoe.data import Source, data_paths, parse_sources
-from premoe.errors import InputError, PlanError
+from premoe.errors import InputError, OutputExistsError, PlanError
 from premoe.fileio import write_text_atomic
 from premoe.plan import PlanRequest, make_plan
 from premoe.profile import Profile, ProfileParams, profile_model
@@ -136,11 +136,12 @@ def run_sweep(model: str | Path, profile: str | Path, out: str | Path, config: S
     text for the studies that re-profile (default: what the profile used).
     """
     from premoe.evaluate import Evaluator
-    from premoe.modeling import load_model, load_tokenizer, model_identity
+    from premoe.modeling import check_context, load_model, load_tokenizer, model_identity, read_config
     from premoe.progress import bar
 
     config = config or SweepConfig()
     out = Path(out)
+    check_context(read_config(model), config.seq_len)
     _check_out(out, model, profile, eval_data, calib_data)
     main = Profile.load(profile)
     identity = model_identity(model)
@@ -209,12 +210,11 @@ def estimate_sweep(model: str | Path, profile: str | Path, out: str | Path, conf
     486
     """
     from premoe.data import source_origins
-    from premoe.modeling import model_identity
-
-    from premoe.fileio import check_inputs
+    from premoe.modeling import check_context, model_identity, read_config
 
     config = config or SweepConfig()
-    check_inputs(out, _inputs(model, profile, eval_data, calib_data))
+    check_context(read_config(model), config.seq_len)
+    _check_out(Path(out), model, profile, eval_data, calib_data, create=False)  # what the run would refuse
     main = Profile.load(profile)
     identity = model_identity(model)
     if main.model["config_hash"] != identity["config_hash"]:
@@ -278,16 +278,23 @@ def _inputs(model, profile, eval_data, calib_data) -> list[Path]:
     from premoe.modeling import resolve_model_path
 
     profile_file = Path(profile) / "profile.json"  # OUT may hold the profile (the demo does), not be it
-    return [resolve_model_path(model), profile_file, *data_paths(eval_data), *data_paths(calib_data)]
+    eval_specs = eval_data or (["testbed"] if str(model) == "testbed" else [])  # the testbed's default: its corpus
+    return [resolve_model_path(model), profile_file, *data_paths(eval_specs), *data_paths(calib_data)]
 
 
-def _check_out(out: Path, model, profile, eval_data, calib_data) -> None:
-    """Before any compute: OUT is no input, and is new, a sweep (resumed), or premoe's; then mark it as a sweep."""
-    from premoe.fileio import MARKER, check_inputs, check_replaceable, check_space, write_marker
+def _check_out(out: Path, model, profile, eval_data, calib_data, create: bool = True) -> None:
+    """Before any compute: OUT is no input, and is new, empty or a sweep (resumed); then (``create``) mark it."""
+    from premoe.fileio import MARKER, check_inputs, check_replaceable, check_space, read_marker, write_marker
 
     check_inputs(out, _inputs(model, profile, eval_data, calib_data))
     if out.exists() and not (out / "rows.jsonl").is_file():
         check_replaceable(out, force=True)  # resume a sweep; never fill a directory premoe did not write
+        kind = read_marker(out).get("kind")
+        if kind != "sweep" and any(out.iterdir()):  # a compiled checkpoint, a profile: not a place for sweep rows
+            raise OutputExistsError(f"{out} is another premoe output ({kind or 'no sweep marker'}), not a sweep: its "
+                                    "files and the sweep's would mix; choose a new or empty --out, or a sweep to resume")
+    if not create:
+        return
     check_space(out)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / MARKER).exists():

@@ -127,9 +127,10 @@ def verify(original: str | Path, compiled: str | Path, data: Sequence[str] | Seq
     from premoe.adapters import get_adapter
     from premoe.compile import check_compiled, compiled_info, kept_experts, load_compact
     from premoe.data import token_windows
-    from premoe.modeling import config_hash, load_model, load_tokenizer, read_config
+    from premoe.modeling import check_context, config_hash, load_model, load_tokenizer, read_config
     from premoe.progress import domains_bar
 
+    check_context(read_config(original), seq_len)
     info = compiled_info(compiled)
     if info["source"]["config_hash"] != config_hash(read_config(original)):
         raise InputError(f"{compiled} was compiled from {info['source']['name']} (config {info['source']['config_hash']}), "

@@ -38,6 +38,8 @@ def command(model, plan, out, export, mtp, base_model, dry_run, force, json_out)
     from premoe.plan import Plan
 
     check_output(out, inputs=[model_input(model), plan], force=force)  # never an input, only what premoe wrote
+    if json_out not in (None, "-"):  # before the checkpoint is written, not after
+        check_output(json_out, inputs=[model_input(model), plan, out], force=force, kind="file")
     report = compile_checkpoint(model, Plan.load(plan), out, force=force, export=export, mtp=mtp,
                                 base_model=base_model, dry_run=dry_run, progress=json_out != "-")
     emit_json(json_out, report.to_json(), kind="compile-report", force=force, inputs=[model_input(model), plan, out])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from premoe.cli.options import FRACTION, POSITIVE, POSITIVE_FLOAT, json_option
+from premoe.cli.options import FRACTION, POSITIVE, POSITIVE_FLOAT, json_option, split_names
 
 
 @click.command("plan")
@@ -11,7 +11,7 @@ from premoe.cli.options import FRACTION, POSITIVE, POSITIVE_FLOAT, json_option
 @click.option("--keep", type=FRACTION, help="Fraction of routed experts kept per layer, e.g. 0.5.")
 @click.option("--experts", type=POSITIVE, help="M, experts kept per layer.")
 @click.option("--budget-gb", type=POSITIVE_FLOAT, help="Size budget in GB (1e9 bytes) for the .safetensors files compile writes (padding and headers counted): the largest M that fits, or an error saying the smallest that does.")
-@click.option("--domain", help="Make a specialist for this profiled domain.")
+@click.option("--domain", multiple=True, help="Make a specialist for this profiled domain.")
 @click.option("--generalist", is_flag=True, help="Make one generalist over --domains (default: all).")
 @click.option("--domains", help="Comma-separated domains for --generalist.")
 @click.option("--weighting", type=click.Choice(["tokens", "balanced"]), default="tokens", show_default=True,
@@ -44,6 +44,15 @@ def command(profile, keep, experts, budget_gb, domain, generalist, domains, weig
     from premoe.plan import PlanRequest, explain, export_counts, make_plan
     from premoe.profile import Profile
 
+    if len(domain) > 1:  # click would keep the last one silently: a specialist for a domain the user did not mean
+        raise click.BadParameter(f"given {len(domain)} times ({', '.join(domain)}); a specialist serves one domain, "
+                                 f"several make a generalist: --generalist --domains {','.join(domain)}",
+                                 param_hint="'--domain'")
+    domain = domain[0] if domain else None
+    names = split_names(domains) if domains is not None else None
+    if names == []:  # "" or ",": not "every domain", which is what leaving --domains out means
+        raise click.BadParameter(f"{domains!r} lists no domains; give e.g. python,de or leave --domains out for all",
+                                 param_hint="'--domains'")
     if bool(domain) == generalist:
         raise InputError("choose one target: --domain NAME (specialist) or --generalist [--domains a,b]")
     if not out and not dry_run:
@@ -52,7 +61,7 @@ def command(profile, keep, experts, budget_gb, domain, generalist, domains, weig
         check_output(out, inputs=[profile], force=force, kind="file")
     loaded = Profile.load(profile)
     request = PlanRequest(keep=keep, experts=experts, budget_gb=budget_gb, domain=domain,
-                          domains=domains.split(",") if domains else None, weighting=weighting, scorer=scorer,
+                          domains=names, weighting=weighting, scorer=scorer,
                           ranking=ranking, select=select, sample_tokens=sample_tokens)
     plan = make_plan(loaded, request, profile_path=str(profile))
     sizes = loaded.sizes()  # recorded at profile time: the model directory may have moved

@@ -17,9 +17,11 @@ def command(results, out, force, json_out) -> None:
     \b
     premoe report sweep/ --out sweep/report
     """
-    from premoe.fileio import emit_json
+    from premoe.fileio import check_output, emit_json
     from premoe.report import write_report
 
+    if json_out not in (None, "-"):  # before the report is written, not after
+        check_output(json_out, inputs=[results, out], force=force, kind="file")
     written = write_report(results, out, force=force)
     files = sorted(str(p) for p in written.iterdir() if not p.name.startswith("."))
     emit_json(json_out, {"out": str(written), "files": files}, kind="report-files", force=force,

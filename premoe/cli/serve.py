@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from premoe.cli.options import FiniteFloat
+
 POSITIVE = click.IntRange(min=1)
 
 
@@ -24,7 +26,7 @@ POSITIVE = click.IntRange(min=1)
               help="Request tokens retrieval looks at.")
 @click.option("--max-body", default=1 << 20, type=click.IntRange(min=1024), show_default=True,
               help="Request body bytes; larger bodies are refused (413) before they are read.")
-@click.option("--read-timeout", default=30.0, type=click.FloatRange(min=0.1, max=3600), show_default=True,
+@click.option("--read-timeout", default=30.0, type=FiniteFloat(min=0.1, max=3600), show_default=True,
               help="Seconds a client may take to send its headers, and again its body; slower ones are cut off.")
 @click.option("--api-key", envvar="PREMOE_API_KEY", help="Require 'Authorization: Bearer KEY' (env PREMOE_API_KEY); "
               "/health stays open.")

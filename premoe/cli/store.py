@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from premoe.cli.options import FRACTION, POSITIVE, json_option, model_input
+from premoe.cli.options import FRACTION, NON_NEGATIVE_FLOAT, POSITIVE, json_option, model_input
 
 _METHODS = ("centroid", "knn", "diagonal", "lda", "logistic")  # premoe.matchers.METHODS (no torch import for --help)
 _FALLBACK = ("kn", "joint", "ngram", "nearest")  # premoe.novelty.METHODS
@@ -43,7 +43,7 @@ def command() -> None:
                    "domains' Kneser-Ney bigram models; joint = kn on that NLL plus the weighted pattern NLL (the "
                    "classifier's own score); ngram = the share of its bigrams never seen in any domain's "
                    "calibration text; nearest = the matcher's nearest-domain score.")
-@click.option("--byte-weight", "byte_weight", default=1.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--byte-weight", "byte_weight", default=1.0, show_default=True, type=NON_NEGATIVE_FLOAT,
               help="kn and joint: add this times the request's lowest mean NLL per byte under each domain's byte "
                    "5-gram model (spelling: languages and code the store never saw); 0 leaves the byte models out.")
 @click.option("--token-models/--no-token-models", "token_models", default=True, show_default=True,
@@ -57,7 +57,7 @@ def build(model, profile_path, data, out, held_out, scorer, method, feature, pat
           byte_weight, token_models, quantile, calib_tokens, force) -> None:
     """Store the patterns and rankings of every domain in --profile."""
     from premoe.data import data_paths
-    from premoe.fileio import check_output
+    from premoe.fileio import check_inputs, check_output
     from premoe.matchers import MatchParams
     from premoe.ngram import NgramParams
     from premoe.novelty import NoveltyParams
@@ -66,7 +66,9 @@ def build(model, profile_path, data, out, held_out, scorer, method, feature, pat
 
     check_output(out, inputs=[model_input(model), profile_path, *data_paths(data), *data_paths(held_out)], force=force)
     profile = Profile.load(profile_path)
-    store = build_store(model, profile, _sources(model, data or _profiled(profile), "calib"),
+    calib = list(data) or _profiled(profile)  # the profile's own text by default: an input like any --data
+    check_inputs(out, data_paths(calib))
+    store = build_store(model, profile, _sources(model, calib, "calib"),
                         _sources(model, held_out, "val"), scorer,
                         MatchParams(method=method, feature=feature, layers=pattern_layers, quantile=quantile),
                         PatternData(tokens=calib_tokens),
@@ -126,13 +128,17 @@ def add(store_path, profile_path, data, held_out) -> None:
 def query(store_path, text, model, tokens, mixed, json_out, force) -> None:
     """Which stored domain TEXT retrieves, with its score for every domain (lower = nearer)."""
     from premoe.adapters import get_adapter
-    from premoe.fileio import emit_json
+    from premoe.fileio import check_output, emit_json
     from premoe.modeling import load_model, load_tokenizer, locate_model
     from premoe.retrieval import Retriever
     from premoe.store import Store
 
     store = Store.load(store_path)
+    if model is not None:
+        _check_same_model(store, model)
     model = model or locate_model(store.model)
+    if json_out not in (None, "-"):  # before the model loads, not after
+        check_output(json_out, inputs=[store_path, model_input(model)], force=force, kind="file")
     net = load_model(model)
     retriever = Retriever(net, get_adapter(net.config), store, load_tokenizer(model), mixed=mixed)
     hit = retriever.retrieve(text, tokens)
@@ -154,6 +160,21 @@ def query(store_path, text, model, tokens, mixed, json_out, force) -> None:
     click.echo(f"{verdict}  [{hit.method} over {hit.tokens} tokens, {hit.seconds * 1000:.1f} ms]")
     for name, distance in sorted(hit.distances.items(), key=lambda kv: kv[1]):
         click.echo(f"  {name:<14} {distance:.6g}")
+
+
+def _check_same_model(store, model: str) -> None:
+    """--model must be the checkpoint the store was built from (moved, copied): patterns of another model mean nothing.
+
+    A model of the same shape (another training run, a compiled checkpoint) would still run, and retrieve wrongly.
+    """
+    from premoe.errors import InputError
+    from premoe.modeling import config_hash, read_config
+
+    recorded, got = store.model.get("config_hash"), config_hash(read_config(model))
+    if got != recorded:
+        raise InputError(f"--model {model} (config {got}) is not the model the store was built from "
+                         f"({store.model.get('name')}, config {recorded}); pass that checkpoint, or build a store "
+                         "for this model with `premoe store build`")
 
 
 def _profiled(profile) -> list[str]:

@@ -59,6 +59,10 @@ def command(model, profile, out, data, calib_data, keep, scorers, default_scorer
     from premoe.fileio import check_output, emit_json
     from premoe.sweep import SweepConfig, estimate_sweep, run_sweep
 
+    for option, names, example in (("--scorers", scorers, "peu_norm"), ("--grid-transforms", grid_transforms, "logit")):
+        if not split_names(names):  # "" or ",": every row of the option would silently vanish
+            raise click.BadParameter(f"{names!r} lists no names; give at least one, e.g. {example}",
+                                     param_hint=f"'{option}'")
     config = SweepConfig(
         keep=keep, scorers=split_names(scorers), default_scorer=default_scorer, cross_keep=cross_keep,
         seq_len=seq_len, max_windows=max_windows or None, batch_size=batch_size, kl=not no_kl, cache_gb=cache_gb,

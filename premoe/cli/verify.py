@@ -43,6 +43,10 @@ def command(original, compiled, data, max_tokens, seq_len, batch_size, tolerance
     inputs = [model_input(original), compiled, *data_paths(data)]
     if json_out not in (None, "-"):
         check_output(json_out, inputs=inputs, force=force, kind="file")  # before the work, not after
+    if card:
+        from premoe.modelcard import check_card
+
+        check_card(compiled)
 
     report = verify(original, compiled, list(data) or None, max_tokens=max_tokens, seq_len=seq_len,
                     tolerance=tolerance, batch_size=batch_size, progress=json_out != "-", stream=stream,
