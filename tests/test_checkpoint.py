@@ -246,3 +246,21 @@ def test_an_index_that_puts_a_tensor_in_the_wrong_shard_is_refused(tmp_path):
     (tmp_path / INDEX).write_text(json.dumps({"weight_map": {"a": "model-2.safetensors", "b": "model-1.safetensors"}}))
     with pytest.raises(CheckpointError, match="puts a in model-2.safetensors, but model-1.safetensors holds it"):
         tensors(tmp_path)
+
+
+def test_header_lengths_at_the_edges(tmp_path):
+    """(mutmut survivors) the length is unsigned: 2**63 + 5 is no small negative number; a header that would end
+    one byte past the file is truncated, one that ends exactly at the file's end (no tensors) is read."""
+    file = valid_file(tmp_path / "x.safetensors")
+    header, data = split(file)
+    bad = tmp_path / "y.safetensors"
+    bad.write_bytes(assemble(header, data, length=2**63 + 5))
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        read_header(bad)
+    text = json.dumps(header).encode()
+    bad.write_bytes(struct.pack("<Q", len(text) + len(data) + 1) + text + data)
+    with pytest.raises(CheckpointError, match="is truncated: its header claims"):
+        read_header(bad)
+    empty = b'{"__metadata__": {"format": "pt"}}'
+    bad.write_bytes(struct.pack("<Q", len(empty)) + empty)
+    assert read_header(bad) == ({"__metadata__": {"format": "pt"}}, 8 + len(empty))
