@@ -638,7 +638,18 @@ async def _continue(router: Router, client: httpx.AsyncClient, call: _Call, part
         body["max_tokens"] = max(1, request.max_tokens - done)
     continuation = _Call(request, {**body, "prompt": prompt, "stream": True}, "/v1/completions", call.domain,
                          call.fallbacks)
-    return await _first_answer(router, client, continuation, stream=True, skip=tried)
+    backend, response = await _first_answer(router, client, continuation, stream=True, skip=tried)
+    if response.status_code != 200:  # a 4xx about the continuation, e.g. the longer prompt is past its limit
+        try:
+            error = _content(response.status_code, await _read_capped(response))["error"]
+        except (httpx.HTTPError, _Failed):
+            error = {}
+        finally:
+            await _close(response)
+        raise ApiError(response.status_code, f"the backend streaming this answer failed and {backend.name!r} could "
+                                             f"not continue it: {str(error.get('message'))[:300]}",
+                       "continuation_refused", "server_error")
+    return backend, response
 
 
 def _event(line: str) -> dict | None:

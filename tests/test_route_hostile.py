@@ -25,10 +25,17 @@ def http_answer(status: int, body: bytes, content_type: str | None = "applicatio
     return (head + (f"content-type: {content_type}\r\n" if content_type else "") + "\r\n").encode() + body
 
 
-def event_stream(*events: bytes) -> bytes:
-    """A chunked text/event-stream answer made of ``events`` (each already a full line, or several)."""
-    chunks = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events)
+def event_stream(*events: bytes, end: bool = False) -> bytes:
+    """A chunked text/event-stream answer made of ``events`` (each already a full line, or several); ``end``: and
+    the chunk that ends it (else the stream stays open, or breaks when the connection closes)."""
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + (b"0\r\n\r\n" if end else b"")
     return b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n" + chunks
+
+
+def good_answer(stream: bool) -> bytes:
+    if stream:
+        return event_stream(b"data: " + json.dumps(COMPLETION).encode() + b"\n\n", b"data: [DONE]\n\n", end=True)
+    return http_answer(200, json.dumps(COMPLETION).encode())
 
 
 HANG = "hang"  # answer nothing, keep the connection open
@@ -42,7 +49,7 @@ class Hostile:
     """
 
     def __init__(self):
-        self.answer = lambda stream: http_answer(200, json.dumps(COMPLETION).encode())
+        self.answer = good_answer
         self.frozen = False  # like a SIGSTOPped process: connections open, nothing ever answered
         self.loop = asyncio.new_event_loop()
         started = threading.Event()
@@ -69,7 +76,7 @@ class Hostile:
                 if head.startswith("GET /health"):
                     writer.write(http_answer(200, b'{"status": "ok"}'))
                     continue
-                answer = self.answer(b'"stream": true' in body)
+                answer = self.answer(json.loads(body or b"{}").get("stream") is True)
                 data, then = answer if isinstance(answer, tuple) else (answer, None)
                 writer.write(data)
                 await writer.drain()
@@ -202,6 +209,19 @@ def test_a_stream_that_goes_silent_midway_is_continued_on_the_generalist(tmp_pat
         assert 'premoe_route_fallbacks_total{reason="died_mid_stream"} 1' in httpx.get(running.url + "/metrics").text
 
 
+def test_a_continuation_the_generalist_refuses_ends_the_stream_with_an_error_event(tmp_path, fleet, backends,  # noqa: F811
+                                                                                  hostile):
+    """The dead backend streamed more than the generalist's prompt limit (64 tokens): the continuation is refused."""
+    event = {"id": "cmpl-dead", "object": "text_completion", "created": 1, "model": "code-4",
+             "choices": [{"index": 0, "text": "word " * 100, "logprobs": None, "finish_reason": None}]}
+    hostile.answer = lambda stream: (event_stream(b"data: " + json.dumps(event).encode() + b"\n\n"), CLOSE)
+    with route_to(tmp_path, fleet, backends, hostile) as running:
+        response = post(running, True)
+    lines = [line for line in response.text.splitlines() if line]
+    assert [json.loads(line[len("data: "):]) for line in lines[:1]] == [event] and lines[-1] == "data: [DONE]"
+    assert len(lines) == 3 and json.loads(lines[1][len("data: "):])["error"]["code"] == "continuation_refused"
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_a_frozen_backend_loses_its_waiting_requests_to_the_generalist(tmp_path, fleet, backends, hostile, stream):  # noqa: F811
     """A stopped process accepts connections and never answers, /health included: the failed health check moves
@@ -211,6 +231,18 @@ def test_a_frozen_backend_loses_its_waiting_requests_to_the_generalist(tmp_path,
         response = post(running, stream)
         assert_answered_by_the_generalist(response, stream)
         assert running.router.up["code"] is False
+
+
+def test_a_dead_generalist_is_skipped_for_any_live_backend(tmp_path, fleet, backends, hostile):  # noqa: F811
+    from test_route import free_port
+
+    urls = {"code": hostile.url, "generalist": f"http://127.0.0.1:{free_port()}"}  # bible and de: the generalist's
+    with RunningRouter(write_config(tmp_path, fleet, urls)) as running:
+        for text in (CODE, "In the beginning God created the heaven and the earth."):
+            for stream in (False, True):
+                response = httpx.post(running.url + "/v1/completions", json={"prompt": text, "stream": stream},
+                                      timeout=30)
+                assert response.status_code == 200 and response.headers["x-premoe-route-backend"] == "code"
 
 
 def test_no_backend_left_is_a_503_in_openai_shape(tmp_path, fleet, backends, hostile):  # noqa: F811
