@@ -111,8 +111,8 @@ def load_config(path: str | Path) -> RouteConfig:
             raise InputError(f"route config {path}: \"name\" must be a non-empty string")
         if key != "name" and (isinstance(value, bool) or not isinstance(value, (int, float))
                               or not math.isfinite(value) or not 0 < value <= LIMITS[key]):
-            raise InputError(f"route config {path}: \"{key}\" must be a positive number at most {LIMITS[key]:g}, "
-                             f"got {value!r}")
+            raise InputError(f"route config {path}: \"{key}\" must be a positive number, got {value!r} (at most "
+                             f"{LIMITS[key]:g})")
     if "retrieval_tokens" in options and not isinstance(options["retrieval_tokens"], int):
         raise InputError(f"route config {path}: \"retrieval_tokens\" must be a whole number of tokens, got "
                          f"{options['retrieval_tokens']!r}")
