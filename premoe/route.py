@@ -266,12 +266,14 @@ class Router:
 
     def metrics_text(self) -> str:
         """Prometheus text format."""
+        from premoe.serve import label
+
         with self._metrics_lock:
             lines = [f"premoe_route_{k}_total {v:g}" for k, v in self.counters.items()]
-            lines += [f'premoe_route_decisions_total{{domain="{d}",backend="{b}"}} {n}'
+            lines += [f'premoe_route_decisions_total{{domain="{label(d)}",backend="{label(b)}"}} {n}'
                       for (d, b), n in sorted(self.decisions.items())]
             lines += [f'premoe_route_fallbacks_total{{reason="{r}"}} {n}' for r, n in sorted(self.fallbacks.items())]
-            lines += [f'premoe_route_backend_up{{backend="{b}"}} {int(u)}' for b, u in sorted(self.up.items())]
+            lines += [f'premoe_route_backend_up{{backend="{label(b)}"}} {int(u)}' for b, u in sorted(self.up.items())]
         return "\n".join(lines) + "\n"
 
     async def watch_health(self, client: httpx.AsyncClient) -> None:

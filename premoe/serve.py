@@ -152,7 +152,7 @@ class Engine:
         """Prometheus text format."""
         with self._metrics_lock:
             lines = [f"premoe_{k}{'' if k in GAUGES else '_total'} {v:g}" for k, v in self.metrics.items()]
-            lines += [f'premoe_domain_requests_total{{domain="{d}"}} {n}' for d, n in sorted(self.domains.items())]
+            lines += [f'premoe_domain_requests_total{{domain="{label(d)}"}} {n}' for d, n in sorted(self.domains.items())]
         return "\n".join(lines) + "\n"
 
     # ------------------------------------------------------------------ one request
@@ -259,6 +259,11 @@ class _StopText:
             out, self.buffer = self.buffer[:keep], self.buffer[keep:]
         self.text += out
         return out
+
+
+def label(value: str) -> str:
+    """``value`` as a Prometheus label value: a domain named ``a"b`` must not end the label early."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _model_name(model: str | Path) -> str:

@@ -406,3 +406,23 @@ def test_route_refuses_its_own_port_as_a_backend_before_loading(tmp_path):
     path = config_with(tmp_path, {"generalist": {"url": f"http://127.0.0.1:{port}"}})
     result = CliRunner().invoke(command, [str(path), "--port", str(port)])
     assert isinstance(result.exception, InputError) and "own address" in str(result.exception)
+
+
+def test_metrics_labels_are_escaped():
+    """A domain named from a data file can hold quotes or a newline; /metrics must stay parseable."""
+    import re
+    import threading
+    from types import SimpleNamespace
+
+    from premoe.route import Router
+    from premoe.serve import Engine
+
+    weird = 'py"thon\\x\nnew'
+    serve = Engine.metrics_text(SimpleNamespace(_metrics_lock=threading.Lock(), metrics={}, domains={weird: 3}))
+    route = Router.metrics_text(SimpleNamespace(_metrics_lock=threading.Lock(), counters={}, fallbacks={},
+                                                decisions={(weird, "generalist"): 2}, up={weird: True}))
+    sample = re.compile(r'^[a-z_]+\{([a-z]+="(\\.|[^"\\])*",?)+\} \d+$')
+    for text in (serve, route):
+        lines = text.strip().splitlines()
+        assert len(lines) == (1 if text is serve else 2) and all(sample.match(line) for line in lines), lines
+    assert 'domain="py\\"thon\\\\x\\nnew"' in serve
