@@ -51,6 +51,7 @@ class Hostile:
     def __init__(self):
         self.answer = good_answer
         self.frozen = False  # like a SIGSTOPped process: connections open, nothing ever answered
+        self.hung_up = 0  # connections the router closed while this server left them hanging
         self.loop = asyncio.new_event_loop()
         started = threading.Event()
         threading.Thread(target=self._run, args=(started,), daemon=True).start()
@@ -81,7 +82,9 @@ class Hostile:
                 writer.write(data)
                 await writer.drain()
                 if then == HANG:
-                    await asyncio.sleep(3600)
+                    await reader.read()  # returns when the router closes the connection
+                    self.hung_up += 1
+                    return
                 if then == CLOSE:
                     return
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -193,6 +196,27 @@ def test_a_backend_that_goes_silent_is_given_up_after_backend_timeout(tmp_path, 
         assert_answered_by_the_generalist(response, False)
         assert response.json()["premoe_route"]["skipped"] == ["hung"]
         assert_answered_by_the_generalist(post(running, True, chat=True), True)
+
+
+def test_a_client_that_leaves_frees_the_backend_it_waited_on(tmp_path, fleet, backends, hostile):  # noqa: F811
+    """Closing the backend connection is how the backend learns to stop generating; a non-streaming request used
+    to keep it open until the backend's whole answer arrived."""
+    import socket
+    import time
+
+    hostile.answer = lambda stream: (b"", HANG)
+    with route_to(tmp_path, fleet, backends, hostile) as running:
+        body = json.dumps({"prompt": CODE, "max_tokens": 3}).encode()
+        with socket.create_connection(("127.0.0.1", running.port)) as sock:
+            sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{running.port}\r\ncontent-type: "
+                         f"application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body)
+            deadline = time.monotonic() + 10
+            while running.router.counters["requests"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)  # forwarded to the hostile backend by now
+        while hostile.hung_up < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert hostile.hung_up == 1
 
 
 def test_a_stream_that_goes_silent_midway_is_continued_on_the_generalist(tmp_path, fleet, backends, hostile):  # noqa: F811
