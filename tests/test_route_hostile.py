@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from premoe.errors import InputError
 from premoe.route import check_no_loop, load_config
-from test_route import CODE, RunningRouter, backends, fleet, urls_of, write_config  # noqa: F401 - fixtures
+from test_route import CODE, RunningRouter, backends, fleet, free_port, urls_of, write_config  # noqa: F401 - fixtures
 
 COMPLETION = {"id": "cmpl-x", "object": "text_completion", "created": 1, "model": "m",
               "choices": [{"index": 0, "text": "ok", "logprobs": None, "finish_reason": "length"}],
@@ -258,8 +258,6 @@ def test_a_frozen_backend_loses_its_waiting_requests_to_the_generalist(tmp_path,
 
 
 def test_a_dead_generalist_is_skipped_for_any_live_backend(tmp_path, fleet, backends, hostile):  # noqa: F811
-    from test_route import free_port
-
     urls = {"code": hostile.url, "generalist": f"http://127.0.0.1:{free_port()}"}  # bible and de: the generalist's
     with RunningRouter(write_config(tmp_path, fleet, urls)) as running:
         for text in (CODE, "In the beginning God created the heaven and the earth."):
@@ -404,27 +402,28 @@ def test_the_router_is_not_its_own_backend(tmp_path, url, host, port, loops):
 
 
 @pytest.mark.parametrize("verb", ["serve", "route"])
-def test_read_timeout_must_be_a_finite_number(verb, tmp_path):
+def test_read_timeout_must_be_a_finite_number(verb, tmp_path, capsys):
     from premoe.cli import main
 
     for value in ("nan", "inf"):
         with pytest.raises(SystemExit) as exit_:
             main([verb, str(tmp_path), "--read-timeout", value])
-        assert exit_.value.code == 2, value
+        assert exit_.value.code == 2 and "--read-timeout" in capsys.readouterr().err, value
 
 
-def test_serve_refuses_a_blank_model_name(tiny_qwen3, capsys):
+def test_serve_refuses_a_blank_model_name(tiny_qwen3, capsys, monkeypatch):
+    import uvicorn
+
     from premoe.cli import main
 
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: None)  # were it accepted, the test ends instead of serving
     with pytest.raises(SystemExit) as exit_:
-        main(["serve", str(tiny_qwen3), "--name", " "])
+        main(["serve", str(tiny_qwen3), "--name", " ", "--port", str(free_port())])
     assert exit_.value.code == 2 and "--name" in capsys.readouterr().err
 
 
 def test_route_refuses_its_own_port_as_a_backend_before_loading(tmp_path):
     from premoe.cli.route import command
-
-    from test_route import free_port
 
     port = free_port()
     path = config_with(tmp_path, {"generalist": {"url": f"http://127.0.0.1:{port}"}})
