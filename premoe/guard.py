@@ -320,6 +320,16 @@ def deadline_protocol(read_timeout: float):
         def _arm(self) -> None:
             self._header_timer = self.loop.call_later(read_timeout, self._too_slow)
 
+        def send_400_response(self, msg: str) -> None:  # malformed HTTP: OpenAI's error JSON, not uvicorn's text
+            payload = json.dumps(error_body("the request is not valid HTTP/1.1 (a duplicated Host or Content-Length, "
+                                            "headers too large, ...)", code="invalid_http")).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                          h11.Data(data=payload), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
         def _too_slow(self) -> None:
             self._header_timer = None
             if self.conn.their_state is h11.IDLE and not self.transport.is_closing():

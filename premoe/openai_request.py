@@ -117,7 +117,8 @@ def parse_json(raw: bytes):
     except RecursionError:
         raise ApiError(400, f"the request body is nested deeper than {MAX_DEPTH} levels", "invalid_json") from None
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, too many digits, NaN, bad encoding
-        raise ApiError(400, f"the request body is not valid JSON: {str(e)[:200]}", "invalid_json") from None
+        why = str(e).split(";")[0] if "integer string conversion" in str(e) else str(e)  # not the sys.* advice
+        raise ApiError(400, f"the request body is not valid JSON: {why[:200]}", "invalid_json") from None
     if _depth(value) > MAX_DEPTH:
         raise ApiError(400, f"the request body is nested deeper than {MAX_DEPTH} levels", "invalid_json")
     return value
@@ -177,8 +178,8 @@ def _message(message, index: int) -> dict:
                             "(tool calls, audio, ... are not supported)", "unsupported_parameter", param=where)
     role = message.get("role")
     if role not in ROLES:
-        raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}, not {str(role)[:50]!r}",
-                       param=f"{where}.role")
+        got = "missing" if role is None else repr(role[:50]) if isinstance(role, str) else _kind(role)
+        raise ApiError(400, f"{where}.role must be one of {', '.join(ROLES)}, not {got}", param=f"{where}.role")
     _text(message, "name", empty=False, where=where)
     return {"role": role, "content": _content(message.get("content"), where)}
 

@@ -152,7 +152,7 @@ class Engine:
         """Prometheus text format."""
         with self._metrics_lock:
             lines = [f"premoe_{k}{'' if k in GAUGES else '_total'} {v:g}" for k, v in self.metrics.items()]
-            lines += [f'premoe_domain_requests_total{{domain="{d}"}} {n}' for d, n in sorted(self.domains.items())]
+            lines += [f'premoe_domain_requests_total{{domain="{label(d)}"}} {n}' for d, n in sorted(self.domains.items())]
         return "\n".join(lines) + "\n"
 
     # ------------------------------------------------------------------ one request
@@ -261,6 +261,11 @@ class _StopText:
         return out
 
 
+def label(value: str) -> str:
+    """``value`` as a Prometheus label value: a domain named ``a"b`` must not end the label early."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def _model_name(model: str | Path) -> str:
     return "testbed" if str(model) == "testbed" else Path(model).resolve().name
 
@@ -269,10 +274,19 @@ def _model_name(model: str | Path) -> str:
 
 
 def render_chat(tokenizer, messages: list[dict]) -> str:
-    """The model's chat template with a generation prompt, else ``role: content`` lines and ``assistant:``."""
-    if getattr(tokenizer, "chat_template", None):
+    """The model's chat template with a generation prompt, else ``role: content`` lines and ``assistant:``.
+
+    Raises :class:`ApiError` 400 when the template refuses the messages (e.g. "roles must alternate").
+    """
+    from jinja2 import TemplateError
+
+    if not getattr(tokenizer, "chat_template", None):
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    except TemplateError as e:  # the template's own message about the input
+        raise ApiError(400, f"the model's chat template refused these messages: {str(e)[:300]}",
+                       param="messages") from None
 
 
 def build_job(engine: Engine, raw: bytes, chat: bool) -> tuple[OpenAIRequest, Job]:
@@ -292,7 +306,7 @@ def make_job(engine: Engine, request: OpenAIRequest) -> Job:
     """Tokenise a validated request; check it fits the prompt limit and the context; settle max_tokens."""
     limit = min(engine.limits.max_prompt_tokens, engine.context - 1)
     if request.chat:
-        prompt = _render(engine.tokenizer, request.messages)
+        prompt = render_chat(engine.tokenizer, request.messages)
         retrieval_text = request.latest_user_message or prompt
     else:
         prompt = retrieval_text = request.prompt
@@ -311,16 +325,6 @@ def make_job(engine: Engine, request: OpenAIRequest) -> Job:
     max_tokens = room if request.max_tokens is None else min(request.max_tokens, room)  # null: as many as allowed
     return Job(torch.tensor([ids], dtype=torch.long), retrieval_text, max_tokens, min(request.min_tokens, max_tokens),
                0.0 if request.greedy else request.temperature, request.top_p, request.stop, request.seed)
-
-
-def _render(tokenizer, messages: list[dict]) -> str:
-    from jinja2 import TemplateError
-
-    try:
-        return render_chat(tokenizer, messages)
-    except TemplateError as e:  # e.g. "roles must alternate": the template's own message about the input
-        raise ApiError(400, f"the model's chat template refused these messages: {str(e)[:300]}",
-                       param="messages") from None
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -462,6 +466,11 @@ async def _stream(engine: Engine, job: Job, chat: bool, ident: str, request_id: 
             cancel.set()  # a running one stops at the next token
 
     return events_out()
+
+
+def base_url(host: str, port: int) -> str:
+    """``http://host:port`` with an IPv6 address in brackets (``http://[::1]:8000``)."""
+    return f"http://[{host}]:{port}" if ":" in host and not host.startswith("[") else f"http://{host}:{port}"
 
 
 def server_config(engine: Engine, host: str, port: int, guard: GuardConfig | None = None, docs: bool = False):

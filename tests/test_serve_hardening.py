@@ -142,6 +142,17 @@ def test_health_answers_fast_while_generating(live, slow_model):
     assert len(latencies) >= 5 and max(latencies) < 0.1, latencies
 
 
+@pytest.mark.parametrize("headers", ["Content-Length: 5\r\nContent-Length: 50\r\n", "Content-Length: -5\r\n",
+                                     "Host: evil.example\r\n"])
+def test_malformed_http_gets_an_openai_error_too(live, headers):
+    _, _, port = live
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"{headers}\r\n")
+    answer, _ = raw_request(port, head, b'{"prompt": "hi"}')
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "invalid_http"
+
+
 def test_slow_headers_are_cut_off(live):
     _, _, port = live
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:

@@ -24,18 +24,25 @@ def command(config, host, port, max_body, read_timeout, api_key, docs) -> None:
       {"model": "testbed", "store": "store/",
        "backends": {"python": {"url": "http://127.0.0.1:8001"},
                     "generalist": {"url": "http://127.0.0.1:8000"}}}
+    Optional: "name" (the model id clients send), "retrieval_tokens", and in seconds
+    "health_interval" (2), "connect_timeout" (2) and "backend_timeout" (600: a backend silent
+    this long, for a non-streaming request its whole generation, counts as hung).
+    A backend's "url" is the server's root (no /v1); it may take "model" and "api_key".
     premoe route route.json --port 9000
     """
     import uvicorn
 
     from premoe.errors import InputError
     from premoe.guard import GuardConfig, check_bindable, exposure_warning, loopback_hosts
-    from premoe.route import Router, load_config, route_server_config
+    from premoe.route import Router, check_no_loop, load_config, route_server_config
+    from premoe.serve import base_url
 
     if api_key is not None and not api_key.strip():
         raise InputError("--api-key (or PREMOE_API_KEY) is empty; give a key or leave it unset")
     check_bindable(host, port)  # before the store and model load
-    router = Router.load(load_config(config))
+    route_config = load_config(config)
+    check_no_loop(route_config, host, port)
+    router = Router.load(route_config)
     guard = GuardConfig(max_body=max_body, read_timeout=read_timeout, api_key=api_key,
                         allowed_hosts=loopback_hosts(host, port))
     warning = exposure_warning(host, api_key)
@@ -43,6 +50,6 @@ def command(config, host, port, max_body, read_timeout, api_key, docs) -> None:
         click.secho(warning, err=True, fg="red", bold=True)
     routes = ", ".join(f"{name} -> {b.url}" for name, b in router.config.backends.items())
     unserved = [d for d in router.retriever.store.domains if d not in router.config.backends]
-    click.echo(f"routing {router.config.name} on http://{host}:{port}/v1: {routes}"
+    click.echo(f"routing {router.config.name} on {base_url(host, port)}/v1: {routes}"
                + (f" ({', '.join(unserved)} -> generalist)" if unserved else ""), err=True)
     uvicorn.Server(route_server_config(router, host, port, guard, docs)).run()

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import click
 
-from premoe.cli.options import FiniteFloat
-
-POSITIVE = click.IntRange(min=1)
+from premoe.cli.options import POSITIVE, FiniteFloat
 
 
 @click.command("serve")
@@ -44,7 +42,7 @@ def command(model, store_path, experts, host, port, name, max_prompt_tokens, max
 
     from premoe.errors import InputError
     from premoe.guard import GuardConfig, check_bindable, exposure_warning, loopback_hosts
-    from premoe.serve import Engine, ServeLimits, server_config
+    from premoe.serve import Engine, ServeLimits, base_url, server_config
 
     if store_path and experts is None:
         raise InputError("--store needs --experts M (resident experts per layer)")
@@ -52,6 +50,8 @@ def command(model, store_path, experts, host, port, name, max_prompt_tokens, max
         raise InputError("--experts needs --store; to serve a fixed subset, compile it and serve the compiled dir")
     if api_key is not None and not api_key.strip():
         raise InputError("--api-key (or PREMOE_API_KEY) is empty; give a key or leave it unset")
+    if name is not None and name != name.strip():
+        raise InputError(f"--name {name!r} has leading or trailing blanks; clients must send the model id exactly")
     check_bindable(host, port)  # before the model loads
     limits = ServeLimits(max_prompt_tokens, max_tokens, max_queue, retrieval_tokens)
     engine = Engine.retrieval(model, store_path, experts, limits, name) if store_path else \
@@ -61,7 +61,7 @@ def command(model, store_path, experts, host, port, name, max_prompt_tokens, max
     warning = exposure_warning(host, api_key)
     if warning:
         click.secho(warning, err=True, fg="red", bold=True)
-    click.echo(f"serving {engine.name} on http://{host}:{port}/v1 "
+    click.echo(f"serving {engine.name} on {base_url(host, port)}/v1 "
                f"({'retrieval over ' + ', '.join(engine.retriever.store.domains) if engine.retriever else 'fixed'}"
                f"{', API key required' if api_key else ''})", err=True)
     uvicorn.Server(server_config(engine, host, port, guard, docs)).run()
