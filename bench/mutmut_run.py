@@ -39,7 +39,7 @@ MODULES: dict[str, tuple[str, tuple[str, ...]]] = {  # module -> (file, the test
     "ngram": ("premoe/ngram.py", ("tests/test_ngram.py",)),
     "matchers": ("premoe/matchers.py", ("tests/test_matchers.py",)),
     "checkpoint": ("premoe/checkpoint.py", ("tests/test_checkpoint.py",)),
-    "openai_request": ("premoe/openai_request.py", ("tests/test_serve_hardening.py",)),
+    "openai_request": ("premoe/openai_request.py", ("tests/test_openai_request.py", "tests/test_serve_hardening.py")),
 }
 _IGNORE = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", "premoe-demo", ".pytest_cache",
                                  "mutants", "runs")
@@ -90,12 +90,30 @@ def classify(changed: list[str]) -> str:
     return "review"
 
 
+def table(before: dict, after: dict) -> str:
+    """Markdown: per module, mutants killed before and after (a module missing from ``after``: "not rerun")."""
+    rows = ["| module | test files | mutants | killed before | no tests | killed after | survivors after |",
+            "|---|---|---|---|---|---|---|"]
+    for name, row in before.items():
+        new = after.get(name)
+        cell = lambda r: f"{r['killed']}/{r['mutants']} ({r['score']:.1%})"  # noqa: E731
+        rows.append(f"| {name} | {len(row['tests'])} | {row['mutants']} | {cell(row)} | "
+                    f"{row['statuses'].get('no tests', 0)} | {cell(new) if new else 'not rerun'} | "
+                    f"{len(new['survivors']) if new else '—'} |")
+    return "\n".join(rows)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated modules (default: every one of " + ", ".join(MODULES) + ")")
     parser.add_argument("--workers", type=int, default=1, help="mutmut's parallel test runs (2 cores here: 1)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/mutmut.json"))
+    parser.add_argument("--table", nargs=2, metavar=("BEFORE", "AFTER"), help="print the markdown table of two runs")
     args = parser.parse_args()
+    if args.table:
+        before, after = (json.loads(Path(p).read_text())["modules"] if Path(p).exists() else {} for p in args.table)
+        print(table(before, after))
+        return 0
     names = args.only.split(",") if args.only else list(MODULES)
     unknown = [n for n in names if n not in MODULES]
     if unknown:
