@@ -5,9 +5,9 @@ are the bugs the tests were written for. mutmut mutates *every* operator,
 constant, string, default and call argument it can parse, so its survivors
 are an unbiased list of what no test notices. Each module runs against the
 test files that exercise it (MODULES), in a copy of the tree (the working
-tree is never modified)::
+tree is never modified). Needs mutmut: ``pip install -e '.[mutation]'``::
 
-    OMP_NUM_THREADS=1 python bench/mutmut_run.py                    # every module in MODULES
+    OMP_NUM_THREADS=1 python bench/mutmut_run.py                    # every module in MODULES (about an hour)
     OMP_NUM_THREADS=1 python bench/mutmut_run.py --only scores,plan
 
 Results: ``bench/results/mutmut.json``: per module the mutant count, the
