@@ -84,3 +84,19 @@ def test_match_params_refuse(bad):
     with pytest.raises(InputError):
         MatchParams(**bad).check()
     assert MatchParams(lengths=(64, 1), quantile=1.0).check().lengths == (1, 64)
+
+
+def test_logistic_weights_minimise_the_penalised_cross_entropy_on_standardised_patterns():
+    """The fit itself, not only the scoring: at the fitted weights and bias the gradient of the L2-penalised
+    cross-entropy over the standardised calibration patterns is zero (both are trained)."""
+    params = MatchParams(method="logistic", lengths=(16,))
+    matcher = fit_matcher(params, BANK)
+    every = torch.cat([BANK["a"][16], BANK["b"][16]])
+    labels = torch.tensor([0] * 12 + [1] * 12)
+    weight = matcher.fitted["all/weight"].clone().requires_grad_(True)
+    bias = matcher.fitted["all/bias"].clone().requires_grad_(True)
+    z = _standardise(every, every)
+    loss = torch.nn.functional.cross_entropy(z @ weight + bias, labels) + params.weight_decay * weight.square().sum()
+    loss.backward()
+    assert weight.grad.abs().max() < 1e-6 and bias.grad.abs().max() < 1e-6
+    assert weight.abs().max() > 0.1  # and it learnt something
