@@ -98,7 +98,8 @@ def table(before: dict, after: dict) -> str:
         new = after.get(name)
         cell = lambda r: f"{r['killed']}/{r['mutants']} ({r['score']:.1%})"  # noqa: E731
         rows.append(f"| {name} | {len(row['tests'])} | {row['mutants']} | {cell(row)} | "
-                    f"{row['statuses'].get('no tests', 0)} | {cell(new) if new else 'not rerun'} | "
+                    f"{row['statuses'].get('no tests', 0)}{f" → {new['statuses'].get('no tests', 0)}" if new else ''} | "
+                    f"{cell(new) if new else 'not rerun'} | "
                     f"{len(new['survivors']) if new else '—'} |")
     return "\n".join(rows)
 
