@@ -97,8 +97,9 @@ def table(before: dict, after: dict) -> str:
     for name, row in before.items():
         new = after.get(name)
         cell = lambda r: f"{r['killed']}/{r['mutants']} ({r['score']:.1%})"  # noqa: E731
+        untested = lambda r: f" → {r['statuses'].get('no tests', 0)}" if r else ""  # noqa: E731
         rows.append(f"| {name} | {len(row['tests'])} | {row['mutants']} | {cell(row)} | "
-                    f"{row['statuses'].get('no tests', 0)}{f" → {new['statuses'].get('no tests', 0)}" if new else ''} | "
+                    f"{row['statuses'].get('no tests', 0)}{untested(new)} | "
                     f"{cell(new) if new else 'not rerun'} | "
                     f"{len(new['survivors']) if new else '—'} |")
     return "\n".join(rows)
