@@ -163,6 +163,11 @@ class Profile:
             raise InputError(f"cannot merge profiles of different models ({self.model['name']} vs {other.model['name']})")
         if set(other.scorers) != set(self.scorers):
             raise InputError(f"cannot merge profiles with different scorers: {sorted(self.scorers)} vs {sorted(other.scorers)}")
+        for key in _WINDOW_PARAMS:  # what a token's statistics depend on; one value must describe the merged profile
+            mine, theirs = self.params.get(key), other.params.get(key)
+            if mine != theirs:
+                raise InputError(f"cannot merge profiles made with different --{key.replace('_', '-')} ({mine} vs "
+                                 f"{theirs}): their statistics are not comparable; profile again with one value")
         domains = dict(self.domains)
         for name, stats in other.domains.items():
             domains[name] = domains[name].merge(stats) if name in domains else stats
@@ -215,6 +220,7 @@ class Profile:
                    manifest.get("architecture") or {})
 
 
+_WINDOW_PARAMS = ("seq_len", "generate")  # profile parameters that change what a routed token's statistics mean
 _TESTBED_ORIGIN = re.compile(r"testbed:[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}:(?:calib|val|test)")  # data.Source.origin
 
 

@@ -82,6 +82,19 @@ def test_merge_refuses_other_models_and_scorers(both):
         both.merge(fewer)
 
 
+@pytest.mark.parametrize("key, flag", [("seq_len", "--seq-len"), ("generate", "--generate")])
+def test_merge_refuses_profiles_of_other_windows(both, key, flag):
+    other = Profile(both.model, both.family, both.moe_layers, both.num_experts, both.top_k, both.scorers,
+                    both.domains, {**both.params, key: both.params[key] + 7})
+    with pytest.raises(InputError, match=f"different {flag} "):
+        both.merge(other)
+    with pytest.raises(InputError, match=f"different {flag} "):
+        other.merge(both)
+    bigger = Profile(both.model, both.family, both.moe_layers, both.num_experts, both.top_k, both.scorers,
+                     both.domains, {**both.params, "max_tokens": both.params["max_tokens"] + 1, "batch_size": 1})
+    assert both.merge(bigger).params == both.params  # a cap and a batch size do not change a token's statistics
+
+
 def toy() -> Profile:
     """Two domains, one layer, two experts: a puts everything on expert 0 (10 tokens), b on expert 1 (30 tokens)."""
     stats = {
