@@ -60,6 +60,7 @@ def run_demo(config: DemoConfig, force: bool = False) -> dict:
     if config.specialist not in testbed.domains():
         raise InputError(f"--specialist {config.specialist!r} is not a trained testbed domain; choose one of "
                          f"{', '.join(testbed.domains())}")
+    _check_keep(config.keep)
     out = Path(config.out)
     _prepare(out, force)
     started = time.time()
@@ -106,6 +107,19 @@ def run_demo(config: DemoConfig, force: bool = False) -> dict:
     write_marker(out, {"kind": "demo", "complete": True})
     click.echo(f"demo finished in {time.time() - started:.0f} s")
     return {"full": full.to_dict(), "compiled": {n: r.to_dict() for n, r in compiled.items()}, "verify": verified}
+
+
+def _check_keep(keep: float) -> None:
+    """Refuse a --keep the testbed cannot compile before step 1, not after profiling."""
+    from premoe.adapters import get_adapter
+    from premoe.modeling import read_config
+    from premoe.plan import experts_for_keep
+
+    from premoe import testbed
+
+    config = read_config(testbed.path())
+    adapter = get_adapter(config)
+    experts_for_keep(keep, adapter.num_experts(config), adapter.top_k(config), adapter.groups(config))
 
 
 def _prepare(out: Path, force: bool) -> None:

@@ -233,18 +233,33 @@ def _check_groups(layer: int, kept: Sequence[int], num_experts: int, top_k: int,
 
 
 def experts_for(profile: Profile, request: PlanRequest) -> int:
-    """M from exactly one of --keep / --experts / --budget-gb."""
+    """M from exactly one of --keep / --experts / --budget-gb, valid for the architecture the profile recorded."""
     given = [x is not None for x in (request.keep, request.experts, request.budget_gb)]
     if sum(given) != 1:
         raise InputError("give exactly one of --keep FRACTION, --experts M, --budget-gb G")
     E = profile.num_experts
     if request.experts is not None:
+        check_experts(request.experts, E, profile.top_k, profile.groups)
         return request.experts
     if request.keep is not None:
-        if not 0 < request.keep <= 1:
-            raise InputError(f"--keep must be in (0, 1], got {request.keep}")
-        return max(1, round(request.keep * E))
+        return experts_for_keep(request.keep, E, profile.top_k, profile.groups)
     return _experts_for_budget(profile, request.budget_gb)
+
+
+def experts_for_keep(keep: float, num_experts: int, top_k: int, groups: tuple[int, int]) -> int:
+    """M for ``--keep FRACTION`` of ``num_experts``, checked against the architecture.
+
+    Callers that know the model before profiling it (``premoe demo``) check
+    the fraction here, so a run does not stop after its longest step.
+    """
+    if not 0 < keep <= 1:
+        raise InputError(f"--keep must be in (0, 1], got {keep}")
+    m = max(1, round(keep * num_experts))
+    try:
+        check_experts(m, num_experts, top_k, groups)
+    except PlanError as e:
+        raise PlanError(f"--keep {keep:g} of {num_experts} experts gives {e}") from e
+    return m
 
 
 def _experts_for_budget(profile: Profile, budget_gb: float) -> int:
@@ -299,15 +314,15 @@ def export_counts(kept: dict[int, list[int]]) -> dict[int, int]:
 
 def _is_valid(m: int, profile: Profile) -> bool:
     try:
-        check_experts(m, profile, profile.groups)
+        check_experts(m, profile.num_experts, profile.top_k, profile.groups)
     except PlanError:
         return False
     return True
 
 
-def check_experts(m: int, profile: Profile, groups: tuple[int, int]) -> None:
+def check_experts(m: int, num_experts: int, top_k: int, groups: tuple[int, int]) -> None:
     """Architecture constraints on M, with the nearest valid choice in the message."""
-    E, k = profile.num_experts, profile.top_k
+    E, k = num_experts, top_k
     n_group, topk_group = groups
     if m > E:
         raise PlanError(f"M = {m} exceeds the {E} experts per layer; choose M ≤ {E}")
@@ -336,14 +351,7 @@ def make_plan(profile: Profile, request: PlanRequest, profile_path: str = "") ->
     one count per layer, as compile writes it by default) fits the budget.
     """
     arch = profile.require_architecture()
-    groups = profile.groups
     m = experts_for(profile, request)
-    try:
-        check_experts(m, profile, groups)
-    except PlanError as e:
-        if request.keep is None:
-            raise
-        raise PlanError(f"--keep {request.keep:g} of {profile.num_experts} experts gives {e}") from e
     if request.domain and request.domains:
         raise InputError("give either --domain (a specialist) or --generalist [--domains], not both")
     if request.domain:
@@ -376,7 +384,7 @@ def make_plan(profile: Profile, request: PlanRequest, profile_path: str = "") ->
     share = {d: _utility_share(profile.utility(d, request.scorer), kept, profile.moe_layers) for d in profile.domains}
     plan = Plan(profile.model, profile.family, profile.num_experts, profile.top_k, profile.moe_layers, kept, order,
                 asdict(request), target, share, notes, profile_path)
-    validate_plan(plan, profile.num_experts, profile.top_k, groups, profile.moe_layers)
+    validate_plan(plan, profile.num_experts, profile.top_k, profile.groups, profile.moe_layers)
     return plan
 
 

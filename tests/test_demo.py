@@ -58,3 +58,16 @@ def test_a_finished_demo_needs_force_and_a_foreign_directory_is_never_replaced(t
     with pytest.raises(OutputExistsError, match="not written by premoe"):
         _prepare(mine, force=True)
     assert (mine / "notes.txt").read_text() == "keep"
+
+
+def test_a_keep_the_testbed_cannot_compile_is_refused_before_anything_is_written(tmp_path):
+    """--keep 0.01 of 32 experts is M = 1 < top-k 4: refused up front, not after the profiling step."""
+    import pytest
+
+    from premoe.demo import DemoConfig, run_demo
+    from premoe.errors import PlanError
+
+    out = tmp_path / "demo"
+    with pytest.raises(PlanError, match=r"--keep 0.01 of 32 experts gives M = 1 .* nearest valid choice is M = 4"):
+        run_demo(DemoConfig(out=out, keep=0.01))
+    assert not out.exists()

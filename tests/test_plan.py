@@ -85,10 +85,10 @@ def test_keep_fraction_budget_and_errors():
 def test_group_constraints_offer_the_nearest_valid_choice():
     profile = toy_profile()
     with pytest.raises(PlanError, match="nearest valid: M = 4 or 6"):
-        check_experts(5, profile, (2, 1))
+        check_experts(5, profile.num_experts, profile.top_k, (2, 1))
     with pytest.raises(PlanError, match="at least 2 per group"):
-        check_experts(2, profile, (2, 1))
-    check_experts(4, profile, (2, 1))
+        check_experts(2, profile.num_experts, profile.top_k, (2, 1))
+    check_experts(4, profile.num_experts, profile.top_k, (2, 1))
 
 
 def test_local_ranking_on_a_grouped_model_keeps_the_best_of_every_group():
