@@ -264,3 +264,144 @@ def test_header_lengths_at_the_edges(tmp_path):
     empty = b'{"__metadata__": {"format": "pt"}}'
     bad.write_bytes(struct.pack("<Q", len(empty)) + empty)
     assert read_header(bad) == ({"__metadata__": {"format": "pt"}}, 8 + len(empty))
+
+
+# --------------------------------------------------------------------------- readers and writers' arithmetic
+# (each of these was reached only by integration tests: mutmut found its formulas untested here)
+
+
+def test_every_dtype_premoe_sizes_is_a_torch_dtype_of_that_size():
+    from premoe.checkpoint import torch_dtype
+
+    for name, size in DTYPE_BYTES.items():
+        assert torch.empty(0, dtype=torch_dtype(name)).element_size() == size, name
+    assert torch_dtype("BF16") is torch.bfloat16 and torch_dtype("F8_E4M3") is torch.float8_e4m3fn
+    with pytest.raises(CheckpointError, match="tensors of dtype F4 cannot be read into torch"):
+        torch_dtype("F4")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.uint8])
+def test_read_into_fills_the_tensor_with_the_bytes_at_its_offset(tmp_path, dtype, monkeypatch):
+    import os
+
+    import premoe.checkpoint as checkpoint
+
+    values = torch.arange(24).reshape(4, 6).to(dtype)
+    raw = values.reshape(-1).view(torch.uint8).numpy().tobytes()
+    file = tmp_path / "data"
+    file.write_bytes(b"x" * 13 + raw + b"tail")
+    monkeypatch.setattr(checkpoint, "_CHUNK", 5)  # several preadv calls, the last one short
+    target = torch.empty(4, 6, dtype=dtype)
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        checkpoint.read_into(fd, target, 13, "data")
+        assert torch.equal(target, values)
+        with pytest.raises(CheckpointError, match=f"data: the file ends {len(raw) - 20} bytes early"):
+            checkpoint.read_into(fd, torch.empty(4, 6, dtype=dtype), 13 + len(raw) + 4 - 20, "data")
+    finally:
+        os.close(fd)
+
+
+ENTRY = st.fixed_dictionaries({"dtype": st.sampled_from(sorted(DTYPE_BYTES)),
+                               "shape": st.lists(st.integers(0, 10**6), max_size=3)})
+
+
+@SETTINGS
+@given(entries=st.dictionaries(st.text(min_size=1, max_size=12).filter(lambda k: k != "__metadata__"), ENTRY,
+                               max_size=6),
+       metadata=st.none() | st.dictionaries(st.text(max_size=6), st.text(max_size=6), max_size=3),
+       data_bytes=st.integers(0, 10**12), fractions=st.lists(st.floats(0, 1), min_size=12, max_size=12))
+def test_encoded_headers_parse_back_aligned_and_are_bounded_by_the_size_estimate(entries, metadata, data_bytes,
+                                                                                 fractions):
+    """encode_header is what compile writes; entry_bytes + _fixed_header_bytes must bound it (budget promises)."""
+    from premoe.checkpoint import _fixed_header_bytes, encode_header, entry_bytes
+
+    placed = {}
+    for i, (key, info) in enumerate(entries.items()):
+        begin, end = sorted(int(f * data_bytes) for f in fractions[2 * i : 2 * i + 2])
+        placed[key] = {**info, "data_offsets": [begin, end]}
+    text = encode_header(placed, metadata)
+    source = {"__metadata__": metadata, **placed} if metadata else placed  # metadata first, as safetensors writes it
+    compact = json.dumps(source, separators=(",", ":")).encode()
+    assert text == compact + b" " * (-len(compact) % 8) and len(text) % 8 == 0
+    assert list(json.loads(text)) == list(source)
+    bound = _fixed_header_bytes(source) + sum(entry_bytes(k, v, data_bytes) for k, v in placed.items())
+    assert 8 + len(text) <= bound
+    widest = {k: {**v, "data_offsets": [data_bytes, data_bytes]} for k, v in placed.items()}
+    assert 0 <= bound - (8 + len(encode_header(widest, metadata))) <= 17  # braces, commas, two paddings at most
+
+
+def test_the_size_estimate_of_a_known_entry_is_exact():
+    from premoe.checkpoint import _fixed_header_bytes, encode_header, entry_bytes
+
+    info = {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, 12]}
+    assert entry_bytes("w", info, 12) == len('"w":{"dtype":"BF16","shape":[2,3],"data_offsets":[12,12]},')
+    assert entry_bytes("w", info, 123456) == entry_bytes("w", info, 12) + 8  # offsets take the data size's digits
+    assert _fixed_header_bytes({"w": info}) == 8 + 2 + 7
+    assert _fixed_header_bytes({"__metadata__": {"format": "pt"}, "w": info}) == (
+        8 + 2 + 7 + len(encode_header({}, {"format": "pt"})) + 1)
+
+
+def test_size_breakdown_arithmetic():
+    from premoe.checkpoint import SizeBreakdown
+
+    sizes = SizeBreakdown(total_bytes=1000, base_bytes=300, expert_bytes={1: 10, 2: 20}, num_experts=8, mtp_bytes=60,
+                          header_bytes=50, expert_header_bytes={1: 3, 2: 4})
+    assert sizes.bytes_with({1: 4, 2: 2}) == 300 + 40 + 40
+    assert sizes.file_bytes_with({1: 4, 2: 2}) == 300 + 40 + 40 + 50 + 12 + 8
+    unrecorded = SizeBreakdown(1000, 300, {1: 10}, 8)
+    assert unrecorded.file_bytes_with({1: 5}) == unrecorded.bytes_with({1: 5}) == 350
+
+
+def test_gc_paused_restores_the_collector_as_it_was():
+    import gc
+
+    from premoe.checkpoint import gc_paused
+
+    assert gc.isenabled()
+    with pytest.raises(ZeroDivisionError):
+        with gc_paused():
+            assert not gc.isenabled()
+            1 / 0
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the caller had paused it: left paused
+    finally:
+        gc.enable()
+
+
+def test_headers_and_tensors_describe_every_tensor_where_it_lies(tmp_path):
+    from premoe.checkpoint import TensorInfo, headers, read_index, tensor_shards
+
+    save_file({"x": torch.zeros(2, 3), "y": torch.ones(5, dtype=torch.bfloat16)}, str(tmp_path / "one.safetensors"))
+    save_file({"z": torch.zeros(7, dtype=torch.int64)}, str(tmp_path / "two.safetensors"), metadata={"format": "pt"})
+    (tmp_path / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": {"x": "one.safetensors", "y":
+                                              "one.safetensors", "z": "two.safetensors"}}))
+    index = read_index(tmp_path)
+    read = headers(tmp_path, index)
+    assert sorted(read) == ["one.safetensors", "two.safetensors"]
+    assert read["two.safetensors"][0]["__metadata__"] == {"format": "pt"}
+    assert tensor_shards(tmp_path, read, index) == {"x": "one.safetensors", "y": "one.safetensors",
+                                                    "z": "two.safetensors"}
+    assert tensor_shards(tmp_path, read, None) == tensor_shards(tmp_path, read, index)
+    found = tensors(tmp_path)
+    assert found == tensors(tmp_path, read, index)
+    assert found["z"] == TensorInfo("z", "two.safetensors", "I64", (7,), (0, 56)) and found["z"].nbytes == 56
+    assert {k: (v.dtype, v.shape, v.nbytes) for k, v in found.items() if k != "z"} == {
+        "x": ("F32", (2, 3), 24), "y": ("BF16", (5,), 10)}
+    with safe_open(str(tmp_path / "one.safetensors"), "pt") as f:  # the offsets are the file's own
+        start = read["one.safetensors"][1]
+        raw = (tmp_path / "one.safetensors").read_bytes()
+        begin, end = found["y"].offsets
+        assert torch.equal(torch.frombuffer(bytearray(raw[start + begin : start + end]), dtype=torch.bfloat16),
+                           f.get_tensor("y"))
+    assert read_index(tmp_path / "nowhere") is None
+    assert shard_files(tmp_path, index) == ["one.safetensors", "two.safetensors"]
+    (tmp_path / INDEX).unlink()
+    with pytest.raises(MissingFileError, match="has neither model.safetensors.index.json nor model.safetensors"):
+        shard_files(tmp_path)
+    (tmp_path / "two.safetensors").rename(tmp_path / "model.safetensors")
+    assert shard_files(tmp_path) == ["model.safetensors"]
