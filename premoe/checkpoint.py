@@ -45,7 +45,8 @@ def torch_dtype(name: str):
 
     names = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
-             "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "U16": "uint16", "U32": "uint32", "U64": "uint64", "C64": "complex64"}
+             "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "U16": "uint16", "U32": "uint32", "U64": "uint64",
+             "C64": "complex64"}
     dtype = getattr(torch, names.get(name, ""), None)
     if dtype is None:
         raise CheckpointError(f"tensors of dtype {name} cannot be read into torch {torch.__version__}")
