@@ -100,3 +100,62 @@ def test_logistic_weights_minimise_the_penalised_cross_entropy_on_standardised_p
     loss.backward()
     assert weight.grad.abs().max() < 1e-6 and bias.grad.abs().max() < 1e-6
     assert weight.abs().max() > 0.1  # and it learnt something
+
+
+TWO = {d: {16: BANK[d][16], 64: BANK[d][16] * 0.5} for d in BANK}  # two length buckets
+
+
+def test_calibrate_sets_each_buckets_threshold_to_the_quantile_of_held_out_nearest_scores():
+    from premoe.matchers import calibrate
+
+    matcher = fit_matcher(MatchParams(method="centroid", lengths=(16, 64), quantile=0.75), TWO)
+    held_out = {"a": {16: QUERY, 64: QUERY + 1}, "b": {16: QUERY * 2}, "unknown": {16: QUERY * 100}}
+    seen = calibrate(matcher, held_out)
+    best16 = matcher.scores(torch.cat([QUERY, QUERY * 2]), 16).min(1).values
+    assert matcher.thresholds[16] == pytest.approx(float(best16.quantile(0.75)), rel=1e-12)
+    best64 = matcher.scores(QUERY + 1, 64).min(1).values
+    assert matcher.thresholds[64] == pytest.approx(float(best64.quantile(0.75)), rel=1e-12)
+    assert seen == {"quantile": 0.75, "domains": ["a", "b"], "patterns_per_length": {"16": 4, "64": 2}}
+    only16 = fit_matcher(MatchParams(method="centroid", lengths=(16, 64)), TWO)
+    assert calibrate(only16, {"a": {16: QUERY}})["patterns_per_length"] == {"16": 2}
+    assert only16.thresholds.keys() == {16} and only16.threshold(100) is None  # 64-token requests never fall back
+    from premoe.errors import InputError
+
+    with pytest.raises(InputError, match=r"no held-out data names a stored domain \(a, b\)"):
+        calibrate(matcher, {"zz": {16: QUERY}})
+
+
+def test_decide_picks_the_nearest_domain_and_falls_back_only_above_the_threshold():
+    matcher = fit_matcher(MatchParams(method="centroid", lengths=(16, 64)), TWO)
+    near_b = BANK["b"][16].mean(0)
+    best, score, scores, fallback = matcher.decide(near_b, 20)  # 20 tokens: the 16-token bucket
+    assert best == 1 and score == pytest.approx(0.0, abs=1e-12) and scores.shape == (2,) and fallback is False
+    assert torch.equal(scores, matcher.scores(near_b.reshape(1, -1), 16)[0])
+    matcher.thresholds = {16: 0.5, 64: 10.0}
+    far = near_b + 3.0  # distance sqrt(27) from b's mean
+    assert matcher.decide(far, 16)[3] is True and matcher.decide(far, 64)[3] is False
+    edge = near_b.clone()
+    edge[0] += 0.5  # score exactly the threshold: kept, not fallen back
+    assert matcher.decide(edge, 16)[1] == pytest.approx(0.5) and matcher.decide(edge, 16)[3] is False
+    assert matcher.threshold(63) == 0.5 and matcher.threshold(64) == 10.0 and matcher.threshold(3) == 0.5
+
+
+@pytest.mark.parametrize("method", ["centroid", "knn", "diagonal", "lda", "logistic"])
+def test_a_matcher_saved_and_loaded_scores_and_decides_the_same(method):
+    import json
+
+    from premoe.matchers import Matcher, calibrate
+
+    matcher = fit_matcher(MatchParams(method=method, lengths=(64, 16), k=3), TWO)
+    calibrate(matcher, {"a": {16: QUERY, 64: QUERY}})
+    manifest = json.loads(json.dumps(matcher.manifest()))  # through JSON, as a store saves it
+    loaded = Matcher.load(manifest, {k: v.clone() for k, v in matcher.tensors().items()})
+    assert loaded.params == matcher.params and loaded.params.lengths == (16, 64)
+    assert loaded.domains == ["a", "b"] and loaded.thresholds == matcher.thresholds
+    assert loaded.bank.keys() == matcher.bank.keys()
+    for domain in matcher.bank:
+        assert all(torch.equal(loaded.bank[domain][t], matcher.bank[domain][t]) for t in (16, 64))
+    for tokens in (16, 64, 500):
+        assert torch.equal(loaded.scores(QUERY, tokens), matcher.scores(QUERY, tokens))
+    assert all(k.startswith(("matcher/fit/", "matcher/bank/")) for k in matcher.tensors())
+    assert {f"matcher/bank/{d}/{t}" for d in "ab" for t in (16, 64)} <= matcher.tensors().keys()
