@@ -152,15 +152,16 @@ def verify(original: str | Path, compiled: str | Path, data: Sequence[str] | Seq
         with domains_bar({n: w.shape[0] for n, w in windows.items()}, "verify", "win", enabled=progress) as start:
             checks = [_check_source(name, domain_windows, net, reference, adapter, kept, batch_size, start(name))
                       for name, domain_windows in windows.items()]
+    family = get_adapter(read_config(original)).name  # config.json's name: Kimi-K2 is built as DeepSeek-V3
     gate_changes = adapter.gate_changes_when_pruned(config)
     notes = []
     if gate_changes:
         kl = sum(c.kl * c.tokens for c in checks) / max(sum(c.tokens for c in checks), 1)
-        notes.append(f"{adapter.name} here routes with a softmax over all experts without top-k renormalisation: "
+        notes.append(f"{family} here routes with a softmax over all experts without top-k renormalisation: "
                      "dropping experts enlarges the kept experts' gate weights, so the compiled model differs from "
                      f"the full original beyond the experts it lost: mean KL {kl:.4f} nats, max |Δlogit| "
                      f"{max(c.max_abs_diff_full for c in checks):.3f}")
-    return VerifyReport(str(original), str(compiled), adapter.name, info["export"],
+    return VerifyReport(str(original), str(compiled), family, info["export"],
                         {layer: len(v) for layer, v in kept.items()}, info["num_experts_original"], tolerance,
                         checks, gate_changes, notes)
 
