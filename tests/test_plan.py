@@ -447,3 +447,74 @@ def test_global_ranking_does_not_depend_on_each_layers_utility_scale(scales):
     got = make_plan(profile_of({"a": scaled}), PlanRequest(experts=4, domain="a", scorer="router_mass",
                                                             ranking="global"))
     assert got.kept == base.kept
+
+
+# --------------------------------------------------------------------------- what mutmut found unpinned
+
+
+def test_reconstruct_selection_is_local_only_and_gets_the_plans_domains_and_m(monkeypatch):
+    import premoe.select
+
+    calls = []
+
+    def fake(profile, names, m, sample_tokens):
+        calls.append((names, m, sample_tokens))
+        utility = torch.arange(16, dtype=torch.float64).reshape(2, 8)
+        return utility, [[7, 0, 3][:m], [1, 2, 5][:m]]
+
+    monkeypatch.setattr(premoe.select, "reconstruct", fake)
+    with pytest.raises(InputError, match="--select reconstruct chooses M experts in every layer; use --ranking local"):
+        make_plan(toy_profile(), PlanRequest(experts=3, domain="a", select="reconstruct", ranking="global", scorer="router_mass"))
+    assert calls == []
+    plan = make_plan(toy_profile(), PlanRequest(experts=3, domain="b", select="reconstruct", sample_tokens=77, scorer="router_mass"),
+                     "prof/")
+    assert calls == [(["b"], 3, 77)]
+    assert plan.kept == {0: [0, 3, 7], 1: [1, 2, 5]} and plan.order[0] == [7, 6, 5, 4, 3, 2, 1, 0]
+    assert plan.profile == "prof/"
+    make_plan(toy_profile(), PlanRequest(experts=2, select="reconstruct", domains=["a", "b"], scorer="router_mass"))
+    assert calls[-1] == (["a", "b"], 2, 2048)
+    with pytest.raises(InputError, match="--select must be top or reconstruct, got 'best'"):
+        make_plan(toy_profile(), PlanRequest(experts=3, domain="a", select="best", scorer="router_mass"))
+
+
+def test_a_budget_is_a_strict_ceiling_in_bytes():
+    # 200 base bytes + 50 per expert per layer: M = 4 is 400 bytes; a budget 1e-7 bytes short of it keeps M = 3
+    request = dict(domain="a", scorer="router_mass")
+    assert len(make_plan(toy_profile(), PlanRequest(budget_gb=400e-9, **request)).kept[0]) == 4
+    assert len(make_plan(toy_profile(), PlanRequest(budget_gb=399.9999999e-9, **request)).kept[0]) == 3
+    with pytest.raises(InputError, match="--budget-gb must be a positive number, got 0"):
+        make_plan(toy_profile(), PlanRequest(budget_gb=0.0, **request))
+
+
+def test_budget_notes_appear_only_with_a_budget():
+    p = profile_of({"a": [[10, 9.9, 9.8, 9.7, 9.6, 1, 1, 1], [10, 9.95, 1, 1, 1, 1, 1, 1]]})  # sizes lack headers
+    free = make_plan(p, PlanRequest(experts=4, domain="a", scorer="router_mass", ranking="global"))
+    assert not any("budget" in n or "predates header sizes" in n for n in free.notes)
+    exact = make_plan(p, PlanRequest(budget_gb=400e-9, domain="a", scorer="router_mass", ranking="global"))
+    assert not any("budget holds" in n for n in exact.notes)  # M = 4 uniform, and the padded global plan is 4 too
+    assert "predates header sizes" in exact.notes[-1]
+    wider = make_plan(p, PlanRequest(budget_gb=500e-9, domain="a", scorer="router_mass", ranking="global"))
+    assert wider.kept == {0: [0, 1, 2, 3, 4], 1: [0, 1, 2, 3, 4]}  # M = 6 global pads past 500 bytes: one step down
+    assert ("the 5e-07 GB budget holds M = 6 in every layer: --ranking local keeps that many, more than this padded "
+            "global plan's 5") in wider.notes
+
+
+def test_a_family_whose_gates_change_when_pruned_gets_a_note():
+    changing = {**arch(), "gate_changes_when_pruned": True}
+    plan = make_plan(profile_of(GLOBAL, architecture=changing), PlanRequest(experts=4, domain="a",
+                                                                           scorer="router_mass"))
+    assert ("Toy routes with a softmax over all experts without top-k renormalisation: after pruning the kept "
+            "experts' gate weights grow (the compiled model renormalises over the kept experts only)") in plan.notes
+    assert not any("softmax over all experts" in n
+                   for n in make_plan(profile_of(GLOBAL), PlanRequest(experts=4, domain="a", scorer="router_mass")).notes)
+
+
+def test_global_tiers_floor_is_the_tiers_top_k_needs_when_that_exceeds_two():
+    # top-8 routing over 2 groups with topk_group 1 would need 8 per group; top-3 with topk_group 1 needs 3 tiers
+    # (3 experts per group = 6 per layer), whatever the utility: both layers get exactly the floor at M = 6
+    stats = {"a": DomainStats(10, {"router_mass": torch.tensor([[9, 8, 7, 6, 5, 4, 3, 2], [1] * 8],
+                                                                dtype=torch.float64) * 10}, torch.ones(2, 8))}
+    grouped = Profile({"name": "toy", "path": "/nonexistent", "model_type": None, "config_hash": "h"}, "Toy", [0, 1],
+                      8, 3, ROUTER_MASS, stats, architecture=arch(2, 1, top_k=3))
+    plan = make_plan(grouped, PlanRequest(experts=6, domain="a", scorer="router_mass", ranking="global"))
+    assert plan.kept == {0: [0, 1, 2, 4, 5, 6], 1: [0, 1, 2, 4, 5, 6]}
