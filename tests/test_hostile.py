@@ -21,7 +21,7 @@ from premoe.errors import CheckpointError, DiskSpaceError, InputError, MissingFi
 from premoe.fileio import check_output, read_small_text
 from premoe.modeling import check_config, load_model
 from premoe.plan import Plan, PlanRequest, make_plan
-from premoe.route import load_config
+from premoe.route.config import load_config
 from premoe.store import Store
 from test_hardening_cli import fails
 from test_plan import toy_profile, valid_plan

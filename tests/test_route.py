@@ -14,7 +14,9 @@ import pytest
 
 import domains
 from premoe.errors import InputError
-from premoe.route import Router, load_config, route_server_config
+from premoe.route.app import route_server_config
+from premoe.route.config import load_config
+from premoe.route.router import Router
 from premoe.serve import Engine, ServeLimits, start_in_thread, start_process
 
 LIMITS = ServeLimits(max_prompt_tokens=64, max_tokens=8, max_queue=2, retrieval_tokens=32)

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from premoe.errors import InputError
-from premoe.route import check_no_loop, load_config
+from premoe.route.config import check_no_loop, load_config
 from test_route import CODE, RunningRouter, backends, fleet, free_port, urls_of, write_config  # noqa: F401 - fixtures
 
 COMPLETION = {"id": "cmpl-x", "object": "text_completion", "created": 1, "model": "m",
@@ -437,7 +437,7 @@ def test_metrics_labels_are_escaped():
     import threading
     from types import SimpleNamespace
 
-    from premoe.route import Router
+    from premoe.route.router import Router
     from premoe.serve import Engine
 
     weird = 'py"thon\\x\nnew'

@@ -34,7 +34,9 @@ def command(config, host, port, max_body, read_timeout, api_key, docs) -> None:
 
     from premoe.errors import InputError
     from premoe.guard import GuardConfig, check_bindable, exposure_warning, loopback_hosts
-    from premoe.route import Router, check_no_loop, load_config, route_server_config
+    from premoe.route.app import route_server_config
+    from premoe.route.config import check_no_loop, load_config
+    from premoe.route.router import Router
     from premoe.serve import base_url
 
     if api_key is not None and not api_key.strip():
