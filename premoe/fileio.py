@@ -15,6 +15,8 @@ Every premoe writer goes through this module, so one set of rules holds for all 
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -22,7 +24,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 MARKER = ".premoe"  # left in every directory premoe writes; its presence lets --force replace the directory
 MIN_FREE_BYTES = 1 << 20  # refuse to start a job whose output would land on a (nearly) full file system
@@ -180,26 +182,29 @@ def _resolve(path: Path) -> Path:
         raise InputError(f"{path} is a symlink loop ({e}); name a real file or directory") from e
 
 
-def check_space(out: str | Path, need_bytes: int = 0) -> None:
-    """Refuse, before any compute, an output whose file system is read-only, not writable or too full."""
+def check_space(out: str | Path, need_bytes: int = 0, *, elsewhere: str = "choose another output") -> None:
+    """Refuse, before any compute, an output whose file system is read-only, not writable or too full.
+
+    ``elsewhere`` is the fix each message ends with (a scratch file names its own option: "pass --workdir ...").
+    """
     from premoe.errors import DiskSpaceError
 
     parent = _existing_ancestor(_resolve(Path(out)).parent)
     if not parent.is_dir():
-        raise DiskSpaceError(f"cannot write {out}: {parent} is a file, not a directory; choose another output")
+        raise DiskSpaceError(f"cannot write {out}: {parent} is a file, not a directory; {elsewhere}")
     stats = os.statvfs(parent)
     if stats.f_flag & os.ST_RDONLY:
-        raise DiskSpaceError(f"cannot write {out}: {parent} is on a read-only file system; choose another output")
+        raise DiskSpaceError(f"cannot write {out}: {parent} is on a read-only file system; {elsewhere}")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise DiskSpaceError(f"cannot write {out}: no permission to write in {parent}; choose another output")
+        raise DiskSpaceError(f"cannot write {out}: no permission to write in {parent}; {elsewhere}")
     if stats.f_blocks == 0:  # procfs, sysfs: nothing can be written there however "free" it looks
         raise DiskSpaceError(f"cannot write {out}: {parent} is not on a disk (a virtual file system such as /proc "
-                             "or /sys); choose an output on a real disk")
+                             f"or /sys); {elsewhere} on a real disk")
     free = stats.f_bavail * stats.f_frsize
     need = max(int(need_bytes), MIN_FREE_BYTES)
     if free < need:
         raise DiskSpaceError(f"cannot write {out}: it needs about {need / 1e6:.1f} MB but {parent} has "
-                             f"{free / 1e6:.1f} MB free; free some space or choose an output on another disk")
+                             f"{free / 1e6:.1f} MB free; free some space or {elsewhere} on another disk")
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -230,6 +235,10 @@ def clean_stale_temps(out: str | Path) -> list[Path]:
         if _alive(pid):
             if pid != os.getpid():
                 _note(f"{entry} is being written by process {pid}; another premoe may be writing {out}")
+            continue
+        if rest.startswith(".old-") and not (out.exists() or out.is_symlink()):
+            entry.rename(out)  # killed between setting the old output aside and renaming the new one in
+            _note(f"restored {out} from {entry.name}, set aside by a run that was killed while replacing it")
             continue
         _remove(entry)
         removed.append(entry)
@@ -283,20 +292,24 @@ def _temp_prefix(out: Path, what: str = "tmp") -> str:
 
 
 def write_dir(out: str | Path, write: Callable[[Path], object], *, marker: dict | None = None,
-              mark: bool = True) -> Path:
+              mark: bool = True, force: bool = False) -> Path:
     """Write a directory atomically: ``write(tmp)`` fills a temp sibling, which is then renamed over ``out``.
 
     The temp carries this process's id in its name, so the next run can tell a killed run's leftovers from a
     live one. The directory gets the ``.premoe`` marker (with ``marker`` in it) and umask permissions; ``mark=False``
     leaves the marker out where the output names premoe itself (a compiled checkpoint's config.json carries a
     ``premoe`` block), so the folder holds only what a Hub upload should. An existing ``out`` is replaced only if
-    premoe wrote it (callers check ``--force`` first).
+    premoe wrote it (callers check ``--force`` first); without ``force``, an ``out`` that another process created
+    while this one worked is refused rather than replaced. A full disk while writing is a :class:`DiskSpaceError`
+    naming the output.
 
     >>> write_dir(Path("report"), lambda tmp: (tmp / "report.md").write_text("# hi"))
     PosixPath('report')
     """
     out = Path(out)
     if out.exists() or out.is_symlink():  # callers checked --force; premoe still replaces only what it wrote
+        if not force:
+            _refuse_appeared(out)
         if out.is_symlink() or not out.is_dir() or (not is_premoe_output(out) and any(out.iterdir())):
             check_replaceable(out, force=True)  # raises for a file, or a directory premoe did not write
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -304,11 +317,14 @@ def write_dir(out: str | Path, write: Callable[[Path], object], *, marker: dict 
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
     old = None
     try:
-        write(tmp)
-        if mark:
-            write_marker(tmp, marker)
+        with _disk_errors(out):
+            write(tmp)
+            if mark:
+                write_marker(tmp, marker)
         _ordinary_permissions(tmp)
         if out.exists() or out.is_symlink():
+            if not force:
+                _refuse_appeared(out)
             old = out.with_name(f"{_temp_prefix(out, 'old')}{tmp.name.rsplit('-', 1)[-1]}")
             out.rename(old)
         tmp.rename(out)
@@ -320,6 +336,30 @@ def write_dir(out: str | Path, write: Callable[[Path], object], *, marker: dict 
     if old is not None:
         _remove(old)
     return out
+
+
+def _refuse_appeared(out: Path) -> None:
+    from premoe.errors import OutputExistsError
+
+    raise OutputExistsError(f"{out} appeared while premoe was writing it (another process wrote it meanwhile); "
+                            "kept it and dropped this run's output: rerun with --force to replace it")
+
+
+@contextlib.contextmanager
+def _disk_errors(out: Path) -> Iterator[None]:
+    """A full disk or exhausted quota while writing ``out``: a :class:`DiskSpaceError` naming its file system."""
+    from premoe.errors import DiskSpaceError
+
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        parent = _existing_ancestor(_resolve(out).parent)
+        free = shutil.disk_usage(parent).free
+        what = "is full" if e.errno == errno.ENOSPC else "quota is exhausted"
+        raise DiskSpaceError(f"cannot write {out}: the disk holding {parent} {what} ({free / 1e6:.1f} MB free); "
+                             "free some space or write the output to another disk; nothing was replaced") from e
 
 
 def _ordinary_permissions(root: Path) -> None:
@@ -366,9 +406,11 @@ def write_text_atomic(out: str | Path, text: str, *, force: bool = False) -> Pat
     fd, name = tempfile.mkstemp(prefix=_temp_prefix(out), dir=out.parent)
     tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with _disk_errors(out), os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.chmod(tmp, 0o666 & ~umask())
+        if out.exists() and not force:
+            _refuse_appeared(out)
         tmp.replace(out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -409,13 +451,13 @@ def save_artefact(out: str | Path, manifest_name: str, manifest: dict, tensors_n
         check_output(out, force=force)
 
     def write(tmp: Path) -> None:
-        if tensors_name is not None:
-            from safetensors.torch import save_file
+        if tensors_name is not None:  # serialised here, written by Python: a full disk is an OSError, which
+            from safetensors.torch import save  # safetensors' own file writer hides in a SafetensorError
 
-            save_file({k: v.contiguous() for k, v in (tensors or {}).items()}, str(tmp / tensors_name))
+            (tmp / tensors_name).write_bytes(save({k: v.contiguous() for k, v in (tensors or {}).items()}))
         (tmp / manifest_name).write_text(json.dumps(manifest, indent=2) + "\n")
 
-    return write_dir(out, write, marker={"kind": manifest_name.removesuffix(".json")})
+    return write_dir(out, write, marker={"kind": manifest_name.removesuffix(".json")}, force=force)
 
 
 def load_artefact(path: str | Path, manifest_name: str, format: str, tensors_name: str, make_hint: str,
@@ -424,8 +466,28 @@ def load_artefact(path: str | Path, manifest_name: str, format: str, tensors_nam
 
     Every way the files can be broken (missing, not a directory, truncated or corrupt JSON or safetensors, a
     manifest without a ``required`` key) raises one premoe error naming the file and saying to rebuild it with
-    ``make_hint``, the command that makes this artefact.
+    ``make_hint``, the command that makes this artefact. A directory that another run replaces (``--force``)
+    while it is read is read again, so the manifest and the tensors always come from the same version.
     """
+    for _ in range(3):
+        version = _identity(path)
+        loaded = _load_artefact_once(path, manifest_name, format, tensors_name, make_hint, required)
+        if _identity(path) == version:
+            break
+    return loaded
+
+
+def _identity(path: str | Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``: :func:`write_dir` renames a new directory into place, so it changes."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _load_artefact_once(path: str | Path, manifest_name: str, format: str, tensors_name: str, make_hint: str,
+                        required: Iterable[str]) -> tuple[dict, dict]:
     from premoe.errors import CheckpointError, MissingFileError
 
     path = Path(path)
