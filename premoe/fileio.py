@@ -287,7 +287,9 @@ def umask() -> int:
     return mask
 
 
-def _temp_prefix(out: Path, what: str = "tmp") -> str:
+def temp_prefix(out: Path, what: str = "tmp") -> str:
+    """The name start of ``out``'s temp siblings; the process id in it lets :func:`clean_stale_temps` tell a killed
+    run's leftovers (removed) from a live run's."""
     return f".{out.name}.{what}-{os.getpid()}-"
 
 
@@ -307,14 +309,13 @@ def write_dir(out: str | Path, write: Callable[[Path], object], *, marker: dict 
     PosixPath('report')
     """
     out = Path(out)
-    if out.exists() or out.is_symlink():  # callers checked --force; premoe still replaces only what it wrote
-        if not force:
-            _refuse_appeared(out)
+    refuse_if_appeared(out, force)  # callers checked --force when they started
+    if out.exists() or out.is_symlink():  # premoe still replaces only what it wrote
         if out.is_symlink() or not out.is_dir() or (not is_premoe_output(out) and any(out.iterdir())):
             check_replaceable(out, force=True)  # raises for a file, or a directory premoe did not write
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
     old = None
     try:
         with _disk_errors(out):
@@ -322,26 +323,44 @@ def write_dir(out: str | Path, write: Callable[[Path], object], *, marker: dict 
             if mark:
                 write_marker(tmp, marker)
         _ordinary_permissions(tmp)
-        if out.exists() or out.is_symlink():
-            if not force:
-                _refuse_appeared(out)
-            old = out.with_name(f"{_temp_prefix(out, 'old')}{tmp.name.rsplit('-', 1)[-1]}")
-            out.rename(old)
+        refuse_if_appeared(out, force)
+        old = set_aside(out)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            old.rename(out)  # put the previous output back
+        put_back(out, old)
         raise
     if old is not None:
         _remove(old)
     return out
 
 
-def _refuse_appeared(out: Path) -> None:
+def set_aside(out: Path) -> Path | None:
+    """Rename an existing ``out`` to ``.NAME.old-PID-XXXX`` while its replacement is put in place; None if absent.
+
+    The old output survives an interrupted replacement: :func:`put_back` returns it on failure, and after a kill
+    the next run's :func:`clean_stale_temps` does (the process id in the name tells it the run is gone).
+    """
+    if not (out.exists() or out.is_symlink()):
+        return None
+    old = out.with_name(f"{temp_prefix(out, 'old')}{os.urandom(4).hex()}")
+    out.rename(old)
+    return old
+
+
+def put_back(out: Path, old: Path | None) -> None:
+    """Return the output :func:`set_aside` moved, unless ``out`` was already replaced (remove a half-built one first)."""
+    if old is not None and not (out.exists() or out.is_symlink()):
+        old.rename(out)
+
+
+def refuse_if_appeared(out: Path, force: bool) -> None:
+    """Without ``force``, refuse an ``out`` that exists now although the command checked it was free when it
+    started: another process wrote it meanwhile, and replacing it would overwrite that without --force."""
     from premoe.errors import OutputExistsError
 
-    raise OutputExistsError(f"{out} appeared while premoe was writing it (another process wrote it meanwhile); "
+    if not force and (out.exists() or out.is_symlink()):
+        raise OutputExistsError(f"{out} appeared while premoe was writing it (another process wrote it meanwhile); "
                             "kept it and dropped this run's output: rerun with --force to replace it")
 
 
@@ -403,14 +422,13 @@ def write_text_atomic(out: str | Path, text: str, *, force: bool = False) -> Pat
         check_replaceable(out, force=force, kind="file")
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out)
-    fd, name = tempfile.mkstemp(prefix=_temp_prefix(out), dir=out.parent)
+    fd, name = tempfile.mkstemp(prefix=temp_prefix(out), dir=out.parent)
     tmp = Path(name)
     try:
         with _disk_errors(out), os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.chmod(tmp, 0o666 & ~umask())
-        if out.exists() and not force:
-            _refuse_appeared(out)
+        refuse_if_appeared(out, force)
         tmp.replace(out)
     except BaseException:
         tmp.unlink(missing_ok=True)
