@@ -108,6 +108,11 @@ def check_inputs(out: str | Path, inputs: Iterable[str | Path | None]) -> Path:
     if out.is_symlink():
         raise InputError(f"{out} is a symbolic link; name the real path ({_resolve(out)}) as the output")
     target = _resolve(out)
+    try:
+        str(target).encode("utf-8")
+    except UnicodeEncodeError:  # a byte that is not UTF-8 (a Latin-1 name), which Python decodes as a surrogate
+        raise InputError(f"the output path {str(target)!r} is not valid UTF-8; tokenizers, safetensors and JSON "
+                         "manifests cannot name it: choose a UTF-8 name") from None
     for given in inputs:
         if given is None or not str(given).strip():
             continue
@@ -536,12 +541,14 @@ def _load_artefact_once(path: str | Path, manifest_name: str, format: str, tenso
 
 
 def _load_tensors(file: Path, rebuild: str) -> dict:
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     from premoe.errors import CheckpointError
 
-    try:
-        return load_file(str(file))
+    try:  # read by Python: safetensors' own load_file cannot open a path that is not UTF-8 (LANG=C, Latin-1 names)
+        return load(file.read_bytes())
+    except OSError:
+        raise
     except Exception as e:  # safetensors raises its own SafetensorError, OSError or ValueError on a broken file
         raise CheckpointError(f"{file} is corrupt or truncated ({_reason(e)}); {rebuild}") from e
 
