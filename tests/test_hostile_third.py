@@ -234,6 +234,22 @@ def test_an_artefact_replaced_while_it_is_read_is_read_again(tmp_path, monkeypat
     assert (manifest["version"], tensors["t"].item()) == (2, 2.0)
 
 
+def test_a_second_sweep_of_the_same_out_stops_before_computing(tmp_path, tiny_qwen3):
+    """Two `sweep --out S` at once both computed every row and appended duplicates to S/rows.jsonl."""
+    import fcntl
+
+    from premoe.sweep import run_sweep
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    write_marker(out, {"kind": "sweep"})
+    with open(out / "rows.jsonl", "a") as first:  # the running sweep's lock
+        fcntl.flock(first.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(OutputExistsError, match=f"another premoe sweep is writing {out}.*rerun this command"):
+            run_sweep(tiny_qwen3, tmp_path / "profile-never-read", out, progress=False)
+    assert (out / "rows.jsonl").read_text() == ""
+
+
 # --------------------------------------------------------------------------- model inputs
 
 
