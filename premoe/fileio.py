@@ -323,7 +323,7 @@ def write_dir(out: str | Path, write: Callable[[Path], object], *, marker: dict 
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
     old = None
     try:
-        with _disk_errors(out):
+        with disk_errors(out):
             write(tmp)
             if mark:
                 write_marker(tmp, marker)
@@ -370,8 +370,10 @@ def refuse_if_appeared(out: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def _disk_errors(out: Path) -> Iterator[None]:
-    """A full disk or exhausted quota while writing ``out``: a :class:`DiskSpaceError` naming its file system."""
+def disk_errors(out: Path, fix: str = "free some space or write the output to another disk; nothing was "
+                                     "replaced") -> Iterator[None]:
+    """A full disk or exhausted quota while writing ``out``: a :class:`DiskSpaceError` naming its file system and
+    ``fix`` (the OSError alone names neither: a write to an open file carries no file name)."""
     from premoe.errors import DiskSpaceError
 
     try:
@@ -383,7 +385,7 @@ def _disk_errors(out: Path) -> Iterator[None]:
         free = shutil.disk_usage(parent).free
         what = "is full" if e.errno == errno.ENOSPC else "quota is exhausted"
         raise DiskSpaceError(f"cannot write {out}: the disk holding {parent} {what} ({free / 1e6:.1f} MB free); "
-                             "free some space or write the output to another disk; nothing was replaced") from e
+                             f"{fix}") from e
 
 
 def _ordinary_permissions(root: Path) -> None:
@@ -430,7 +432,7 @@ def write_text_atomic(out: str | Path, text: str, *, force: bool = False) -> Pat
     fd, name = tempfile.mkstemp(prefix=temp_prefix(out), dir=out.parent)
     tmp = Path(name)
     try:
-        with _disk_errors(out), os.fdopen(fd, "w", encoding="utf-8") as f:
+        with disk_errors(out), os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.chmod(tmp, 0o666 & ~umask())
         refuse_if_appeared(out, force)

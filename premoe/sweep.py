@@ -38,7 +38,7 @@ from typing import Iterator, Sequence, TextIO
 from premoe import __version__
 from premoe.data import Source, data_paths, parse_sources
 from premoe.errors import InputError, OutputExistsError, PlanError
-from premoe.fileio import write_text_atomic
+from premoe.fileio import disk_errors, write_text_atomic
 from premoe.plan import PlanRequest, make_plan
 from premoe.profile import Profile, ProfileParams, profile_model
 from premoe.scores import DEFAULT_SCORER
@@ -196,7 +196,8 @@ def _claim_rows(out: Path) -> Iterator[TextIO]:
     """
     import fcntl
 
-    with open(out / "rows.jsonl", "a") as sink:
+    with disk_errors(out / "rows.jsonl", "free some space and rerun this command: it resumes after the rows "
+                     "already written"), open(out / "rows.jsonl", "a") as sink:
         try:
             fcntl.flock(sink.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

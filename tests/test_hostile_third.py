@@ -29,6 +29,8 @@ from premoe.modeling import resolve_model_path
 from test_export import fake_llama  # noqa: F401 -- the stand-in llama.cpp fixture
 from test_hardening_cli import _dead_pid, fails, tree_hash
 from test_plan import toy_profile
+from test_sweep import _config as sweep_config
+from test_sweep import setup  # noqa: F401 -- a tiny checkpoint and its profile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,6 +184,22 @@ def test_the_scratch_file_is_nameless_and_checked_for_room(tmp_path, monkeypatch
         monkeypatch.setattr(os, "pwrite", full)
         with pytest.raises(DiskSpaceError, match="scratch file of hidden states .* filled its disk"):
             store.write(0, torch.ones(64, 8))
+
+
+def test_a_full_disk_during_a_sweep_names_its_rows_and_says_it_resumes(setup, tmp_path, monkeypatch):
+    """A row that cannot be appended said only "No space left on device ... write the output to another disk"."""
+    import premoe.sweep
+    from premoe.sweep import run_sweep
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    model, profile, data, _ = setup
+    monkeypatch.setattr(premoe.sweep, "_compute", full)
+    out = tmp_path / "sweep"
+    with pytest.raises(DiskSpaceError, match=f"cannot write {out / 'rows.jsonl'}: the disk .* is full .*rerun this "
+                                             "command: it resumes"):
+        run_sweep(model, profile, out, sweep_config(), eval_data=data, progress=False)
 
 
 # --------------------------------------------------------------------------- concurrency
