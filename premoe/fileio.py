@@ -77,12 +77,12 @@ def check_output(out: str | Path, *, inputs: Iterable[str | Path | None] = (), f
     PosixPath('prof')
     """
     out = check_inputs(out, inputs)
+    clean_stale_temps(out)  # first: an output a killed replacement set aside is back before it is checked
     if out.exists():
         if kind == "file":
             _check_not_a_manifest(out)
         check_replaceable(out, force=force, kind=kind)
     check_space(out, need_bytes)
-    clean_stale_temps(out)
     return out
 
 
@@ -314,12 +314,12 @@ def write_dir(out: str | Path, write: Callable[[Path], object], *, marker: dict 
     PosixPath('report')
     """
     out = Path(out)
+    clean_stale_temps(out)
     refuse_if_appeared(out, force)  # callers checked --force when they started
     if out.exists() or out.is_symlink():  # premoe still replaces only what it wrote
         if out.is_symlink() or not out.is_dir() or (not is_premoe_output(out) and any(out.iterdir())):
             check_replaceable(out, force=True)  # raises for a file, or a directory premoe did not write
     out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
     old = None
     try:
@@ -354,7 +354,8 @@ def set_aside(out: Path) -> Path | None:
 
 
 def put_back(out: Path, old: Path | None) -> None:
-    """Return the output :func:`set_aside` moved, unless ``out`` was already replaced (remove a half-built one first)."""
+    """Return the output :func:`set_aside` moved, unless ``out`` holds a replacement (remove a half-built one
+    first)."""
     if old is not None and not (out.exists() or out.is_symlink()):
         old.rename(out)
 
@@ -366,7 +367,7 @@ def refuse_if_appeared(out: Path, force: bool) -> None:
 
     if not force and (out.exists() or out.is_symlink()):
         raise OutputExistsError(f"{out} appeared while premoe was writing it (another process wrote it meanwhile); "
-                            "kept it and dropped this run's output: rerun with --force to replace it")
+                                "kept it and dropped this run's output: rerun with --force to replace it")
 
 
 @contextlib.contextmanager

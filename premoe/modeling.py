@@ -55,8 +55,9 @@ def resolve_model_path(model: str | Path) -> Path:
     try:
         str(path.absolute()).encode("utf-8")
     except UnicodeEncodeError:  # a byte that is not UTF-8 (a Latin-1 name), decoded by Python as a surrogate
-        raise InputError(f"the model path {str(path.absolute())!r} is not valid UTF-8, and the tokenizer and safetensors "
-                         "libraries cannot open such paths; rename the directory (or a parent) to a UTF-8 name") from None
+        raise InputError(f"the model path {str(path.absolute())!r} is not valid UTF-8, and the tokenizer and "
+                         "safetensors libraries cannot open such paths; rename the directory (or a parent) to a UTF-8 "
+                         "name") from None
     return path
 
 

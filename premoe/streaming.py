@@ -614,8 +614,9 @@ class _HiddenStore:
         from premoe.fileio import check_space
 
         directory = Path(workdir if workdir is not None else tempfile.gettempdir())
-        check_space(directory / "premoe-hidden-states.f32", 4 * rows * width, elsewhere=_ELSEWHERE)  # a sparse file:
-        directory.mkdir(parents=True, exist_ok=True)  # ftruncate below would not notice a disk too small for it
+        # checked up front: the file is sparse, so ftruncate below would not notice a disk too small for it
+        check_space(directory / "premoe-hidden-states.f32", 4 * rows * width, elsewhere=_ELSEWHERE)
+        directory.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix="premoe-hidden-", suffix=".f32", dir=directory)
         os.unlink(name)  # nameless from the start: its space comes back however premoe ends, SIGKILL included
         self.fd, self.path = fd, Path(name)
