@@ -87,7 +87,9 @@ def _run(argv: list[str] | None) -> None:
             sys.exit(130)
         signal_name = "terminated (SIGTERM)" if isinstance(cause, Terminated) else "interrupted"
         click.echo(f"premoe: {signal_name}; outputs are written atomically, rerun the same command", err=True)
-        sys.exit(143 if isinstance(cause, Terminated) else 130)
+        if isinstance(cause, Terminated):
+            _die_of_sigterm()
+        sys.exit(130)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.UsageError as e:
@@ -126,6 +128,16 @@ def _terminate_like_ctrl_c():
 
 def _raise_terminated(signum, frame) -> None:
     raise Terminated()
+
+
+def _die_of_sigterm() -> None:
+    """End as SIGTERM's default would have, now that the cleanups ran: a supervisor (systemd, a shell) sees the
+    process killed by SIGTERM, which it counts as a clean stop, rather than an exit status of 143."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    sys.exit(143)  # only where the signal is blocked
 
 
 def describe_error(error: BaseException) -> str:
