@@ -76,6 +76,11 @@ def shard_files(path: Path, index: dict | None = None) -> list[str]:
         return sorted(set(index["weight_map"].values()))
     if (path / SINGLE).exists():
         return [SINGLE]
+    if any(path.glob("pytorch_model*.bin")):
+        raise MissingFileError(f"{path} holds PyTorch .bin weights, not safetensors, which premoe reads (by byte "
+                               "range, without unpickling); convert it once: python -c \"from transformers import "
+                               f"AutoModelForCausalLM as M; M.from_pretrained('{path}').save_pretrained('{path}-st')\" "
+                               f"and pass {path}-st")
     raise MissingFileError(f"{path} has neither {INDEX} nor {SINGLE}; premoe reads safetensors checkpoints")
 
 

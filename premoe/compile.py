@@ -196,6 +196,7 @@ class WritePlan:
     mtp: MtpChoice | None = None
     notes: list[str] = field(default_factory=list)
     card: str = ""  # README.md of the output: a model card of the compiled checkpoint (premoe.modelcard)
+    force: bool = False  # --force: replace an existing output (one that appears while writing, too)
 
     @functools.cached_property  # asked for by the card, the index, the dry run and the summary
     def bytes_after(self) -> int:
@@ -357,6 +358,7 @@ def _plan_writes(model: str | Path, plan: Plan, out: str | Path, *, force: bool,
         shard_metadata={s: header.get("__metadata__") or {} for s, (header, _) in headers.items()},
         indexed=index is not None, index_metadata=(index or {}).get("metadata", {}), config=new_config, files=files,
         skipped=skipped, free_bytes=shutil.disk_usage(_existing_parent(out)).free, mtp=mtp_choice, notes=notes,
+        force=force,
     )
     _check_budget(write_plan, plan.request.get("budget_gb"), mtp)
     from premoe.modelcard import compiled_card
@@ -604,7 +606,7 @@ def write_checkpoint(plan: WritePlan, progress: bool = True) -> Path:
         (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
         _check_written(tmp, plan)  # raising here removes the temp dir: no output that disagrees with its config
 
-    return write_dir(plan.out, write, mark=False)  # config.json's premoe block marks it
+    return write_dir(plan.out, write, mark=False, force=plan.force)  # config.json's premoe block marks it
 
 
 def check_compiled(path: str | Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from premoe.errors import InputError
-from premoe.fileio import write_marker
+from premoe.fileio import put_back, set_aside, write_marker
 
 DEMO_BYTES = 200 << 20  # two compiled testbed checkpoints, a profile, a sweep and a report, with room to spare
 
@@ -45,6 +45,28 @@ def _step(message: str) -> None:
 
 def run_demo(config: DemoConfig, force: bool = False) -> dict:
     """Run the demo into ``config.out``; return the numbers it printed."""
+    from premoe import testbed
+
+    if config.specialist not in testbed.domains():
+        raise InputError(f"--specialist {config.specialist!r} is not a trained testbed domain; choose one of "
+                         f"{', '.join(testbed.domains())}")
+    _check_keep(config.keep)
+    out = Path(config.out)
+    previous = _prepare(out, force)
+    try:
+        result = _run_steps(config, out)
+    except BaseException:  # Ctrl-C, SIGTERM, an error: the demo --force was replacing comes back
+        if previous is not None:
+            shutil.rmtree(out, ignore_errors=True)
+            put_back(out, previous)
+        raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+    return result
+
+
+def _run_steps(config: DemoConfig, out: Path) -> dict:
+    """The five steps into ``out``, which :func:`_prepare` made."""
     from premoe.compile import compile_checkpoint
     from premoe.data import parse_sources
     from premoe.evaluate import Evaluator
@@ -55,14 +77,6 @@ def run_demo(config: DemoConfig, force: bool = False) -> dict:
     from premoe.sweep import SweepConfig, run_sweep
     from premoe.verify import verify
 
-    from premoe import testbed
-
-    if config.specialist not in testbed.domains():
-        raise InputError(f"--specialist {config.specialist!r} is not a trained testbed domain; choose one of "
-                         f"{', '.join(testbed.domains())}")
-    _check_keep(config.keep)
-    out = Path(config.out)
-    _prepare(out, force)
     started = time.time()
     model, tokenizer = load_model("testbed"), load_tokenizer("testbed")
 
@@ -122,27 +136,29 @@ def _check_keep(keep: float) -> None:
     experts_for_keep(keep, adapter.num_experts(config), adapter.top_k(config), adapter.groups(config))
 
 
-def _prepare(out: Path, force: bool) -> None:
+def _prepare(out: Path, force: bool) -> Path | None:
     """Make ``out`` ready for a fresh demo; an unfinished demo (an interrupted run) is cleared without --force.
 
     The demo marks ``out`` as unfinished (with its process id) before step 1 and as complete after step 5, so a
-    rerun after Ctrl-C or a kill starts over cleanly, while a finished demo is replaced only with ``--force``.
+    rerun after Ctrl-C or a kill starts over cleanly, while a finished demo is replaced only with ``--force``. That
+    one is set aside rather than deleted (returned): it comes back if the new demo does not finish.
     """
     from premoe import testbed
-    from premoe.fileio import check_inputs, check_output, check_replaceable, read_marker
+    from premoe.fileio import check_inputs, check_output, check_replaceable, clean_stale_temps, read_marker
 
     check_inputs(out, [testbed.path(), testbed.corpus_path()])  # what the demo reads: never replaced, even with --force
     info = read_marker(out)
-    unfinished = info.get("kind") == "demo" and not info.get("complete") and not _running(info.get("pid"))
-    if unfinished:
+    if info.get("kind") == "demo" and not info.get("complete") and not _running(info.get("pid")):
         click.echo(f"premoe: removing the unfinished demo in {out} (an interrupted run) and starting again", err=True)
-    elif out.exists():
+        shutil.rmtree(out)
+        clean_stale_temps(out)  # a demo that was killed while replacing another: that one comes back
+    if out.exists():
         check_replaceable(out, force=force)
     check_output(out, force=True, need_bytes=DEMO_BYTES)  # writable, enough space; clears stale temps
-    if out.exists():
-        shutil.rmtree(out)
+    previous = set_aside(out)
     out.mkdir(parents=True)
     write_marker(out, {"kind": "demo", "complete": False, "pid": os.getpid()})
+    return previous
 
 
 def _running(pid) -> bool:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from premoe.errors import CheckpointError, InputError, MissingFileError, OutputExistsError, PremoeError
+from premoe.fileio import clean_stale_temps, refuse_if_appeared, temp_prefix
 from premoe.modeling import read_config, resolve_model_path
 
 #: the environment variable naming a llama.cpp source directory (one holding convert_hf_to_gguf.py)
@@ -172,7 +173,8 @@ def export_gguf(model: str | Path, out: str | Path, *, llama_cpp: str | Path | N
     quantizer = find_quantize(root) if quantize else None
     pre = fallback_pre_tokenizer(model_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-", dir=out.parent) as tmp:
+    clean_stale_temps(out)  # a killed export's temp, which holds a whole GGUF
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(out), dir=out.parent) as tmp:
         converted = Path(tmp) / f"model-{outtype}.gguf"
         _run(converter_command(root, model_dir, converted, outtype, python, pre), "convert_hf_to_gguf.py")
         final = converted
@@ -180,6 +182,7 @@ def export_gguf(model: str | Path, out: str | Path, *, llama_cpp: str | Path | N
             final = Path(tmp) / f"model-{quantize}.gguf"
             _run([str(quantizer), str(converted), str(final), quantize], "llama-quantize")
         final.chmod(0o644)
+        refuse_if_appeared(out, force)
         os.replace(final, out)
     return GgufExport(out, outtype, quantize, out.stat().st_size, pre)
 

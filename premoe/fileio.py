@@ -15,6 +15,8 @@ Every premoe writer goes through this module, so one set of rules holds for all 
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -22,7 +24,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 MARKER = ".premoe"  # left in every directory premoe writes; its presence lets --force replace the directory
 MIN_FREE_BYTES = 1 << 20  # refuse to start a job whose output would land on a (nearly) full file system
@@ -75,12 +77,12 @@ def check_output(out: str | Path, *, inputs: Iterable[str | Path | None] = (), f
     PosixPath('prof')
     """
     out = check_inputs(out, inputs)
+    clean_stale_temps(out)  # first: an output a killed replacement set aside is back before it is checked
     if out.exists():
         if kind == "file":
             _check_not_a_manifest(out)
         check_replaceable(out, force=force, kind=kind)
     check_space(out, need_bytes)
-    clean_stale_temps(out)
     return out
 
 
@@ -106,6 +108,11 @@ def check_inputs(out: str | Path, inputs: Iterable[str | Path | None]) -> Path:
     if out.is_symlink():
         raise InputError(f"{out} is a symbolic link; name the real path ({_resolve(out)}) as the output")
     target = _resolve(out)
+    try:
+        str(target).encode("utf-8")
+    except UnicodeEncodeError:  # a byte that is not UTF-8 (a Latin-1 name), which Python decodes as a surrogate
+        raise InputError(f"the output path {str(target)!r} is not valid UTF-8; tokenizers, safetensors and JSON "
+                         "manifests cannot name it: choose a UTF-8 name") from None
     for given in inputs:
         if given is None or not str(given).strip():
             continue
@@ -180,26 +187,29 @@ def _resolve(path: Path) -> Path:
         raise InputError(f"{path} is a symlink loop ({e}); name a real file or directory") from e
 
 
-def check_space(out: str | Path, need_bytes: int = 0) -> None:
-    """Refuse, before any compute, an output whose file system is read-only, not writable or too full."""
+def check_space(out: str | Path, need_bytes: int = 0, *, elsewhere: str = "choose another output") -> None:
+    """Refuse, before any compute, an output whose file system is read-only, not writable or too full.
+
+    ``elsewhere`` is the fix each message ends with (a scratch file names its own option: "pass --workdir ...").
+    """
     from premoe.errors import DiskSpaceError
 
     parent = _existing_ancestor(_resolve(Path(out)).parent)
     if not parent.is_dir():
-        raise DiskSpaceError(f"cannot write {out}: {parent} is a file, not a directory; choose another output")
+        raise DiskSpaceError(f"cannot write {out}: {parent} is a file, not a directory; {elsewhere}")
     stats = os.statvfs(parent)
     if stats.f_flag & os.ST_RDONLY:
-        raise DiskSpaceError(f"cannot write {out}: {parent} is on a read-only file system; choose another output")
+        raise DiskSpaceError(f"cannot write {out}: {parent} is on a read-only file system; {elsewhere}")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise DiskSpaceError(f"cannot write {out}: no permission to write in {parent}; choose another output")
+        raise DiskSpaceError(f"cannot write {out}: no permission to write in {parent}; {elsewhere}")
     if stats.f_blocks == 0:  # procfs, sysfs: nothing can be written there however "free" it looks
         raise DiskSpaceError(f"cannot write {out}: {parent} is not on a disk (a virtual file system such as /proc "
-                             "or /sys); choose an output on a real disk")
+                             f"or /sys); {elsewhere} on a real disk")
     free = stats.f_bavail * stats.f_frsize
     need = max(int(need_bytes), MIN_FREE_BYTES)
     if free < need:
         raise DiskSpaceError(f"cannot write {out}: it needs about {need / 1e6:.1f} MB but {parent} has "
-                             f"{free / 1e6:.1f} MB free; free some space or choose an output on another disk")
+                             f"{free / 1e6:.1f} MB free; free some space or {elsewhere} on another disk")
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -230,6 +240,10 @@ def clean_stale_temps(out: str | Path) -> list[Path]:
         if _alive(pid):
             if pid != os.getpid():
                 _note(f"{entry} is being written by process {pid}; another premoe may be writing {out}")
+            continue
+        if rest.startswith(".old-") and not (out.exists() or out.is_symlink()):
+            entry.rename(out)  # killed between setting the old output aside and renaming the new one in
+            _note(f"restored {out} from {entry.name}, set aside by a run that was killed while replacing it")
             continue
         _remove(entry)
         removed.append(entry)
@@ -278,48 +292,101 @@ def umask() -> int:
     return mask
 
 
-def _temp_prefix(out: Path, what: str = "tmp") -> str:
+def temp_prefix(out: Path, what: str = "tmp") -> str:
+    """The name start of ``out``'s temp siblings; the process id in it lets :func:`clean_stale_temps` tell a killed
+    run's leftovers (removed) from a live run's."""
     return f".{out.name}.{what}-{os.getpid()}-"
 
 
 def write_dir(out: str | Path, write: Callable[[Path], object], *, marker: dict | None = None,
-              mark: bool = True) -> Path:
+              mark: bool = True, force: bool = False) -> Path:
     """Write a directory atomically: ``write(tmp)`` fills a temp sibling, which is then renamed over ``out``.
 
     The temp carries this process's id in its name, so the next run can tell a killed run's leftovers from a
     live one. The directory gets the ``.premoe`` marker (with ``marker`` in it) and umask permissions; ``mark=False``
     leaves the marker out where the output names premoe itself (a compiled checkpoint's config.json carries a
     ``premoe`` block), so the folder holds only what a Hub upload should. An existing ``out`` is replaced only if
-    premoe wrote it (callers check ``--force`` first).
+    premoe wrote it (callers check ``--force`` first); without ``force``, an ``out`` that another process created
+    while this one worked is refused rather than replaced. A full disk while writing is a :class:`DiskSpaceError`
+    naming the output.
 
     >>> write_dir(Path("report"), lambda tmp: (tmp / "report.md").write_text("# hi"))
     PosixPath('report')
     """
     out = Path(out)
-    if out.exists() or out.is_symlink():  # callers checked --force; premoe still replaces only what it wrote
+    clean_stale_temps(out)
+    refuse_if_appeared(out, force)  # callers checked --force when they started
+    if out.exists() or out.is_symlink():  # premoe still replaces only what it wrote
         if out.is_symlink() or not out.is_dir() or (not is_premoe_output(out) and any(out.iterdir())):
             check_replaceable(out, force=True)  # raises for a file, or a directory premoe did not write
     out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
     old = None
     try:
-        write(tmp)
-        if mark:
-            write_marker(tmp, marker)
+        with disk_errors(out):
+            write(tmp)
+            if mark:
+                write_marker(tmp, marker)
         _ordinary_permissions(tmp)
-        if out.exists() or out.is_symlink():
-            old = out.with_name(f"{_temp_prefix(out, 'old')}{tmp.name.rsplit('-', 1)[-1]}")
-            out.rename(old)
+        refuse_if_appeared(out, force)
+        old = set_aside(out)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            old.rename(out)  # put the previous output back
+        put_back(out, old)
         raise
     if old is not None:
         _remove(old)
     return out
+
+
+def set_aside(out: Path) -> Path | None:
+    """Rename an existing ``out`` to ``.NAME.old-PID-XXXX`` while its replacement is put in place; None if absent.
+
+    The old output survives an interrupted replacement: :func:`put_back` returns it on failure, and after a kill
+    the next run's :func:`clean_stale_temps` does (the process id in the name tells it the run is gone).
+    """
+    if not (out.exists() or out.is_symlink()):
+        return None
+    old = out.with_name(f"{temp_prefix(out, 'old')}{os.urandom(4).hex()}")
+    out.rename(old)
+    return old
+
+
+def put_back(out: Path, old: Path | None) -> None:
+    """Return the output :func:`set_aside` moved, unless ``out`` holds a replacement (remove a half-built one
+    first)."""
+    if old is not None and not (out.exists() or out.is_symlink()):
+        old.rename(out)
+
+
+def refuse_if_appeared(out: Path, force: bool) -> None:
+    """Without ``force``, refuse an ``out`` that exists now although the command checked it was free when it
+    started: another process wrote it meanwhile, and replacing it would overwrite that without --force."""
+    from premoe.errors import OutputExistsError
+
+    if not force and (out.exists() or out.is_symlink()):
+        raise OutputExistsError(f"{out} appeared while premoe was writing it (another process wrote it meanwhile); "
+                                "kept it and dropped this run's output: rerun with --force to replace it")
+
+
+@contextlib.contextmanager
+def disk_errors(out: Path, fix: str = "free some space or write the output to another disk; nothing was "
+                                     "replaced") -> Iterator[None]:
+    """A full disk or exhausted quota while writing ``out``: a :class:`DiskSpaceError` naming its file system and
+    ``fix`` (the OSError alone names neither: a write to an open file carries no file name)."""
+    from premoe.errors import DiskSpaceError
+
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        parent = _existing_ancestor(_resolve(out).parent)
+        free = shutil.disk_usage(parent).free
+        what = "is full" if e.errno == errno.ENOSPC else "quota is exhausted"
+        raise DiskSpaceError(f"cannot write {out}: the disk holding {parent} {what} ({free / 1e6:.1f} MB free); "
+                             f"{fix}") from e
 
 
 def _ordinary_permissions(root: Path) -> None:
@@ -363,12 +430,13 @@ def write_text_atomic(out: str | Path, text: str, *, force: bool = False) -> Pat
         check_replaceable(out, force=force, kind="file")
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out)
-    fd, name = tempfile.mkstemp(prefix=_temp_prefix(out), dir=out.parent)
+    fd, name = tempfile.mkstemp(prefix=temp_prefix(out), dir=out.parent)
     tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with disk_errors(out), os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.chmod(tmp, 0o666 & ~umask())
+        refuse_if_appeared(out, force)
         tmp.replace(out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -409,13 +477,13 @@ def save_artefact(out: str | Path, manifest_name: str, manifest: dict, tensors_n
         check_output(out, force=force)
 
     def write(tmp: Path) -> None:
-        if tensors_name is not None:
-            from safetensors.torch import save_file
+        if tensors_name is not None:  # serialised here, written by Python: a full disk is an OSError, which
+            from safetensors.torch import save  # safetensors' own file writer hides in a SafetensorError
 
-            save_file({k: v.contiguous() for k, v in (tensors or {}).items()}, str(tmp / tensors_name))
+            (tmp / tensors_name).write_bytes(save({k: v.contiguous() for k, v in (tensors or {}).items()}))
         (tmp / manifest_name).write_text(json.dumps(manifest, indent=2) + "\n")
 
-    return write_dir(out, write, marker={"kind": manifest_name.removesuffix(".json")})
+    return write_dir(out, write, marker={"kind": manifest_name.removesuffix(".json")}, force=force)
 
 
 def load_artefact(path: str | Path, manifest_name: str, format: str, tensors_name: str, make_hint: str,
@@ -424,8 +492,28 @@ def load_artefact(path: str | Path, manifest_name: str, format: str, tensors_nam
 
     Every way the files can be broken (missing, not a directory, truncated or corrupt JSON or safetensors, a
     manifest without a ``required`` key) raises one premoe error naming the file and saying to rebuild it with
-    ``make_hint``, the command that makes this artefact.
+    ``make_hint``, the command that makes this artefact. A directory that another run replaces (``--force``)
+    while it is read is read again, so the manifest and the tensors always come from the same version.
     """
+    for _ in range(3):
+        version = _identity(path)
+        loaded = _load_artefact_once(path, manifest_name, format, tensors_name, make_hint, required)
+        if _identity(path) == version:
+            break
+    return loaded
+
+
+def _identity(path: str | Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``: :func:`write_dir` renames a new directory into place, so it changes."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _load_artefact_once(path: str | Path, manifest_name: str, format: str, tensors_name: str, make_hint: str,
+                        required: Iterable[str]) -> tuple[dict, dict]:
     from premoe.errors import CheckpointError, MissingFileError
 
     path = Path(path)
@@ -456,12 +544,14 @@ def load_artefact(path: str | Path, manifest_name: str, format: str, tensors_nam
 
 
 def _load_tensors(file: Path, rebuild: str) -> dict:
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     from premoe.errors import CheckpointError
 
-    try:
-        return load_file(str(file))
+    try:  # read by Python: safetensors' own load_file cannot open a path that is not UTF-8 (LANG=C, Latin-1 names)
+        return load(file.read_bytes())
+    except OSError:
+        raise
     except Exception as e:  # safetensors raises its own SafetensorError, OSError or ValueError on a broken file
         raise CheckpointError(f"{file} is corrupt or truncated ({_reason(e)}); {rebuild}") from e
 

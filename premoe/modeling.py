@@ -49,11 +49,45 @@ def resolve_model_path(model: str | Path) -> Path:
         raise InputError(f"model {path} is a file, not a checkpoint directory; pass the directory that holds "
                          f"config.json and the .safetensors shards (e.g. {path.parent})")
     if not path.is_dir():
-        raise MissingFileError(f"model directory {path} does not exist; pass a local checkpoint directory or one of "
-                               f"{', '.join(TESTBEDS)}")
+        raise MissingFileError(_missing_model(str(model)))
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path} has no config.json; is it a Hugging Face checkpoint directory?")
+    try:
+        str(path.absolute()).encode("utf-8")
+    except UnicodeEncodeError:  # a byte that is not UTF-8 (a Latin-1 name), decoded by Python as a surrogate
+        raise InputError(f"the model path {str(path.absolute())!r} is not valid UTF-8, and the tokenizer and "
+                         "safetensors libraries cannot open such paths; rename the directory (or a parent) to a UTF-8 "
+                         "name") from None
     return path
+
+
+def _missing_model(model: str) -> str:
+    """Why MODEL is not a directory, and the fix. premoe never downloads: a Hub id gets the download command, or
+    the snapshot already in the Hugging Face cache."""
+    from premoe.modelcard import is_hub_id
+
+    missing = f"model directory {model} does not exist"
+    if not is_hub_id(model):
+        return f"{missing}; pass a local checkpoint directory or one of {', '.join(TESTBEDS)}"
+    cached = _cached_snapshot(model)
+    if cached is not None:
+        return f"{missing}; {model} is a Hugging Face Hub id and premoe reads local directories only: pass {cached}"
+    local = model.split("/")[1]
+    return (f"{missing}; if {model} is a Hugging Face Hub id: premoe reads local directories only and never downloads; "
+            f"run `huggingface-cli download {model} --local-dir {local}` and pass {local}")
+
+
+def _cached_snapshot(model: str) -> Path | None:
+    """The snapshot of Hub repository ``model`` in the Hugging Face cache (its ``main`` revision first), if any."""
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        repo = Path(HF_HUB_CACHE) / f"models--{model.replace('/', '--')}"
+        main = (repo / "refs" / "main").read_text().strip() if (repo / "refs" / "main").is_file() else None
+        snapshots = [repo / "snapshots" / main] if main else sorted((repo / "snapshots").glob("*"))
+    except (ImportError, OSError):
+        return None
+    return next((s for s in snapshots if (s / "config.json").is_file()), None)
 
 
 def read_config(model: str | Path) -> dict:

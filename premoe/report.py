@@ -619,4 +619,4 @@ def write_report(results: str | Path, out: str | Path, force: bool = False) -> P
             if isinstance(block, Figure):
                 (tmp / f"{block.name}.png").write_bytes(block.png)
 
-    return write_dir(out, write)
+    return write_dir(out, write, force=force)

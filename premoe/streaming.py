@@ -34,6 +34,7 @@ The result equals :func:`premoe.profile.profile_model` on the same tokens
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import struct
 import tempfile
@@ -49,10 +50,11 @@ from premoe import checkpoint, malloc
 from premoe.adapters.base import layer_index
 from premoe.capture import DomainStats, RouterCapture
 from premoe.data import Source, token_windows
-from premoe.errors import CheckpointError, InputError, UnsupportedModelError
+from premoe.errors import CheckpointError, DiskSpaceError, InputError, UnsupportedModelError
 from premoe.profile import Profile, ProfileParams, assemble_profile, check_sources, resolve_scorers
 
 _CHUNK = 1 << 30  # bytes per pwrite call (Linux moves at most ~2 GiB per call)
+_ELSEWHERE = "point --workdir at another directory"  # the fix when the scratch file of hidden states has no room
 _SYNC_LOAD = "HF_DEACTIVATE_ASYNC_LOAD"  # read by transformers' convert_and_load_state_dict_in_model
 _SCALE_SUFFIX = "_scale_inv"  # FP8 checkpoints (DeepSeek-V3/R1, Kimi-K2, GLM-4.5-FP8): "<name>.weight_scale_inv"
 
@@ -147,13 +149,18 @@ class LayerRunner:
         budget = (max(map(self.loader.layer_bytes, range(len(self.layers)))) if memory_budget is None
                   else memory_budget)
         self._files = contextlib.ExitStack()
-        self.stores = [self._files.enter_context(_HiddenStore(rows, self.config.hidden_size, budget, workdir))
-                       for _ in range(streams)]
-        with self.loader.loaded(self.loader.prelude_keys(), self.net.get_input_embeddings(), "the input embeddings"):
-            self.batches = _embed(self.net, self.layers, windows, batch_size, device, self.stores[0])
-        for store in self.stores[1:]:
-            for batch in self.batches:
-                store.write(batch.start, self.stores[0].read(batch.start, batch.rows))
+        try:  # __exit__ never runs for a constructor that raises: close the scratch files here
+            self.stores = [self._files.enter_context(_HiddenStore(rows, self.config.hidden_size, budget, workdir))
+                           for _ in range(streams)]
+            with self.loader.loaded(self.loader.prelude_keys(), self.net.get_input_embeddings(),
+                                    "the input embeddings"):
+                self.batches = _embed(self.net, self.layers, windows, batch_size, device, self.stores[0])
+            for store in self.stores[1:]:
+                for batch in self.batches:
+                    store.write(batch.start, self.stores[0].read(batch.start, batch.rows))
+        except BaseException:
+            self._files.close()
+            raise
 
     def __enter__(self) -> LayerRunner:
         return self
@@ -604,9 +611,14 @@ class _HiddenStore:
         if 4 * rows * width <= budget:
             self.memory = torch.empty(rows, width)  # (tokens, hidden)
             return
-        if workdir is not None:
-            Path(workdir).mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix="premoe-hidden-", suffix=".f32", dir=workdir)
+        from premoe.fileio import check_space
+
+        directory = Path(workdir if workdir is not None else tempfile.gettempdir())
+        # checked up front: the file is sparse, so ftruncate below would not notice a disk too small for it
+        check_space(directory / "premoe-hidden-states.f32", 4 * rows * width, elsewhere=_ELSEWHERE)
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="premoe-hidden-", suffix=".f32", dir=directory)
+        os.unlink(name)  # nameless from the start: its space comes back however premoe ends, SIGKILL included
         self.fd, self.path = fd, Path(name)
         os.ftruncate(fd, 4 * rows * width)
 
@@ -616,7 +628,6 @@ class _HiddenStore:
     def __exit__(self, *exc) -> None:
         if self.path is not None:
             os.close(self.fd)
-            self.path.unlink(missing_ok=True)
 
     def read(self, start: int, count: int) -> torch.Tensor:
         if self.path is None:
@@ -633,4 +644,11 @@ class _HiddenStore:
         view, offset = memoryview(values.contiguous().numpy()).cast("B"), 4 * start * self.width
         done = 0
         while done < len(view):
-            done += os.pwrite(self.fd, view[done : done + _CHUNK], offset + done)
+            try:
+                done += os.pwrite(self.fd, view[done : done + _CHUNK], offset + done)
+            except OSError as e:  # the disk filled up after the check (another process wrote to it)
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise DiskSpaceError(f"the scratch file of hidden states {self.path} filled its disk "
+                                     f"({os.fstat(self.fd).st_size / 1e6:.1f} MB when complete); {_ELSEWHERE} on "
+                                     "a disk with that much free") from e

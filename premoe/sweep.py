@@ -27,17 +27,18 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence, TextIO
 
 from premoe import __version__
 from premoe.data import Source, data_paths, parse_sources
 from premoe.errors import InputError, OutputExistsError, PlanError
-from premoe.fileio import write_text_atomic
+from premoe.fileio import disk_errors, write_text_atomic
 from premoe.plan import PlanRequest, make_plan
 from premoe.profile import Profile, ProfileParams, profile_model
 from premoe.scores import DEFAULT_SCORER
@@ -143,34 +144,34 @@ def run_sweep(model: str | Path, profile: str | Path, out: str | Path, config: S
     out = Path(out)
     check_context(read_config(model), config.seq_len)
     _check_out(out, model, profile, eval_data, calib_data)
-    main = Profile.load(profile)
-    identity = model_identity(model)
-    if main.model["config_hash"] != identity["config_hash"]:
-        raise InputError(f"profile {profile} was made for {main.model['name']}, not {identity['name']}; "
-                         f"profile this model first")
-    for scorer in {*config.scorers, config.default_scorer}:
-        main.check_scorer(scorer)
-    _check_generate(config, main)
-    net, tokenizer = loaded or (load_model(model), load_tokenizer(model))
-    eval_sources = _eval_sources(identity, eval_data, tokenizer, config)
-    calib_specs = list(calib_data or calib_specs_of(main))
-    evaluator = Evaluator(net, tokenizer, eval_sources, seq_len=config.seq_len, max_windows=config.max_windows,
-                          batch_size=config.batch_size, cache_gb=config.cache_gb, name=str(model))
-    origins = {s.name: s.origin for s in eval_sources}
-    rows = keyed_rows(config, main, identity, origins, calib_specs)
+    with _claim_rows(out) as sink:  # before any compute: a second sweep of the same OUT stops here
+        main = Profile.load(profile)
+        identity = model_identity(model)
+        if main.model["config_hash"] != identity["config_hash"]:
+            raise InputError(f"profile {profile} was made for {main.model['name']}, not {identity['name']}; "
+                             f"profile this model first")
+        for scorer in {*config.scorers, config.default_scorer}:
+            main.check_scorer(scorer)
+        _check_generate(config, main)
+        net, tokenizer = loaded or (load_model(model), load_tokenizer(model))
+        eval_sources = _eval_sources(identity, eval_data, tokenizer, config)
+        calib_specs = list(calib_data or calib_specs_of(main))
+        evaluator = Evaluator(net, tokenizer, eval_sources, seq_len=config.seq_len, max_windows=config.max_windows,
+                              batch_size=config.batch_size, cache_gb=config.cache_gb, name=str(model))
+        origins = {s.name: s.origin for s in eval_sources}
+        rows = keyed_rows(config, main, identity, origins, calib_specs)
 
-    cache_path = out / "rows.jsonl"
-    cache = read_cache(cache_path)
-    profiles = _ProfileSource(model, main, out / "profiles", calib_specs, config, (net, tokenizer), progress)
-    todo = [row for row in rows if row.key not in cache]
+        cache_path = out / "rows.jsonl"
+        cache = read_cache(cache_path)
+        profiles = _ProfileSource(model, main, out / "profiles", calib_specs, config, (net, tokenizer), progress)
+        todo = [row for row in rows if row.key not in cache]
 
-    def save(computed: int) -> dict:  # results.json of the rows done so far: `premoe report` renders a partial sweep
-        results = _results(identity, profile, main, config, origins, calib_specs, rows, cache, computed=computed)
-        write_text_atomic(out / "results.json", json.dumps(results) + "\n", force=True)
-        return results
+        def save(computed: int) -> dict:  # results.json of the rows done so far (`premoe report` renders those)
+            results = _results(identity, profile, main, config, origins, calib_specs, rows, cache, computed=computed)
+            write_text_atomic(out / "results.json", json.dumps(results) + "\n", force=True)
+            return results
 
-    saved_at = time.time()
-    with open(cache_path, "a") as sink:
+        saved_at = time.time()
         if cache_path.stat().st_size and not cache_path.read_bytes().endswith(b"\n"):
             sink.write("\n")  # end a line an interruption cut short, so the next record starts clean
         with bar(len(todo), "sweep", "row", enabled=progress) as shown:  # the rows' profiles and evals: no bars
@@ -183,7 +184,26 @@ def run_sweep(model: str | Path, profile: str | Path, out: str | Path, config: S
                 if time.time() - saved_at > PARTIAL_EVERY_S and done < len(todo):
                     save(done)
                     saved_at = time.time()
-    return save(len(todo))
+        return save(len(todo))
+
+
+@contextlib.contextmanager
+def _claim_rows(out: Path) -> Iterator[TextIO]:
+    """``out/rows.jsonl`` opened for appending, under an exclusive lock held for the whole sweep.
+
+    Two sweeps of the same OUT computed every row twice and interleaved their records; the lock (``flock``, which
+    the kernel drops when its process ends, SIGKILL included) makes the second one stop before any compute.
+    """
+    import fcntl
+
+    with disk_errors(out / "rows.jsonl", "free some space and rerun this command: it resumes after the rows "
+                     "already written"), open(out / "rows.jsonl", "a") as sink:
+        try:
+            fcntl.flock(sink.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputExistsError(f"another premoe sweep is writing {out} (its rows.jsonl is locked); wait for it to "
+                                    "finish, or stop it and rerun this command to resume") from None
+        yield sink
 
 
 def keyed_rows(config: SweepConfig, main: Profile, identity: dict, origins: dict[str, str],

@@ -218,7 +218,7 @@ def test_a_failed_directory_write_keeps_the_previous_output(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(OSError):
-        write_dir(out, broken)
+        write_dir(out, broken, force=True)  # a --force replacement that fails
     assert (out / "a.txt").read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

@@ -44,7 +44,7 @@ def get_adapter(config, model=None) -> MoEAdapter:
     try:
         return generic_adapter(config, model)
     except UnsupportedModelError as e:
-        raise UnsupportedModelError(f"{e}. Supported families: {', '.join(supported())}") from e
+        raise UnsupportedModelError(f"{str(e).rstrip('.')}. Supported families: {', '.join(supported())}") from e
 
 
 def _field(config, key: str):

@@ -597,6 +597,6 @@ def router_recorder(model: nn.Module) -> tuple[type, int]:
         if recorder is not None:
             return getattr(recorder, "target_class", recorder), int(getattr(recorder, "index", 0) or 0)
     raise UnsupportedModelError(
-        f"{type(model).__name__} declares no router_logits output, so premoe cannot find its routers; "
-        "is this a Mixture-of-Experts model?"
+        f"{type(model).__name__} declares no router_logits output, so premoe cannot find its routers: it is not a "
+        "Mixture-of-Experts model premoe knows (a dense model has no experts to prune)"
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import importlib
 import os
+import signal
 import sys
 
 import click
@@ -67,13 +68,27 @@ def main(argv: list[str] | None = None) -> None:
     threads.configure()  # before any verb imports torch: OpenMP reads its settings once
     if "--stream" in (sys.argv[1:] if argv is None else argv):  # layer-by-layer runs: memory over CPU time
         malloc.return_freed_memory()  # before the first large free, or glibc's threshold has already risen
+    previous = _terminate_like_ctrl_c()
+    try:
+        _run(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> None:
+    """The verb, with every way it can end turned into one line and an exit status."""
     try:
         cli.main(args=argv, prog_name="premoe", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("premoe: aborted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("premoe: interrupted; outputs are written atomically, rerun the same command", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt) as e:  # click turns Ctrl-C into Abort (from KeyboardInterrupt)
+        cause = e if isinstance(e, KeyboardInterrupt) else e.__cause__
+        if not isinstance(cause, KeyboardInterrupt):
+            click.echo("premoe: aborted", err=True)
+            sys.exit(130)
+        signal_name = "terminated (SIGTERM)" if isinstance(cause, Terminated) else "interrupted"
+        click.echo(f"premoe: {signal_name}; outputs are written atomically, rerun the same command", err=True)
+        if isinstance(cause, Terminated):
+            _die_of_sigterm()
         sys.exit(130)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
@@ -89,6 +104,40 @@ def main(argv: list[str] | None = None) -> None:
             raise
         click.echo(f"premoe: {describe_error(e)}", err=True)
         sys.exit(2 if _is_user_error(e) else 70)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every writer's cleanup runs (temp dirs removed, old outputs restored)."""
+
+
+def _terminate_like_ctrl_c():
+    """Make SIGTERM unwind like Ctrl-C; by default it kills the process before any ``finally`` runs, leaving temp
+    directories and scratch files behind. A SIGTERM the parent chose to ignore stays ignored.
+
+    Returns the handler to restore afterwards (``main`` may run inside another program, such as a test), or None
+    where nothing changed (ignored, already handled, or not the main thread, where signals cannot be set).
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _die_of_sigterm() -> None:
+    """End as SIGTERM's default would have, now that the cleanups ran: a supervisor (systemd, a shell) sees the
+    process killed by SIGTERM, which it counts as a clean stop, rather than an exit status of 143."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    sys.exit(143)  # only where the signal is blocked
 
 
 def describe_error(error: BaseException) -> str:

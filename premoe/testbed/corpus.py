@@ -293,5 +293,5 @@ def build_corpus(out: Path, domains: list[str] | None = None, caps: Caps | None 
             manifest["domains"][name] = info
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
-    write_dir(out, write)
+    write_dir(out, write, force=force)
     return manifest
