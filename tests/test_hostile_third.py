@@ -365,3 +365,19 @@ def test_the_sigterm_handler_is_restored_after_main(capsys, monkeypatch):
     main(["--version"])
     assert seen and seen[0] is not before  # SIGTERM unwinds while the verb runs ...
     assert signal.getsignal(signal.SIGTERM) is before  # ... and is the caller's again afterwards
+
+
+def test_stopping_a_server_says_it_stopped_not_that_a_run_was_lost(capsys, monkeypatch):
+    """serve and route run until stopped: Ctrl-C there is the normal end, not an interrupted write."""
+    from premoe.cli import _verb, main
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("premoe.cli.cli.main", interrupted)
+    for verb, said in [("serve", "premoe: serve stopped (Ctrl-C)"), ("route", "premoe: route stopped (Ctrl-C)"),
+                       ("compile", "premoe: interrupted; outputs are written atomically, rerun the same command")]:
+        with pytest.raises(SystemExit) as stopped:
+            main([verb, "x"])
+        assert stopped.value.code == 130 and capsys.readouterr().err.strip() == said
+    assert _verb(["--help"]) is None and _verb(["-v", "store", "build"]) == "store"

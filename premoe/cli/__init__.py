@@ -86,7 +86,11 @@ def _run(argv: list[str] | None) -> None:
             click.echo("premoe: aborted", err=True)
             sys.exit(130)
         signal_name = "terminated (SIGTERM)" if isinstance(cause, Terminated) else "interrupted"
-        click.echo(f"premoe: {signal_name}; outputs are written atomically, rerun the same command", err=True)
+        if _verb(argv) in SERVERS:  # stopping a server is how it ends, not a lost run
+            click.echo(f"premoe: {_verb(argv)} stopped ({'SIGTERM' if isinstance(cause, Terminated) else 'Ctrl-C'})",
+                       err=True)
+        else:
+            click.echo(f"premoe: {signal_name}; outputs are written atomically, rerun the same command", err=True)
         if isinstance(cause, Terminated):
             _die_of_sigterm()
         sys.exit(130)
@@ -104,6 +108,14 @@ def _run(argv: list[str] | None) -> None:
             raise
         click.echo(f"premoe: {describe_error(e)}", err=True)
         sys.exit(2 if _is_user_error(e) else 70)
+
+
+SERVERS = frozenset({"serve", "route"})  # verbs that run until stopped and write no output
+
+
+def _verb(argv: list[str] | None) -> str | None:
+    """The verb of a command line: its first argument that is not an option."""
+    return next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
 
 
 class Terminated(KeyboardInterrupt):
