@@ -129,7 +129,8 @@ def make_plan(model: Path, layers: int, out: Path) -> None:
     generator = torch.Generator().manual_seed(1)
     kept = {l: sorted(torch.randperm(EXPERTS, generator=generator)[: EXPERTS // 2].tolist()) for l in range(layers)}
     Plan(model_identity(model), "Qwen3-MoE", EXPERTS, TOP_K, list(range(layers)), kept,
-         {l: list(range(EXPERTS)) for l in range(layers)}, {"scorer": "random"}, "bench", {}).save(out, force=True)
+         {l: list(range(EXPERTS)) for l in range(layers)}, {"scorer": "random", "ranking": "local"}, "bench",
+         {}).save(out, force=True)
 
 
 def run_compile(model: Path, plan: Path, out: Path) -> dict:
