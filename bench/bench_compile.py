@@ -186,6 +186,8 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir, removed)")
     parser.add_argument("--json", type=Path, default=Path("bench/results/compile.json"), help="results file")
     args = parser.parse_args()
+    if args.dir:
+        args.dir.mkdir(parents=True, exist_ok=True)  # a fresh --dir, as the other benches take theirs
     work = Path(tempfile.mkdtemp(prefix="premoe-bench-compile-", dir=args.dir))
     try:
         model, plan, out = work / "model", work / "plan.json", work / "out"
