@@ -95,6 +95,8 @@ def main() -> None:
         for name, value in {"tokens": [8, 16, 32], "windows": 12, "seq_len": 32, "prompt_tokens": 16}.items():
             if getattr(args, name) == parser.get_default(name):
                 setattr(args, name, value)
+    if args.prompt_tokens not in args.tokens:  # the matcher is chosen at T = --prompt-tokens (a KeyError later)
+        parser.error(f"--prompt-tokens {args.prompt_tokens} must be one of --tokens {args.tokens}")
 
     started = time.time()
     torch.manual_seed(0)
