@@ -129,7 +129,8 @@ def make_plan(model: Path, layers: int, out: Path) -> None:
     generator = torch.Generator().manual_seed(1)
     kept = {l: sorted(torch.randperm(EXPERTS, generator=generator)[: EXPERTS // 2].tolist()) for l in range(layers)}
     Plan(model_identity(model), "Qwen3-MoE", EXPERTS, TOP_K, list(range(layers)), kept,
-         {l: list(range(EXPERTS)) for l in range(layers)}, {"scorer": "random"}, "bench", {}).save(out, force=True)
+         {l: list(range(EXPERTS)) for l in range(layers)}, {"scorer": "random", "ranking": "local"}, "bench",
+         {}).save(out, force=True)
 
 
 def run_compile(model: Path, plan: Path, out: Path) -> dict:
@@ -185,6 +186,8 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir, removed)")
     parser.add_argument("--json", type=Path, default=Path("bench/results/compile.json"), help="results file")
     args = parser.parse_args()
+    if args.dir:
+        args.dir.mkdir(parents=True, exist_ok=True)  # a fresh --dir, as the other benches take theirs
     work = Path(tempfile.mkdtemp(prefix="premoe-bench-compile-", dir=args.dir))
     try:
         model, plan, out = work / "model", work / "plan.json", work / "out"

@@ -56,8 +56,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16, help="generated tokens per request")
     parser.add_argument("--json", type=str, help="write the results here")
     args = parser.parse_args()
-    if args.quick:
-        args.tokens, args.rounds, args.requests, args.max_tokens = 32, 10, 6, 4
+    if args.quick:  # smaller defaults; what the command line gives still counts
+        for name, value in {"tokens": 32, "rounds": 10, "requests": 6, "max_tokens": 4}.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
 
     s = taer_setup.setup(args)
     from premoe import pagemap

@@ -387,6 +387,8 @@ def main() -> None:
                              "--first-dense 1 --mtp 0 is Kimi-K2's layout)")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
+    if args.out.exists() and not args.force:  # one line, as premoe's own commands say it
+        parser.error(f"{args.out} exists; pass --force to replace it")
     fields = {k: v for k, v in vars(args).items() if k not in ("out", "force")}
     started = time.perf_counter()
     out = write(Layout(**fields), args.out, force=args.force)

@@ -50,7 +50,6 @@ import time
 from pathlib import Path
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from premoe.adapters import get_adapter
 from premoe.data import parse_sources
@@ -177,6 +176,8 @@ class Merger:
 
 def _aligned(gate_up_k, down_k, gate_up_j, down_j):
     """Expert j's weights with its intermediate neurons permuted to best match expert k's (Hungarian, cosine)."""
+    from scipy.optimize import linear_sum_assignment  # only merge:align needs scipy (not a premoe dependency)
+
     width = down_k.shape[1]
     def features(gate_up, down):  # (width, 3 * hidden): each neuron's gate row, up row and down column
         return torch.nn.functional.normalize(torch.cat([gate_up[:width], gate_up[width:], down.T], 1), dim=1)

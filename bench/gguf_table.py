@@ -18,7 +18,7 @@ sources of the same version (LLAMA_CPP_PYTHON: the unpacked sdist), e.g.:
     python bench/gguf_table.py --work /tmp/gguf                    # ~16 min here; --respeed redoes only tokens/s
     # (python: one with numpy, diskcache and jinja2 beside premoe; llama-cpp-python is not installed, only imported)
 
-Writes bench/results/gguf.json and bench/results/gguf.md.
+Writes bench/results/gguf.json and bench/results/gguf.md (``--results DIR`` writes them there instead).
 """
 from __future__ import annotations
 
@@ -45,7 +45,9 @@ def main() -> None:
     parser.add_argument("--quant", default="Q4_K_M", help="4-bit type for llama_model_quantize.")
     parser.add_argument("--speed-rounds", type=int, default=5,
                         help="Rounds of the speed pass, every GGUF once per round in turn (the median is kept).")
-    parser.add_argument("--respeed", action="store_true", help="Only redo the speed pass of bench/results/gguf.json.")
+    parser.add_argument("--respeed", action="store_true", help="Only redo the speed pass of RESULTS/gguf.json.")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="Directory for gguf.json and gguf.md (default bench/results).")
     parser.add_argument("--measure", nargs=2, metavar=("GGUF", "IDS"), help=argparse.SUPPRESS)  # child process
     parser.add_argument("--speed", nargs=2, metavar=("GGUF", "IDS"), help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
@@ -60,11 +62,11 @@ def main() -> None:
 
 def respeed(args) -> None:
     """Redo only the speed pass on the GGUFs of an existing bench/results/gguf.json (``--respeed``)."""
-    result = json.loads((RESULTS / "gguf.json").read_text())
+    result = json.loads((args.results / "gguf.json").read_text())
     speed_pass(args, result["rows"])
     result["load_average"] = os.getloadavg()
-    (RESULTS / "gguf.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "gguf.md").write_text(markdown(result))
+    (args.results / "gguf.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.results / "gguf.md").write_text(markdown(result))
     print(markdown(result))
 
 
@@ -92,9 +94,9 @@ def run(args) -> None:
     result = {"domain": args.domain, "windows": int(ids.shape[0]), "seq_len": args.seq_len, "threads": args.threads,
               "cpu": platform.processor() or platform.machine(), "load_average": os.getloadavg(),
               "tokenizer": tokenizer_check, "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "gguf.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "gguf.md").write_text(markdown(result))
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "gguf.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.results / "gguf.md").write_text(markdown(result))
     print(markdown(result))
 
 

@@ -230,7 +230,7 @@ def estimate_sweep(model: str | Path, profile: str | Path, out: str | Path, conf
     486
     """
     from premoe.data import source_origins
-    from premoe.modeling import check_context, model_identity, read_config
+    from premoe.modeling import check_context, is_testbed, model_identity, read_config
 
     config = config or SweepConfig()
     check_context(read_config(model), config.seq_len)
@@ -243,7 +243,7 @@ def estimate_sweep(model: str | Path, profile: str | Path, out: str | Path, conf
     for scorer in dict.fromkeys([*config.scorers, config.default_scorer]):  # as run_sweep: a dry run promises no rows
         main.check_scorer(scorer)
     _check_generate(config, main)
-    if not eval_data and identity["name"] != "testbed":
+    if not eval_data and not is_testbed(identity["name"]):  # as _eval_sources: every shipped testbed has a corpus
         raise InputError("give held-out evaluation text with --data NAME=PATH (one per profiled domain)")
     origins = source_origins(list(eval_data or ["testbed"]), split="test")
     rows = keyed_rows(config, main, identity, origins, list(calib_data or calib_specs_of(main)))
@@ -295,10 +295,10 @@ def _check_generate(config: SweepConfig, main: Profile) -> None:
 
 
 def _inputs(model, profile, eval_data, calib_data) -> list[Path]:
-    from premoe.modeling import resolve_model_path
+    from premoe.modeling import is_testbed, resolve_model_path
 
     profile_file = Path(profile) / "profile.json"  # OUT may hold the profile (the demo does), not be it
-    eval_specs = eval_data or (["testbed"] if str(model) == "testbed" else [])  # the testbed's default: its corpus
+    eval_specs = eval_data or (["testbed"] if is_testbed(model) else [])  # a testbed's default: its corpus
     return [resolve_model_path(model), profile_file, *data_paths(eval_specs), *data_paths(calib_data)]
 
 

@@ -242,3 +242,19 @@ def test_sweep_out_must_be_new_a_sweep_or_premoes(setup, tmp_path):
     with pytest.raises(InputError, match="contains the input"):
         run_sweep(model, profile, profile.parent, _config(), eval_data=data, progress=False)
     assert (mine / "notes.txt").read_text() == "keep" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.skipif(not (__import__("premoe.modeling").modeling.shipped_dir("testbed-dsv3") / "config.json").exists(),
+                    reason="testbed-dsv3 is not shipped")
+def test_dry_run_of_the_second_testbed_defaults_to_its_corpus(tmp_path):
+    """`sweep testbed-dsv3 --dry-run` without --data (docs/make_results.sh) was refused while the run accepted it."""
+    from premoe.sweep import estimate_sweep
+
+    data = parse_sources(["python:calib"], split="calib", max_tokens=32)
+    profile_model("testbed-dsv3", data, ["peu"], ProfileParams(max_tokens=32, seq_len=16), progress=False).save(
+        tmp_path / "prof")
+    config = _config(keep=[0.5], scorers=["peu"], study_keep=[], max_windows=1)
+    estimate = estimate_sweep("testbed-dsv3", tmp_path / "prof", tmp_path / "sweep", config)
+    corpus = ["python", "en_docs", "de", "fr", "bible", "math"]  # the testbed's six domains, its test split
+    assert estimate["todo"] == estimate["rows"] == len(row_specs(config, ["python"], corpus))
+    assert not (tmp_path / "sweep").exists()
