@@ -129,6 +129,8 @@ def test_the_index_must_name_plain_shards_that_hold_its_tensors(tmp_path):
     for weight_map, message in [({"a": "../model-1.safetensors"}, "expected a .safetensors file name"),
                                 ({"a": "/etc/passwd"}, "expected a .safetensors file name"),
                                 ({"a": 3}, "weight_map must map"),
+                                ({"a": "model-1.bin"}, "names shard 'model-1.bin'; expected a .safetensors file name"),
+                                ({"a": ".."}, "names shard '..'; expected"), ({"a": ""}, "names shard ''; expected"),
                                 ({"a": "model-1.safetensors", "zz": "model-1.safetensors"}, "lists 1 tensors no shard"),
                                 ]:
         (tmp_path / INDEX).write_text(json.dumps({"weight_map": weight_map}))
