@@ -363,27 +363,42 @@ class _SlotCache:
     """
 
     def __init__(self, path: Path, layout: dict[int, list[tuple[int, bool]]], stride: dict[int, int],
-                 base: dict[int, int], temporary: bool):
+                 base: dict[int, int], temporary: bool, fd: int | None = None):
         self.path, self.layout, self.stride, self.base, self.temporary = path, layout, stride, base, temporary
         self.record_bytes = {l: sum(size for size, _ in parts) for l, parts in layout.items()}  # brought per expert
         self._mapped = {l: [size for size, mapped in parts if mapped] for l, parts in layout.items()}
         self._read = {l: sum(size for size, mapped in parts if not mapped) for l, parts in layout.items()}
-        self.fd = os.open(path, os.O_RDONLY)
+        self.fd = os.open(path, os.O_RDONLY) if fd is None else fd
 
     @classmethod
     @torch.no_grad()
     def create(cls, bank: ExpertBank, where, pages: bool = False) -> _SlotCache:
         """Write the cache: for each layer and expert, assemble the slot in a scratch and append its bytes."""
         temporary = where == "auto"
+        fd = None
         if temporary:
-            handle, name = tempfile.mkstemp(prefix="premoe-bank-", suffix=".slots")
-            os.close(handle)
+            fd, name = tempfile.mkstemp(prefix="premoe-bank-", suffix=".slots")
             path = Path(name)
+            path.unlink()  # written and read through fd alone: nothing stays on disk however the process ends
         else:
             path = Path(where)
             path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            layout, stride, base = cls._write(bank, path, fd, pages)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        cache = cls(path, layout, stride, base, temporary, fd)
+        if temporary:
+            weakref.finalize(bank, cache.close)
+        return cache
+
+    @staticmethod
+    def _write(bank: ExpertBank, path: Path, fd: int | None, pages: bool) -> tuple[dict, dict, dict]:
+        """Every (layer, expert) record, assembled in a scratch slot, appended to ``path`` (or ``fd``)."""
         layout, stride, base, offset = {}, {}, {}, 0
-        with open(path, "wb") as f:
+        with open(path, "wb") if fd is None else open(fd, "wb", closefd=False) as f:
             for layer, places in bank._slots.items():
                 scratch = [torch.empty_like(place.slot(0)) for place in places]
                 by_tensor = {id(place.tensor): s for place, s in zip(places, scratch)}
@@ -396,10 +411,7 @@ class _SlotCache:
                     bank._assemble(layer, expert, lambda place, into=by_tensor: into[id(place.tensor)])
                     f.writelines([*(_bytes_view(s) for s in scratch), padding])
                 offset += stride[layer] * bank.num_experts
-        cache = cls(path, layout, stride, base, temporary)
-        if temporary:
-            weakref.finalize(bank, cache.close)
-        return cache
+        return layout, stride, base
 
     def offset(self, layer: int, expert: int) -> int:
         return self.base[layer] + expert * self.stride[layer]

@@ -1,4 +1,6 @@
 """Expert bank: a swap leaves the resident model exactly the pruned specialist, reading only new experts."""
+import os
+
 import pytest
 import torch
 
@@ -143,16 +145,17 @@ def test_slot_cache_is_removed_with_the_bank(tiny_qwen3):
     safetensors.torch.save_file({k: v.to(torch.bfloat16) for k, v in raw.items()}, str(bf16 / "model.safetensors"))
     model = load_model(bf16).float()  # resident fp32, checkpoint bf16: "auto" writes a cache
     bank = ExpertBank(bf16, {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}, loaded=model)
-    assert bank.cache is not None and bank.cache.path.exists()
+    assert bank.cache is not None and not bank.cache.path.exists()  # unlinked at once: read through its fd
     bank.swap({0: [4, 5, 6, 7], 1: [0, 1, 2, 7]})
     slot = bank.slots[1].index(7)
     got = bank.layers[1].experts.gate_up_proj[slot].chunk(2, dim=0)[0]  # (I, H) gate rows of expert 7
     want = raw["model.layers.1.mlp.experts.7.gate_proj.weight"].to(torch.bfloat16).float()
     assert got.dtype == torch.float32 and torch.equal(got, want)  # converted once, at start
-    path = bank.cache.path
+    fd = bank.cache.fd
     del bank
     gc.collect()
-    assert not path.exists()
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed with the bank: the space is freed
 
 
 @pytest.mark.parametrize("family", sorted(LAYOUTS))
@@ -237,3 +240,28 @@ def test_a_file_system_that_cannot_map_gets_reads_instead(tiny_qwen3, tmp_path, 
     assert len(calls) == 4  # every entering expert tried to map, then read
     with torch.no_grad():
         assert torch.allclose(bank.model(IDS).logits, pruned_logits(tiny_qwen3, target), rtol=0, atol=1e-5)
+
+
+def test_the_temporary_slot_cache_leaves_no_file_behind(tmp_path, monkeypatch):
+    """cache="auto" (what serve uses: bf16 on disk, fp32 slots) is unlinked as soon as it is created: a server
+    stopped by SIGTERM or SIGKILL left /tmp/premoe-bank-*.slots behind; swaps read it through its fd."""
+    import tempfile
+
+    from premoe.modeling import resolve_model_path
+
+    testbed = resolve_model_path("testbed")  # stored in bf16: the automatic cache is made
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    first = {layer: list(range(16)) for layer in range(4)}
+    second = {layer: list(range(8, 24)) for layer in range(4)}
+    bank = ExpertBank(testbed, first, cache="auto", map_from=pagemap.PAGE)  # slices mapped from the unlinked file
+    assert bank.cache is not None and bank.cache.temporary and not list(tmp_path.glob("premoe-bank-*"))
+    ids = torch.randint(1, 8192, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        bank.swap(second)
+        want = load_model(testbed)
+        with get_adapter(want.config).restrict_routing(want, second):
+            assert torch.allclose(bank.model(ids).logits, want(ids).logits, rtol=0, atol=1e-4)
+    fd = bank.cache.fd
+    bank.cache.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed: the space is freed
