@@ -381,3 +381,12 @@ def test_stopping_a_server_says_it_stopped_not_that_a_run_was_lost(capsys, monke
             main([verb, "x"])
         assert stopped.value.code == 130 and capsys.readouterr().err.strip() == said
     assert _verb(["--help"]) is None and _verb(["-v", "store", "build"]) == "store"
+
+
+def test_every_shipped_testbed_name_is_an_input_folder():
+    """model_input knew only "testbed": testbed-dsv3's shipped folder was not among a command's inputs."""
+    from premoe.cli.options import model_input
+    from premoe.modeling import TESTBEDS, shipped_dir
+
+    assert {name: model_input(name) for name in TESTBEDS} == {name: shipped_dir(name) for name in TESTBEDS}
+    assert model_input("some/dir") == Path("some/dir") and model_input(None) is None

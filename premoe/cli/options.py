@@ -105,11 +105,11 @@ def json_option(help_text: str = "Write the result as JSON to FILE ('-' or a bar
 
 
 def model_input(model: str | None) -> Path | None:
-    """The directory a MODEL argument reads (``testbed`` resolves to the shipped one); None when not local."""
+    """The directory a MODEL argument reads (a shipped testbed's name resolves to its folder); None when not local."""
+    from premoe.modeling import TESTBEDS, shipped_dir
+
     if model is None:
         return None
-    if str(model) == "testbed":
-        from premoe import testbed
-
-        return testbed.path()
+    if str(model) in TESTBEDS:
+        return shipped_dir(str(model))
     return Path(model)
