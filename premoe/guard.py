@@ -283,6 +283,14 @@ def guarded_app(title: str, guard: GuardConfig | None = None, docs: bool = False
     return app
 
 
+def uvicorn_config(app, host: str, port: int, guard: GuardConfig):
+    """The uvicorn config premoe runs an app with (``serve`` and ``route`` alike): header deadline, short keep-alive."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", http=deadline_protocol(guard.read_timeout),
+                          timeout_keep_alive=5)
+
+
 # --------------------------------------------------------------------------- slow clients
 
 

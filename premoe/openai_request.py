@@ -106,6 +106,18 @@ def parse_request(raw: bytes, chat: bool) -> OpenAIRequest:
     return request
 
 
+def check_model(request: OpenAIRequest, served: str, server: str) -> None:
+    """Refuse (404, OpenAI's ``model_not_found``) a request naming a model other than the one ``server`` serves."""
+    if request.model is not None and request.model != served:
+        raise ApiError(404, f"the model {request.model[:100]!r} does not exist; this {server} serves {served!r}",
+                       "model_not_found", param="model")
+
+
+def model_list(name: str, created: int) -> dict:
+    """The body of ``GET /v1/models``: the one model a premoe server or router answers as."""
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "premoe"}]}
+
+
 def parse_json(raw: bytes):
     """Standard JSON (no NaN/Infinity), nested at most :data:`MAX_DEPTH` deep, else a 400."""
 

@@ -48,8 +48,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from premoe.admission import FifoWorker
 from premoe.errors import InputError
-from premoe.guard import ApiError, GuardConfig, deadline_protocol, guarded_app, internal_error, loopback_hosts
-from premoe.openai_request import OpenAIRequest, parse_request
+from premoe.guard import ApiError, GuardConfig, guarded_app, internal_error, loopback_hosts, uvicorn_config
+from premoe.openai_request import OpenAIRequest, check_model, model_list, parse_request
 
 GAUGES = ("in_flight", "waiting")  # metrics that go up and down: admitted requests, requests waiting for a slot
 DISCONNECT_POLL_S = 0.1  # how often a waiting non-streaming request checks that its client is still there
@@ -296,9 +296,7 @@ def build_job(engine: Engine, raw: bytes, chat: bool) -> tuple[OpenAIRequest, Jo
     request before it reaches the model.
     """
     request = parse_request(raw, chat)
-    if request.model is not None and request.model != engine.name:
-        raise ApiError(404, f"the model {request.model[:100]!r} does not exist; this server serves {engine.name!r}",
-                       "model_not_found", param="model")
+    check_model(request, engine.name, "server")
     return request, make_job(engine, request)
 
 
@@ -351,8 +349,7 @@ def create_app(engine: Engine, guard: GuardConfig | None = None, docs: bool = Fa
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": started,
-                                            "owned_by": "premoe"}]}
+        return model_list(engine.name, started)
 
     async def handle(request: Request, chat: bool):
         engine.count(requests=1)
@@ -478,11 +475,8 @@ def server_config(engine: Engine, host: str, port: int, guard: GuardConfig | Non
 
     ``guard`` defaults to Host checking for loopback binds.
     """
-    import uvicorn
-
     guard = guard or GuardConfig(allowed_hosts=loopback_hosts(host, port))
-    return uvicorn.Config(create_app(engine, guard, docs), host=host, port=port, log_level="warning",
-                          http=deadline_protocol(guard.read_timeout), timeout_keep_alive=5)
+    return uvicorn_config(create_app(engine, guard, docs), host, port, guard)
 
 
 def start_in_thread(engine: Engine, host: str = "127.0.0.1", timeout: float = 20.0, docs: bool = False, **guard):

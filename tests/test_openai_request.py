@@ -255,3 +255,17 @@ def test_an_error_says_what_kind_of_value_it_got(value, kind):
 def test_a_string_where_a_list_belongs_is_called_a_string():
     error = refusal(b'{"messages": "hi"}', chat=True)
     assert error.message == "'messages' must be a non-empty list of {role, content} objects, not a string"
+
+
+def test_a_request_for_another_model_is_a_404_naming_what_is_served():
+    from premoe.openai_request import check_model, model_list
+
+    for model in (None, "testbed"):  # no model named, or the served one: accepted
+        check_model(parse_request(json.dumps({"prompt": "x", **({"model": model} if model else {})}).encode(), False),
+                    "testbed", "server")
+    with pytest.raises(ApiError) as refused:
+        check_model(parse_request(b'{"prompt": "x", "model": "' + b"g" * 150 + b'"}', False), "testbed", "router")
+    assert (refused.value.status, refused.value.code, refused.value.param) == (404, "model_not_found", "model")
+    assert str(refused.value) == f"the model {'g' * 100!r} does not exist; this router serves 'testbed'"
+    assert model_list("testbed", 7) == {"object": "list", "data": [{"id": "testbed", "object": "model", "created": 7,
+                                                                    "owned_by": "premoe"}]}

@@ -25,8 +25,8 @@ from fastapi import FastAPI, Request  # module level: FastAPI resolves the handl
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from premoe.errors import InputError
-from premoe.guard import ApiError, GuardConfig, deadline_protocol, guarded_app, loopback_hosts
-from premoe.openai_request import OpenAIRequest, parse_request
+from premoe.guard import ApiError, GuardConfig, guarded_app, loopback_hosts, uvicorn_config
+from premoe.openai_request import OpenAIRequest, check_model, model_list, parse_request
 from premoe.route.relay import Call, ClientGone, answer, relay
 from premoe.route.router import Router
 
@@ -62,8 +62,7 @@ def create_route_app(router: Router, guard: GuardConfig | None = None, docs: boo
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": router.config.name, "object": "model", "created": started,
-                                            "owned_by": "premoe"}]}
+        return model_list(router.config.name, started)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -81,9 +80,7 @@ async def _handle(router: Router, request: Request, chat: bool) -> Response:
     router.count(requests=1)
     raw = await request.body()
     parsed = await asyncio.to_thread(parse_request, raw, chat)  # the same 400s a backend would give
-    if parsed.model is not None and parsed.model != router.config.name:
-        raise ApiError(404, f"the model {parsed.model[:100]!r} does not exist; this router serves "
-                            f"{router.config.name!r}", "model_not_found", param="model")
+    check_model(parsed, router.config.name, "router")
     try:
         hit = await asyncio.to_thread(router.decide, _retrieval_text(parsed))
     except InputError as e:  # e.g. a text that the tokenizer turns into no tokens
@@ -117,8 +114,5 @@ def _retrieval_text(request: OpenAIRequest) -> str:
 
 def route_server_config(router: Router, host: str, port: int, guard: GuardConfig | None = None, docs: bool = False):
     """The uvicorn config of the router: guarded app, header deadline (as ``premoe serve``)."""
-    import uvicorn
-
     guard = guard or GuardConfig(allowed_hosts=loopback_hosts(host, port))
-    return uvicorn.Config(create_route_app(router, guard, docs), host=host, port=port, log_level="warning",
-                          http=deadline_protocol(guard.read_timeout), timeout_keep_alive=5)
+    return uvicorn_config(create_route_app(router, guard, docs), host, port, guard)
