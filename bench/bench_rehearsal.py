@@ -510,7 +510,7 @@ def _sweep_lines(sweep: dict | None) -> list[str]:
     """
     if not sweep:
         return []
-    lines = ["", f"Compile vs copy as the tensors widen ({sweep['command']}, {sweep['date']}; same 61 layers, "
+    lines = ["", f"Compile vs copy as the tensors widen ({sweep['command']}, {sweep['date']}; same {sweep.get('layers', 61)} layers, "
              "256 experts and 163 shards; 50% of experts kept, local ranking; medians of alternating rounds):", "",
              "| hidden x expert width | dtype | tensors | kept bytes | compile s | copy s | copy rate | "
              "throughput / copy | CPU-time ratio | writer alone / copy | fixed cost µs/tensor |",
@@ -656,7 +656,7 @@ def main() -> None:
             widths = [tuple(map(int, w.split("x"))) for w in args.sweep or ("128x64", "256x256", "384x384")]
             rows = width_sweep(replace(layout, shards=max(SHARD_COUNTS)), plan, args.work, widths, args.sweep_fp8,
                                args.rounds, args.settle)
-            result["width_sweep"] = {"rows": rows, "date": time.strftime("%Y-%m-%d"),
+            result["width_sweep"] = {"rows": rows, "date": time.strftime("%Y-%m-%d"), "layers": layout.layers,
                                      "command": "python bench/bench_rehearsal.py " + " ".join(sys.argv[1:])}
         if "plans" in args.only:
             made, result["plan_notes"] = make_plans(args.work / f"profile-{max(SHARD_COUNTS)}",
