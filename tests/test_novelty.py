@@ -311,3 +311,22 @@ def test_lengths_of_one_token_are_valid_and_uncalibrated_detectors_answer_boolea
         fit_detector(NoveltyParams(method="ngram"), {"a": torch.tensor([1, 2, 3])}, 10, (0, 4))
     foreign = detector.foreign(torch.tensor([[8, 8], [1, 2]]))
     assert foreign.dtype == torch.bool and foreign.tolist() == [False, False]
+
+
+@pytest.mark.parametrize("names", [("a",), ("a", "b")])
+def test_kn_score_with_one_or_two_domains(names):
+    """One domain has no margin: the score is its NLL; two have one margin (mutmut: the one-domain branch and its
+    bound were unpinned)."""
+    from premoe.ngram import NgramParams, fit_lms
+
+    tokens = {"a": torch.tensor([0, 1] * 20), "b": torch.tensor([2, 3] * 20)}
+    lms = fit_lms(NgramParams(), {n: tokens[n] for n in names}, vocab=4)
+    requests = torch.tensor([[0, 1, 0, 1], [3, 3, 3, 3], [2, 3, 2, 3]])
+    nll = lms.nll(requests)  # (3, domains)
+    detector = fit_detector(NoveltyParams(method="kn", byte_weight=0.0, margin_weight=0.5), {}, 4, (1, 4), lms)
+    expected = nll[:, 0] if len(names) == 1 else nll.min(1).values - 0.5 * (nll.max(1).values - nll.min(1).values)
+    assert torch.equal(detector.score(requests), expected)
+    assert detector.lengths == (1, 4)  # a one-token bucket is a valid length
+    calibrate_detector(detector, {"a": torch.tensor([[0, 1, 0, 1]])}, 1.0)
+    assert detector.thresholds[1] == pytest.approx(float(detector.score(torch.tensor([[0]]))))
+    assert detector.foreign(requests).tolist()[1] is True  # 3 3 3 3 is foreign to both
