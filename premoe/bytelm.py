@@ -205,9 +205,8 @@ def _count(data: torch.Tensor, k: int) -> _Order:
 
 
 def _lookup(table: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(found, position), each shaped like ``codes``: where ``codes`` sit in the sorted 1-D ``table``."""
-    if len(table) == 0:
-        return torch.zeros(codes.shape, dtype=torch.bool), torch.zeros(codes.shape, dtype=torch.long)
+    """(found, position), each shaped like ``codes``: where ``codes`` sit in the sorted, non-empty 1-D ``table``
+    (:func:`_logp` stops at the first order without contexts, and every gram has a context)."""
     pos = torch.searchsorted(table, codes.contiguous()).clamp(max=len(table) - 1)
     return table[pos] == codes, pos
 
