@@ -45,7 +45,6 @@ from __future__ import annotations
 import copy
 import mmap
 import os
-import tempfile
 import time
 import weakref
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ from premoe import pagemap
 from premoe.adapters import get_adapter
 from premoe.checkpoint import TensorInfo, read_header, tensors, torch_dtype
 from premoe.errors import CheckpointError, InputError, PlanError, UnsupportedModelError
+from premoe.fileio import nameless_file
 from premoe.modeling import resolve_model_path, transformers_config
 
 # what a swap can widen into fp32 slots (FP8 weights need their block scales: dequantize first)
@@ -251,7 +251,7 @@ class ExpertBank:
         return report
 
     def close(self) -> None:
-        """Remove a temporary slot cache now (it is removed at exit otherwise)."""
+        """Close the slot cache now, freeing a temporary one's space (else freed when the bank is collected)."""
         if self.cache is not None:
             self.cache.close()
 
@@ -377,9 +377,7 @@ class _SlotCache:
         temporary = where == "auto"
         fd = None
         if temporary:
-            fd, name = tempfile.mkstemp(prefix="premoe-bank-", suffix=".slots")
-            path = Path(name)
-            path.unlink()  # written and read through fd alone: nothing stays on disk however the process ends
+            fd, path = nameless_file("premoe-bank-", ".slots")  # nothing stays on disk however serve ends
         else:
             path = Path(where)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -435,10 +433,8 @@ class _SlotCache:
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
+            os.close(self.fd)  # a temporary cache has no name on disk: closing it frees its space
             self.fd = -1
-        if self.temporary:
-            self.path.unlink(missing_ok=True)
 
 
 def _bytes_view(tensor: torch.Tensor) -> memoryview:

@@ -108,11 +108,7 @@ def check_inputs(out: str | Path, inputs: Iterable[str | Path | None]) -> Path:
     if out.is_symlink():
         raise InputError(f"{out} is a symbolic link; name the real path ({_resolve(out)}) as the output")
     target = _resolve(out)
-    try:
-        str(target).encode("utf-8")
-    except UnicodeEncodeError:  # a byte that is not UTF-8 (a Latin-1 name), which Python decodes as a surrogate
-        raise InputError(f"the output path {str(target)!r} is not valid UTF-8; tokenizers, safetensors and JSON "
-                         "manifests cannot name it: choose a UTF-8 name") from None
+    require_utf8(target, "output", "; tokenizers, safetensors and JSON manifests cannot name it: choose a UTF-8 name")
     for given in inputs:
         if given is None or not str(given).strip():
             continue
@@ -176,6 +172,17 @@ def _read_json(file: Path):
         return json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def require_utf8(path: Path, role: str, consequence_and_fix: str) -> None:
+    """Refuse a path holding a byte that is not UTF-8 (a Latin-1 name, which Python decodes as a surrogate): the
+    tokenizer and safetensors libraries cannot open it, and JSON cannot record it."""
+    from premoe.errors import InputError
+
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"the {role} path {str(path)!r} is not valid UTF-8{consequence_and_fix}") from None
 
 
 def _resolve(path: Path) -> Path:
@@ -296,6 +303,18 @@ def temp_prefix(out: Path, what: str = "tmp") -> str:
     """The name start of ``out``'s temp siblings; the process id in it lets :func:`clean_stale_temps` tell a killed
     run's leftovers (removed) from a live run's."""
     return f".{out.name}.{what}-{os.getpid()}-"
+
+
+def nameless_file(prefix: str, suffix: str, directory: str | Path | None = None) -> tuple[int, Path]:
+    """A new scratch file, open read-write and already unlinked: ``(fd, the name it had)``.
+
+    Its space comes back however premoe ends (SIGKILL included), where a
+    named temp file outlives a killed process; it is written and read (or
+    mapped) through ``fd`` only, and the name is for messages.
+    """
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
+    os.unlink(name)
+    return fd, Path(name)
 
 
 def write_dir(out: str | Path, write: Callable[[Path], object], *, marker: dict | None = None,

@@ -52,12 +52,10 @@ def resolve_model_path(model: str | Path) -> Path:
         raise MissingFileError(_missing_model(str(model)))
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path} has no config.json; is it a Hugging Face checkpoint directory?")
-    try:
-        str(path.absolute()).encode("utf-8")
-    except UnicodeEncodeError:  # a byte that is not UTF-8 (a Latin-1 name), decoded by Python as a surrogate
-        raise InputError(f"the model path {str(path.absolute())!r} is not valid UTF-8, and the tokenizer and "
-                         "safetensors libraries cannot open such paths; rename the directory (or a parent) to a UTF-8 "
-                         "name") from None
+    from premoe.fileio import require_utf8
+
+    require_utf8(path.absolute(), "model", ", and the tokenizer and safetensors libraries cannot open such paths; "
+                 "rename the directory (or a parent) to a UTF-8 name")
     return path
 
 

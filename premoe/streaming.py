@@ -611,16 +611,14 @@ class _HiddenStore:
         if 4 * rows * width <= budget:
             self.memory = torch.empty(rows, width)  # (tokens, hidden)
             return
-        from premoe.fileio import check_space
+        from premoe.fileio import check_space, nameless_file
 
         directory = Path(workdir if workdir is not None else tempfile.gettempdir())
         # checked up front: the file is sparse, so ftruncate below would not notice a disk too small for it
         check_space(directory / "premoe-hidden-states.f32", 4 * rows * width, elsewhere=_ELSEWHERE)
         directory.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix="premoe-hidden-", suffix=".f32", dir=directory)
-        os.unlink(name)  # nameless from the start: its space comes back however premoe ends, SIGKILL included
-        self.fd, self.path = fd, Path(name)
-        os.ftruncate(fd, 4 * rows * width)
+        self.fd, self.path = nameless_file("premoe-hidden-", ".f32", directory)
+        os.ftruncate(self.fd, 4 * rows * width)
 
     def __enter__(self) -> "_HiddenStore":
         return self

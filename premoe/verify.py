@@ -130,9 +130,10 @@ def verify(original: str | Path, compiled: str | Path, data: Sequence[str] | Seq
     from premoe.modeling import check_context, config_hash, load_model, load_tokenizer, read_config
     from premoe.progress import domains_bar
 
-    check_context(read_config(original), seq_len)
+    source_config = read_config(original)
+    check_context(source_config, seq_len)
     info = compiled_info(compiled)
-    if info["source"]["config_hash"] != config_hash(read_config(original)):
+    if info["source"]["config_hash"] != config_hash(source_config):
         raise InputError(f"{compiled} was compiled from {info['source']['name']} (config {info['source']['config_hash']}), "
                          f"not from {original}; verify it against its own original")
     check_compiled(compiled)  # shards ⇔ config.json on every MoE layer, MTP layers included
@@ -152,7 +153,7 @@ def verify(original: str | Path, compiled: str | Path, data: Sequence[str] | Seq
         with domains_bar({n: w.shape[0] for n, w in windows.items()}, "verify", "win", enabled=progress) as start:
             checks = [_check_source(name, domain_windows, net, reference, adapter, kept, batch_size, start(name))
                       for name, domain_windows in windows.items()]
-    family = get_adapter(read_config(original)).name  # config.json's name: Kimi-K2 is built as DeepSeek-V3
+    family = get_adapter(source_config).name  # config.json's name: Kimi-K2 is built as DeepSeek-V3
     gate_changes = adapter.gate_changes_when_pruned(config)
     notes = []
     if gate_changes:
