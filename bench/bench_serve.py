@@ -56,10 +56,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16, help="generated tokens per request")
     parser.add_argument("--json", type=str, help="write the results here")
     args = parser.parse_args()
-    if args.quick:  # smaller defaults; what the command line gives still counts
-        for name, value in {"tokens": 32, "rounds": 10, "requests": 6, "max_tokens": 4}.items():
-            if getattr(args, name) == parser.get_default(name):
-                setattr(args, name, value)
+    taer_setup.quick_defaults(args, parser, {"tokens": 32, "rounds": 10, "requests": 6, "max_tokens": 4})
 
     s = taer_setup.setup(args)
     from premoe import pagemap

@@ -91,10 +91,7 @@ def main() -> None:
     parser.add_argument("--roc", type=str, help="write the ROC plot (png) here")
     parser.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="leave these slow sections out")
     args = parser.parse_args()
-    if args.quick:  # smaller defaults; what the command line gives still counts
-        for name, value in {"tokens": [8, 16, 32], "windows": 12, "seq_len": 32, "prompt_tokens": 16}.items():
-            if getattr(args, name) == parser.get_default(name):
-                setattr(args, name, value)
+    taer_setup.quick_defaults(args, parser, {"tokens": [8, 16, 32], "windows": 12, "seq_len": 32, "prompt_tokens": 16})
     if args.prompt_tokens not in args.tokens:  # the matcher is chosen at T = --prompt-tokens (a KeyError later)
         parser.error(f"--prompt-tokens {args.prompt_tokens} must be one of --tokens {args.tokens}")
 
