@@ -47,11 +47,13 @@ import mmap
 import os
 import shutil
 import struct
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Collection, Container, NamedTuple, Sequence
+from typing import Callable, Collection, Container, Iterator, NamedTuple, Sequence
 
 from premoe import __version__
 from premoe.checkpoint import DTYPE_BYTES, INDEX, check_layout, encode_header, gc_paused, read_index, shard_files
@@ -79,6 +81,8 @@ _WEIGHT_INDEXES = (INDEX, "pytorch_model.bin.index.json")
 _CHUNK = 64 << 20  # bytes per copy call; also the read buffer where in-kernel copies are unavailable
 _KERNEL_RUN = 64 << 10  # runs this long or longer are copied in the kernel; shorter ones gathered (_copy_runs)
 _IOV_MAX = 1024  # buffers per writev (Linux's IOV_MAX)
+_JOB_BYTES = 32 << 20  # bytes of a shard one copy thread takes at a time
+_MAX_COPY_THREADS = 8  # copy threads at most: more rarely move bytes faster
 
 
 class TensorWrite(NamedTuple):  # a NamedTuple, not a frozen dataclass: one per written tensor (~45k), 5x cheaper
@@ -197,6 +201,7 @@ class WritePlan:
     notes: list[str] = field(default_factory=list)
     card: str = ""  # README.md of the output: a model card of the compiled checkpoint (premoe.modelcard)
     force: bool = False  # --force: replace an existing output (one that appears while writing, too)
+    laid_out: dict[str, ShardLayout] = field(default_factory=dict, repr=False)  # each_layout's, by shard
 
     @functools.cached_property  # asked for by the card, the index, the dry run and the summary
     def bytes_after(self) -> int:
@@ -207,10 +212,18 @@ class WritePlan:
         """The .safetensors files' exact size on disk, headers included: what a ``--budget-gb`` promise measures."""
         return sum(8 + len(layout.header) + layout.data_bytes for layout in self.layouts.values())
 
-    @functools.cached_property
+    @property
     def layouts(self) -> dict[str, ShardLayout]:
         """Every output shard's header and copy runs, computed once for the budget check and the write."""
-        return {shard: _shard_layout(writes, self.shard_metadata[shard]) for shard, writes in self.shards().items()}
+        return dict(self.each_layout())
+
+    def each_layout(self) -> Iterator[tuple[str, ShardLayout]]:
+        """:attr:`layouts` one shard at a time, each computed when first asked for: the writer lays out a shard while
+        its threads copy the ones before."""
+        for shard, writes in self.shards().items():
+            if shard not in self.laid_out:
+                self.laid_out[shard] = _shard_layout(writes, self.shard_metadata[shard])
+            yield shard, self.laid_out[shard]
 
     @property
     def largest_tensor(self) -> int:
@@ -285,7 +298,7 @@ class CompileReport:
 
 def compile_checkpoint(model: str | Path, plan: Plan, out: str | Path, *, force: bool = False, export: str = "auto",
                        mtp: str = "drop", base_model: str | None = None, dry_run: bool = False,
-                       progress: bool = True) -> CompileReport:
+                       progress: bool = True, threads: int | None = None) -> CompileReport:
     """Write ``out``: the checkpoint of ``model`` holding only the experts ``plan`` keeps.
 
     ``export`` matters for plans with different counts per layer (global
@@ -295,15 +308,17 @@ def compile_checkpoint(model: str | Path, plan: Plan, out: str | Path, *, force:
     ``mtp`` says what becomes of multi-token-prediction layers: ``drop``
     (default) or ``prune`` (see the module docstring). ``base_model`` is the
     source's Hub id for the model card's metadata (premoe.modelcard).
+    ``threads`` copy bytes at once (default: the usable cores, at most 8).
 
     >>> print(compile_checkpoint("testbed", Plan.load("python-50.json"), "python-50/").summary())
     wrote python-50: 62.01 MB -> 36.28 MB (58.5%), export uniform, 219 tensors in 0.1 s (480 MB/s)
     """
+    threads = _copy_threads(threads)  # a bad count is refused before any work
     write_plan = plan_writes(model, plan, out, force=force, export=export, mtp=mtp, base_model=base_model)
     if dry_run:
         return CompileReport(write_plan, written=False)
     started = time.time()
-    write_checkpoint(write_plan, progress=progress)
+    write_checkpoint(write_plan, progress=progress, threads=threads)
     return CompileReport(write_plan, written=True, seconds=time.time() - started)
 
 
@@ -585,8 +600,11 @@ def _size(nbytes: int) -> str:
 # --------------------------------------------------------------------------- write
 
 
-def write_checkpoint(plan: WritePlan, progress: bool = True) -> Path:
-    """Carry out a :class:`WritePlan`: shards, other files, index, config.json, then one rename."""
+def write_checkpoint(plan: WritePlan, progress: bool = True, threads: int | None = None) -> Path:
+    """Carry out a :class:`WritePlan`: shards, other files, index, config.json, then one rename.
+
+    ``threads`` copy the shards' bytes at once (default: the usable cores, at most :data:`_MAX_COPY_THREADS`).
+    """
     from premoe.fileio import write_dir
     from premoe.progress import bar
 
@@ -596,8 +614,7 @@ def write_checkpoint(plan: WritePlan, progress: bool = True) -> Path:
 
     def _write_all(tmp: Path) -> None:
         with bar(plan.bytes_after, "compile", "B", enabled=progress, unit_scale=True) as shown:
-            for shard, layout in plan.layouts.items():
-                _write_shard(plan.model_path / shard, plan.data_start[shard], layout, tmp / shard, shown.update)
+            _write_shards(plan, tmp, _copy_threads(threads), shown.update)
         for name in plan.files:
             shutil.copy2(plan.model_path / name, tmp / name)
         (tmp / "README.md").write_text(plan.card)
@@ -607,6 +624,16 @@ def write_checkpoint(plan: WritePlan, progress: bool = True) -> Path:
         _check_written(tmp, plan)  # raising here removes the temp dir: no output that disagrees with its config
 
     return write_dir(plan.out, write, mark=False, force=plan.force)  # config.json's premoe block marks it
+
+
+def _copy_threads(threads: int | None) -> int:
+    if threads is None:
+        from premoe.threads import usable_cpus
+
+        return min(_MAX_COPY_THREADS, usable_cpus())
+    if threads < 1:
+        raise InputError(f"--threads must be at least 1, got {threads}")
+    return threads
 
 
 def check_compiled(path: str | Path) -> None:
@@ -631,9 +658,10 @@ def check_compiled(path: str | Path) -> None:
 def _check_written(path: Path, plan: WritePlan) -> None:
     """:func:`check_compiled` on the checkpoint just written to ``path``, from the headers compile encoded.
 
-    Each shard's entries get read_header's checks against the written file's
-    size (well formed, tiling its data exactly: a short or long copy shows);
-    then the same checks against the written config.json as
+    Each shard's entries got read_header's checks as it was written (well
+    formed, tiling the data section the layout gives: :func:`_write_shards`);
+    here each file's size must be that header and data section (a short or
+    long copy shows); then the same checks against the written config.json as
     :func:`check_compiled`, without reading back and parsing the headers and
     the index just encoded (at DeepSeek-V3's ~90k tensors, most of a
     toy-width compile's time).
@@ -641,7 +669,10 @@ def _check_written(path: Path, plan: WritePlan) -> None:
     shapes: dict[str, list[int]] = {}
     for shard, layout in plan.layouts.items():
         file = path / shard
-        check_layout(file, layout.entries, file.stat().st_size - 8 - len(layout.header))
+        size, expected = file.stat().st_size, 8 + len(layout.header) + layout.data_bytes
+        if size != expected:
+            raise CheckpointError(f"{file} holds {size} bytes where its header and data take {expected}: a copy was "
+                                  "cut short or ran long (was the source shard changed while compiling?)")
         shapes.update({key: entry["shape"] for key, entry in layout.entries.items()})
     _check_against_config(path, shapes, shapes.keys() if plan.indexed else None)
 
@@ -737,51 +768,129 @@ def _shard_layout(writes: list[TensorWrite], metadata: dict) -> ShardLayout:
     return ShardLayout(encode_header(entries, metadata), entries, runs, offset)
 
 
-def _write_shard(source: Path, data_start: int, layout: ShardLayout, dest: Path,
-                 advance: Callable[[int], object]) -> None:
-    """One output shard: its header, then every kept byte range copied from the source shard."""
-    with open(source, "rb") as src, open(dest, "wb") as dst:
-        dst.write(struct.pack("<Q", len(layout.header)) + layout.header)
-        dst.flush()
-        _copy_runs(src.fileno(), dst.fileno(), [(data_start + b, data_start + e) for b, e in layout.runs], source,
-                   advance)
+class _CopyJob(NamedTuple):
+    """A part of one output shard's data section: source byte ranges and where each lands in the output file."""
+
+    source: Path
+    dest: Path
+    runs: list[tuple[int, int, int]]  # (source begin, source end, output offset): absolute file offsets
 
 
-def _copy_runs(src: int, dst: int, runs: list[tuple[int, int]], name: Path, advance: Callable[[int], object]) -> None:
-    """Append the byte ranges ``runs`` of ``src`` to ``dst``, in order, with syscalls that scale with bytes, not runs.
+def _write_shards(plan: WritePlan, tmp: Path, threads: int, advance: Callable[[int], object]) -> None:
+    """Every output shard: its header, then its kept byte ranges, copied by ``threads`` threads at once.
 
-    A run of at least :data:`_KERNEL_RUN` bytes is copied in the kernel
-    (``copy_file_range``, as ``cp`` does). Shorter runs — a toy-width expert,
-    an FP8 block scale, a run cut short by a dropped neighbour — are gathered
-    into one ``writev`` per mapped window of at most :data:`_CHUNK` source
-    bytes and :data:`_IOV_MAX` runs. The DeepSeek-V3 FP8 layout at toy
-    width keeps ~50k runs of ~4 kB (weights and their scales interleave on
-    disk, and the output puts the wider dtype first): one kernel call each
-    took 2-3x as long as copying the same bytes in one call per shard.
+    Each run's place in its output file is known from the layout, so every
+    copy is positional (``copy_file_range`` and ``pwritev`` with both
+    offsets) and a thread may take any part of any shard: 3 shards keep as
+    many threads busy as 163. Threads suffice because the copies are
+    syscalls, which release the GIL; ``cp`` copies with one. A failed or
+    interrupted copy cancels the parts not started and waits for the
+    running ones (each at most :data:`_JOB_BYTES`) before the error goes up.
+    """
+    lock = threading.Lock()
+
+    def counted(n: int) -> None:  # the progress bar is updated from every thread
+        with lock:
+            advance(n)
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="premoe-copy") if threads > 1 else None
+    started = []
+    try:
+        for shard, layout in plan.each_layout():  # laid out while the threads copy the shards before
+            file = tmp / shard
+            check_layout(file, layout.entries, layout.data_bytes)  # the header encoded tiles the data it heads
+            head = struct.pack("<Q", len(layout.header)) + layout.header
+            file.write_bytes(head)
+            data_start = plan.data_start[shard]
+            for job in _copy_jobs(plan.model_path / shard, file,
+                                  [(data_start + b, data_start + e) for b, e in layout.runs], len(head)):
+                if pool is None:
+                    _run_job(job, advance)
+                else:
+                    started.append(pool.submit(_run_job, job, counted))
+        for future in started:
+            future.result()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _copy_jobs(source: Path, dest: Path, runs: list[tuple[int, int]], out: int) -> list[_CopyJob]:
+    """Cut one shard's runs (absolute source ranges, in output order from byte ``out``) into jobs of about
+    :data:`_JOB_BYTES` each, splitting runs longer than that."""
+    jobs: list[_CopyJob] = []
+    current: list[tuple[int, int, int]] = []
+    size = 0
+    for begin, end in runs:
+        while begin < end:
+            piece = min(end, begin + _JOB_BYTES - size)
+            current.append((begin, piece, out))
+            size += piece - begin
+            out += piece - begin
+            begin = piece
+            if size >= _JOB_BYTES:
+                jobs.append(_CopyJob(source, dest, current))
+                current, size = [], 0
+    if current:
+        jobs.append(_CopyJob(source, dest, current))
+    return jobs
+
+
+def _run_job(job: _CopyJob, advance: Callable[[int], object]) -> None:
+    src = os.open(job.source, os.O_RDONLY)
+    try:
+        dst = os.open(job.dest, os.O_WRONLY)
+        try:
+            _copy_runs(src, dst, job.runs, job.source, advance)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
+def _copy_runs(src: int, dst: int, runs: list[tuple[int, int, int]], name: Path,
+               advance: Callable[[int], object]) -> None:
+    """Copy the byte ranges ``runs`` of ``src`` to their offsets in ``dst``, with syscalls that scale with bytes,
+    not runs.
+
+    ``runs`` are (source begin, source end, output offset), each starting in
+    the output where the one before ends. A run of at least
+    :data:`_KERNEL_RUN` bytes is copied in the kernel (``copy_file_range``,
+    as ``cp`` does). Shorter runs — a toy-width expert, an FP8 block scale, a
+    run cut short by a dropped neighbour — are gathered into one ``pwritev``
+    per mapped window of at most :data:`_CHUNK` source bytes and
+    :data:`_IOV_MAX` runs. The DeepSeek-V3 FP8 layout at toy width keeps ~50k
+    runs of ~4 kB (weights and their scales interleave on disk, and the
+    output puts the wider dtype first): one kernel call each took 2-3x as
+    long as copying the same bytes in one call per shard.
     """
     size = os.fstat(src).st_size
-    pending: list[tuple[int, int]] = []  # short runs waiting for one writev
-    low = high = 0  # the source window they span
-    for begin, end in runs:
+    pending: list[tuple[int, int]] = []  # short runs waiting for one pwritev
+    low = high = at = 0  # the source window they span; where the first lands
+    for begin, end, out in runs:
         if end > size:
             raise CheckpointError(f"{name} ends at byte {size}, before byte {end} of a kept tensor; the shard is "
                                   "truncated")
         if end - begin >= _KERNEL_RUN:
-            _gather(src, dst, pending, low, high, advance)
+            _gather(src, dst, pending, low, high, at, advance)
             pending = []
-            _copy_range(src, dst, begin, end - begin, name, advance)
+            _copy_range(src, dst, begin, end - begin, out, name, advance)
             continue
         if pending and (len(pending) == _IOV_MAX or max(high, end) - min(low, begin) > _CHUNK):
-            _gather(src, dst, pending, low, high, advance)
+            _gather(src, dst, pending, low, high, at, advance)
             pending = []
-        low, high = (min(low, begin), max(high, end)) if pending else (begin, end)
+        if pending:
+            low, high = min(low, begin), max(high, end)
+        else:
+            low, high, at = begin, end, out
         pending.append((begin, end))
-    _gather(src, dst, pending, low, high, advance)
+    _gather(src, dst, pending, low, high, at, advance)
 
 
-def _gather(src: int, dst: int, runs: list[tuple[int, int]], low: int, high: int,
+def _gather(src: int, dst: int, runs: list[tuple[int, int]], low: int, high: int, out: int,
             advance: Callable[[int], object]) -> None:
-    """Append ``runs`` (all inside source bytes [low, high)) to ``dst`` from one read-only map of that window."""
+    """Write ``runs`` (all inside source bytes [low, high)) one after another to ``dst`` from byte ``out``, from one
+    read-only map of that window."""
     if not runs:
         return
     start = low - low % mmap.ALLOCATIONGRANULARITY  # a map must start on the granularity
@@ -790,7 +899,7 @@ def _gather(src: int, dst: int, runs: list[tuple[int, int]], low: int, high: int
         with memoryview(window) as view:
             parts = [view[begin - start : end - start] for begin, end in runs]
             try:
-                _writev_all(dst, parts)
+                _pwritev_all(dst, parts, out)
             finally:
                 for part in parts:  # the map cannot close while a slice of it is alive
                     part.release()
@@ -799,39 +908,45 @@ def _gather(src: int, dst: int, runs: list[tuple[int, int]], low: int, high: int
     advance(sum(end - begin for begin, end in runs))
 
 
-def _writev_all(fd: int, parts: list[memoryview]) -> None:
-    """Write ``parts`` in order with one ``writev``, finishing a short write (or no writev) with plain writes."""
-    done = os.writev(fd, parts) if hasattr(os, "writev") else 0
+def _pwritev_all(fd: int, parts: list[memoryview], offset: int) -> None:
+    """Write ``parts`` in order from ``offset`` with one ``pwritev``, finishing a short write (or no pwritev) with
+    plain ones."""
+    done = os.pwritev(fd, parts, offset) if hasattr(os, "pwritev") else 0
+    offset += done
     for part in parts:
         if done >= len(part):
             done -= len(part)
             continue
         rest, done = part[done:], 0
         while rest:
-            rest = rest[os.write(fd, rest):]
+            n = os.pwrite(fd, rest, offset)
+            rest, offset = rest[n:], offset + n
 
 
-def _copy_range(src: int, dst: int, offset: int, count: int, name: Path, advance: Callable[[int], object]) -> None:
-    """Append ``count`` bytes at ``offset`` of ``src`` to ``dst``: in the kernel where it can, else via a buffer."""
+def _copy_range(src: int, dst: int, offset: int, count: int, out: int, name: Path,
+                advance: Callable[[int], object]) -> None:
+    """Copy ``count`` bytes at ``offset`` of ``src`` to byte ``out`` of ``dst``: in the kernel where it can, else via
+    a buffer."""
     while count:
         try:
-            n = os.copy_file_range(src, dst, min(count, _CHUNK), offset)
+            n = os.copy_file_range(src, dst, min(count, _CHUNK), offset, out)
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
                 raise
-            n = _buffered_copy(src, dst, offset, min(count, _CHUNK))
+            n = _buffered_copy(src, dst, offset, min(count, _CHUNK), out)
         if n == 0:
             raise CheckpointError(f"{name} ended at byte {offset} while copying; the shard is truncated")
         offset += n
+        out += n
         count -= n
         advance(n)
 
 
-def _buffered_copy(src: int, dst: int, offset: int, count: int) -> int:
+def _buffered_copy(src: int, dst: int, offset: int, count: int, out: int) -> int:
     data = memoryview(os.pread(src, count, offset))
     written = 0
     while written < len(data):
-        written += os.write(dst, data[written:])
+        written += os.pwrite(dst, data[written:], out + written)
     return written
 
 

@@ -426,23 +426,28 @@ def _dsv3_fp8(tmp_path):
 
 
 def test_every_copy_path_writes_the_same_bytes_and_each_tensor_is_its_source(tmp_path, monkeypatch):
-    """Kernel copies, gathered writev batches (one run per window, several windows) and the default mix write
-    byte-identical checkpoints, whose every tensor is its source tensor (rows sliced) and whose shards keep their
+    """Kernel copies, gathered writev batches (one run per window, several windows), the default mix, and threads
+    copying parts of shards cut mid-run write byte-identical checkpoints, whose every tensor is its source tensor (rows sliced) and whose shards keep their
     source's metadata."""
     import premoe.compile as compile_module
 
     path, plan = _dsv3_fp8(tmp_path)
     outs = {}
-    for name, kernel_run, iov_max, chunk in [("default", compile_module._KERNEL_RUN, 1024, 64 << 20),
-                                              ("kernel", 0, 1024, 64 << 20), ("gathered", 1 << 40, 3, 20_000)]:
+    variants = [("default", compile_module._KERNEL_RUN, 1024, 64 << 20, 1, 32 << 20),
+                ("kernel", 0, 1024, 64 << 20, 1, 32 << 20), ("gathered", 1 << 40, 3, 20_000, 1, 32 << 20),
+                # threads taking parts of shards cut mid-run (kernel copies and gathered runs), in any order
+                ("threads", 3000, 5, 20_000, 3, 7001), ("threads-kernel", 0, 1024, 64 << 20, 4, 4099)]
+    for name, kernel_run, iov_max, chunk, threads, job_bytes in variants:
         monkeypatch.setattr(compile_module, "_KERNEL_RUN", kernel_run)
         monkeypatch.setattr(compile_module, "_IOV_MAX", iov_max)
         monkeypatch.setattr(compile_module, "_CHUNK", chunk)
-        report = compile_checkpoint(path, plan, tmp_path / name / "out", mtp="prune", progress=False)
+        monkeypatch.setattr(compile_module, "_JOB_BYTES", job_bytes)
+        report = compile_checkpoint(path, plan, tmp_path / name / "out", mtp="prune", progress=False,
+                                    threads=threads)
         outs[name] = report.plan.out
     files = sorted(p.name for p in outs["default"].iterdir())
     assert len([f for f in files if f.endswith(".safetensors")]) == 11
-    for name in ("kernel", "gathered"):
+    for name in ("kernel", "gathered", "threads", "threads-kernel"):
         assert sorted(p.name for p in outs[name].iterdir()) == files
         for file in files:
             assert (outs[name] / file).read_bytes() == (outs["default"] / file).read_bytes(), (name, file)
@@ -475,14 +480,17 @@ def test_a_short_writev_is_finished_and_a_shard_cut_after_planning_is_refused(tm
 
     path, plan = _dsv3_fp8(tmp_path)
     reference = compile_checkpoint(path, plan, tmp_path / "ref", progress=False).plan.out
-    real = compile_module.os.writev
+    real = compile_module.os.pwritev
     monkeypatch.setattr(compile_module, "_KERNEL_RUN", 1 << 40)  # every run gathered
-    for name, fake in [("half", lambda fd, parts: real(fd, [parts[0][: len(parts[0]) // 2]])),  # a short writev
-                       ("none", lambda fd, parts: 0)]:  # and one that writes nothing
-        monkeypatch.setattr(compile_module.os, "writev", fake)
+    calls = []
+    half = lambda fd, parts, at: calls.append(at) or real(fd, [parts[0][: len(parts[0]) // 2]], at)  # noqa: E731
+    for name, fake in [("half", half),  # a short pwritev
+                       ("none", lambda fd, parts, at: calls.append(at) or 0)]:  # and one that writes nothing
+        monkeypatch.setattr(compile_module.os, "pwritev", fake)
         out = compile_checkpoint(path, plan, tmp_path / name, progress=False).plan.out
         for file in reference.glob("*.safetensors"):
             assert (out / file.name).read_bytes() == file.read_bytes()  # finished by plain writes
+    assert calls  # the fakes were used
     monkeypatch.undo()
     written = plan_writes(path, plan, tmp_path / "cut")
     shard, writes = next(iter(written.shards().items()))
@@ -501,3 +509,26 @@ def test_the_index_is_written_as_json_indents_it():
                                  ({"total_size": 1}, {"k": "v"})]:
         assert _dumps_index(metadata, weight_map) == json.dumps({"metadata": metadata, "weight_map": weight_map},
                                                                 indent=2)
+
+
+def test_a_shard_written_short_is_caught_before_the_rename(tmp_path, monkeypatch):
+    """The written files are checked against their headers' sizes: a copy that stopped early (here the last run of
+    one shard left out) fails the compile and leaves no output."""
+    import premoe.compile as compile_module
+
+    path, plan = _dsv3_fp8(tmp_path)
+    real = compile_module._copy_jobs
+    cut = []
+
+    def short(source, dest, runs, out):
+        jobs = real(source, dest, runs, out)
+        if not cut and jobs and len(jobs[-1].runs) > 1:
+            cut.append(dest.name)
+            jobs[-1] = jobs[-1]._replace(runs=jobs[-1].runs[:-1])
+        return jobs
+
+    monkeypatch.setattr(compile_module, "_copy_jobs", short)
+    with pytest.raises(CheckpointError, match="a copy was cut short or ran long"):
+        compile_checkpoint(path, plan, tmp_path / "out", progress=False, threads=2)
+    assert cut
+    assert_nothing_written(tmp_path / "out")

@@ -23,8 +23,10 @@ from premoe.cli.options import json_option, model_input
 @click.option("--dry-run", "--explain", "dry_run", is_flag=True,
               help="Print what would be written (kept experts, MTP choice, sizes, disk needed); write nothing.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and premoe wrote it.")
+@click.option("--threads", type=click.IntRange(min=1), metavar="N",
+              help="Threads copying bytes at once (default: the usable cores, at most 8).")
 @json_option("Write the report as JSON to FILE ('-' or a bare --json: stdout instead of the summary).")
-def command(model, plan, out, export, mtp, base_model, dry_run, force, json_out) -> None:
+def command(model, plan, out, export, mtp, base_model, dry_run, force, threads, json_out) -> None:
     """Compile MODEL down to the experts PLAN keeps.
 
     \b
@@ -41,7 +43,8 @@ def command(model, plan, out, export, mtp, base_model, dry_run, force, json_out)
     if json_out not in (None, "-"):  # before the checkpoint is written, not after
         check_output(json_out, inputs=[model_input(model), plan, out], force=force, kind="file")
     report = compile_checkpoint(model, Plan.load(plan), out, force=force, export=export, mtp=mtp,
-                                base_model=base_model, dry_run=dry_run, progress=json_out != "-")
+                                base_model=base_model, dry_run=dry_run, progress=json_out != "-",
+                                threads=threads)
     emit_json(json_out, report.to_json(), kind="compile-report", force=force, inputs=[model_input(model), plan, out])
     if json_out != "-":
         click.echo(report.summary())
