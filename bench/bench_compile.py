@@ -54,15 +54,16 @@ SHARD_BYTES = 400_000_000  # target shard size
 # process would report the parent's high-water mark.
 COMPILE_CHILD = r"""
 import json, sys, time
-from premoe.compile import compile_checkpoint
+from premoe.compile import compile_checkpoint, copy_threads
 from premoe.plan import Plan
 def status(field):
     return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
 rss_after_imports = status("VmRSS:")
 start, cpu_start = time.perf_counter(), time.process_time()
-report = compile_checkpoint(sys.argv[1], Plan.load(sys.argv[2]), sys.argv[3], force=True, progress=False)
+threads = int(sys.argv[4]) if len(sys.argv) > 4 else None
+report = compile_checkpoint(sys.argv[1], Plan.load(sys.argv[2]), sys.argv[3], force=True, progress=False, threads=threads)
 seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "bytes": report.plan.bytes_after, "largest_tensor": report.plan.largest_tensor,
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "threads": copy_threads(threads), "bytes": report.plan.bytes_after, "largest_tensor": report.plan.largest_tensor,
                   "peak_rss": status("VmHWM:"),
                   "rss_after_imports": rss_after_imports,
                   "kept_per_shard": {s: sum(w.nbytes for w in ws) for s, ws in report.plan.shards().items()}}))
@@ -133,9 +134,11 @@ def make_plan(model: Path, layers: int, out: Path) -> None:
          {}).save(out, force=True)
 
 
-def run_compile(model: Path, plan: Path, out: Path) -> dict:
+def run_compile(model: Path, plan: Path, out: Path, threads: int | None = None) -> dict:
+    """premoe's compile in a fresh process; ``threads`` copying (None: compile's default)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_CHILD, str(model), str(plan), str(out)], env=env,
+    extra = [] if threads is None else [str(threads)]
+    done = subprocess.run([sys.executable, "-c", COMPILE_CHILD, str(model), str(plan), str(out), *extra], env=env,
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 

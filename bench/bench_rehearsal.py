@@ -178,14 +178,17 @@ def profile_memory(models: dict[int, Path], work: Path, tokens: int, rounds: int
 def compile_throughput(model: Path, plan: Path, work: Path, rounds: int, settle: float) -> dict:
     """Compile (fresh process) vs copy_file_range of the same kept bytes per shard: median copy/compile time.
 
-    A third contender, ``writer``, is compile's own byte writer alone on the
-    already-made plan (every output shard's header and kept byte ranges, no
-    parsing, planning or checks): compile − writer is the fixed per-tensor
-    cost, writer / copy what copying the kept tensors where they lie costs
-    beyond one copy from each shard's start.
+    Compile copies with its default thread count (``threads`` in the
+    result); ``compile_serial`` is the same compile with one copy thread, as
+    ``cp`` copies. A further contender, ``writer``, is compile's own byte
+    writer alone on the already-made plan (every output shard's header and
+    kept byte ranges, default threads, no parsing, planning or checks):
+    compile − writer is the fixed per-tensor cost, writer / copy what copying
+    the kept tensors where they lie costs beyond one copy from each shard's
+    start.
     """
     from premoe.checkpoint import gc_paused
-    from premoe.compile import _write_shard, plan_writes
+    from premoe.compile import _write_shards, copy_threads, plan_writes
     from premoe.plan import Plan
 
     out = work / "compiled"
@@ -198,8 +201,7 @@ def compile_throughput(model: Path, plan: Path, work: Path, rounds: int, settle:
     def writer_run():
         out.mkdir()
         started = time.perf_counter()
-        for shard, layout in layouts.items():
-            _write_shard(model / shard, made.data_start[shard], layout, out / shard, lambda n: None)
+        _write_shards(made, out, copy_threads(), lambda n: None)
         return time.perf_counter() - started
 
     def floor_run():  # the least Python any compile does: parse every input header, encode every output one
@@ -228,7 +230,11 @@ def compile_throughput(model: Path, plan: Path, work: Path, rounds: int, settle:
         cpu["copy"].append(time.process_time() - started)
         return seconds
 
-    runs = {"compile": compile_run, "copy": copy_run, "writer": writer_run, "floor": floor_run}
+    def serial_run():
+        return bench_compile.run_compile(model, plan, out, threads=1)["seconds"]
+
+    runs = {"compile": compile_run, "copy": copy_run, "writer": writer_run, "floor": floor_run,
+            "compile_serial": serial_run}
 
     def fresh(fn):
         def run():
@@ -250,7 +256,10 @@ def compile_throughput(model: Path, plan: Path, work: Path, rounds: int, settle:
             "writer_over_copy_median": statistics.median(w / c for w, c in zip(results["writer"], results["copy"])),
             "floor_s": results["floor"],
             "floor_over_copy_median": statistics.median(f / c for f, c in zip(results["floor"], results["copy"])),
-            "ratio_median": statistics.median(ratios), "compile_cpu_s": cpu["compile"], "copy_cpu_s": cpu["copy"],
+            "ratio_median": statistics.median(ratios), "threads": first["threads"],
+            "compile_serial_s": results["compile_serial"],
+            "serial_ratio_median": statistics.median(c / m for c, m in zip(results["copy"], results["compile_serial"])),
+            "compile_cpu_s": cpu["compile"], "copy_cpu_s": cpu["copy"],
             "cpu_ratio_median": statistics.median(c / m for c, m in zip(cpu["copy"], cpu["compile"])),
             "compile_MBps_median": first["bytes"] / statistics.median(results["compile"]) / 1e6,
             "peak_rss": first["peak_rss"], "rss_after_imports": first["rss_after_imports"]}
@@ -454,6 +463,10 @@ def markdown(result: dict) -> str:
          f"{c[f'bf16_{b}']['ratio_median']:.2f}x", "≥ 0.8x", ""),
         ("compile throughput / copy_file_range of kept bytes (FP8)", "—", f"{c['fp8']['ratio_median']:.2f}x",
          "≥ 0.8x", ""),
+        *([(f"… the same compile copying with one thread, as cp does (bf16; the rows above: {c['fp8']['threads']})",
+            f"{c[f'bf16_{a}']['serial_ratio_median']:.2f}x", f"{c[f'bf16_{b}']['serial_ratio_median']:.2f}x", "", ""),
+           ("… the same compile copying with one thread, as cp does (FP8)", "—",
+            f"{c['fp8']['serial_ratio_median']:.2f}x", "", "")] if "serial_ratio_median" in c["fp8"] else []),
         ("swap time / pread of the same bytes (recycled, cache-hot buffer)", f"{s[str(a)]['ratio_median']:.2f}x",
          f"{s[str(b)]['ratio_median']:.2f}x", "≤ 1.5x", ""),
         ("swap time / pread of the same bytes into buffers that keep them", f"{s[str(a)]['ratio_kept_median']:.2f}x",
@@ -513,21 +526,22 @@ def _sweep_lines(sweep: dict | None) -> list[str]:
     lines = ["", f"Compile vs copy as the tensors widen ({sweep['command']}, {sweep['date']}; same {sweep.get('layers', 61)} layers, "
              "256 experts and 163 shards; 50% of experts kept, local ranking; medians of alternating rounds):", "",
              "| hidden x expert width | dtype | tensors | kept bytes | compile s | copy s | copy rate | "
-             "throughput / copy | CPU-time ratio | writer alone / copy | fixed cost µs/tensor |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "throughput / copy | one copy thread: throughput / copy | CPU-time ratio | writer alone / copy | "
+             "fixed cost µs/tensor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     measured = {name: row for name, row in sweep["rows"].items() if "skipped" not in row}
     rate = {name: row["kept_bytes"] / statistics.median(row["copy_s"]) for name, row in measured.items()}
     cached = {name for name in measured if rate[name] >= max(rate.values()) / 2}
     for name, row in sweep["rows"].items():
         if name not in measured:
-            lines.append(f"| {name} | | | skipped: {row['skipped']} | | | | | | | |")
+            lines.append(f"| {name} | | | skipped: {row['skipped']} | | | | | | | | |")
             continue
         lines.append(f"| {row['hidden']} x {row['moe_intermediate']} | {'FP8' if row['fp8'] else 'bf16'} | "
                      f"{row['tensors']} | {row['kept_bytes'] / 1e9:.2f} GB | "
                      f"{statistics.median(row['compile_s']):.2f} | "
                      f"{statistics.median(row['copy_s']):.2f} | {rate[name] / 1e6:.0f} MB/s"
                      f"{'' if name in cached else ' (disk)'} | {row['ratio_median']:.2f}x | "
-                     f"{row['cpu_ratio_median']:.2f}x | {_writer(row, 'writer_over_copy_median', '{:.2f}x')} | "
+                     f"{_writer(row, 'serial_ratio_median', '{:.2f}x')} | {row['cpu_ratio_median']:.2f}x | {_writer(row, 'writer_over_copy_median', '{:.2f}x')} | "
                      f"{_writer(row, 'fixed_us_per_tensor', '{:.1f}')} |")
     reached = [name for name in sorted(cached, key=list(measured).index) if measured[name]["ratio_median"] >= 0.8]
     best = max(cached, key=lambda name: measured[name]["ratio_median"])

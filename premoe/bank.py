@@ -210,12 +210,17 @@ class ExpertBank:
         return sum(s.expert_bytes() for s in [*self._experts[layer].get(expert, []), *self._rows[layer]])
 
     def byte_ranges(self, kept: Mapping[int, Sequence[int]]) -> list[tuple[Path, int, int]]:
-        """(file, offset, length) of every range a swap to ``kept`` reads: to compare with plain reads."""
+        """(file, offset, length) of every range a swap to ``kept`` reads: to compare with plain reads.
+
+        The file of a temporary slot cache has no name on disk: its ranges name ``/proc/self/fd/N``, which this
+        process (only) can open.
+        """
         ranges = []
         for layer, experts in kept.items():
             for expert in sorted(set(experts) - set(self.slots[layer])):
                 if self.cache is not None:
-                    ranges.append((self.cache.path, self.cache.offset(layer, expert), self.cache.record_bytes[layer]))
+                    ranges.append((self.cache.openable, self.cache.offset(layer, expert),
+                                   self.cache.record_bytes[layer]))
                     continue
                 for source in [*self._experts[layer].get(expert, []), *self._rows[layer]]:
                     info, length = source.info, source.expert_bytes()
@@ -369,6 +374,7 @@ class _SlotCache:
         self._mapped = {l: [size for size, mapped in parts if mapped] for l, parts in layout.items()}
         self._read = {l: sum(size for size, mapped in parts if not mapped) for l, parts in layout.items()}
         self.fd = os.open(path, os.O_RDONLY) if fd is None else fd
+        self.openable = Path(f"/proc/self/fd/{self.fd}") if temporary else path  # a temporary one has no name
 
     @classmethod
     @torch.no_grad()

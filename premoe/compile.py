@@ -313,7 +313,7 @@ def compile_checkpoint(model: str | Path, plan: Plan, out: str | Path, *, force:
     >>> print(compile_checkpoint("testbed", Plan.load("python-50.json"), "python-50/").summary())
     wrote python-50: 62.01 MB -> 36.28 MB (58.5%), export uniform, 219 tensors in 0.1 s (480 MB/s)
     """
-    threads = _copy_threads(threads)  # a bad count is refused before any work
+    threads = copy_threads(threads)  # a bad count is refused before any work
     write_plan = plan_writes(model, plan, out, force=force, export=export, mtp=mtp, base_model=base_model)
     if dry_run:
         return CompileReport(write_plan, written=False)
@@ -614,7 +614,7 @@ def write_checkpoint(plan: WritePlan, progress: bool = True, threads: int | None
 
     def _write_all(tmp: Path) -> None:
         with bar(plan.bytes_after, "compile", "B", enabled=progress, unit_scale=True) as shown:
-            _write_shards(plan, tmp, _copy_threads(threads), shown.update)
+            _write_shards(plan, tmp, copy_threads(threads), shown.update)
         for name in plan.files:
             shutil.copy2(plan.model_path / name, tmp / name)
         (tmp / "README.md").write_text(plan.card)
@@ -626,7 +626,8 @@ def write_checkpoint(plan: WritePlan, progress: bool = True, threads: int | None
     return write_dir(plan.out, write, mark=False, force=plan.force)  # config.json's premoe block marks it
 
 
-def _copy_threads(threads: int | None) -> int:
+def copy_threads(threads: int | None = None) -> int:
+    """How many threads a compile copies with: ``threads``, or by default the usable cores, at most 8."""
     if threads is None:
         from premoe.threads import usable_cpus
 

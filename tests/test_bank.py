@@ -146,6 +146,9 @@ def test_slot_cache_is_removed_with_the_bank(tiny_qwen3):
     model = load_model(bf16).float()  # resident fp32, checkpoint bf16: "auto" writes a cache
     bank = ExpertBank(bf16, {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}, loaded=model)
     assert bank.cache is not None and not bank.cache.path.exists()  # unlinked at once: read through its fd
+    ranges = bank.byte_ranges({0: [4, 5, 6, 7], 1: [0, 1, 2, 7]})  # what bench/plain_reads.py opens and reads
+    with open(ranges[0][0], "rb") as f:  # /proc/self/fd/N: the nameless file, opened again by this process
+        assert len(os.pread(f.fileno(), ranges[0][2], ranges[0][1])) == ranges[0][2]
     bank.swap({0: [4, 5, 6, 7], 1: [0, 1, 2, 7]})
     slot = bank.slots[1].index(7)
     got = bank.layers[1].experts.gate_up_proj[slot].chunk(2, dim=0)[0]  # (I, H) gate rows of expert 7
