@@ -463,7 +463,8 @@ def markdown(result: dict) -> str:
          f"{c[f'bf16_{b}']['ratio_median']:.2f}x", "≥ 0.8x", ""),
         ("compile throughput / copy_file_range of kept bytes (FP8)", "—", f"{c['fp8']['ratio_median']:.2f}x",
          "≥ 0.8x", ""),
-        *([(f"… the same compile copying with one thread, as cp does (bf16; the rows above: {c['fp8']['threads']})",
+        *([(f"… the same compile copying with one thread, as cp does (bf16; the rows above copy with "
+           f"{c['fp8']['threads']})",
             f"{c[f'bf16_{a}']['serial_ratio_median']:.2f}x", f"{c[f'bf16_{b}']['serial_ratio_median']:.2f}x", "", ""),
            ("… the same compile copying with one thread, as cp does (FP8)", "—",
             f"{c['fp8']['serial_ratio_median']:.2f}x", "", "")] if "serial_ratio_median" in c["fp8"] else []),

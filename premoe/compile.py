@@ -462,7 +462,7 @@ def _tensor_writes(headers: dict[str, tuple[dict, int]], left_out: Container[str
             if what == "expert":
                 seen_experts[layer].add(expert)
                 template = adapter.rename_expert_key(key, expert, -1)  # the same name for every expert
-                layouts.setdefault(layer, {}).setdefault(expert, {})[template] = (info["dtype"], list(info["shape"]))
+                layouts.setdefault(layer, {}).setdefault(expert, {})[template] = (info["dtype"], tuple(info["shape"]))
                 if expert not in renumber[layer]:
                     dropped.append(key)
                     continue
@@ -497,14 +497,18 @@ def _check_same_layout(layer: int, experts: dict[int, dict[str, tuple]]) -> None
             key = name.replace(".-1.", f".{absent[0]}.", 1)
             raise CheckpointError(f"layer {layer}: tensor {key} is missing from the shards though the other "
                                   "experts have it; the checkpoint is incomplete (re-download it)")
-        described = {e: f"{tensors[name][0]} {tensors[name][1]}" for e, tensors in experts.items()}
-        counts = Counter(described.values())
+        counts = Counter(tensors[name] for tensors in experts.values())  # (dtype, shape) of each expert's
         if len(counts) > 1:
             usual = counts.most_common(1)[0][0]
-            odd = next(e for e, d in sorted(described.items()) if d != usual)
+            odd = next(e for e, tensors in sorted(experts.items()) if tensors[name] != usual)
             key = name.replace(".-1.", f".{odd}.", 1)
-            raise CheckpointError(f"layer {layer}: tensor {key} is {described[odd]} but the other experts' are "
-                                  f"{usual}; the checkpoint is corrupt (re-download it)")
+            raise CheckpointError(f"layer {layer}: tensor {key} is {_described(experts[odd][name])} but the other "
+                                  f"experts' are {_described(usual)}; the checkpoint is corrupt (re-download it)")
+
+
+def _described(entry: tuple[str, tuple[int, ...]]) -> str:
+    dtype, shape = entry
+    return f"{dtype} {list(shape)}"
 
 
 def _rows_write(key: str, shard: str, info: dict, rows: list[int], axis: int, num_experts: int) -> TensorWrite:

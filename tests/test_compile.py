@@ -532,3 +532,32 @@ def test_a_shard_written_short_is_caught_before_the_rename(tmp_path, monkeypatch
         compile_checkpoint(path, plan, tmp_path / "out", progress=False, threads=2)
     assert cut
     assert_nothing_written(tmp_path / "out")
+
+
+def test_an_expert_tensor_missing_or_of_another_shape_is_named_before_anything_is_written(qwen3, tmp_path):
+    """Every expert of a per-expert layer must hold the same tensors, dtypes and shapes (_check_same_layout): the
+    message names the odd expert's key, what it is and what the others are."""
+    import re
+
+    path, model, adapter = qwen3
+    plan = spread_plan(path, model, adapter)
+    original = load_file(str(path / "model.safetensors"))
+    key = "model.layers.1.mlp.experts.5.up_proj.weight"
+    rows, cols = original[key].shape
+    for name, change, message in [
+        ("odd", lambda t: t.__setitem__(key, t[key][:-1].clone()),
+         f"layer 1: tensor {key} is F32 [{rows - 1}, {cols}] but the other experts' are F32 [{rows}, {cols}]; "
+         "the checkpoint is corrupt (re-download it)"),
+        ("bf16", lambda t: t.__setitem__(key, t[key].to(torch.bfloat16)),
+         f"layer 1: tensor {key} is BF16 [{rows}, {cols}] but the other experts' are F32 [{rows}, {cols}]"),
+        ("missing", lambda t: t.pop(key),
+         f"layer 1: tensor {key} is missing from the shards though the other experts have it"),
+    ]:
+        src = tmp_path / name
+        shutil.copytree(path, src)
+        tensors = dict(original)
+        change(tensors)
+        save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            compile_checkpoint(src, plan, tmp_path / f"out-{name}", progress=False)
+        assert_nothing_written(tmp_path / f"out-{name}")
