@@ -57,6 +57,7 @@ _CHUNK = 1 << 30  # bytes per pwrite call (Linux moves at most ~2 GiB per call)
 _ELSEWHERE = "point --workdir at another directory"  # the fix when the scratch file of hidden states has no room
 _SYNC_LOAD = "HF_DEACTIVATE_ASYNC_LOAD"  # read by transformers' convert_and_load_state_dict_in_model
 _SCALE_SUFFIX = "_scale_inv"  # FP8 checkpoints (DeepSeek-V3/R1, Kimi-K2, GLM-4.5-FP8): "<name>.weight_scale_inv"
+_FORWARD_SHARE = 0.5  # a forward's own memory may take at most this share of the largest layer's (forward_batch)
 
 
 @dataclass
@@ -146,8 +147,12 @@ class LayerRunner:
         self.device = device
         self.path, self.config, self.net, self.adapter, self.moe, self.layers, self.loader = _open(model, device)
         rows = sum(w.numel() for w in windows.values())
-        budget = (max(map(self.loader.layer_bytes, range(len(self.layers)))) if memory_budget is None
-                  else memory_budget)
+        largest = max(map(self.loader.layer_bytes, range(len(self.layers))))
+        budget = largest if memory_budget is None else memory_budget
+        seq_len = max((w.shape[-1] for w in windows.values()), default=1)
+        self.batch_size = forward_batch(batch_size, seq_len, forward_bytes_per_token(self.config, self.adapter),
+                                        largest)
+        batch_size = self.batch_size
         self._files = contextlib.ExitStack()
         try:  # __exit__ never runs for a constructor that raises: close the scratch files here
             self.stores = [self._files.enter_context(_HiddenStore(rows, self.config.hidden_size, budget, workdir))
@@ -532,6 +537,36 @@ class _Recorder(nn.Module):
         if self.last:
             raise _InputsRecorded
         return hidden_states
+
+
+def forward_bytes_per_token(config, adapter) -> int:
+    """What one token costs while a decoder layer runs, beyond the layer's weights: an estimate from the config.
+
+    transformers' MoE blocks build a one-hot expert mask of every token's
+    top-k choices as int64 ((tokens, top_k, experts) and its permuted copy,
+    8 bytes each) and the usual per-token activations (a few dozen fp32
+    vectors of the hidden size). Measured on the DeepSeek-V3 layout at toy
+    width (hidden 128, 256 experts, top-8; bench/bench_rehearsal.py profile
+    rows): peak above the layer grew by ~34 kB per token of a forward; this
+    gives 16 * 8 * 256 + 64 * 128 = 40 kB.
+    """
+    return 16 * adapter.num_experts(config) * adapter.top_k(config) + 64 * config.hidden_size
+
+
+def forward_batch(batch_size: int, seq_len: int, token_bytes: int, layer_bytes: int) -> int:
+    """Windows per forward: ``batch_size``, fewer where a forward's own memory would pass :data:`_FORWARD_SHARE`
+    of the largest layer's weights (at least one window).
+
+    Streaming holds one layer at a time; what the forward allocates for its
+    tokens comes on top. On DeepSeek-V3 with 512-token windows that is 2 GB
+    beside an 11 GB layer and the cap does not bind (4096-token windows: 2 a
+    forward, not 16 GB for 8); on a narrow model with many experts 8 windows
+    a forward took the peak to 2.7x the layer, one window to 1.5x
+    (bench/results/rehearsal.md). The profile does not depend on how windows
+    are batched.
+    """
+    fits = int(_FORWARD_SHARE * layer_bytes) // max(1, token_bytes * seq_len)
+    return max(1, min(batch_size, fits))
 
 
 def _embed(net: nn.Module, layers: nn.ModuleList, windows: dict[str, torch.Tensor], batch_size: int, device: str,
