@@ -6,6 +6,7 @@ CheckpointError naming the shard; never another exception.
 """
 import functools
 import json
+import math
 import struct
 import tempfile
 from pathlib import Path
@@ -695,3 +696,157 @@ def test_check_layout_turns_entries_given_as_pairs_into_dicts():
     with pytest.raises(CheckpointError) as caught:
         check_layout(SHARD, twice, 2)
     assert str(caught.value) == "s.safetensors has a corrupt safetensors header (duplicate key 'shape')"
+
+
+def two_shards(path: Path, index: bool = True) -> dict:
+    """s1 holds x (2 bytes) and y (3), s2 holds z (4); both carry metadata. The index, written when ``index``."""
+    write_shard(path / "s1.safetensors", {"__metadata__": {"format": "pt"}, "x": u8(0, 2), "y": u8(2, 5)}, b"\0" * 5)
+    write_shard(path / "s2.safetensors", {"__metadata__": {"format": "pt"}, "z": u8(0, 4)}, b"\0" * 4)
+    weight_map = {"x": "s1.safetensors", "y": "s1.safetensors", "z": "s2.safetensors"}
+    if index:
+        (path / INDEX).write_text(json.dumps({"weight_map": weight_map}))
+    return {"weight_map": weight_map}
+
+
+def test_headers_reads_the_shards_the_index_it_is_given_names(tmp_path):
+    from premoe.checkpoint import headers
+
+    index = two_shards(tmp_path, index=False)  # no index on disk: only the one given
+    read = headers(tmp_path, index)
+    assert {shard: start for shard, (_, start) in read.items()} == {
+        "s1.safetensors": 8 + len(json.dumps({"__metadata__": {"format": "pt"}, "x": u8(0, 2), "y": u8(2, 5)})),
+        "s2.safetensors": 8 + len(json.dumps({"__metadata__": {"format": "pt"}, "z": u8(0, 4)}))}
+    assert read["s2.safetensors"][0] == {"__metadata__": {"format": "pt"}, "z": u8(0, 4)}
+    assert list(headers(tmp_path, {"weight_map": {"z": "s2.safetensors"}})) == ["s2.safetensors"]
+    write_shard(tmp_path / "model.safetensors", {"w": u8(0, 1)}, b"\0")  # single file, no index
+    assert headers(tmp_path) == {"model.safetensors": ({"w": u8(0, 1)}, 8 + len(json.dumps({"w": u8(0, 1)})))}
+    index["weight_map"]["x"] = "s3.safetensors"
+    with pytest.raises(MissingFileError, match="shard .*s3.safetensors is missing"):
+        headers(tmp_path, index)
+
+
+def test_tensors_uses_the_headers_and_index_it_is_given(tmp_path):
+    from premoe.checkpoint import TensorInfo, headers
+
+    index = two_shards(tmp_path, index=False)
+    expected = {"x": TensorInfo("x", "s1.safetensors", "U8", (2,), (0, 2)),
+                "y": TensorInfo("y", "s1.safetensors", "U8", (3,), (2, 5)),
+                "z": TensorInfo("z", "s2.safetensors", "U8", (4,), (0, 4))}
+    assert tensors(tmp_path, index=index) == expected  # the given index finds the shards: none on disk
+    read = headers(tmp_path, index)
+    assert tensors(tmp_path / "elsewhere", read, index) == expected  # nothing read from disk at all
+    assert tensors(tmp_path / "elsewhere", read) == expected  # no index there: the headers alone
+    wrong = {"weight_map": {**index["weight_map"], "w": "s2.safetensors"}}
+    with pytest.raises(CheckpointError) as caught:  # the given index is checked, not the (absent) one on disk
+        tensors(tmp_path, read, wrong)
+    assert str(caught.value) == f"{tmp_path / INDEX} lists 1 tensors no shard holds, e.g. w"
+
+
+def test_tensor_shards_checks_the_index_against_the_headers(tmp_path):
+    from premoe.checkpoint import headers, tensor_shards
+
+    index = two_shards(tmp_path)
+    read = headers(tmp_path, index)
+    found = {"x": "s1.safetensors", "y": "s1.safetensors", "z": "s2.safetensors"}
+    assert tensor_shards(tmp_path, read, None) == found  # both shards' __metadata__: not a tensor in two shards
+    assert tensor_shards(tmp_path, read, index) == found
+    partial = {"weight_map": {"z": "s2.safetensors"}}  # a tensor the index does not list is where its shard holds it
+    assert tensor_shards(tmp_path, read, partial) == found
+    assert tensors(tmp_path, read, partial)["x"].shard == "s1.safetensors"
+    for weight_map, message in [
+        ({**found, "b": "s1.safetensors", "a": "s2.safetensors"}, "lists 2 tensors no shard holds, e.g. a"),
+        ({**found, "y": "s2.safetensors", "x": "s2.safetensors"},
+         "puts x in s2.safetensors, but s1.safetensors holds it; the index does not match the shards"),
+        ({"z": "s1.safetensors"}, "puts z in s1.safetensors, but s2.safetensors holds it; the index does not match "
+                                  "the shards"),
+    ]:
+        with pytest.raises(CheckpointError) as caught:
+            tensor_shards(tmp_path, read, {"weight_map": weight_map})
+        assert str(caught.value) == f"{tmp_path / INDEX} {message}"
+
+
+def test_a_tensor_in_two_shards_is_named(tmp_path):
+    from premoe.checkpoint import headers, tensor_shards
+
+    write_shard(tmp_path / "s1.safetensors", {"x": u8(0, 2), "q": u8(2, 3), "y": u8(3, 5)}, b"\0" * 5)
+    write_shard(tmp_path / "s2.safetensors", {"z": u8(0, 1), "y": u8(1, 4), "q": u8(4, 5)}, b"\0" * 5)
+    index = {"weight_map": {"x": "s1.safetensors", "z": "s2.safetensors"}}
+    with pytest.raises(CheckpointError) as caught:
+        tensor_shards(tmp_path, headers(tmp_path, index), None)
+    assert str(caught.value) == "tensor y is in both s1.safetensors and s2.safetensors; the checkpoint is corrupt"
+    with pytest.raises(CheckpointError) as caught:
+        tensors(tmp_path, index=index)  # before the index is compared
+    assert str(caught.value) == "tensor y is in both s1.safetensors and s2.safetensors; the checkpoint is corrupt"
+
+
+class _Adapter:
+    """The two questions size_breakdown asks an adapter, on made-up key names: ``mtp.*`` is an MTP tensor (when the
+    config says MTP layers exist), ``e.L.E[.part]`` a per-expert tensor, ``r.L`` a router row tensor."""
+
+    def mtp_layer(self, key, config):
+        return 9 if config["mtp"] and key.startswith("mtp.") else None
+
+    def classify_key(self, key):
+        parts = key.split(".")
+        if parts[0] == "e":
+            return "expert", int(parts[1]), int(parts[2])
+        return ("rows", int(parts[1]), None) if parts[0] == "r" else None
+
+
+def test_size_breakdown_splits_bytes_and_header_entries(tmp_path):
+    from premoe.checkpoint import SizeBreakdown, _fixed_header_bytes, entry_bytes, size_breakdown
+
+    one = {"__metadata__": {"format": "pt"}, "emb": u8(0, 11), "e.1.0": u8(11, 17), "e.1.1.a": u8(17, 20),
+           "e.1.1.b": u8(20, 23), "r.1": u8(23, 27), "mtp.x": u8(27, 34)}
+    two = {"e.2.0": u8(0, 10), "e.2.1": u8(10, 20), "norm": u8(20, 25)}
+    write_shard(tmp_path / "m-1.safetensors", one, b"\0" * 34)
+    write_shard(tmp_path / "m-2.safetensors", two, b"\0" * 25)
+    (tmp_path / INDEX).write_text(json.dumps({"weight_map": {**dict.fromkeys(set(one) - {"__metadata__"},
+                                                                             "m-1.safetensors"),
+                                                             **dict.fromkeys(two, "m-2.safetensors")}}))
+    (tmp_path / "config.json").write_text(json.dumps({"mtp": True}))
+    sizes = size_breakdown(tmp_path, _Adapter(), 2)
+    kept = (_fixed_header_bytes(one) + entry_bytes("emb", one["emb"], 34) + entry_bytes("r.1", one["r.1"], 34)
+            + _fixed_header_bytes(two) + entry_bytes("norm", two["norm"], 25))
+    assert entry_bytes("emb", one["emb"], 34) == len('"emb":{"dtype":"U8","shape":[11],"data_offsets":[34,34]},')
+    expert_1 = entry_bytes("e.1.1.a", one["e.1.1.a"], 34) + entry_bytes("e.1.1.b", one["e.1.1.b"], 34)  # the larger
+    assert expert_1 > entry_bytes("e.1.0", one["e.1.0"], 34)
+    assert sizes == SizeBreakdown(total_bytes=59, base_bytes=11 + 5, expert_bytes={1: (6 + 3 + 3 + 4) // 2, 2: 10},
+                                  num_experts=2, mtp_bytes=7, header_bytes=kept,
+                                  expert_header_bytes={1: expert_1, 2: entry_bytes("e.2.0", two["e.2.0"], 25)})
+    (tmp_path / "config.json").write_text(json.dumps({"mtp": False}))  # the config reaches the adapter
+    plain = size_breakdown(tmp_path, _Adapter(), 4)
+    assert (plain.mtp_bytes, plain.base_bytes, plain.expert_bytes) == (0, 11 + 7 + 5, {1: 4, 2: 5})
+    assert plain.header_bytes == kept + entry_bytes("mtp.x", one["mtp.x"], 34)
+    (tmp_path / INDEX).write_text(json.dumps({"weight_map": {"emb": "m-2.safetensors", "norm": "m-1.safetensors"}}))
+    with pytest.raises(CheckpointError, match="puts emb in m-2.safetensors, but m-1.safetensors holds it"):
+        size_breakdown(tmp_path, _Adapter(), 2)
+
+
+HEADER_ENTRY = st.fixed_dictionaries({"dtype": st.sampled_from(sorted(DTYPE_BYTES)),
+                                      "shape": st.lists(st.integers(0, 3), max_size=3)})
+
+
+@SETTINGS
+@given(entries=st.dictionaries(st.text(max_size=8).filter(lambda k: k != "__metadata__"), HEADER_ENTRY, max_size=6),
+       metadata=st.none() | st.dictionaries(st.text(max_size=6), st.text(max_size=6), max_size=3),
+       order=st.randoms(use_true_random=False))
+def test_any_well_formed_header_round_trips_through_encode_header_and_read_header(entries, metadata, order):
+    """What compile writes (encode_header) reads back as written, in any data order, names with colons, quotes,
+    escapes and non-ASCII included; the data starts 8-byte aligned."""
+    from premoe.checkpoint import encode_header
+
+    keys = list(entries)
+    order.shuffle(keys)  # data order need not be the listing order
+    placed, end = {}, 0
+    for key in keys:
+        nbytes = math.prod(entries[key]["shape"]) * DTYPE_BYTES[entries[key]["dtype"]]
+        placed[key] = {**entries[key], "data_offsets": [end, end + nbytes]}
+        end += nbytes
+    placed = {key: placed[key] for key in entries}
+    text = encode_header(placed, metadata)
+    file = WORK / "roundtrip.safetensors"
+    file.write_bytes(struct.pack("<Q", len(text)) + text + bytes(range(256)) * (end // 256) + b"\1" * (end % 256))
+    header, start = read_header(file)
+    assert header == ({"__metadata__": metadata, **placed} if metadata else placed)
+    assert start == 8 + len(text) and start % 8 == 0
