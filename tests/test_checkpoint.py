@@ -850,3 +850,53 @@ def test_any_well_formed_header_round_trips_through_encode_header_and_read_heade
     header, start = read_header(file)
     assert header == ({"__metadata__": metadata, **placed} if metadata else placed)
     assert start == 8 + len(text) and start % 8 == 0
+
+
+EMPTY_U8 = '"dtype": "U8", "shape": [0], "data_offsets": [0, 0]'
+
+
+@pytest.mark.parametrize("text, reason", [
+    (('{"a": {%s}}' % EMPTY_U8).encode("utf-16-le"), "Expecting property name enclosed in double quotes"),
+    (('{"a": {%s}}' % EMPTY_U8).encode("utf-32"), "'utf-8' codec can't decode byte 0xff in position 0: invalid "
+                                                   "start byte"),
+    (b"\xef\xbb\xbf" + ('{"a": {%s}}' % EMPTY_U8).encode(), "Unexpected UTF-8 BOM (decode using utf-8-sig)"),
+    (('{"a\ud800": {%s}}' % EMPTY_U8).encode("utf-8", "surrogatepass"),
+     "'utf-8' codec can't decode byte 0xed in position 3: invalid continuation byte"),
+    (('{"a": {%s, "x": NaN}}' % EMPTY_U8).encode(), "NaN is not JSON"),
+    (('{"a": {%s, "x": [-Infinity]}}' % EMPTY_U8).encode(), "-Infinity is not JSON"),
+    (('{"a\\ud800": {%s}}' % EMPTY_U8).encode(), "a \\u escape of an unpaired UTF-16 surrogate"),
+    (('{"__metadata__": {"k": "\\uDC00x"}, "a": {%s}}' % EMPTY_U8).encode(), "a \\u escape of an unpaired UTF-16 "
+                                                                              "surrogate"),
+    (('{"a\\ude00\\ud83d": {%s}}' % EMPTY_U8).encode(), "a \\u escape of an unpaired UTF-16 surrogate"),
+])
+def test_headers_that_are_not_utf8_json_are_refused_as_safetensors_refuses_them(tmp_path, text, reason):
+    """(a bug: json.loads of bytes also reads UTF-16 and UTF-32, skips a BOM, passes encoded surrogates, and
+    takes NaN and Infinity; safetensors reads none of these, and premoe accepted them all)"""
+    file = write_shard(tmp_path / "x.safetensors", text)
+    with pytest.raises(CheckpointError) as caught:
+        read_header(file)
+    assert str(caught.value) == f"{file} has a corrupt safetensors header ({reason})"
+    agrees_with_safetensors(file)  # safetensors refuses it too
+
+
+def test_escapes_of_whole_characters_read_back(tmp_path):
+    file = write_shard(tmp_path / "x.safetensors", ('{"a\\ud83d\\ude00\\u00e9\\n": {%s}}' % EMPTY_U8).encode())
+    assert read_header(file)[0] == {"a\U0001F600\u00e9\n": u8(0, 0)}
+    agrees_with_safetensors(file)
+
+
+@pytest.mark.parametrize("shape, refused", [
+    ([2**64 - 1, 0], False), ([2**63, 0, 5], False), ([2**32, 2**32 - 1, 0, 2**64 - 1], False),
+    ([2**64, 0], True), ([0, 2**64], True), ([2**32, 2**32, 0], True), ([2**40, 2**40, 0, 1], True),
+])
+def test_an_empty_tensor_s_shape_must_count_its_elements_in_64_bits(tmp_path, shape, refused):
+    """(a bug: premoe accepted an empty tensor whose dimensions safetensors cannot multiply; torch cannot either)"""
+    file = write_shard(tmp_path / "x.safetensors", {"w": u8(0, 0, shape)})
+    if refused:
+        with pytest.raises(CheckpointError) as caught:
+            read_header(file)
+        assert str(caught.value) == (f"{file}: tensor w has shape {shape}, whose element count overflows 64 bits; "
+                                     "the header is corrupt")
+    else:
+        assert read_header(file)[0] == {"w": u8(0, 0, shape)}
+    agrees_with_safetensors(file)
