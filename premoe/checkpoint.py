@@ -141,7 +141,7 @@ def read_header(file: Path) -> tuple[dict, int]:
         string = text.decode()  # strict UTF-8, as the format says (json.loads of bytes would take UTF-16, a BOM)
         parsed = json.loads(string, parse_constant=_not_json)
         if type(parsed) is dict and not _unique_keys(text, parsed):
-            parsed = json.loads(string, object_pairs_hook=tuple, parse_constant=_not_json)  # pairs: duplicates seen
+            parsed = json.loads(string, object_pairs_hook=tuple)  # objects as (key, value) pairs: duplicates visible
         if "\\u" in string:  # an escaped half of a UTF-16 pair parses to a lone surrogate: no character, refused
             json.dumps(parsed, ensure_ascii=False).encode()  # by safetensors; UnicodeEncodeError names it here
     except UnicodeEncodeError as e:
