@@ -900,3 +900,31 @@ def test_an_empty_tensor_s_shape_must_count_its_elements_in_64_bits(tmp_path, sh
     else:
         assert read_header(file)[0] == {"w": u8(0, 0, shape)}
     agrees_with_safetensors(file)
+
+
+@SETTINGS
+@given(sizes=st.lists(st.integers(0, 5), min_size=1, max_size=6), order=st.randoms(use_true_random=False),
+       victim=st.integers(0, 5), shift=st.integers(-3, 3).filter(bool))
+def test_tilings_pass_in_any_listing_order_and_a_moved_tensor_is_refused(sizes, order, victim, shift):
+    """check_layout: tensors that tile the data pass whatever order the header lists them in (the chained fast path
+    and the sorted one agree); moving any non-empty tensor leaves a gap, an overlap or runs past the end."""
+    from hypothesis import assume
+
+    from premoe.checkpoint import check_layout
+
+    header, end = {}, 0
+    for i, n in enumerate(sizes):
+        header[f"t{i}"] = u8(end, end + n)
+        end += n
+    keys = list(header)
+    order.shuffle(keys)
+    listed = {k: header[k] for k in keys}
+    check_layout(SHARD, listed, end)
+    with pytest.raises(CheckpointError, match=r"trailing bytes"):
+        check_layout(SHARD, listed, end + 1)
+    key = keys[victim % len(keys)]
+    begin, stop = listed[key]["data_offsets"]
+    assume(stop > begin and begin + shift >= 0)
+    with pytest.raises(CheckpointError, match=r"overlaps the tensor before it|leaves a gap after byte \d+|"
+                                              r"is truncated: tensor|its tensors cover \d+ of its"):
+        check_layout(SHARD, {**listed, key: u8(begin + shift, stop + shift)}, end)
