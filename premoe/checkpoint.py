@@ -138,9 +138,15 @@ def read_header(file: Path) -> tuple[dict, int]:
             raise CheckpointError(f"{file} is truncated: its header claims {length} bytes, the file has {size}")
         text = f.read(length)
     try:
-        parsed = json.loads(text)
+        string = text.decode()  # strict UTF-8, as the format says (json.loads of bytes would take UTF-16, a BOM)
+        parsed = json.loads(string, parse_constant=_not_json)
         if type(parsed) is dict and not _unique_keys(text, parsed):
-            parsed = json.loads(text, object_pairs_hook=tuple)  # objects as (key, value) pairs: duplicates visible
+            parsed = json.loads(string, object_pairs_hook=tuple)  # objects as (key, value) pairs: duplicates visible
+        if "\\u" in string:  # an escaped half of a UTF-16 pair parses to a lone surrogate: no character, refused
+            json.dumps(parsed, ensure_ascii=False).encode()  # by safetensors; UnicodeEncodeError names it here
+    except UnicodeEncodeError as e:
+        raise CheckpointError(f"{file} has a corrupt safetensors header (a \\u escape of an unpaired UTF-16 "
+                              "surrogate)") from e
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointError(f"{file} has a corrupt safetensors header ({getattr(e, 'msg', e)})") from e
     if type(parsed) not in (dict, tuple):
@@ -149,6 +155,11 @@ def read_header(file: Path) -> tuple[dict, int]:
     header = parsed if type(parsed) is dict else _object(file, parsed)
     check_layout(file, header, size - 8 - length)
     return header, 8 + length
+
+
+def _not_json(name: str):
+    """json's ``parse_constant``: NaN and Infinity are Python's extension of JSON, which safetensors refuses."""
+    raise ValueError(f"{name} is not JSON")
 
 
 def _unique_keys(text: bytes, header: dict) -> bool:
@@ -228,6 +239,9 @@ def check_layout(file: Path, header: dict, data_bytes: int) -> None:
         if end - begin != needed:
             raise CheckpointError(f"{file}: tensor {key} spans {end - begin} bytes but {dtype} {shape} needs "
                                   f"{needed}; the header is corrupt")
+        if not needed and _overflows(shape):
+            raise CheckpointError(f"{file}: tensor {key} has shape {shape}, whose element count overflows 64 bits; "
+                                  "the header is corrupt")
         if end > data_bytes:
             raise CheckpointError(f"{file} is truncated: tensor {key} ends at byte {end} of the data section, "
                                   f"which has {data_bytes}")
@@ -245,6 +259,12 @@ def check_layout(file: Path, header: dict, data_bytes: int) -> None:
     if end != data_bytes:
         raise CheckpointError(f"{file}: its tensors cover {end} of its {data_bytes} data bytes (trailing bytes); "
                               "the shard is corrupt")
+
+
+def _overflows(shape: list) -> bool:
+    """Whether safetensors refuses the shape of an empty tensor: a dimension of 64 bits or more, or the dimensions
+    before its first 0 multiplying to that (it multiplies them in order, checking each product)."""
+    return max(shape) >> 64 > 0 or math.prod(shape[: shape.index(0)]) >> 64 > 0
 
 
 def _check_entry(where: str, info) -> None:
