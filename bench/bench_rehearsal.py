@@ -138,6 +138,18 @@ def headers_and_plan(models: dict[int, Path], plan: Path, work: Path, rounds: in
     return out
 
 
+def _windows_a_forward(model: Path, asked: int, largest: int) -> int:
+    """The windows premoe's streaming forward takes at once when asked for ``asked`` (it caps a forward's own
+    memory at half the largest layer: premoe.streaming.forward_batch)."""
+    from transformers import AutoConfig
+
+    from premoe.adapters import get_adapter
+    from premoe.streaming import forward_batch, forward_bytes_per_token
+
+    config = AutoConfig.from_pretrained(model)
+    return forward_batch(asked, 128, forward_bytes_per_token(config, get_adapter(config)), largest)
+
+
 def profile_memory(models: dict[int, Path], work: Path, tokens: int, rounds: int, batch: int = 8) -> dict:
     """Peak RSS of the streaming profile against the largest decoder layer (fp32), at each shard count.
 
@@ -162,8 +174,9 @@ def profile_memory(models: dict[int, Path], work: Path, tokens: int, rounds: int
                                      str(batch))
     results = alternate(runs, rounds)
     base = max(r["peak_rss"] for r in results["baseline"])
+    used = _windows_a_forward(models[max(models)], batch, largest)
     out = {"largest_layer_fp32_bytes": largest, "baseline_peak_rss": base, "tokens_per_domain": tokens,
-           "batch_windows": batch, "tokens_per_forward": 128 * batch}
+           "batch_windows_asked": batch, "batch_windows": used, "tokens_per_forward": 128 * used}
     for s in models:
         peak = max(r["peak_rss"] for r in results[f"stream_{s}"])
         rows = results[f"stream_{s}"]
@@ -627,7 +640,13 @@ def _explanations(result: dict) -> list[str]:
                  "peak is transformers' MoE forward (per-token expert masks), which grows with tokens per forward: "
                  f"{p[big]['peak_above_pre_layers_per_layer']:.2f}x at {p['tokens_per_forward']} tokens, "
                  f"{q[big]['peak_above_pre_layers_per_layer']:.2f}x at {q['tokens_per_forward']} "
-                 "(--batch-size 1). At real width (an 11 GB fp32 layer) that transient is negligible.")
+                 "(--batch-size 1)." + (
+                     f" The default --batch-size {p['batch_windows_asked']} asks for {128 * p['batch_windows_asked']} "
+                     f"tokens a forward; premoe now takes {p['batch_windows']} windows at a time, so that a forward's "
+                     "own memory, estimated from the config, stays under half the largest layer "
+                     "(premoe.streaming.forward_batch)." if p.get("batch_windows_asked", p["batch_windows"])
+                     != p["batch_windows"] else "")
+                 + " At real width (an 11 GB fp32 layer) that transient is small beside the layer.")
     return lines
 
 
