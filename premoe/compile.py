@@ -17,11 +17,12 @@ Plan → check → write (STYLE.md §6):
    (:func:`premoe.checkpoint.read_header`), the plan belongs to this model,
    counts respect top-k and groups, every MoE layer on disk is covered, the
    output fits on its disk;
-3. shard by shard into a temp dir beside ``out`` (same shard split), then the
-   other files, the index and ``config.json`` last; then the headers written
-   are checked as read_header checks a shard (against each file's size) and
-   against the written config (:func:`check_compiled`'s checks, on the
-   encoded headers rather than re-read ones), then one rename.
+3. shard by shard into a temp dir beside ``out`` (same shard split; each
+   shard laid out and its header checked while threads copy the bytes of the
+   ones before, :func:`_write_shards`), then the other files, the index and
+   ``config.json`` last; then each file's size is checked against its header,
+   and the headers against the written config (:func:`check_compiled`'s
+   checks, on the encoded headers rather than re-read ones), then one rename.
 
 Multi-token-prediction (MTP) layers — DeepSeek-V3/R1's ``model.layers.61.*``,
 GLM-4.5's ``model.layers.92.*`` — sit in the shards after the last decoder
