@@ -308,6 +308,15 @@ def test_cli_compile(qwen3, tmp_path):
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "already exists; pass --force" in again.stderr
     assert again.stderr.strip().count("\n") == 0
+    threaded = CliRunner().invoke(command, [str(path), str(tmp_path / "plan.json"), "--out", str(tmp_path / "t3"),
+                                            "--threads", "3"])
+    assert threaded.exit_code == 0, threaded.output
+    for file in (tmp_path / "out").glob("*.safetensors"):
+        assert (tmp_path / "t3" / file.name).read_bytes() == file.read_bytes()
+    for bad in ("0", "65", "two"):
+        refused = CliRunner().invoke(command, [str(path), str(tmp_path / "plan.json"), "--out", str(tmp_path / "t0"),
+                                               "--threads", bad])
+        assert refused.exit_code == 2 and "--threads" in refused.output and not (tmp_path / "t0").exists()
 
 
 def test_a_corrupt_header_is_refused_before_copying(tmp_path):

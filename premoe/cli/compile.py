@@ -23,7 +23,7 @@ from premoe.cli.options import json_option, model_input
 @click.option("--dry-run", "--explain", "dry_run", is_flag=True,
               help="Print what would be written (kept experts, MTP choice, sizes, disk needed); write nothing.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and premoe wrote it.")
-@click.option("--threads", type=click.IntRange(min=1), metavar="N",
+@click.option("--threads", type=click.IntRange(1, 64), metavar="N",
               help="Threads copying bytes at once (default: the usable cores, at most 8).")
 @json_option("Write the report as JSON to FILE ('-' or a bare --json: stdout instead of the summary).")
 def command(model, plan, out, export, mtp, base_model, dry_run, force, threads, json_out) -> None:
