@@ -140,7 +140,7 @@ def headers_and_plan(models: dict[int, Path], plan: Path, work: Path, rounds: in
 
 def _windows_a_forward(model: Path, asked: int, largest: int) -> int:
     """The windows premoe's streaming forward takes at once when asked for ``asked`` (it caps a forward's own
-    memory at half the largest layer: premoe.streaming.forward_batch)."""
+    memory at a quarter of the largest layer: premoe.streaming.forward_batch)."""
     from transformers import AutoConfig
 
     from premoe.adapters import get_adapter
@@ -643,7 +643,7 @@ def _explanations(result: dict) -> list[str]:
                  "(--batch-size 1)." + (
                      f" The default --batch-size {p['batch_windows_asked']} asks for {128 * p['batch_windows_asked']} "
                      f"tokens a forward; premoe now takes {p['batch_windows']} windows at a time, so that a forward's "
-                     "own memory, estimated from the config, stays under half the largest layer "
+                     "own memory, estimated from the config, stays under a quarter of the largest layer "
                      "(premoe.streaming.forward_batch)." if p.get("batch_windows_asked", p["batch_windows"])
                      != p["batch_windows"] else "")
                  + " At real width (an 11 GB fp32 layer) that transient is small beside the layer.")

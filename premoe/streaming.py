@@ -57,7 +57,7 @@ _CHUNK = 1 << 30  # bytes per pwrite call (Linux moves at most ~2 GiB per call)
 _ELSEWHERE = "point --workdir at another directory"  # the fix when the scratch file of hidden states has no room
 _SYNC_LOAD = "HF_DEACTIVATE_ASYNC_LOAD"  # read by transformers' convert_and_load_state_dict_in_model
 _SCALE_SUFFIX = "_scale_inv"  # FP8 checkpoints (DeepSeek-V3/R1, Kimi-K2, GLM-4.5-FP8): "<name>.weight_scale_inv"
-_FORWARD_SHARE = 0.5  # a forward's own memory may take at most this share of the largest layer's (forward_batch)
+_FORWARD_SHARE = 0.25  # a forward's own memory may take at most this share of the largest layer's (forward_batch)
 
 
 @dataclass
@@ -554,16 +554,18 @@ def forward_bytes_per_token(config, adapter) -> int:
 
 
 def forward_batch(batch_size: int, seq_len: int, token_bytes: int, layer_bytes: int) -> int:
-    """Windows per forward: ``batch_size``, fewer where a forward's own memory would pass :data:`_FORWARD_SHARE`
-    of the largest layer's weights (at least one window).
+    """Windows per forward: ``batch_size``, fewer where the memory a forward needs for its tokens would pass
+    :data:`_FORWARD_SHARE` of the largest layer's weights (at least one window).
 
     Streaming holds one layer at a time; what the forward allocates for its
-    tokens comes on top. On DeepSeek-V3 with 512-token windows that is 2 GB
-    beside an 11 GB layer and the cap does not bind (4096-token windows: 2 a
-    forward, not 16 GB for 8); on a narrow model with many experts 8 windows
-    a forward took the peak to 2.7x the layer, one window to 1.5x
-    (bench/results/rehearsal.md). The profile does not depend on how windows
-    are batched.
+    tokens comes on top, beside a part that does not grow with tokens (about
+    half a layer at toy width: loading, the attention's own tensors). On
+    DeepSeek-V3 with 512-token windows the tokens' part is 2 GB beside an
+    11 GB layer and the cap does not bind (4096-token windows: one a forward,
+    not 16 GB for 8); on the toy-width DeepSeek-V3 layout 8 windows of 128
+    tokens a forward took the peak to 2.7x the layer, 2 windows to 1.8-2.0x,
+    one window to 1.5-1.7x (bench/results/rehearsal.md), hence a quarter, not
+    a half. The profile does not depend on how windows are batched.
     """
     fits = int(_FORWARD_SHARE * layer_bytes) // max(1, token_bytes * seq_len)
     return max(1, min(batch_size, fits))
