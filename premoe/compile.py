@@ -51,7 +51,7 @@ import struct
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Collection, Container, Iterator, NamedTuple, Sequence
@@ -789,9 +789,11 @@ def _write_shards(plan: WritePlan, tmp: Path, threads: int, advance: Callable[[i
     copy is positional (``copy_file_range`` and ``pwritev`` with both
     offsets) and a thread may take any part of any shard: 3 shards keep as
     many threads busy as 163. Threads suffice because the copies are
-    syscalls, which release the GIL; ``cp`` copies with one. A failed or
-    interrupted copy cancels the parts not started and waits for the
-    running ones (each at most :data:`_JOB_BYTES`) before the error goes up.
+    syscalls, which release the GIL; ``cp`` copies with one. The first part
+    that fails stops the rest: no more shards are laid out, the parts not
+    started are skipped, and the running ones (each at most
+    :data:`_JOB_BYTES`) finish before the error goes up; so does an
+    interrupt of the waiting main thread.
     """
     lock = threading.Lock()
 
@@ -800,9 +802,22 @@ def _write_shards(plan: WritePlan, tmp: Path, threads: int, advance: Callable[[i
             advance(n)
 
     pool = ThreadPoolExecutor(threads, thread_name_prefix="premoe-copy") if threads > 1 else None
-    started = []
+    started: list[Future] = []
+    failed = threading.Event()  # set by the first part that raises: stop laying out and submitting
+
+    def part(job: _CopyJob) -> None:
+        if failed.is_set():
+            return
+        try:
+            _run_job(job, counted)
+        except BaseException:
+            failed.set()
+            raise
+
     try:
         for shard, layout in plan.each_layout():  # laid out while the threads copy the shards before
+            if failed.is_set():
+                break
             file = tmp / shard
             check_layout(file, layout.entries, layout.data_bytes)  # the header encoded tiles the data it heads
             head = struct.pack("<Q", len(layout.header)) + layout.header
@@ -813,8 +828,9 @@ def _write_shards(plan: WritePlan, tmp: Path, threads: int, advance: Callable[[i
                 if pool is None:
                     _run_job(job, advance)
                 else:
-                    started.append(pool.submit(_run_job, job, counted))
-        for future in started:
+                    started.append(pool.submit(part, job))
+        done, _ = wait(started, return_when=FIRST_EXCEPTION)  # the first error, not the first part's turn
+        for future in done:
             future.result()
     finally:
         if pool is not None:

@@ -570,3 +570,30 @@ def test_an_expert_tensor_missing_or_of_another_shape_is_named_before_anything_i
         with pytest.raises(CheckpointError, match=re.escape(message)):
             compile_checkpoint(src, plan, tmp_path / f"out-{name}", progress=False)
         assert_nothing_written(tmp_path / f"out-{name}")
+
+
+def test_an_interrupted_threaded_copy_leaves_no_output_and_no_thread(tmp_path, monkeypatch):
+    """Ctrl-C (or the SIGTERM premoe turns into it) while threads copy: the parts not started are cancelled, the
+    running ones finish before the temp dir is removed, and no copy thread outlives the compile."""
+    import threading
+
+    import premoe.compile as compile_module
+
+    path, plan = _dsv3_fp8(tmp_path)
+    monkeypatch.setattr(compile_module, "_JOB_BYTES", 4096)  # many parts per shard
+    real, calls = compile_module._run_job, []
+
+    def interrupted(job, advance):
+        calls.append(job.dest.name)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        real(job, advance)
+
+    monkeypatch.setattr(compile_module, "_run_job", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compile_checkpoint(path, plan, tmp_path / "out", progress=False, threads=4)
+    assert_nothing_written(tmp_path / "out")
+    assert not [t for t in threading.enumerate() if t.name.startswith("premoe-copy")]
+    jobs = sum(len(compile_module._copy_jobs(path / s, tmp_path / s, [(b, e) for b, e in layout.runs], 0))
+               for s, layout in compile_module.plan_writes(path, plan, tmp_path / "x").layouts.items())
+    assert 5 <= len(calls) <= 5 + 3 < jobs  # at most the parts running beside it: the rest never start
