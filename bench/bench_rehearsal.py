@@ -469,7 +469,7 @@ def markdown(result: dict) -> str:
          "—"),
         ("streaming profile peak RSS / largest layer (fp32)", f"{p[str(a)]['rss_per_layer']:.1f}x",
          f"{p[str(b)]['rss_per_layer']:.1f}x", "≤ 2x", "see note"),
-        (f"… above the baseline process / largest layer ({p['tokens_per_forward']} tokens a forward)",
+        (f"… above the baseline process / largest layer ({_forward(p)})",
          f"{p[str(a)]['rss_above_baseline_per_layer']:.2f}x", f"{p[str(b)]['rss_above_baseline_per_layer']:.2f}x",
          "≤ 2x", ""),
         ("compile throughput / copy_file_range of kept bytes (bf16)", f"{c[f'bf16_{a}']['ratio_median']:.2f}x",
@@ -490,12 +490,12 @@ def markdown(result: dict) -> str:
     ]
     for q in (p, result.get("profile_batch1")):
         if q and "peak_above_pre_layers_per_layer" in q[str(a)]:
-            rows.insert(4, (f"… peak above the RSS before the first layer / largest layer ({q['tokens_per_forward']} "
-                            "tokens a forward)", f"{q[str(a)]['peak_above_pre_layers_per_layer']:.2f}x",
+            rows.insert(4, (f"… peak above the RSS before the first layer / largest layer ({_forward(q)})",
+                            f"{q[str(a)]['peak_above_pre_layers_per_layer']:.2f}x",
                             f"{q[str(b)]['peak_above_pre_layers_per_layer']:.2f}x", "≤ 2x", ""))
     if "profile_batch1" in result:
         q = result["profile_batch1"]
-        rows.insert(4, (f"… above the baseline process / largest layer ({q['tokens_per_forward']} tokens a forward)",
+        rows.insert(4, (f"… above the baseline process / largest layer ({_forward(q)})",
                         f"{q[str(a)]['rss_above_baseline_per_layer']:.2f}x",
                         f"{q[str(b)]['rss_above_baseline_per_layer']:.2f}x", "≤ 2x", ""))
     lines = [f"DeepSeek-V3 layout at toy width: {result['layout']['layers']} layers, {result['layout']['experts']} "
@@ -526,6 +526,11 @@ def markdown(result: dict) -> str:
                  "rounding, which verify now reports and leaves out); at 5 layers tests/test_rehearsal.py.")
     lines += _sweep_lines(result.get("width_sweep"))
     return "\n".join(lines) + "\n"
+
+
+def _forward(p: dict) -> str:
+    """How a profile row's forwards were batched: the tokens a forward, and the --batch-size asked for."""
+    return f"{p['tokens_per_forward']} tokens a forward, --batch-size {p.get('batch_windows_asked', p['batch_windows'])}"
 
 
 def _sweep_lines(sweep: dict | None) -> list[str]:
@@ -637,12 +642,12 @@ def _explanations(result: dict) -> list[str]:
     lines.append(f"- streaming profile: the process holds {p[big]['rss_before_layers'] / 1e6:.0f} MB before the first "
                  "layer loads (interpreter, torch, transformers, the empty model, tokens, hidden states). A layer "
                  "now loads at ~1.0x its fp32 size (experts placed straight into the fused tensors); the rest of the "
-                 "peak is transformers' MoE forward (per-token expert masks), which grows with tokens per forward: "
-                 f"{p[big]['peak_above_pre_layers_per_layer']:.2f}x at {p['tokens_per_forward']} tokens, "
-                 f"{q[big]['peak_above_pre_layers_per_layer']:.2f}x at {q['tokens_per_forward']} "
-                 "(--batch-size 1)." + (
+                 "peak is transformers' MoE forward (per-token expert masks), which grows with tokens per forward "
+                 "(before premoe capped it, with 1024 and 256 tokens a forward: 2.57-2.71x and 1.84-1.99x on the "
+                 f"last line; now {p[big]['peak_above_pre_layers_per_layer']:.2f}x with {_forward(p)}, "
+                 f"{q[big]['peak_above_pre_layers_per_layer']:.2f}x with {_forward(q)})." + (
                      f" The default --batch-size {p['batch_windows_asked']} asks for {128 * p['batch_windows_asked']} "
-                     f"tokens a forward; premoe now takes {p['batch_windows']} windows at a time, so that a forward's "
+                     f"tokens a forward; premoe takes {p['batch_windows']} window(s) at a time, so that a forward's "
                      "own memory, estimated from the config, stays under a quarter of the largest layer "
                      "(premoe.streaming.forward_batch)." if p.get("batch_windows_asked", p["batch_windows"])
                      != p["batch_windows"] else "")
