@@ -170,3 +170,24 @@ def test_quick_benchmark_runs(script, args, tmp_path):
         assert (server["requests_per_round"], server["max_tokens"]) == (2, 2)
         assert server["swapping_requests"]["fixed"] == 0 and set(server["requests_per_s"]) == {"cycling", "same",
                                                                                                    "fixed"}
+
+
+@pytest.mark.slow
+def test_rehearsal_swap_and_compile_rows_run(tmp_path, bench_path):
+    """The rehearsal's swap child (plain reads of the bank's ranges, its slot cache included) and compile row on a
+    5-layer DeepSeek-V3 layout: the swap row broke unnoticed when the slot cache lost its name."""
+    import bench_rehearsal
+    import dsv3_layout
+
+    from premoe.modeling import model_identity
+    from premoe.plan import Plan
+
+    model = dsv3_layout.write(dsv3_layout.Layout(layers=5, shards=7), tmp_path / "dsv3")
+    swap = bench_rehearsal.swap_cost(model, 2, 0.25)
+    assert swap["swaps"] == 2 and swap["experts_read"] > 0 and swap["ratio_median"] > 0
+    kept = {layer: [g * 32 + e for g in range(8) for e in range(16)] for layer in (3, 4)}  # half of every group
+    plan = Plan(model_identity(model), "DeepSeek-V3", 256, 8, [3, 4], kept, {l: list(range(256)) for l in kept},
+                {"scorer": "random", "ranking": "local"}, "specialist:test", {})
+    plan.save(tmp_path / "plan.json")
+    row = bench_rehearsal.compile_throughput(model, tmp_path / "plan.json", tmp_path, 1, 0)
+    assert row["threads"] >= 1 and len(row["compile_serial_s"]) == 1 and row["ratio_median"] > 0
