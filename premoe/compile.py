@@ -249,7 +249,8 @@ class WritePlan:
             f"in {len(self.shards())} shard(s)",
             f"  size: {_size(self.bytes_before)} -> {_size(self.bytes_after)} "
             f"({self.bytes_after / max(self.bytes_before, 1):.1%})",
-            f"  memory needed: one {_CHUNK >> 20} MiB copy buffer at most (byte-range copies; the largest tensor, "
+            f"  memory needed: one {_CHUNK >> 20} MiB copy buffer per copy thread at most (byte-range copies, in the "
+            f"kernel where the file system allows; the largest tensor, "
             f"{_size(self.largest_tensor)}, is never loaded)",
             f"  disk: needs {_size(self.bytes_after)} beside {self.out}, {_size(self.free_bytes)} free",
             f"  other files copied: {', '.join(self.files) or 'none'}",
