@@ -597,3 +597,23 @@ def test_an_interrupted_threaded_copy_leaves_no_output_and_no_thread(tmp_path, m
     jobs = sum(len(compile_module._copy_jobs(path / s, tmp_path / s, [(b, e) for b, e in layout.runs], 0))
                for s, layout in compile_module.plan_writes(path, plan, tmp_path / "x").layouts.items())
     assert 5 <= len(calls) <= 5 + 3 < jobs  # at most the parts running beside it: the rest never start
+
+
+def test_a_header_that_does_not_tile_its_data_is_refused_before_its_bytes_are_copied(tmp_path, monkeypatch):
+    """Each output header is checked as read_header checks a shard before its bytes are copied: a layout whose
+    entries do not tile the data section (here one entry a byte short) stops the compile with nothing written."""
+    import premoe.compile as compile_module
+
+    path, plan = _dsv3_fp8(tmp_path)
+    real = compile_module._shard_layout
+
+    def broken(writes, metadata):
+        layout = real(writes, metadata)
+        entry = next(iter(layout.entries.values()))
+        entry["data_offsets"] = [entry["data_offsets"][0], entry["data_offsets"][1] - 1]
+        return layout
+
+    monkeypatch.setattr(compile_module, "_shard_layout", broken)
+    with pytest.raises(CheckpointError, match="spans .* bytes but .* needs"):
+        compile_checkpoint(path, plan, tmp_path / "out", progress=False)
+    assert_nothing_written(tmp_path / "out")
