@@ -794,30 +794,34 @@ class _Adapter:
 
 
 def test_size_breakdown_splits_bytes_and_header_entries(tmp_path):
+    """Two MTP tensors (one first in its shard, where stopping at it would skip the rest), per-expert layers and a
+    layer with router rows only (no per-expert entry: 0 header bytes per expert), expert bytes as whole bytes."""
     from premoe.checkpoint import SizeBreakdown, _fixed_header_bytes, entry_bytes, size_breakdown
 
     one = {"__metadata__": {"format": "pt"}, "emb": u8(0, 11), "e.1.0": u8(11, 17), "e.1.1.a": u8(17, 20),
            "e.1.1.b": u8(20, 23), "r.1": u8(23, 27), "mtp.x": u8(27, 34)}
-    two = {"e.2.0": u8(0, 10), "e.2.1": u8(10, 20), "norm": u8(20, 25)}
+    two = {"mtp.y": u8(0, 2), "e.2.0": u8(2, 12), "e.2.1": u8(12, 22), "norm": u8(22, 27), "r.3": u8(27, 30)}
     write_shard(tmp_path / "m-1.safetensors", one, b"\0" * 34)
-    write_shard(tmp_path / "m-2.safetensors", two, b"\0" * 25)
+    write_shard(tmp_path / "m-2.safetensors", two, b"\0" * 30)
     (tmp_path / INDEX).write_text(json.dumps({"weight_map": {**dict.fromkeys(set(one) - {"__metadata__"},
                                                                              "m-1.safetensors"),
                                                              **dict.fromkeys(two, "m-2.safetensors")}}))
     (tmp_path / "config.json").write_text(json.dumps({"mtp": True}))
     sizes = size_breakdown(tmp_path, _Adapter(), 2)
     kept = (_fixed_header_bytes(one) + entry_bytes("emb", one["emb"], 34) + entry_bytes("r.1", one["r.1"], 34)
-            + _fixed_header_bytes(two) + entry_bytes("norm", two["norm"], 25))
+            + _fixed_header_bytes(two) + entry_bytes("norm", two["norm"], 30) + entry_bytes("r.3", two["r.3"], 30))
     assert entry_bytes("emb", one["emb"], 34) == len('"emb":{"dtype":"U8","shape":[11],"data_offsets":[34,34]},')
     expert_1 = entry_bytes("e.1.1.a", one["e.1.1.a"], 34) + entry_bytes("e.1.1.b", one["e.1.1.b"], 34)  # the larger
     assert expert_1 > entry_bytes("e.1.0", one["e.1.0"], 34)
-    assert sizes == SizeBreakdown(total_bytes=59, base_bytes=11 + 5, expert_bytes={1: (6 + 3 + 3 + 4) // 2, 2: 10},
-                                  num_experts=2, mtp_bytes=7, header_bytes=kept,
-                                  expert_header_bytes={1: expert_1, 2: entry_bytes("e.2.0", two["e.2.0"], 25)})
+    assert sizes == SizeBreakdown(total_bytes=64, base_bytes=11 + 5,
+                                  expert_bytes={1: (6 + 3 + 3 + 4) // 2, 2: 10, 3: 1},
+                                  num_experts=2, mtp_bytes=7 + 2, header_bytes=kept,
+                                  expert_header_bytes={1: expert_1, 2: entry_bytes("e.2.0", two["e.2.0"], 30), 3: 0})
+    assert all(type(b) is int for b in [*sizes.expert_bytes.values(), *sizes.expert_header_bytes.values()])
     (tmp_path / "config.json").write_text(json.dumps({"mtp": False}))  # the config reaches the adapter
     plain = size_breakdown(tmp_path, _Adapter(), 4)
-    assert (plain.mtp_bytes, plain.base_bytes, plain.expert_bytes) == (0, 11 + 7 + 5, {1: 4, 2: 5})
-    assert plain.header_bytes == kept + entry_bytes("mtp.x", one["mtp.x"], 34)
+    assert (plain.mtp_bytes, plain.base_bytes, plain.expert_bytes) == (0, 11 + 7 + 2 + 5, {1: 4, 2: 5, 3: 0})
+    assert plain.header_bytes == kept + entry_bytes("mtp.x", one["mtp.x"], 34) + entry_bytes("mtp.y", two["mtp.y"], 30)
     (tmp_path / INDEX).write_text(json.dumps({"weight_map": {"emb": "m-2.safetensors", "norm": "m-1.safetensors"}}))
     with pytest.raises(CheckpointError, match="puts emb in m-2.safetensors, but m-1.safetensors holds it"):
         size_breakdown(tmp_path, _Adapter(), 2)
