@@ -39,3 +39,23 @@ def test_bad_input_is_one_line_and_nonzero(args, message):
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0, result.stderr
+
+
+def test_ctrl_c_while_the_cli_loads_is_one_line(monkeypatch, capsys):
+    """The console script imports the CLI under a guard: an interrupt during that import is a line and exit 130."""
+    import builtins
+
+    from premoe import launch
+
+    real = builtins.__import__
+
+    def interrupted(name, *args, **kwargs):
+        if name == "premoe.cli":
+            raise KeyboardInterrupt
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    with pytest.raises(SystemExit) as e:
+        launch.main()
+    assert e.value.code == 130
+    assert capsys.readouterr().err == "premoe: interrupted while starting; nothing was written\n"
