@@ -59,3 +59,20 @@ def test_ctrl_c_while_the_cli_loads_is_one_line(monkeypatch, capsys):
         launch.main()
     assert e.value.code == 130
     assert capsys.readouterr().err == "premoe: interrupted while starting; nothing was written\n"
+
+
+def test_a_closed_standard_output_is_refused_not_silently_lost():
+    """`premoe ... >&-`: Python drops every print when fd 1 is closed, so premoe said nothing and exited 0."""
+    import subprocess
+    import sys
+
+    script = f"{sys.executable} -c 'from premoe.launch import main; main()' --help"
+    closed = subprocess.run(["bash", "-c", script + " >&-"], capture_output=False, stderr=subprocess.PIPE,
+                            text=True, timeout=120)
+    assert closed.returncode == 2
+    assert closed.stderr == ("premoe: standard output is closed (>&-), so what premoe prints would be lost; "
+                             "redirect it instead (> FILE, or > /dev/null to discard it)\n")
+    both = subprocess.run(["bash", "-c", script + " >&- 2>&-"], timeout=120)
+    assert both.returncode == 2
+    fine = subprocess.run(["bash", "-c", script + " > /dev/null"], stderr=subprocess.PIPE, text=True, timeout=120)
+    assert fine.returncode == 0 and fine.stderr == ""
