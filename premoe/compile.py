@@ -20,9 +20,10 @@ Plan → check → write (STYLE.md §6):
 3. shard by shard into a temp dir beside ``out`` (same shard split; each
    shard laid out and its header checked while threads copy the bytes of the
    ones before, :func:`_write_shards`), then the other files, the index and
-   ``config.json`` last; then each file's size is checked against its header,
-   and the headers against the written config (:func:`check_compiled`'s
-   checks, on the encoded headers rather than re-read ones), then one rename.
+   ``config.json`` last, and the headers checked against the written config
+   (:func:`check_compiled`'s checks, on the encoded headers rather than
+   re-read ones), all while the threads copy; then each file's size is
+   checked against its header, then one rename.
 
 Multi-token-prediction (MTP) layers — DeepSeek-V3/R1's ``model.layers.61.*``,
 GLM-4.5's ``model.layers.92.*`` — sit in the shards after the last decoder
@@ -620,14 +621,8 @@ def write_checkpoint(plan: WritePlan, progress: bool = True, threads: int | None
 
     def _write_all(tmp: Path) -> None:
         with bar(plan.bytes_after, "compile", "B", enabled=progress, unit_scale=True) as shown:
-            _write_shards(plan, tmp, copy_threads(threads), shown.update)
-        for name in plan.files:
-            shutil.copy2(plan.model_path / name, tmp / name)
-        (tmp / "README.md").write_text(plan.card)
-        if plan.indexed:
-            _write_index(plan, tmp / INDEX)
-        (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
-        _check_written(tmp, plan)  # raising here removes the temp dir: no output that disagrees with its config
+            _write_shards(plan, tmp, copy_threads(threads), shown.update, meanwhile=lambda: _write_rest(plan, tmp))
+        _check_sizes(tmp, plan)  # raising here removes the temp dir: no output that disagrees with its headers
 
     return write_dir(plan.out, write, mark=False, force=plan.force)  # config.json's premoe block marks it
 
@@ -662,26 +657,30 @@ def check_compiled(path: str | Path) -> None:
                           None if index is None else index["weight_map"].keys())
 
 
-def _check_written(path: Path, plan: WritePlan) -> None:
-    """:func:`check_compiled` on the checkpoint just written to ``path``, from the headers compile encoded.
+def _write_rest(plan: WritePlan, tmp: Path) -> None:
+    """Everything but the shards' bytes, while the copy threads write those: the other files, the model card, the
+    index, config.json last; then :func:`check_compiled`'s checks of the written config.json against the headers
+    compile encoded (each checked as read_header checks a shard as it was laid out, :func:`_write_shards`), without
+    reading back and parsing the headers and the index just encoded (at DeepSeek-V3's ~90k tensors, most of a
+    toy-width compile's time)."""
+    for name in plan.files:
+        shutil.copy2(plan.model_path / name, tmp / name)
+    (tmp / "README.md").write_text(plan.card)
+    if plan.indexed:
+        _write_index(plan, tmp / INDEX)
+    (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
+    shapes = {key: entry["shape"] for layout in plan.layouts.values() for key, entry in layout.entries.items()}
+    _check_against_config(tmp, shapes, shapes.keys() if plan.indexed else None)
 
-    Each shard's entries got read_header's checks as it was written (well
-    formed, tiling the data section the layout gives: :func:`_write_shards`);
-    here each file's size must be that header and data section (a short or
-    long copy shows); then the same checks against the written config.json as
-    :func:`check_compiled`, without reading back and parsing the headers and
-    the index just encoded (at DeepSeek-V3's ~90k tensors, most of a
-    toy-width compile's time).
-    """
-    shapes: dict[str, list[int]] = {}
+
+def _check_sizes(path: Path, plan: WritePlan) -> None:
+    """Each written shard is exactly its header and data section long: a copy cut short or run long shows."""
     for shard, layout in plan.layouts.items():
         file = path / shard
         size, expected = file.stat().st_size, 8 + len(layout.header) + layout.data_bytes
         if size != expected:
             raise CheckpointError(f"{file} holds {size} bytes where its header and data take {expected}: a copy was "
                                   "cut short or ran long (was the source shard changed while compiling?)")
-        shapes.update({key: entry["shape"] for key, entry in layout.entries.items()})
-    _check_against_config(path, shapes, shapes.keys() if plan.indexed else None)
 
 
 def _check_against_config(path: Path, shapes: dict[str, Sequence[int]], indexed: Collection[str] | None) -> None:
@@ -783,8 +782,10 @@ class _CopyJob(NamedTuple):
     runs: list[tuple[int, int, int]]  # (source begin, source end, output offset): absolute file offsets
 
 
-def _write_shards(plan: WritePlan, tmp: Path, threads: int, advance: Callable[[int], object]) -> None:
-    """Every output shard: its header, then its kept byte ranges, copied by ``threads`` threads at once.
+def _write_shards(plan: WritePlan, tmp: Path, threads: int, advance: Callable[[int], object],
+                  meanwhile: Callable[[], object] = lambda: None) -> None:
+    """Every output shard: its header, then its kept byte ranges, copied by ``threads`` threads at once; the main
+    thread runs ``meanwhile`` once every part is handed out, then waits for the copies.
 
     Each run's place in its output file is known from the layout, so every
     copy is positional (``copy_file_range`` and ``pwritev`` with both
@@ -830,6 +831,8 @@ def _write_shards(plan: WritePlan, tmp: Path, threads: int, advance: Callable[[i
                     _run_job(job, advance)
                 else:
                     started.append(pool.submit(part, job))
+        if not failed.is_set():
+            meanwhile()
         done, _ = wait(started, return_when=FIRST_EXCEPTION)  # the first error, not the first part's turn
         for future in done:
             future.result()
