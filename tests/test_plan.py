@@ -17,7 +17,8 @@ import tiny
 from premoe.capture import DomainStats
 from premoe.data import Source
 from premoe.errors import InputError, PlanError, PremoeError
-from premoe.plan import Plan, PlanRequest, check_experts, format_ranges, make_plan, validate_plan
+from premoe.plan import (Plan, PlanRequest, _count_notes, check_experts, explain, format_ranges, make_plan,
+                         validate_plan)
 from premoe.profile import Profile, ProfileParams, profile_model
 
 ROUTER_MASS = {"router_mass": {"kind": "router_mass", "params": {}, "per_routed_token": False}}
@@ -518,3 +519,69 @@ def test_global_tiers_floor_is_the_tiers_top_k_needs_when_that_exceeds_two():
                       8, 3, ROUTER_MASS, stats, architecture=arch(2, 1, top_k=3))
     plan = make_plan(grouped, PlanRequest(experts=6, domain="a", scorer="router_mass", ranking="global"))
     assert plan.kept == {0: [0, 1, 2, 4, 5, 6], 1: [0, 1, 2, 4, 5, 6]}
+
+
+# --------------------------------------------------------------------------- mutmut survivors in explain, _count_notes,
+# _plan_fields, Plan.load/save, validate_plan (premoe plan --explain's exact text, the exact refusals)
+
+
+def explained_plan(**request) -> Plan:
+    """A plan built by hand: 3 of 8 experts in layer 0, 2 in layer 1 (compile pads both to 3), two domains."""
+    return Plan({"name": "toy", "config_hash": "h"}, "Toy", 8, 2, [0, 1], {0: [0, 1, 2], 1: [5, 7]},
+                {0: list(range(8)), 1: list(range(8))}, request, "specialist:a", {"a": 0.583333, "b": 0.125},
+                ["first note", "second note"])
+
+
+def explained_sizes(mtp_bytes: int):
+    """Sizes whose GB figures sit a hair above a rounding boundary: dividing by 1e9 + 1 instead of 1e9 drops them
+    below it. Compile's padded plan (3 experts in both layers) holds 1_000_049_551 + 3 x 100 + 3 x 50 bytes."""
+    from premoe.checkpoint import SizeBreakdown
+
+    return SizeBreakdown(total_bytes=2_000_050_001, base_bytes=1_000_049_551, expert_bytes={0: 100, 1: 50},
+                         num_experts=8, mtp_bytes=mtp_bytes, header_bytes=500)
+
+
+EXPLAIN_HEAD = ["  layer   0: keep   3/8  0-2", "  layer   1: keep   2/8  5,7"]
+EXPLAIN_TAIL = ["  utility kept: a 58.3%, b 12.5%", "  note: first note", "  note: second note"]
+EXPLAIN_SIZE = ("  checkpoint size: 2.0001 GB -> 1.0001 GB (50.0%) of tensors, 1.000051 GB of .safetensors files at "
+                "most")
+
+
+@pytest.mark.parametrize("request_, mtp_bytes, lines", [
+    ({"scorer": "router_mass", "ranking": "local", "select": "top"}, None,
+     ["plan for toy (Toy): specialist:a, scorer router_mass, local ranking", *EXPLAIN_HEAD, *EXPLAIN_TAIL]),
+    ({"scorer": "router_mass", "ranking": "global"}, None,  # a plan from before --select: the scorer ranked it
+     ["plan for toy (Toy): specialist:a, scorer router_mass, global ranking", *EXPLAIN_HEAD, *EXPLAIN_TAIL]),
+    ({"scorer": "reap", "ranking": "local", "select": "reconstruct", "budget_gb": 1.5}, 500_050_001,
+     ["plan for toy (Toy): specialist:a, reconstruction search, local ranking", *EXPLAIN_HEAD, EXPLAIN_SIZE,
+      "  of which 0.5001 GB are multi-token-prediction layers that compile drops by default (--mtp drop; --mtp "
+      "prune keeps them, pruned)",
+      "  budget: 1.5 GB, checked again by compile against the exact file sizes", *EXPLAIN_TAIL]),
+    ({"scorer": "router_mass", "ranking": "local", "select": "top", "budget_gb": None}, 0,  # no MTP, no budget
+     ["plan for toy (Toy): specialist:a, scorer router_mass, local ranking", *EXPLAIN_HEAD, EXPLAIN_SIZE,
+      *EXPLAIN_TAIL]),
+])
+def test_explain_prints_exactly(request_, mtp_bytes, lines):
+    sizes = None if mtp_bytes is None else explained_sizes(mtp_bytes)
+    assert explain(explained_plan(**request_), sizes).split("\n") == lines
+
+
+def uneven_note(ranking: str, low: int, m: int) -> str:
+    return (f"{ranking} ranking keeps {low}-{m} experts per layer; the checkpoint compile writes by default pads every "
+            f"layer to M = {m} with its next-best experts (one count in config.json, what from_pretrained and vLLM "
+            "load); --export compact keeps the real counts")
+
+
+def multiple_note(m: int) -> str:
+    return f"M = {m} is not a multiple of 4; serving kernels (vLLM fused MoE) run best with multiples of 4"
+
+
+@pytest.mark.parametrize("counts, ranking, notes", [
+    ([2, 3], "global", [uneven_note("global", 2, 3), multiple_note(3)]),  # two counts: the smaller, then the larger
+    ([4, 8], "local", [uneven_note("local", 4, 8)]),
+    ([2, 5, 3], "global", [uneven_note("global", 2, 5), multiple_note(5)]),
+    ([4, 4], "global", []),
+    ([6, 6], "local", [multiple_note(6)]),
+])
+def test_count_notes_exact(counts, ranking, notes):
+    assert _count_notes({layer: list(range(n)) for layer, n in enumerate(counts)}, ranking) == notes
