@@ -585,3 +585,73 @@ def multiple_note(m: int) -> str:
 ])
 def test_count_notes_exact(counts, ranking, notes):
     assert _count_notes({layer: list(range(n)) for layer, n in enumerate(counts)}, ranking) == notes
+
+
+AGAIN = "make the plan again with `premoe plan`"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: {**d, "extra": 1}, "unknown plan field(s) 'extra'; is it from a newer premoe?"),
+    (lambda d: {**d, "num_experts": "8"}, f"field 'num_experts' must be a JSON int, got str; {AGAIN}"),
+    (lambda d: {**d, "kept": {"x": [0, 1]}}, f"kept has layer key 'x', expected a decimal layer index; {AGAIN}"),
+    # the first 3 entries that are not integers, as the list they are
+    (lambda d: {**d, "kept": {**d["kept"], "0": [0, 1.5, 2, 3]}},
+     f"kept['0'] must map a layer index to a list of integer expert indices, got [1.5]; {AGAIN}"),
+    (lambda d: {**d, "kept": {**d["kept"], "0": ["a", 1, "b", "c", "d"]}},
+     f"kept['0'] must map a layer index to a list of integer expert indices, got ['a', 'b', 'c']; {AGAIN}"),
+    # cut to 80 characters: a list of one long string, and a string where the list should be
+    (lambda d: {**d, "kept": {**d["kept"], "1": ["x" * 100]}},
+     f"kept['1'] must map a layer index to a list of integer expert indices, got ['{'x' * 78}; {AGAIN}"),
+    (lambda d: {**d, "order": {**d["order"], "1": "y" * 100}},
+     f"order['1'] must map a layer index to a list of integer expert indices, got {'y' * 80}; {AGAIN}"),
+])
+def test_load_names_the_file_and_the_bad_field_exactly(tmp_path, edit, message):
+    path = valid_plan().save(tmp_path / "p.json")
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(PlanError) as refused:
+        Plan.load(path)
+    assert str(refused.value) == f"{path}: {message}"
+
+
+def test_load_refusals_and_old_plans_exactly(tmp_path):
+    with pytest.raises(PlanError) as refused:
+        Plan.load(tmp_path)  # read_small_text names what it was reading: a plan
+    assert str(refused.value) == (f"{tmp_path} is not a readable premoe plan (plan {tmp_path} is not a regular file "
+                                  "(a directory, device or socket); give a JSON file)")
+    plan = valid_plan()
+    path = plan.save(tmp_path / "p.json")
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in data.items() if k != "format"}))
+    with pytest.raises(PlanError) as refused:
+        Plan.load(path)
+    assert str(refused.value) == f"{path} is not a premoe plan (expected a JSON object with format premoe-plan/1)"
+    path.write_text(json.dumps({k: v for k, v in data.items() if k != "premoe_version"}))  # the version is optional
+    assert Plan.load(path).__dict__ == plan.__dict__
+
+
+def test_save_writes_json_indented_by_one_space(tmp_path):
+    from premoe import __version__
+
+    text = valid_plan().save(tmp_path / "p.json").read_text()
+    assert text == json.dumps(json.loads(text), indent=1) + "\n"
+    assert text.split("\n")[:3] == ["{", ' "format": "premoe-plan/1",', f' "premoe_version": "{__version__}",']
+
+
+def test_validate_plan_refusals_exactly():
+    plan = valid_plan()
+    with pytest.raises(PlanError) as refused:
+        validate_plan(plan, 16, 2)
+    assert str(refused.value) == ("the plan is for 8 experts per layer with top-k 2; the model has 16 with top-k 2; "
+                                  "make a plan from a profile of this model")
+    with pytest.raises(PlanError) as refused:
+        validate_plan(plan, 8, 2, moe_layers=[1, 2])
+    assert str(refused.value) == ("the plan covers layers [0, 1] but the model's MoE layers are [1, 2]; make a plan "
+                                  "from a profile of this model")
+    # kept and order agree but moe_layers does not; kept and moe_layers agree but order does not: either refuses
+    for field_, value, listed in [("moe_layers", [0, 1, 2], "orders layers [0, 1] and lists MoE layers [0, 1, 2]"),
+                                  ("order", {**plan.order, 2: list(range(8))},
+                                   "orders layers [0, 1, 2] and lists MoE layers [0, 1]")]:
+        with pytest.raises(PlanError) as refused:
+            validate_plan(dataclasses.replace(plan, **{field_: value}), 8, 2)
+        assert str(refused.value) == f"the plan keeps experts in layers [0, 1], {listed}; these must agree (make " \
+                                     "the plan again)"
