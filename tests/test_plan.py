@@ -552,9 +552,9 @@ EXPLAIN_SIZE = ("  checkpoint size: 2.0001 GB -> 1.0001 GB (50.0%) of tensors, 1
      ["plan for toy (Toy): specialist:a, scorer router_mass, local ranking", *EXPLAIN_HEAD, *EXPLAIN_TAIL]),
     ({"scorer": "router_mass", "ranking": "global"}, None,  # a plan from before --select: the scorer ranked it
      ["plan for toy (Toy): specialist:a, scorer router_mass, global ranking", *EXPLAIN_HEAD, *EXPLAIN_TAIL]),
-    ({"scorer": "reap", "ranking": "local", "select": "reconstruct", "budget_gb": 1.5}, 500_050_001,
+    ({"scorer": "reap", "ranking": "local", "select": "reconstruct", "budget_gb": 1.5}, 1_000_050_001,
      ["plan for toy (Toy): specialist:a, reconstruction search, local ranking", *EXPLAIN_HEAD, EXPLAIN_SIZE,
-      "  of which 0.5001 GB are multi-token-prediction layers that compile drops by default (--mtp drop; --mtp "
+      "  of which 1.0001 GB are multi-token-prediction layers that compile drops by default (--mtp drop; --mtp "
       "prune keeps them, pruned)",
       "  budget: 1.5 GB, checked again by compile against the exact file sizes", *EXPLAIN_TAIL]),
     ({"scorer": "router_mass", "ranking": "local", "select": "top", "budget_gb": None}, 0,  # no MTP, no budget
