@@ -17,7 +17,8 @@ import tiny
 from premoe.capture import DomainStats
 from premoe.data import Source
 from premoe.errors import InputError, PlanError, PremoeError
-from premoe.plan import Plan, PlanRequest, check_experts, format_ranges, make_plan, validate_plan
+from premoe.plan import (Plan, PlanRequest, _count_notes, check_experts, explain, format_ranges, make_plan,
+                         validate_plan)
 from premoe.profile import Profile, ProfileParams, profile_model
 
 ROUTER_MASS = {"router_mass": {"kind": "router_mass", "params": {}, "per_routed_token": False}}
@@ -518,3 +519,139 @@ def test_global_tiers_floor_is_the_tiers_top_k_needs_when_that_exceeds_two():
                       8, 3, ROUTER_MASS, stats, architecture=arch(2, 1, top_k=3))
     plan = make_plan(grouped, PlanRequest(experts=6, domain="a", scorer="router_mass", ranking="global"))
     assert plan.kept == {0: [0, 1, 2, 4, 5, 6], 1: [0, 1, 2, 4, 5, 6]}
+
+
+# --------------------------------------------------------------------------- mutmut survivors in explain, _count_notes,
+# _plan_fields, Plan.load/save, validate_plan (premoe plan --explain's exact text, the exact refusals)
+
+
+def explained_plan(**request) -> Plan:
+    """A plan built by hand: 3 of 8 experts in layer 0, 2 in layer 1 (compile pads both to 3), two domains."""
+    return Plan({"name": "toy", "config_hash": "h"}, "Toy", 8, 2, [0, 1], {0: [0, 1, 2], 1: [5, 7]},
+                {0: list(range(8)), 1: list(range(8))}, request, "specialist:a", {"a": 0.583333, "b": 0.125},
+                ["first note", "second note"])
+
+
+def explained_sizes(mtp_bytes: int):
+    """Sizes whose GB figures sit a hair above a rounding boundary: dividing by 1e9 + 1 instead of 1e9 drops them
+    below it. Compile's padded plan (3 experts in both layers) holds 1_000_049_551 + 3 x 100 + 3 x 50 bytes."""
+    from premoe.checkpoint import SizeBreakdown
+
+    return SizeBreakdown(total_bytes=2_000_050_001, base_bytes=1_000_049_551, expert_bytes={0: 100, 1: 50},
+                         num_experts=8, mtp_bytes=mtp_bytes, header_bytes=500)
+
+
+EXPLAIN_HEAD = ["  layer   0: keep   3/8  0-2", "  layer   1: keep   2/8  5,7"]
+EXPLAIN_TAIL = ["  utility kept: a 58.3%, b 12.5%", "  note: first note", "  note: second note"]
+EXPLAIN_SIZE = ("  checkpoint size: 2.0001 GB -> 1.0001 GB (50.0%) of tensors, 1.000051 GB of .safetensors files at "
+                "most")
+
+
+@pytest.mark.parametrize("request_, mtp_bytes, lines", [
+    ({"scorer": "router_mass", "ranking": "local", "select": "top"}, None,
+     ["plan for toy (Toy): specialist:a, scorer router_mass, local ranking", *EXPLAIN_HEAD, *EXPLAIN_TAIL]),
+    ({"scorer": "router_mass", "ranking": "global"}, None,  # a plan from before --select: the scorer ranked it
+     ["plan for toy (Toy): specialist:a, scorer router_mass, global ranking", *EXPLAIN_HEAD, *EXPLAIN_TAIL]),
+    ({"scorer": "reap", "ranking": "local", "select": "reconstruct", "budget_gb": 1.5}, 1_000_050_001,
+     ["plan for toy (Toy): specialist:a, reconstruction search, local ranking", *EXPLAIN_HEAD, EXPLAIN_SIZE,
+      "  of which 1.0001 GB are multi-token-prediction layers that compile drops by default (--mtp drop; --mtp "
+      "prune keeps them, pruned)",
+      "  budget: 1.5 GB, checked again by compile against the exact file sizes", *EXPLAIN_TAIL]),
+    ({"scorer": "router_mass", "ranking": "local", "select": "top", "budget_gb": None}, 0,  # no MTP, no budget
+     ["plan for toy (Toy): specialist:a, scorer router_mass, local ranking", *EXPLAIN_HEAD, EXPLAIN_SIZE,
+      *EXPLAIN_TAIL]),
+])
+def test_explain_prints_exactly(request_, mtp_bytes, lines):
+    sizes = None if mtp_bytes is None else explained_sizes(mtp_bytes)
+    assert explain(explained_plan(**request_), sizes).split("\n") == lines
+
+
+def uneven_note(ranking: str, low: int, m: int) -> str:
+    return (f"{ranking} ranking keeps {low}-{m} experts per layer; the checkpoint compile writes by default pads every "
+            f"layer to M = {m} with its next-best experts (one count in config.json, what from_pretrained and vLLM "
+            "load); --export compact keeps the real counts")
+
+
+def multiple_note(m: int) -> str:
+    return f"M = {m} is not a multiple of 4; serving kernels (vLLM fused MoE) run best with multiples of 4"
+
+
+@pytest.mark.parametrize("counts, ranking, notes", [
+    ([2, 3], "global", [uneven_note("global", 2, 3), multiple_note(3)]),  # two counts: the smaller, then the larger
+    ([4, 8], "local", [uneven_note("local", 4, 8)]),
+    ([2, 5, 3], "global", [uneven_note("global", 2, 5), multiple_note(5)]),
+    ([4, 4], "global", []),
+    ([6, 6], "local", [multiple_note(6)]),
+])
+def test_count_notes_exact(counts, ranking, notes):
+    assert _count_notes({layer: list(range(n)) for layer, n in enumerate(counts)}, ranking) == notes
+
+
+AGAIN = "make the plan again with `premoe plan`"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: {**d, "extra": 1}, "unknown plan field(s) 'extra'; is it from a newer premoe?"),
+    (lambda d: {**d, "num_experts": "8"}, f"field 'num_experts' must be a JSON int, got str; {AGAIN}"),
+    (lambda d: {**d, "kept": {"x": [0, 1]}}, f"kept has layer key 'x', expected a decimal layer index; {AGAIN}"),
+    # the first 3 entries that are not integers, as the list they are
+    (lambda d: {**d, "kept": {**d["kept"], "0": [0, 1.5, 2, 3]}},
+     f"kept['0'] must map a layer index to a list of integer expert indices, got [1.5]; {AGAIN}"),
+    (lambda d: {**d, "kept": {**d["kept"], "0": ["a", 1, "b", "c", "d"]}},
+     f"kept['0'] must map a layer index to a list of integer expert indices, got ['a', 'b', 'c']; {AGAIN}"),
+    # cut to 80 characters: a list of one long string, and a string where the list should be
+    (lambda d: {**d, "kept": {**d["kept"], "1": ["x" * 100]}},
+     f"kept['1'] must map a layer index to a list of integer expert indices, got ['{'x' * 78}; {AGAIN}"),
+    (lambda d: {**d, "order": {**d["order"], "1": "y" * 100}},
+     f"order['1'] must map a layer index to a list of integer expert indices, got {'y' * 80}; {AGAIN}"),
+])
+def test_load_names_the_file_and_the_bad_field_exactly(tmp_path, edit, message):
+    path = valid_plan().save(tmp_path / "p.json")
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(PlanError) as refused:
+        Plan.load(path)
+    assert str(refused.value) == f"{path}: {message}"
+
+
+def test_load_refusals_and_old_plans_exactly(tmp_path):
+    with pytest.raises(PlanError) as refused:
+        Plan.load(tmp_path)  # read_small_text names what it was reading: a plan
+    assert str(refused.value) == (f"{tmp_path} is not a readable premoe plan (plan {tmp_path} is not a regular file "
+                                  "(a directory, device or socket); give a JSON file)")
+    plan = valid_plan()
+    path = plan.save(tmp_path / "p.json")
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in data.items() if k != "format"}))
+    with pytest.raises(PlanError) as refused:
+        Plan.load(path)
+    assert str(refused.value) == f"{path} is not a premoe plan (expected a JSON object with format premoe-plan/1)"
+    path.write_text(json.dumps({k: v for k, v in data.items() if k != "premoe_version"}))  # the version is optional
+    assert Plan.load(path).__dict__ == plan.__dict__
+
+
+def test_save_writes_json_indented_by_one_space(tmp_path):
+    from premoe import __version__
+
+    text = valid_plan().save(tmp_path / "p.json").read_text()
+    assert text == json.dumps(json.loads(text), indent=1) + "\n"
+    assert text.split("\n")[:3] == ["{", ' "format": "premoe-plan/1",', f' "premoe_version": "{__version__}",']
+
+
+def test_validate_plan_refusals_exactly():
+    plan = valid_plan()
+    with pytest.raises(PlanError) as refused:
+        validate_plan(plan, 16, 2)
+    assert str(refused.value) == ("the plan is for 8 experts per layer with top-k 2; the model has 16 with top-k 2; "
+                                  "make a plan from a profile of this model")
+    with pytest.raises(PlanError) as refused:
+        validate_plan(plan, 8, 2, moe_layers=[1, 2])
+    assert str(refused.value) == ("the plan covers layers [0, 1] but the model's MoE layers are [1, 2]; make a plan "
+                                  "from a profile of this model")
+    # kept and order agree but moe_layers does not; kept and moe_layers agree but order does not: either refuses
+    for field_, value, listed in [("moe_layers", [0, 1, 2], "orders layers [0, 1] and lists MoE layers [0, 1, 2]"),
+                                  ("order", {**plan.order, 2: list(range(8))},
+                                   "orders layers [0, 1, 2] and lists MoE layers [0, 1]")]:
+        with pytest.raises(PlanError) as refused:
+            validate_plan(dataclasses.replace(plan, **{field_: value}), 8, 2)
+        assert str(refused.value) == f"the plan keeps experts in layers [0, 1], {listed}; these must agree (make " \
+                                     "the plan again)"
