@@ -235,7 +235,12 @@ class WritePlan:
         return max((w.nbytes for w in self.writes), default=0)
 
     def shards(self) -> dict[str, list[TensorWrite]]:
-        """Output shards and their tensors, in the input's shard order."""
+        """Output shards and their tensors, in the input's shard order (grouped once: the layouts, the dry run and
+        the written-file checks all ask)."""
+        return self._by_shard
+
+    @functools.cached_property
+    def _by_shard(self) -> dict[str, list[TensorWrite]]:
         grouped: dict[str, list[TensorWrite]] = {}
         for write in self.writes:
             grouped.setdefault(write.shard, []).append(write)
@@ -827,9 +832,7 @@ def _write_shards(plan: WritePlan, tmp: Path, threads: int, advance: Callable[[i
             check_layout(file, layout.entries, layout.data_bytes)  # the header encoded tiles the data it heads
             head = struct.pack("<Q", len(layout.header)) + layout.header
             file.write_bytes(head)
-            data_start = plan.data_start[shard]
-            for job in _copy_jobs(plan.model_path / shard, file,
-                                  [(data_start + b, data_start + e) for b, e in layout.runs], len(head)):
+            for job in _copy_jobs(plan.model_path / shard, file, layout.runs, plan.data_start[shard], len(head)):
                 if pool is None:
                     _run_job(job, advance)
                 else:
@@ -844,13 +847,15 @@ def _write_shards(plan: WritePlan, tmp: Path, threads: int, advance: Callable[[i
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _copy_jobs(source: Path, dest: Path, runs: list[tuple[int, int]], out: int) -> list[_CopyJob]:
-    """Cut one shard's runs (absolute source ranges, in output order from byte ``out``) into jobs of about
-    :data:`_JOB_BYTES` each, splitting runs longer than that."""
+def _copy_jobs(source: Path, dest: Path, runs: list[tuple[int, int]], data_start: int,
+               out: int) -> list[_CopyJob]:
+    """Cut one shard's runs (source ranges within its data section, which starts at byte ``data_start``; in output
+    order from byte ``out``) into jobs of about :data:`_JOB_BYTES` each, splitting runs longer than that."""
     jobs: list[_CopyJob] = []
     current: list[tuple[int, int, int]] = []
     size = 0
     for begin, end in runs:
+        begin, end = data_start + begin, data_start + end
         while begin < end:
             piece = min(end, begin + _JOB_BYTES - size)
             current.append((begin, piece, out))

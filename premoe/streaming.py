@@ -150,9 +150,7 @@ class LayerRunner:
         largest = max(map(self.loader.layer_bytes, range(len(self.layers))))
         budget = largest if memory_budget is None else memory_budget
         seq_len = max((w.shape[-1] for w in windows.values()), default=1)
-        self.batch_size = forward_batch(batch_size, seq_len, forward_bytes_per_token(self.config, self.adapter),
-                                        largest)
-        batch_size = self.batch_size
+        batch_size = forward_batch(batch_size, seq_len, forward_bytes_per_token(self.config, self.adapter), largest)
         self._files = contextlib.ExitStack()
         try:  # __exit__ never runs for a constructor that raises: close the scratch files here
             self.stores = [self._files.enter_context(_HiddenStore(rows, self.config.hidden_size, budget, workdir))

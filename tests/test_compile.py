@@ -529,8 +529,8 @@ def test_a_shard_written_short_is_caught_before_the_rename(tmp_path, monkeypatch
     real = compile_module._copy_jobs
     cut = []
 
-    def short(source, dest, runs, out):
-        jobs = real(source, dest, runs, out)
+    def short(source, dest, runs, data_start, out):
+        jobs = real(source, dest, runs, data_start, out)
         if not cut and jobs and len(jobs[-1].runs) > 1:
             cut.append(dest.name)
             jobs[-1] = jobs[-1]._replace(runs=jobs[-1].runs[:-1])
@@ -594,7 +594,7 @@ def test_an_interrupted_threaded_copy_leaves_no_output_and_no_thread(tmp_path, m
         compile_checkpoint(path, plan, tmp_path / "out", progress=False, threads=4)
     assert_nothing_written(tmp_path / "out")
     assert not [t for t in threading.enumerate() if t.name.startswith("premoe-copy")]
-    jobs = sum(len(compile_module._copy_jobs(path / s, tmp_path / s, [(b, e) for b, e in layout.runs], 0))
+    jobs = sum(len(compile_module._copy_jobs(path / s, tmp_path / s, layout.runs, 0, 0))
                for s, layout in compile_module.plan_writes(path, plan, tmp_path / "x").layouts.items())
     assert 5 <= len(calls) <= 5 + 3 < jobs  # at most the parts running beside it: the rest never start
 
